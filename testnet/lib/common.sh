@@ -54,8 +54,9 @@ esp_probe() {
 }
 
 # vm_boot RUN_DIR TIMEOUT_S GUEST_SCRIPT
-# Boots the cached Debian kernel under qemu TCG with this machine's root shared
-# read-only and RUN_DIR shared writable at the same path, runs GUEST_SCRIPT
+# Boots the cached Debian kernel under qemu TCG with this machine's root and
+# the repository shared read-only and RUN_DIR shared writable, each at the
+# path it has here, runs GUEST_SCRIPT
 # (a path visible in the guest) with bash inside the chroot and powers off.
 # The guest writes its exit status to RUN_DIR/vm/status; the console goes to
 # RUN_DIR/vm/console.log. Returns the guest script's status, or 124 on timeout,
@@ -67,7 +68,7 @@ vm_boot() {
     mkdir -p "$run_dir/vm"
     rm -f "$run_dir/vm/status"
     # The guest init reads where to mount the share and what to run from here.
-    printf 'MS_RUN_DIR=%q\nMS_SCRIPT=%q\n' "$run_dir" "$script" >"$run_dir/vm/boot.env"
+    printf 'MS_RUN_DIR=%q\nMS_SCRIPT=%q\nMS_REPO_DIR=%q\n' "$run_dir" "$script" "$REPO_DIR" >"$run_dir/vm/boot.env"
     local mem=${MESHSEC_TESTNET_VM_MEM:-2048} smp=${MESHSEC_TESTNET_VM_CPUS:-2}
     local rc=0
     timeout --kill-after=10 "$timeout_s" \
@@ -77,6 +78,7 @@ vm_boot() {
         -append "console=ttyS0 panic=-1 quiet loglevel=3" \
         -nographic -no-reboot -nic none -monitor none -serial stdio \
         -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
+        -virtfs "local,path=$REPO_DIR,mount_tag=repo,security_model=none,readonly=on,multidevs=remap" \
         -virtfs "local,path=$run_dir,mount_tag=results,security_model=none,multidevs=remap" \
         </dev/null >"$run_dir/vm/console.log" 2>&1 &
     local qpid=$!
