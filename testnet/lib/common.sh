@@ -75,7 +75,7 @@ vm_boot() {
         qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" \
         -kernel "$CACHE_DIR/kernel/$v/boot/vmlinuz-$v" \
         -initrd "$CACHE_DIR/initrd-$v.gz" \
-        -append "console=ttyS0 panic=-1 quiet loglevel=3 mitigations=off" \
+        -append "console=ttyS0 panic=-1 quiet loglevel=3" \
         -nographic -no-reboot -nic none -monitor none -serial stdio \
         -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
         -virtfs "local,path=$REPO_DIR,mount_tag=repo,security_model=none,readonly=on,multidevs=remap" \
