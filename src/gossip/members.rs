@@ -302,7 +302,7 @@ mod tests {
         let v2 = view(&[obs("b", 1, 1, false, true, false), obs("c", 1, 1, true, false, false)], &heard, "a", now, Duration::from_secs(99));
         let d = diff(&v1, &v2);
         assert_eq!(d.len(), 2);
-        assert_eq!(d[0].to, Some(MemberState::Dead));
+        assert_eq!(d[0].to, Some(MemberState::Suspect));
         assert_eq!(d[1].from, None);
         let v3 = view(&[obs("b", 2, 1, true, false, false)], &heard, "a", now, Duration::from_secs(99));
         let d = diff(&v2, &v3);
