@@ -579,7 +579,7 @@ mod tests {
         let seed: u64 = std::env::var("MESHSEC_FUZZ_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
-            .unwrap_or(0x5eed_0f_90551b);
+            .unwrap_or(0x5eed_0f90_551b);
         let iterations: usize = std::env::var("MESHSEC_FUZZ_ITERS")
             .ok()
             .and_then(|s| s.parse().ok())

@@ -407,6 +407,12 @@ impl Drop for SealedSocket {
 }
 
 impl SealedSocket {
+    /// Address of chitchat's codec socket inside the private namespace (diagnostics; it is not
+    /// reachable from the host's network namespace).
+    pub fn codec_addr(&self) -> SocketAddr {
+        self.shared.codec_addr
+    }
+
     /// Number of peers that currently have a loopback proxy.
     pub fn peer_count(&self) -> usize {
         lock(&self.shared.proxies).by_peer.len()
@@ -796,4 +802,447 @@ fn bring_loopback_up() -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use chitchat::transport::UdpTransport;
+    use chitchat::{
+        spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig,
+        ProtocolVersion,
+    };
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::gossip::seal::SECRET_LEN;
+
+    const SECRET: [u8; SECRET_LEN] = [0x42; SECRET_LEN];
+    const OTHER_SECRET: [u8; SECRET_LEN] = [0x24; SECRET_LEN];
+
+    fn assert_root() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test creates a network namespace and must run as root (the CI environment is root)"
+        );
+    }
+
+    fn transport(secret: [u8; SECRET_LEN]) -> SealedTransport {
+        SealedTransport::new(Arc::new(Keyring::new([secret]).unwrap()))
+    }
+
+    fn free_addr() -> SocketAddr {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        s.local_addr().unwrap()
+    }
+
+    fn config(name: &str, addr: SocketAddr, seeds: &[SocketAddr]) -> ChitchatConfig {
+        ChitchatConfig {
+            chitchat_id: ChitchatId::new(name, 1, addr),
+            cluster_id: "meshsec-test".to_string(),
+            gossip_interval: Duration::from_millis(50),
+            listen_addr: addr,
+            seed_nodes: seeds.iter().map(|s| s.to_string()).collect(),
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: Duration::from_millis(200),
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(60),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V1,
+        }
+    }
+
+    async fn spawn(
+        name: &str,
+        seeds: &[SocketAddr],
+        transport: &dyn Transport,
+    ) -> (ChitchatHandle, SocketAddr) {
+        let addr = free_addr();
+        let kv = vec![("who".to_string(), name.to_string())];
+        let handle = spawn_chitchat(config(name, addr, seeds), kv, transport)
+            .await
+            .unwrap();
+        (handle, addr)
+    }
+
+    /// Whether `handle` holds a node that published `who = name`.
+    async fn knows(handle: &ChitchatHandle, name: &str) -> bool {
+        handle
+            .with_chitchat(|c| {
+                c.node_states()
+                    .values()
+                    .any(|ns| ns.get("who") == Some(name))
+            })
+            .await
+    }
+
+    async fn node_count(handle: &ChitchatHandle) -> usize {
+        handle.with_chitchat(|c| c.node_states().len()).await
+    }
+
+    async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if cond().await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Receives `n` datagrams on `sock` (what a node sends to a "seed" we control).
+    async fn capture(sock: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; RECV_BUF];
+        while out.len() < n {
+            let (len, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+                .await
+                .expect("no datagram captured within 5 s")
+                .unwrap();
+            out.push(buf[..len].to_vec());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_secret_converges() {
+        assert_root();
+        let ta = transport(SECRET);
+        let tb = transport(SECRET);
+        let (a, a_addr) = spawn("a", &[], &ta).await;
+        let (b, _) = spawn("b", &[a_addr], &tb).await;
+        let started = Instant::now();
+        let converged = eventually(Duration::from_secs(5), || async {
+            knows(&a, "b").await && knows(&b, "a").await
+        })
+        .await;
+        assert!(
+            converged,
+            "a: {:?}, b: {:?}",
+            ta.counters().snapshot(),
+            tb.counters().snapshot()
+        );
+        eprintln!("converged in {:?}", started.elapsed());
+        for t in [&ta, &tb] {
+            let c = t.counters().snapshot();
+            assert!(
+                c.sealed_out_datagrams > 0 && c.opened_in_datagrams > 0,
+                "{c:?}"
+            );
+            assert_eq!(c.dropped_unopened(), 0, "{c:?}");
+        }
+        // Liveness too, not only state: each sees the other as a live node.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                a.with_chitchat(|c| c.live_nodes().count()).await == 2
+                    && b.with_chitchat(|c| c.live_nodes().count()).await == 2
+            })
+            .await
+        );
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn different_secret_never_joins() {
+        assert_root();
+        let ta = transport(SECRET);
+        let tc = transport(OTHER_SECRET);
+        let (a, a_addr) = spawn("a", &[], &ta).await;
+        let (c, _) = spawn("c", &[a_addr], &tc).await;
+        // c gossips to its seed every 50 ms; a must drop every datagram.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                ta.counters().dropped(OpenError::UnknownKey) >= 10
+            })
+            .await,
+            "{:?}",
+            ta.counters().snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!knows(&a, "c").await);
+        assert!(!knows(&c, "a").await);
+        assert_eq!(node_count(&a).await, 1);
+        assert_eq!(node_count(&c).await, 1);
+        let sa = ta.counters().snapshot();
+        assert_eq!(sa.opened_in_datagrams, 0, "{sa:?}");
+        // Nothing reached a's chitchat, so a never answered.
+        assert_eq!(tc.counters().snapshot().opened_in_datagrams, 0);
+        a.shutdown().await.unwrap();
+        c.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_is_counted_and_changes_nothing() {
+        assert_root();
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 2_000u64;
+        for i in 0..n {
+            let len = match i % 4 {
+                0 => rng.gen_range(0..60),
+                1 => rng.gen_range(60..1_500),
+                2 => rng.gen_range(1_500..9_000),
+                _ => 0,
+            };
+            let mut d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            if i % 3 == 0 && d.len() > 5 {
+                // Plausible header: right version and key id, so the AEAD check runs.
+                d[0] = crate::gossip::seal::VERSION;
+                d[1..5].copy_from_slice(&Keyring::new([SECRET]).unwrap().sealing_key_id().0);
+            }
+            attacker.send_to(&d, b_addr).await.unwrap();
+            if i % 200 == 0 {
+                // Let the receiver keep up so the socket buffer does not overflow.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                tb.counters().snapshot().dropped_unopened() == n
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        let c = tb.counters().snapshot();
+        assert!(c.dropped_too_short > 0 && c.dropped_bad_tag > 0 && c.dropped_unknown_key > 0);
+        assert_eq!(c.opened_in_datagrams, 0);
+        assert_eq!(node_count(&b).await, 1);
+        // Still serving: a legitimate node joins afterwards.
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[b_addr], &ta).await;
+        assert!(eventually(Duration::from_secs(5), || async { knows(&b, "a").await }).await);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replayed_datagram_opens_once() {
+        assert_root();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let tap_addr = tap.local_addr().unwrap();
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[tap_addr], &ta).await;
+        let captured = capture(&tap, 1).await.remove(0);
+        a.shutdown().await.unwrap();
+
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        attacker.send_to(&captured, b_addr).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().snapshot().opened_in_datagrams == 1
+            })
+            .await
+        );
+        for _ in 0..5 {
+            attacker.send_to(&captured, b_addr).await.unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().dropped(OpenError::Replayed) == 5
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        assert_eq!(tb.counters().snapshot().opened_in_datagrams, 1);
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_datagram_of_a_dead_node_does_not_resurrect_it() {
+        assert_root();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let tap_addr = tap.local_addr().unwrap();
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[tap_addr], &ta).await;
+        let captured = capture(&tap, 3).await;
+        a.shutdown().await.unwrap();
+
+        let window = Duration::from_millis(700);
+        let tb = transport(SECRET).with_config(SealedTransportConfig {
+            replay: ReplayConfig {
+                max_age: window,
+                ..ReplayConfig::default()
+            },
+            ..SealedTransportConfig::default()
+        });
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        tokio::time::sleep(window + Duration::from_millis(300)).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        for d in &captured {
+            attacker.send_to(d, b_addr).await.unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().dropped(OpenError::Stale) == captured.len() as u64
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        assert_eq!(node_count(&b).await, 1, "the dead node must not reappear");
+        b.shutdown().await.unwrap();
+    }
+
+    /// Captures a genuine plaintext chitchat datagram (a V1 Syn for our cluster) from a node
+    /// running chitchat's own UDP transport.
+    async fn plaintext_syn() -> Vec<u8> {
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let tap_addr = tap.local_addr().unwrap();
+        let (p, _) = spawn("plain", &[tap_addr], &UdpTransport).await;
+        let syn = capture(&tap, 1).await.remove(0);
+        p.shutdown().await.unwrap();
+        syn
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plaintext_chitchat_is_dropped() {
+        assert_root();
+        let syn = plaintext_syn().await;
+
+        // Control: the captured bytes do make a plain chitchat node learn the sender.
+        let (q, q_addr) = spawn("q", &[], &UdpTransport).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        attacker.send_to(&syn, q_addr).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                node_count(&q).await == 2
+            })
+            .await
+        );
+        q.shutdown().await.unwrap();
+
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        attacker.send_to(&syn, b_addr).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().snapshot().dropped_unopened() == 1
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(node_count(&b).await, 1);
+        assert_eq!(tb.counters().snapshot().opened_in_datagrams, 0);
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn codec_socket_is_unreachable_from_the_host() {
+        assert_root();
+        let syn = plaintext_syn().await;
+        let tb = transport(SECRET);
+        let socket = tb.open_sealed(free_addr()).await.unwrap();
+        let codec_addr = socket.codec_addr();
+        assert!(codec_addr.ip().is_loopback());
+        // The same address on the host's loopback is not the codec: a local process sending
+        // plaintext there reaches nothing (or some unrelated socket), never chitchat. Were the
+        // codec on the host's loopback, the datagram would arrive and be counted as unmapped.
+        let mut socket = socket;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let _ = attacker.send_to(&syn, codec_addr).await;
+        let got = tokio::time::timeout(Duration::from_millis(500), socket.recv()).await;
+        assert!(
+            got.is_err(),
+            "plaintext from the host reached chitchat: {got:?}"
+        );
+        assert_eq!(tb.counters().snapshot().dropped_unmapped, 0);
+    }
+
+    #[test]
+    fn unprivileged_caller_gets_a_clear_error() {
+        assert_root();
+        // Drop privileges in one thread only (raw syscall: glibc's wrapper would change every
+        // thread of the test process), then try to open.
+        let result = std::thread::spawn(|| {
+            // SAFETY: affects only this thread's credentials; the thread ends right after.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0, "setresuid: {}", io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                transport(SECRET)
+                    .open_sealed((Ipv4Addr::LOCALHOST, 0).into())
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .join()
+        .unwrap();
+        let err = result.expect_err("an unprivileged thread must not get a namespace");
+        assert!(matches!(err, TransportError::Namespace(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("CAP_SYS_ADMIN") && msg.contains("root"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn port_in_use_and_on_bind_errors() {
+        assert_root();
+        let taken = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = transport(SECRET).open_sealed(addr).await.unwrap_err();
+        assert!(matches!(err, TransportError::Bind { .. }), "{err:?}");
+        assert!(err.to_string().contains(&addr.to_string()));
+
+        let seen = Arc::new(AtomicU64::new(0));
+        let seen2 = seen.clone();
+        let t = transport(SECRET).with_on_bind(move |fd| {
+            seen2.store(fd as u64, Ordering::SeqCst);
+            Err(io::Error::other("no bypass policy"))
+        });
+        let err = t.open_sealed(free_addr()).await.unwrap_err();
+        assert!(matches!(err, TransportError::OnBind(_)), "{err:?}");
+        assert!(seen.load(Ordering::SeqCst) > 2, "hook saw a real fd");
+    }
+
+    #[test]
+    fn rate_limiter_lets_one_line_per_interval_and_counts_the_rest() {
+        let rl = RateLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(rl.check(t0, "bad_tag"), Some(0));
+        for i in 1..=5 {
+            assert_eq!(rl.check(t0 + Duration::from_secs(i), "bad_tag"), None);
+        }
+        // Keys are independent.
+        assert_eq!(rl.check(t0 + Duration::from_secs(1), "stale"), Some(0));
+        assert_eq!(rl.check(t0 + Duration::from_secs(10), "bad_tag"), Some(5));
+        assert_eq!(rl.check(t0 + Duration::from_secs(11), "bad_tag"), None);
+    }
+
+    #[test]
+    fn oversize_limits_follow_the_address_family() {
+        assert_eq!(max_sealed_len(&"10.0.0.1:7946".parse().unwrap()), 65_507);
+        assert_eq!(
+            max_sealed_len(&"[::ffff:10.0.0.1]:7946".parse().unwrap()),
+            65_507
+        );
+        assert_eq!(max_sealed_len(&"[fd00::1]:7946".parse().unwrap()), 65_527);
+    }
 }
