@@ -1325,7 +1325,6 @@ mod tests {
             ..SealedTransportConfig::default()
         });
         let mut socket = t.open_sealed(free_addr()).await.unwrap();
-        let addr = socket.local_addr().unwrap();
         let mut taps = Vec::new();
         for _ in 0..3 {
             taps.push(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
