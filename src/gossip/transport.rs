@@ -348,7 +348,7 @@ impl SealedTransport {
             addr: listen_addr,
             error,
         })?;
-        let netns = PrivateNetns::spawn().await?;
+        let netns = PrivateNetns::spawn(format!("gossip-ns-{}", local_addr.port())).await?;
         let handle = tokio::runtime::Handle::current();
         // chitchat binds its socket itself, so the bind has to run on the namespace's thread.
         let codec = netns
@@ -760,11 +760,11 @@ struct PrivateNetns {
 }
 
 impl PrivateNetns {
-    async fn spawn() -> Result<Self, TransportError> {
+    async fn spawn(thread_name: String) -> Result<Self, TransportError> {
         let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
-            .name("meshsec-gossip-ns".into())
+            .name(thread_name)
             .spawn(move || {
                 let entered = enter_private_netns();
                 let ok = entered.is_ok();
@@ -1412,6 +1412,72 @@ mod tests {
             "{c:?}"
         );
         pump.abort();
+    }
+
+    fn thread_alive(name: &str) -> bool {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+            })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_socket_releases_everything() {
+        assert_root();
+        let t = transport(SECRET);
+        let addr = free_addr();
+        let mut socket = t.open_sealed(addr).await.unwrap();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        socket
+            .send(tap.local_addr().unwrap(), bad_cluster())
+            .await
+            .unwrap();
+        capture(&tap, 1).await;
+        let thread = format!("gossip-ns-{}", addr.port());
+        assert!(thread_alive(&thread));
+        // chitchat's own transport contract: the address can be opened again after a drop.
+        assert!(
+            t.open_sealed(addr).await.is_err(),
+            "address is in use while open"
+        );
+        drop(socket);
+        assert!(
+            eventually(Duration::from_secs(2), || async { !thread_alive(&thread) }).await,
+            "namespace thread still running"
+        );
+        let reopened = eventually(Duration::from_secs(2), || async {
+            t.open_sealed(addr).await.is_ok()
+        })
+        .await;
+        assert!(reopened, "address not released");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn converges_over_ipv6() {
+        assert_root();
+        let free6 = || {
+            let s = std::net::UdpSocket::bind("[::1]:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let (ta, tb) = (transport(SECRET), transport(SECRET));
+        let (a_addr, b_addr) = (free6(), free6());
+        let kv = |n: &str| vec![("who".to_string(), n.to_string())];
+        let a = spawn_chitchat(config("a", a_addr, &[]), kv("a"), &ta)
+            .await
+            .unwrap();
+        let b = spawn_chitchat(config("b", b_addr, &[a_addr]), kv("b"), &tb)
+            .await
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                knows(&a, "b").await && knows(&b, "a").await
+            })
+            .await
+        );
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
     }
 
     #[test]
