@@ -46,6 +46,8 @@ pub const MAX_SEALED_DATAGRAM_V4: usize = 65_507;
 pub const MAX_SEALED_DATAGRAM_V6: usize = 65_527;
 /// Receive buffer size: above any UDP payload, so nothing is silently truncated.
 const RECV_BUF: usize = 65_536;
+/// How often the private namespace's loopback drop count is read.
+const LOOPBACK_STATS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Hook run on the network socket right after it is bound and before any traffic (e.g. to
 /// install a per-socket XFRM bypass policy). An error aborts opening the transport.
@@ -123,6 +125,7 @@ pub struct GossipCounters {
     recv_errors: AtomicU64,
     proxies_opened: AtomicU64,
     proxies_closed: AtomicU64,
+    loopback_drops: AtomicU64,
 }
 
 /// A point-in-time copy of [`GossipCounters`].
@@ -162,6 +165,9 @@ pub struct GossipCountersSnapshot {
     pub proxies_opened: u64,
     /// Peer proxies closed so far (idle or evicted).
     pub proxies_closed: u64,
+    /// Opened datagrams the kernel dropped on the private loopback because chitchat was not
+    /// reading fast enough (the namespace's UDP RcvbufErrors, refreshed every few seconds).
+    pub loopback_drops: u64,
 }
 
 impl GossipCountersSnapshot {
@@ -199,6 +205,7 @@ impl GossipCounters {
             recv_errors: get(&self.recv_errors),
             proxies_opened: get(&self.proxies_opened),
             proxies_closed: get(&self.proxies_closed),
+            loopback_drops: get(&self.loopback_drops),
         }
     }
 
@@ -476,9 +483,16 @@ struct Shared {
 async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
     let mut buf = vec![0u8; RECV_BUF];
     let mut sweep = tokio::time::interval(shared.config.peer_idle.max(Duration::from_secs(1)) / 2);
+    let mut stats = tokio::time::interval(LOOPBACK_STATS_INTERVAL);
     loop {
         let received = tokio::select! {
             r = shared.network.recv_from(&mut buf) => r,
+            _ = stats.tick() => {
+                if let Ok(Ok(drops)) = shared.netns.run(udp_rcvbuf_errors).await {
+                    shared.counters.loopback_drops.store(drops, Ordering::Relaxed);
+                }
+                continue;
+            }
             _ = sweep.tick() => {
                 let closed = lock(&shared.proxies).sweep(Instant::now(), shared.config.peer_idle);
                 bump(&shared.counters.proxies_closed, closed as u64);
@@ -727,6 +741,21 @@ impl ProxyTable {
         }
         stale.len()
     }
+}
+
+/// The calling thread's network namespace's UDP receive-buffer drops (IPv4).
+fn udp_rcvbuf_errors() -> io::Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return Err(io::Error::other("no Udp lines in snmp"));
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| io::Error::other("no RcvbufErrors in snmp"))
 }
 
 /// Sets SO_RCVBUF, past `net.core.rmem_max` when privileged (SO_RCVBUFFORCE).
@@ -1478,6 +1507,35 @@ mod tests {
         );
         a.shutdown().await.unwrap();
         b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loopback_drops_are_counted() {
+        assert_root();
+        let keyring = Arc::new(Keyring::new([SECRET]).unwrap());
+        let t = SealedTransport::new(keyring.clone());
+        // Nobody calls recv, so the codec's queue fills up.
+        let socket = t.open_sealed(free_addr()).await.unwrap();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let big = vec![0u8; 60_000];
+        for _ in 0..20 {
+            let sealed = keyring.seal(unix_ms_now(), &big);
+            tap.send_to(&sealed, socket.local_addr().unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                t.counters().snapshot().loopback_drops > 0
+            })
+            .await,
+            "{:?}",
+            t.counters().snapshot()
+        );
+        let c = t.counters().snapshot();
+        assert_eq!(c.opened_in_datagrams, 20);
+        assert!(c.loopback_drops < 20, "{c:?}");
     }
 
     #[test]
