@@ -1467,7 +1467,8 @@ mod tests {
             })
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    // Single-threaded runtime on purpose: opening must not depend on a second worker thread.
+    #[tokio::test]
     async fn dropping_the_socket_releases_everything() {
         assert_root();
         let t = transport(SECRET);
