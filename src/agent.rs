@@ -46,7 +46,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(|e| start(&e))?;
     let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
 
-    let transport = crate::gossip::transport_for(&keyring).map_err(|e| start(&e))?;
+    let transport = crate::gossip::transport_for(&keyring, None).map_err(|e| start(&e))?;
     let info = NodeInfo {
         public_key: Some(*node_key.public()),
         data_addrs: cfg.data_addresses.clone(),
@@ -69,7 +69,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     let gossip = spawn_chitchat(chitchat_config, info.to_key_values(), transport.as_transport())
         .await
-        .map_err(|e| AgentError::Start(format!("--listen: cannot open gossip socket on {}: {}", cfg.listen, root_cause(&e))))?;
+        .map_err(|e| AgentError::Start(gossip_open_error(&cfg, &e)))?;
 
     let listener = match control::bind(&cfg.control_socket).await {
         Ok(l) => l,
@@ -176,8 +176,15 @@ fn failure_detector(cfg: &AgentConfig) -> FailureDetectorConfig {
     }
 }
 
-fn root_cause(e: &anyhow::Error) -> String {
-    e.chain().last().map(|c| c.to_string()).unwrap_or_else(|| e.to_string())
+/// Words a failure to open gossip for the operator: a bind problem names
+/// `--listen`, anything else (e.g. missing privileges) says what it is.
+fn gossip_open_error(cfg: &AgentConfig, e: &anyhow::Error) -> String {
+    use crate::gossip::transport::TransportError;
+    match e.downcast_ref::<TransportError>() {
+        Some(TransportError::Bind { error, .. }) => format!("--listen: cannot bind the gossip socket to {}: {error}", cfg.listen),
+        Some(other) => other.to_string(),
+        None => format!("gossip: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")),
+    }
 }
 
 async fn track_members(

@@ -151,11 +151,11 @@ impl NodeKey {
         &self.private
     }
 
-    /// Loads the node key from `state_dir`, or generates one without writing it.
-    /// The directory is created (0700) and checked for writability either way,
-    /// so a start that would fail later to persist the key fails here instead.
+    /// Loads the node key from `state_dir`, or generates one without writing
+    /// anything. The directory is checked for writability (not created), so a
+    /// start that would fail later to persist the key fails here instead.
     pub fn load_or_generate(state_dir: &Path) -> Result<(NodeKey, KeyOrigin), IdentityError> {
-        ensure_state_dir(state_dir)?;
+        check_state_dir(state_dir)?;
         let path = state_dir.join(NODE_KEY_FILE);
         match read_key_file(&path) {
             Ok(key) => Ok((key, KeyOrigin::Loaded)),
@@ -184,6 +184,7 @@ impl NodeKey {
         let serr = |e: std::io::Error| IdentityError::State { path: path.clone(), reason: e.to_string() };
         let text = Zeroizing::new(format!("{}\n", B64.encode(self.private.as_ref())));
         let result = (|| {
+            create_state_dir(state_dir)?;
             let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
@@ -205,24 +206,38 @@ fn read_key_file(path: &Path) -> std::io::Result<NodeKey> {
     Ok(NodeKey::from_private(private))
 }
 
-fn ensure_state_dir(dir: &Path) -> Result<(), IdentityError> {
+/// Checks, without creating anything, that `dir` is (or can become) a
+/// writable directory, so a start that would later fail to persist the key
+/// fails before it binds sockets.
+fn check_state_dir(dir: &Path) -> Result<(), IdentityError> {
     let serr = |reason: String| IdentityError::State { path: dir.to_path_buf(), reason };
-    if !dir.exists() {
-        fs::create_dir_all(dir).map_err(|e| serr(e.to_string()))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| serr(e.to_string()))?;
-    } else if !dir.is_dir() {
-        return Err(serr("not a directory".into()));
+    let mut probe = dir;
+    loop {
+        if probe.exists() {
+            if !probe.is_dir() {
+                return Err(serr(format!("{} is not a directory", probe.display())));
+            }
+            let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+                .map_err(|_| serr("path contains a NUL byte".into()))?;
+            // SAFETY: c is a valid NUL-terminated path.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+                return Err(serr(format!("{} is not writable: {}", probe.display(), std::io::Error::last_os_error())));
+            }
+            return Ok(());
+        }
+        match probe.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe = p,
+            _ => return Ok(()), // relative path whose first component is missing: cwd decides
+        }
     }
-    // Probe writability now, so a later persist cannot fail half-way through start-up.
-    let probe = dir.join(format!(".write-probe{}", std::process::id()));
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&probe)
-        .map_err(|e| serr(format!("not writable: {e}")))?;
-    let _ = fs::remove_file(&probe);
+}
+
+/// Creates the state directory (0700) if missing.
+fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
     Ok(())
 }
 
@@ -257,7 +272,7 @@ mod tests {
         let state = dir.path().join("state");
         let (k1, o1) = NodeKey::load_or_generate(&state).unwrap();
         assert_eq!(o1, KeyOrigin::Generated);
-        assert!(!state.join(NODE_KEY_FILE).exists(), "generate must not write before persist");
+        assert!(!state.exists(), "generate must not create anything before persist");
         k1.persist(&state).unwrap();
         let mode = fs::metadata(state.join(NODE_KEY_FILE)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
