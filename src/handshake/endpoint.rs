@@ -392,6 +392,8 @@ pub struct Endpoint {
     cookie_bucket: TokenBucket,
     /// Test hook: ephemeral private keys to use instead of fresh ones (vectors, determinism).
     pub(crate) fixed_ephemerals: VecDeque<[u8; 32]>,
+    /// Test hook: sender indices to use instead of random ones (vectors).
+    pub(crate) fixed_indices: VecDeque<u32>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -479,6 +481,7 @@ impl Endpoint {
             cookie_secret: CookieSecret { current: c1, previous: c2, rotated: now },
             under_load_until: None,
             fixed_ephemerals: VecDeque::new(),
+            fixed_indices: VecDeque::new(),
         })
     }
 
@@ -515,6 +518,17 @@ impl Endpoint {
     /// Whether the responder currently demands cookies (mac2) before doing DH work.
     pub fn is_under_load(&self, now: Instant) -> bool {
         self.under_load_until.is_some_and(|t| now < t)
+    }
+
+    /// Test hook: fixes the cookie secret and forces the under-load state until `until`.
+    #[cfg(test)]
+    pub(crate) fn force_under_load(&mut self, now: Instant, until: Instant, cookie_secret: [u8; 32]) {
+        self.cookie_secret = CookieSecret {
+            current: Zeroizing::new(cookie_secret),
+            previous: Zeroizing::new(cookie_secret),
+            rotated: now,
+        };
+        self.under_load_until = Some(until);
     }
 
     /// Starts a handshake with `peer` at `peer_addr`, offering `local_spi` (our inbound SPI,
@@ -786,7 +800,7 @@ impl Endpoint {
             Ok(x) => x,
             Err(_) => return Err(Rejected::DecryptFailed),
         };
-        let sender_index = self.rng.gen();
+        let sender_index = self.fixed_indices.pop_front().unwrap_or_else(|| self.rng.gen());
         let mut resp = encode_response(sender_index, m.sender_index, &noise);
         put_mac(&mut resp, RESPONSE_MAC1_OFF, &derive_mac1_key(&self.secrets[secret_idx].secret, &peer));
 
@@ -969,6 +983,9 @@ impl Endpoint {
     }
 
     fn fresh_index(&mut self) -> u32 {
+        if let Some(i) = self.fixed_indices.pop_front() {
+            return i;
+        }
         loop {
             let i: u32 = self.rng.gen();
             if i != 0 && !self.indices.contains_key(&i) {
