@@ -17,3 +17,4 @@ pub mod config;
 pub mod control;
 pub mod gossip;
 pub mod identity;
+pub mod handshake;
