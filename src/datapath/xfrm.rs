@@ -761,12 +761,11 @@ impl Datapath for XfrmDatapath {
                     Ok(set) if set.contains(id) => {
                         Ok((Op::DelSa, id.to_string(), XfrmMessage::DeleteSa(sa_id_message(*id))))
                     }
-                    Ok(_) => Err(DatapathError::Kernel {
-                        op: Op::DelSa,
-                        target: id.to_string(),
-                        errno: libc::ESRCH,
-                        message: Some("no meshsec-owned SA with this id".into()),
-                    }),
+                    // Not ours or not there: the single-op path tells which.
+                    Ok(_) => {
+                        results[i] = Some(self.delete_sa(*id));
+                        continue;
+                    }
                 },
                 Change::DeletePolicy(id) => match &owned_pols {
                     Err(e) => Err(DatapathError::Decode { op: Op::DelPolicy, reason: e.to_string() }),
@@ -776,12 +775,10 @@ impl Datapath for XfrmDatapath {
                             id.to_string(),
                             XfrmMessage::DeletePolicy(policy_id_message(*id, *index)),
                         )),
-                        None => Err(DatapathError::Kernel {
-                            op: Op::DelPolicy,
-                            target: id.to_string(),
-                            errno: libc::ENOENT,
-                            message: Some("no meshsec-owned policy with this selector".into()),
-                        }),
+                        None => {
+                            results[i] = Some(self.delete_policy(*id));
+                            continue;
+                        }
                     },
                 },
             };
