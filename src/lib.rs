@@ -18,3 +18,4 @@ pub mod control;
 pub mod gossip;
 pub mod identity;
 pub mod handshake;
+pub mod datapath;
