@@ -17,5 +17,6 @@ pub mod config;
 pub mod control;
 pub mod gossip;
 pub mod identity;
+pub mod mesh;
 pub mod handshake;
 pub mod datapath;
