@@ -14,7 +14,14 @@ use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
-use crate::config::AgentConfig;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::{AgentConfig, DatapathKind, EspChoice};
+use crate::datapath::{bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath};
+use crate::handshake::{EspAlgorithm, StaticKeypair};
+use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
+use crate::mesh::{Mesh, MeshConfig};
 use crate::control::{self, ControlState, MemberCounts, Status};
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
 use crate::gossip::schema::{NodeInfo, KEY_STATUS, PROTOCOL_VERSION};
@@ -46,7 +53,48 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(|e| start(&e))?;
     let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
 
-    let transport = crate::gossip::transport_for(&keyring, None).map_err(|e| start(&e))?;
+    // The datapath is probed before anything is installed or bound: a kernel
+    // without XFRM, ESP or the chosen AEAD stops the agent here, with the fix.
+    let aead = crate::mesh::aead_of(esp_algorithm(cfg.esp_algorithm));
+    let families: Vec<AddressFamily> = {
+        let mut f: Vec<AddressFamily> = cfg.data_addresses.iter().map(|a| AddressFamily::of(*a)).collect();
+        f.sort();
+        f.dedup();
+        f
+    };
+    let (datapath, bypass): (Box<dyn Datapath>, bool) = match cfg.datapath {
+        DatapathKind::Kernel => {
+            let mut x = XfrmDatapath::open().map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
+            x.probe(aead, &families).map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
+            (Box::new(x), true)
+        }
+        DatapathKind::Memory => {
+            warn!("--datapath memory: handshakes run but NOTHING is installed in the kernel and no traffic is protected (tests only)");
+            (Box::new(MemoryDatapath::new()), false)
+        }
+    };
+    let on_bind: Option<Arc<dyn Fn(RawFd) -> std::io::Result<()> + Send + Sync>> = if bypass {
+        let family = AddressFamily::of(cfg.listen.ip());
+        Some(Arc::new(move |fd: RawFd| {
+            // SAFETY: the transport calls this with its open socket's descriptor.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            bypass_socket(fd, family).map_err(std::io::Error::other)
+        }))
+    } else {
+        None
+    };
+    let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass).map_err(AgentError::Start)?;
+    let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
+    let mesh = Mesh::new(
+        MeshConfig { algorithm: esp_algorithm(cfg.esp_algorithm), dead_grace: cfg.peer_grace, ..MeshConfig::default() },
+        StaticKeypair::from_private(*node_key.private()),
+        &secrets,
+        cfg.data_addresses.clone(),
+        Instant::now(),
+    )
+    .map_err(|e| start(&e))?;
+
+    let transport = crate::gossip::transport_for(&keyring, on_bind).map_err(|e| start(&e))?;
     let info = NodeInfo {
         public_key: Some(*node_key.public()),
         data_addrs: cfg.data_addresses.clone(),
@@ -97,7 +145,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (changes_tx, _) = broadcast::channel(256);
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    let (report_tx, report_rx) = watch::channel(Arc::new(MeshReport::default()));
+    let (links_tx, links_rx) = watch::channel(Arc::new(BTreeMap::new()));
     let status_fn = {
+        let report_rx = report_rx.clone();
         let members_rx = members_rx.clone();
         let cfg = cfg.clone();
         let public = *node_key.public();
@@ -127,6 +178,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 uptime_secs: started.elapsed().as_secs(),
                 members: counts,
                 gossip: counters(),
+                datapath: match cfg.datapath {
+                    DatapathKind::Kernel => "kernel".into(),
+                    DatapathKind::Memory => "memory".into(),
+                },
+                esp_algorithm: crate::mesh::aead_of(esp_algorithm(cfg.esp_algorithm)).to_string(),
+                handshake: report_rx.borrow().handshake.clone(),
+                mesh: counter_map(&report_rx.borrow().counters),
             }
         })
     };
@@ -134,9 +192,34 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(control::serve(
         listener,
-        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn },
+        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx },
         stop_rx.clone(),
     ));
+    let leave = Arc::new(AtomicBool::new(false));
+    tasks.spawn(crate::mesh::driver::run(
+        mesh,
+        datapath,
+        handshake_sockets,
+        members_rx.clone(),
+        report_tx,
+        stop_rx.clone(),
+        leave.clone(),
+    ));
+    // The listing's per-peer link columns follow the mesh's reports.
+    {
+        let mut report_rx = report_rx.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    r = report_rx.changed() => if r.is_err() { return },
+                }
+                let links = report_rx.borrow_and_update().links.clone();
+                links_tx.send_replace(Arc::new(links));
+            }
+        });
+    }
     tasks.spawn(track_members(gossip.chitchat(), cfg.node_name.clone(), members_tx, changes_tx, stop_rx.clone()));
 
     let mut gossip_died = Box::pin(gossip.termination_watcher());
@@ -152,6 +235,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
         .await;
     tokio::time::sleep(cfg.gossip_interval * 3).await;
+    // Peers drop their side of our SAs when they hear we left; drop ours too.
+    leave.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     if let Err(e) = gossip.shutdown().await {
@@ -224,6 +309,21 @@ async fn track_members(
                 let _ = changes_tx.send(Arc::new((changes, current.clone())));
             }
         }
+    }
+}
+
+fn esp_algorithm(c: EspChoice) -> EspAlgorithm {
+    match c {
+        EspChoice::Aes128Gcm => EspAlgorithm::Aes128Gcm,
+        EspChoice::Aes256Gcm => EspAlgorithm::Aes256Gcm,
+        EspChoice::ChaCha20Poly1305 => EspAlgorithm::ChaCha20Poly1305,
+    }
+}
+
+fn counter_map<T: serde::Serialize>(v: &T) -> BTreeMap<String, u64> {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().filter_map(|(k, v)| v.as_u64().map(|n| (k, n))).collect(),
+        _ => BTreeMap::new(),
     }
 }
 

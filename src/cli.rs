@@ -207,10 +207,48 @@ fn heard_text(ms: u64) -> String {
     }
 }
 
-/// Renders the listing as aligned columns.
+/// Aligns rows of cells into columns separated by two spaces.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.len());
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = cells.iter().zip(widths.iter()).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+    }
+    out
+}
+
+fn sa_summary(m: &Member) -> String {
+    if m.is_self {
+        return "-".into();
+    }
+    if m.links.is_empty() {
+        return "none".into();
+    }
+    let est = m.links.iter().filter(|l| l.sa == crate::mesh::SaState::Established).count();
+    if est == m.links.len() {
+        format!("established ({est})")
+    } else if m.links.iter().any(|l| l.sa == crate::mesh::SaState::Handshaking) {
+        format!("handshaking ({est}/{})", m.links.len())
+    } else {
+        format!("none ({est}/{})", m.links.len())
+    }
+}
+
+/// Renders the listing: one aligned row per node, then one row per
+/// encrypted link with its SPIs and kernel counters.
 pub fn render_members(members: &[Member]) -> String {
-    let header = ["NAME", "GOSSIP", "DATA", "STATE", "FINGERPRINT", "GENERATION", "LAST HEARD"];
-    let rows: Vec<[String; 7]> = members
+    let rows: Vec<[String; 8]> = members
         .iter()
         .map(|m| {
             [
@@ -225,37 +263,52 @@ pub fn render_members(members: &[Member]) -> String {
                 m.fingerprint.clone().unwrap_or_else(|| "-".into()),
                 m.generation.to_string(),
                 heard_text(m.last_heard_ms),
+                sa_summary(m),
             ]
         })
         .collect();
-    let mut widths = header.map(|h| h.len());
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r.iter()) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let mut s = cells
-            .iter()
-            .zip(widths.iter())
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect::<Vec<_>>()
-            .join("  ");
-        s.truncate(s.trim_end().len());
-        s.push('\n');
-        s
-    };
-    let mut out = line(header.to_vec());
-    for r in &rows {
-        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+    let mut out = table(["NAME", "GOSSIP", "DATA", "STATE", "FINGERPRINT", "GENERATION", "LAST HEARD", "SA"], &rows);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let links: Vec<[String; 10]> = members
+        .iter()
+        .flat_map(|m| m.links.iter().map(move |l| (m, l)))
+        .map(|(m, l)| {
+            [
+                m.name.clone(),
+                format!("{} -> {}", l.local, l.remote),
+                format!("{:?}", l.sa).to_lowercase(),
+                l.spi_in.clone().unwrap_or_else(|| "-".into()),
+                l.spi_out.clone().unwrap_or_else(|| "-".into()),
+                l.aead.clone().unwrap_or_else(|| "-".into()),
+                l.established_at.map(|t| heard_text(now.saturating_sub(t) * 1000).replace(" ago", "")).unwrap_or_else(|| "-".into()),
+                format!("{}/{}", l.bytes_in, l.bytes_out),
+                format!("{}/{}", l.packets_in, l.packets_out),
+                format!("{}/{}", l.replay_drops, l.integrity_failures),
+            ]
+        })
+        .collect();
+    if !links.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            ["PEER", "LINK", "SA", "SPI IN", "SPI OUT", "AEAD", "SINCE", "BYTES IN/OUT", "PKTS IN/OUT", "REPLAY/INTEGRITY"],
+            &links,
+        ));
     }
     out
 }
 
+fn kv(m: &crate::control::BTreeMapU64) -> String {
+    let nonzero: Vec<String> = m.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
+    if nonzero.is_empty() {
+        "-".into()
+    } else {
+        nonzero.join(" ")
+    }
+}
+
 fn render_status(s: &Status) -> String {
-    let gossip = s.gossip.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
     format!(
-        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left\ngossip stats: {}\n",
+        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left\ndatapath:     {} ({})\ngossip stats: {}\nhandshakes:   {}\nmesh:         {}\n",
         s.name,
         s.version,
         s.public_key,
@@ -271,7 +324,11 @@ fn render_status(s: &Status) -> String {
         s.members.suspect,
         s.members.dead,
         s.members.left,
-        if gossip.is_empty() { "-".into() } else { gossip },
+        s.datapath,
+        s.esp_algorithm,
+        kv(&s.gossip),
+        kv(&s.handshake),
+        kv(&s.mesh),
     )
 }
 
@@ -294,6 +351,7 @@ mod tests {
             protocol: Some(1),
             last_heard_ms: 2500,
             is_self: false,
+            links: vec![],
         };
         let out = render_members(&[m("a", MemberState::Alive), m("longer-name", MemberState::Dead)]);
         let lines: Vec<&str> = out.lines().collect();

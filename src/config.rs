@@ -47,6 +47,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// Which datapath the agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    /// The kernel's XFRM tables (the only one that protects traffic).
+    Kernel,
+    /// An in-memory model: handshakes run, nothing is installed, nothing is
+    /// protected. For tests and simulations on kernels without ESP.
+    Memory,
+}
+
+/// Cluster-wide ESP transform (every host must use the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum EspChoice {
+    /// rfc4106(gcm(aes)), 128-bit key (default).
+    #[serde(rename = "aes128-gcm")]
+    #[value(name = "aes128-gcm")]
+    Aes128Gcm,
+    /// rfc4106(gcm(aes)), 256-bit key.
+    #[serde(rename = "aes256-gcm")]
+    #[value(name = "aes256-gcm")]
+    Aes256Gcm,
+    /// rfc7539esp(chacha20,poly1305).
+    #[serde(rename = "chacha20-poly1305")]
+    #[value(name = "chacha20-poly1305")]
+    ChaCha20Poly1305,
+}
+
 /// The config file's schema. Unknown keys are an error, so a typo never
 /// silently falls back to a default.
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +104,12 @@ pub struct FileConfig {
     pub gossip_interval_secs: Option<f64>,
     /// Seconds a dead node stays listed before it is forgotten.
     pub dead_node_grace_secs: Option<u64>,
+    /// `kernel` or `memory`.
+    pub datapath: Option<DatapathKind>,
+    /// Cluster-wide ESP transform.
+    pub esp_algorithm: Option<EspChoice>,
+    /// Seconds a silent (dead) peer keeps its SAs.
+    pub peer_grace_secs: Option<u64>,
 }
 
 /// Flag values, as parsed by the CLI (all optional: flags win over the file).
@@ -118,6 +152,15 @@ pub struct AgentFlags {
     /// Seconds a dead node stays listed before it is forgotten (default 3600).
     #[arg(long, value_name = "SECS")]
     pub dead_node_grace_secs: Option<u64>,
+    /// Datapath: kernel (default) or memory (tests only: protects nothing).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub datapath: Option<DatapathKind>,
+    /// Cluster-wide ESP transform (default aes128-gcm; every host must agree).
+    #[arg(long, value_enum, value_name = "ALG")]
+    pub esp_algorithm: Option<EspChoice>,
+    /// Seconds a silent peer keeps its SAs before they are removed (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub peer_grace_secs: Option<u64>,
 }
 
 /// A validated agent configuration.
@@ -147,6 +190,12 @@ pub struct AgentConfig {
     pub gossip_interval: Duration,
     /// How long a dead node stays listed.
     pub dead_node_grace: Duration,
+    /// Datapath.
+    pub datapath: DatapathKind,
+    /// ESP transform.
+    pub esp_algorithm: EspChoice,
+    /// How long a silent peer keeps its SAs.
+    pub peer_grace: Duration,
 }
 
 /// Reads and parses a TOML config file.
@@ -358,6 +407,9 @@ impl AgentConfig {
             data_addresses,
             gossip_interval,
             dead_node_grace,
+            datapath: flags.datapath.or(file.datapath).unwrap_or(DatapathKind::Kernel),
+            esp_algorithm: flags.esp_algorithm.or(file.esp_algorithm).unwrap_or(EspChoice::Aes128Gcm),
+            peer_grace: Duration::from_secs(flags.peer_grace_secs.or(file.peer_grace_secs).unwrap_or(60)),
         })
     }
 }

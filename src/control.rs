@@ -79,6 +79,14 @@ pub struct Status {
     pub members: MemberCounts,
     /// Gossip transport counters (datagrams sealed/opened and drops by reason).
     pub gossip: BTreeMapU64,
+    /// `kernel` or `memory`.
+    pub datapath: String,
+    /// Cluster-wide ESP transform.
+    pub esp_algorithm: String,
+    /// Handshake counters (datagrams, rejections by reason, cookies).
+    pub handshake: BTreeMapU64,
+    /// Mesh counters (sessions, kernel changes).
+    pub mesh: BTreeMapU64,
 }
 
 /// A name → counter map, serialised as a JSON object.
@@ -106,6 +114,8 @@ pub struct ControlState {
     pub changes: broadcast::Sender<Arc<(Vec<Change>, Vec<Member>)>>,
     /// Produces a fresh status.
     pub status: Arc<dyn Fn() -> Status + Send + Sync>,
+    /// Links per peer name, merged into the listing.
+    pub links: watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
 }
 
 /// Errors preparing the control socket.
@@ -180,7 +190,22 @@ async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std:
 }
 
 fn snapshot(state: &ControlState) -> Vec<Member> {
-    state.members.borrow().as_ref().clone()
+    let members = state.members.borrow().as_ref().clone();
+    let links = state.links.borrow().clone();
+    merge_links(members, &links)
+}
+
+/// Attaches each peer's links to its row.
+pub fn merge_links(
+    mut members: Vec<Member>,
+    links: &std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>,
+) -> Vec<Member> {
+    for m in members.iter_mut() {
+        if let Some(l) = links.get(&m.name) {
+            m.links = l.clone();
+        }
+    }
+    members
 }
 
 async fn handle(stream: UnixStream, state: ControlState, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
@@ -202,7 +227,10 @@ async fn handle(stream: UnixStream, state: ControlState, mut shutdown: watch::Re
                 tokio::select! {
                     _ = shutdown.changed() => return Ok(()),
                     ev = rx.recv() => match ev {
-                        Ok(ev) => write_line(&mut w, &Reply::Changes { changes: ev.0.clone(), members: ev.1.clone() }).await?,
+                        Ok(ev) => {
+                            let members = merge_links(ev.1.clone(), &state.links.borrow().clone());
+                            write_line(&mut w, &Reply::Changes { changes: ev.0.clone(), members }).await?
+                        }
                         // A slow reader skipped some changes: resend the full listing.
                         Err(broadcast::error::RecvError::Lagged(_)) => {
                             write_line(&mut w, &Reply::Members(snapshot(&state))).await?
@@ -284,6 +312,10 @@ mod tests {
             uptime_secs: 0,
             members: MemberCounts::default(),
             gossip: Default::default(),
+            datapath: "memory".into(),
+            esp_algorithm: "aes128-gcm".into(),
+            handshake: Default::default(),
+            mesh: Default::default(),
         }
     }
 
@@ -296,7 +328,8 @@ mod tests {
         assert_eq!(mode, 0o600);
         let (_mtx, mrx) = watch::channel(Arc::new(vec![]));
         let (ctx, _) = broadcast::channel(16);
-        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status) };
+        let (_ltx, lrx) = watch::channel(Arc::new(std::collections::BTreeMap::new()));
+        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx };
         let (stx, srx) = watch::channel(false);
         let server = tokio::spawn(serve(listener, state, srx));
 

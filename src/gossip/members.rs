@@ -64,6 +64,10 @@ pub struct Member {
     pub last_heard_ms: u64,
     /// Whether this row is the local node.
     pub is_self: bool,
+    /// The encrypted links to this node (one per address family), filled in
+    /// by the agent from the mesh; empty for this node itself.
+    #[serde(default)]
+    pub links: Vec<crate::mesh::LinkStatus>,
 }
 
 /// What the agent read out of chitchat about one node (one generation).
@@ -164,6 +168,7 @@ pub fn view(
                 protocol: info.protocol,
                 last_heard_ms: if is_self { 0 } else { since.as_millis() as u64 },
                 is_self,
+                links: Vec::new(),
             }
         })
         .collect()

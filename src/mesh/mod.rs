@@ -661,5 +661,7 @@ impl Serialize for CountersView<'_> {
     }
 }
 
+pub mod driver;
+
 #[cfg(test)]
 mod tests;

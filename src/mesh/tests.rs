@@ -34,6 +34,7 @@ fn member(n: &Node, state: MemberState, is_self: bool) -> Member {
         protocol: Some(1),
         last_heard_ms: 0,
         is_self,
+        links: vec![],
     }
 }
 

@@ -19,7 +19,7 @@ start() { # start I SECRET [extra args]
     shift 2
     local seed=()
     ((i != 1)) && seed=(--seed "$SEED")
-    agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$secret" --node-name "h$i" "${seed[@]}" "$@"
+    agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$secret" --node-name "h$i" --datapath memory "${seed[@]}" "$@"
 }
 
 # members_field I EXPR: evaluates a Python expression over the JSON listing `m`.
