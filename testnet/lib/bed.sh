@@ -1,0 +1,426 @@
+# shellcheck shell=bash
+# The test bed, sourced by every scenario:
+#
+#   . "$(dirname "$0")/../lib/bed.sh"
+#   bed_up 3                 # hosts 1..3 as network namespaces on one bridge
+#   on 1 ping -c1 "$(host_ip4 2)"
+#
+# Host i lives in its own network namespace with eth0 = 192.0.2.(10+i)/24 and
+# 2001:db8::(10+i)/64 (no DAD, usable at once), lo up and no default route.
+# All hosts hang off one bridge in the caller's namespace, in hub mode (frames
+# are flooded, so a capture on the bridge sees every packet exactly once).
+#
+# Everything the bed creates is written to a ledger and removed by an EXIT trap,
+# on success, failure, timeout (SIGTERM) or Ctrl-C alike.
+#
+# Environment (set by testnet/run; defaults make a scenario runnable by hand):
+#   MESHSEC_BIN   the binary agent_* runs (default: REPO/target/debug/meshsec)
+#   MESHSEC_WORK  this scenario's folder for logs, state and captures
+#   MESHSEC_BED_ID  short unique id used in namespace and interface names
+
+set -Eeuo pipefail
+
+BED_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$BED_LIB_DIR/ledger.sh"
+
+BED_REPO=$(cd "$BED_LIB_DIR/../.." && pwd)
+MESHSEC_BIN=${MESHSEC_BIN:-$BED_REPO/target/debug/meshsec}
+# Interface names are limited to 15 bytes: "mv" + id + "h" + index must fit.
+BED_ID=${MESHSEC_BED_ID:-$$}
+if [[ -z ${MESHSEC_WORK:-} ]]; then
+    MESHSEC_WORK=$(mktemp -d "${TMPDIR:-/tmp}/meshsec-bed.XXXXXX")
+    echo "bed: work folder $MESHSEC_WORK" >&2
+fi
+WORK=$MESHSEC_WORK
+mkdir -p "$WORK"
+BED_LEDGER=$WORK/.bed-ledger
+# Unix socket paths are limited to 108 bytes and the work folder can be deep,
+# so control sockets live in a short folder of their own.
+BED_SOCK_DIR=/tmp/msb$BED_ID
+BED_BRIDGE=mb$BED_ID
+BED_N=0
+BED_HUB=${BED_HUB:-1}
+declare -A AGENT_PID=() AGENT_ARGS=() CAPTURE_PID=()
+BED_PARTITIONS=()
+BED_CLEANED=0
+
+mkdir -p "$BED_SOCK_DIR"
+ledger_add "$BED_LEDGER" dir "$BED_SOCK_DIR"
+# Every command the scenario and the bed run, timestamped, for post-mortems.
+# Written to local disk (one write per line would be a 9p round trip each in
+# the VM) and saved into WORK when the bed is torn down.
+if [[ ${MESHSEC_BED_TRACE:-1} == 1 ]]; then
+    ledger_add "$BED_LEDGER" save "$BED_SOCK_DIR/trace.log"
+    exec {BASH_XTRACEFD}>>"$BED_SOCK_DIR/trace.log"
+    PS4='+ ${EPOCHREALTIME} ${BASH_SOURCE[0]##*/}:${LINENO} '
+    set -x
+fi
+
+# A sleep without exec'ing /bin/sleep: read with a timeout on a pipe that
+# never delivers.
+exec {BED_NAP_FD}<> <(:)
+nap() { read -r -t "$1" -u "$BED_NAP_FD" _ || true; }
+
+log() { printf '%(%H:%M:%S)T %s\n' -1 "$*"; }
+fail() {
+    printf '%(%H:%M:%S)T FAIL: %s\n' -1 "$*" >&2
+    exit 1
+}
+
+bed__on_err() {
+    local rc=$? k where=
+    # Name the scenario's line first, then the helpers it went through.
+    for ((k = ${#FUNCNAME[@]} - 1; k >= 1; k--)); do
+        where+="${where:+ > }${BASH_SOURCE[k]##*/}:${BASH_LINENO[k-1]}"
+        [[ ${FUNCNAME[k-1]} != bed__on_err ]] && where+="(${FUNCNAME[k-1]})"
+    done
+    printf '%(%H:%M:%S)T error: "%s" exited %s at %s\n' -1 "$BASH_COMMAND" "$rc" "$where" >&2
+}
+trap bed__on_err ERR
+trap bed_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 129' HUP
+
+# --- hosts -------------------------------------------------------------------
+
+bed_ns() { echo "ms$BED_ID-h$1"; }
+host_ip4() { echo "192.0.2.$((10 + $1))"; }
+host_ip6() { echo "2001:db8::$((10 + $1))"; }
+# The host-side (bridge port) end of host i's link.
+bed_port() { echo "mv${BED_ID}h$1"; }
+
+# on I CMD...: runs CMD inside host I's namespace.
+on() {
+    local i=$1
+    shift
+    ip netns exec "$(bed_ns "$i")" "$@"
+}
+
+# bed_up N: creates hosts 1..N (may be called again to add hosts).
+# Few processes on purpose: in the VM every exec reads its binary over 9p.
+bed_up() {
+    local n=$1 i ns port root_cmds=
+    if [[ ! -e /sys/class/net/$BED_BRIDGE ]]; then
+        ledger_add "$BED_LEDGER" link "$BED_BRIDGE"
+        ip link add "$BED_BRIDGE" type bridge
+        # Ageing 0 = never learn = flood every frame: the bridge acts as a hub
+        # and tcpdump on it sees all traffic between hosts.
+        if [[ $BED_HUB == 1 ]]; then
+            ip link set "$BED_BRIDGE" type bridge ageing_time 0
+        fi
+        echo 1 >"/proc/sys/net/ipv6/conf/$BED_BRIDGE/disable_ipv6" 2>/dev/null || true
+        ip link set "$BED_BRIDGE" up
+    fi
+    for ((i = BED_N + 1; i <= n; i++)); do
+        ns=$(bed_ns "$i") port=$(bed_port "$i")
+        ledger_add "$BED_LEDGER" netns "$ns"
+        ledger_add "$BED_LEDGER" link "$port"
+        ip netns add "$ns"
+        # The peer is born inside the namespace, already named eth0.
+        root_cmds+="link add $port type veth peer name eth0 netns $ns
+link set $port master $BED_BRIDGE
+link set $port up
+"
+        mkdir -p "$WORK/h$i"
+    done
+    [[ -z $root_cmds ]] || ip -batch - <<<"$root_cmds"
+    for ((i = BED_N + 1; i <= n; i++)); do
+        # nodad: usable at once instead of "tentative" for a second or more.
+        ip -n "$(bed_ns "$i")" -batch - <<EOF
+link set lo up
+addr add $(host_ip4 "$i")/24 dev eth0
+addr add $(host_ip6 "$i")/64 dev eth0 nodad
+link set eth0 up
+EOF
+    done
+    BED_N=$n
+    log "bed: $n hosts up (ids ms$BED_ID-h1..h$n, bridge $BED_BRIDGE)"
+}
+
+# --- agents ------------------------------------------------------------------
+
+agent_socket() { echo "$BED_SOCK_DIR/h$1.sock"; }
+agent_state_dir() { echo "$WORK/h$1/state"; }
+agent_log() { echo "$WORK/h$1/agent.log"; }
+
+# agent_start I ARGS...: "$MESHSEC_BIN agent --state-dir D --control-socket S
+# ARGS..." in host I, in the background, output appended to its log.
+agent_start() {
+    local i=$1
+    shift
+    [[ -x $MESHSEC_BIN ]] || fail "MESHSEC_BIN=$MESHSEC_BIN is not executable (did the crate build?)"
+    if [[ -n ${AGENT_PID[$i]:-} ]] && kill -0 "${AGENT_PID[$i]}" 2>/dev/null; then
+        fail "agent_start $i: an agent is already running there (pid ${AGENT_PID[$i]})"
+    fi
+    AGENT_ARGS[$i]=$(printf '%q ' "$@")
+    mkdir -p "$(agent_state_dir "$i")"
+    echo "=== $(date +%T.%N) agent_start $i: $*" >>"$(agent_log "$i")"
+    # ip netns exec execs the agent, so $! is the agent itself.
+    ip netns exec "$(bed_ns "$i")" env RUST_BACKTRACE=1 "$MESHSEC_BIN" agent \
+        --state-dir "$(agent_state_dir "$i")" --control-socket "$(agent_socket "$i")" "$@" \
+        >>"$(agent_log "$i")" 2>&1 &
+    AGENT_PID[$i]=$!
+    ledger_add "$BED_LEDGER" pid "${AGENT_PID[$i]}"
+    log "agent $i started (pid ${AGENT_PID[$i]})"
+}
+
+# agent_stop I: SIGTERM and wait; fails if the agent ignores it for
+# AGENT_STOP_TIMEOUT seconds (default 10), then kills it.
+agent_stop() {
+    local i=$1 pid=${AGENT_PID[$1]:-} t rc=0
+    [[ -n $pid ]] || fail "agent_stop $i: no agent started on host $i"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((t = 0; t < ${AGENT_STOP_TIMEOUT:-10} * 10; t++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        nap 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        AGENT_PID[$i]=
+        fail "agent $i ignored SIGTERM for ${AGENT_STOP_TIMEOUT:-10} s"
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    AGENT_PID[$i]=
+    echo "=== $(date +%T.%N) agent_stop $i: exit status $rc" >>"$(agent_log "$i")"
+    log "agent $i stopped (exit status $rc)"
+    AGENT_STATUS=$rc
+}
+
+# agent_kill9 I: SIGKILL, no chance to clean up (crash simulation).
+agent_kill9() {
+    local i=$1 pid=${AGENT_PID[$1]:-}
+    [[ -n $pid ]] || fail "agent_kill9 $i: no agent started on host $i"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    AGENT_PID[$i]=
+    echo "=== $(date +%T.%N) agent_kill9 $i" >>"$(agent_log "$i")"
+    log "agent $i killed with SIGKILL"
+}
+
+# agent_restart I [ARGS...]: stop (if running) and start again, with the
+# previous arguments unless new ones are given.
+agent_restart() {
+    local i=$1
+    shift
+    if [[ -n ${AGENT_PID[$i]:-} ]]; then agent_stop "$i"; fi
+    if (($#)); then
+        agent_start "$i" "$@"
+    else
+        eval "agent_start $i ${AGENT_ARGS[$i]:-}"
+    fi
+}
+
+agent_running() { [[ -n ${AGENT_PID[$1]:-} ]] && kill -0 "${AGENT_PID[$1]}" 2>/dev/null; }
+
+# agent_ctl I ARGS...: "$MESHSEC_BIN ARGS --control-socket S" in host I.
+agent_ctl() {
+    local i=$1
+    shift
+    on "$i" "$MESHSEC_BIN" "$@" --control-socket "$(agent_socket "$i")"
+}
+
+# --- network conditions -----------------------------------------------------
+
+# netem I "SPEC": e.g. netem 2 "delay 50ms loss 1%" (SPEC is split on spaces).
+netem() {
+    local i=$1
+    # shellcheck disable=SC2086
+    on "$i" tc qdisc replace dev eth0 root netem $2
+    log "netem host $i: $2"
+}
+netem_clear() { on "$1" tc qdisc del dev eth0 root 2>/dev/null || true; }
+
+# A partition pins the peer's addresses to a MAC no host has, in both hosts'
+# neighbour tables: packets leave but are silently lost, like a real cut,
+# without needing netfilter in either kernel.
+BED_BLACKHOLE_MAC=02:00:00:00:00:00
+partition() {
+    local i=$1 j=$2
+    on "$i" ip neigh replace "$(host_ip4 "$j")" lladdr $BED_BLACKHOLE_MAC dev eth0 nud permanent
+    on "$i" ip -6 neigh replace "$(host_ip6 "$j")" lladdr $BED_BLACKHOLE_MAC dev eth0 nud permanent
+    on "$j" ip neigh replace "$(host_ip4 "$i")" lladdr $BED_BLACKHOLE_MAC dev eth0 nud permanent
+    on "$j" ip -6 neigh replace "$(host_ip6 "$i")" lladdr $BED_BLACKHOLE_MAC dev eth0 nud permanent
+    BED_PARTITIONS+=("$i $j")
+    log "partition $i <-> $j"
+}
+# isolate I: partition I from every other host.
+isolate() {
+    local j
+    for ((j = 1; j <= BED_N; j++)); do
+        [[ $j == "$1" ]] || partition "$1" "$j"
+    done
+}
+# heal [I J]: undo one partition, or all of them.
+heal() {
+    local p i j keep=()
+    for p in "${BED_PARTITIONS[@]}"; do
+        read -r i j <<<"$p"
+        if (($# == 0)) || [[ ($i == "$1" && $j == "$2") || ($i == "$2" && $j == "$1") ]]; then
+            on "$i" ip neigh del "$(host_ip4 "$j")" dev eth0 2>/dev/null || true
+            on "$i" ip -6 neigh del "$(host_ip6 "$j")" dev eth0 2>/dev/null || true
+            on "$j" ip neigh del "$(host_ip4 "$i")" dev eth0 2>/dev/null || true
+            on "$j" ip -6 neigh del "$(host_ip6 "$i")" dev eth0 2>/dev/null || true
+        else
+            keep+=("$p")
+        fi
+    done
+    BED_PARTITIONS=("${keep[@]}")
+    log "heal ${*:-all}"
+}
+
+# --- captures ---------------------------------------------------------------
+
+# capture_start NAME [FILTER...]: tcpdump on the bridge into WORK/NAME.pcap.
+capture_start() {
+    local name=$1 pid t
+    shift
+    tcpdump -i "$BED_BRIDGE" -n -s 0 -U -Z root -w "$WORK/$name.pcap" "$@" \
+        >"$WORK/$name.tcpdump.log" 2>&1 &
+    pid=$!
+    CAPTURE_PID[$name]=$pid
+    ledger_add "$BED_LEDGER" pid "$pid"
+    # Packets sent before tcpdump has attached would be missed.
+    for ((t = 0; t < 100; t++)); do
+        [[ $(<"$WORK/$name.tcpdump.log") == *"listening on"* ]] && break
+        kill -0 "$pid" 2>/dev/null || fail "tcpdump for $name died: $(<"$WORK/$name.tcpdump.log")"
+        nap 0.1
+    done
+    log "capture $name started"
+}
+
+# capture_stop [NAME]: stops one capture (or all) and flushes the file.
+capture_stop() {
+    local name pid
+    for name in "${@:-${!CAPTURE_PID[@]}}"; do
+        pid=${CAPTURE_PID[$name]:-}
+        [[ -n $pid ]] || continue
+        kill -INT "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        unset "CAPTURE_PID[$name]"
+        log "capture $name stopped: $(grep -h 'packets captured' "$WORK/$name.tcpdump.log" || echo '?')"
+    done
+}
+capture_file() { echo "$WORK/$1.pcap"; }
+# capture_count NAME FILTER...: packets in the capture matching a pcap filter.
+capture_count() {
+    local name=$1
+    shift
+    tcpdump -r "$WORK/$name.pcap" -n "$@" 2>/dev/null | wc -l
+}
+
+# --- assertions and waiting ----------------------------------------------------
+
+# wait_until TIMEOUT_S CMD...: polls CMD (quietly) until it succeeds.
+wait_until() {
+    local timeout=$1 deadline
+    shift
+    deadline=$((SECONDS + timeout))
+    while ((SECONDS < deadline)); do
+        "$@" >/dev/null 2>&1 && return 0
+        nap 0.2
+    done
+    "$@" && return 0
+    fail "timed out after ${timeout}s waiting for: $*"
+}
+
+# tcp_listening I PORT: something listens on TCP PORT in host I.
+tcp_listening() {
+    [[ -n $(on "$1" ss -Hltn "sport = :$2") ]]
+}
+# udp_bound I PORT: something has UDP PORT bound in host I.
+udp_bound() {
+    [[ -n $(on "$1" ss -Hlun "sport = :$2") ]]
+}
+
+# assert CMD...: fails the scenario unless CMD succeeds.
+assert() {
+    "$@" || fail "assertion failed: $*"
+}
+# refute CMD...: fails the scenario if CMD succeeds.
+refute() {
+    ! "$@" || fail "expected to fail but succeeded: $*"
+}
+assert_eq() {
+    [[ $1 == "$2" ]] || fail "${3:-values differ}: got '$1', expected '$2'"
+}
+# assert_cmp A OP B [MSG]: numeric comparison, OP one of -eq -ne -lt -le -gt -ge.
+assert_cmp() {
+    [ "$1" "$2" "$3" ] || fail "${4:-comparison failed}: $1 $2 $3"
+}
+
+# --- ESP by hand ---------------------------------------------------------------
+
+bed_hexkey() { od -An -tx1 -N "$1" /dev/urandom | tr -d ' \n'; }
+
+# xfrm_pair I J [4|6|46]: hand-installs transport-mode ESP between hosts I and
+# J with rfc4106(gcm(aes)) (20-byte key = AES-128 + 4-byte salt, 128-bit ICV):
+# one SA per direction with its own key, and out/in policies that require ESP.
+xfrm_pair() {
+    local i=$1 j=$2 fams=${3:-46} fam a b plen k1 k2 spi1 spi2 ci= cj=
+    for fam in 4 6; do
+        [[ $fams == *$fam* ]] || continue
+        if [[ $fam == 4 ]]; then a=$(host_ip4 "$i") b=$(host_ip4 "$j") plen=32
+        else a=$(host_ip6 "$i") b=$(host_ip6 "$j") plen=128
+        fi
+        k1=0x$(bed_hexkey 20) k2=0x$(bed_hexkey 20)
+        spi1=$(printf '0x%x' $((0x1000 + i * 256 + j * 16 + fam)))
+        spi2=$(printf '0x%x' $((0x1000 + j * 256 + i * 16 + fam)))
+        ci+=$(xfrm_sa_cmd "$a" "$b" "$spi1" "$k1")$'\n'$(xfrm_sa_cmd "$b" "$a" "$spi2" "$k2")$'\n'
+        cj+=$(xfrm_sa_cmd "$a" "$b" "$spi1" "$k1")$'\n'$(xfrm_sa_cmd "$b" "$a" "$spi2" "$k2")$'\n'
+        ci+=$(xfrm_policy_cmds "$a" "$b" "$plen")$'\n'
+        cj+=$(xfrm_policy_cmds "$b" "$a" "$plen")$'\n'
+    done
+    ip -n "$(bed_ns "$i")" -batch - <<<"$ci"
+    ip -n "$(bed_ns "$j")" -batch - <<<"$cj"
+    log "xfrm: ESP transport between hosts $i and $j (IPv$fams)"
+}
+# xfrm_sa_cmd SRC DST SPI KEY: the "ip xfrm" line for one SA.
+xfrm_sa_cmd() {
+    echo "xfrm state add src $1 dst $2 proto esp spi $3 reqid 1 mode transport aead rfc4106(gcm(aes)) $4 128"
+}
+# xfrm_policy_cmds LOCAL REMOTE PREFIXLEN: out and in policies requiring ESP.
+xfrm_policy_cmds() {
+    echo "xfrm policy add src $1/$3 dst $2/$3 dir out tmpl src $1 dst $2 proto esp reqid 1 mode transport"
+    echo "xfrm policy add src $2/$3 dst $1/$3 dir in tmpl src $2 dst $1 proto esp reqid 1 mode transport"
+}
+# xfrm_policy_pair HOST LOCAL REMOTE PREFIXLEN: just the policies, on one host.
+xfrm_policy_pair() {
+    ip -n "$(bed_ns "$1")" -batch - <<<"$(xfrm_policy_cmds "$2" "$3" "$4")"
+}
+
+# --- cleanup ------------------------------------------------------------------
+
+bed_cleanup() {
+    local rc=$? i name pid
+    trap - ERR
+    [[ $BED_CLEANED == 1 ]] && return
+    BED_CLEANED=1
+    set +e
+    for name in "${!CAPTURE_PID[@]}"; do
+        pid=${CAPTURE_PID[$name]}
+        kill -INT "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+    done
+    for i in "${!AGENT_PID[@]}"; do
+        pid=${AGENT_PID[$i]}
+        [[ -n $pid ]] || continue
+        kill -TERM "$pid" 2>/dev/null
+    done
+    # Give agents a moment to shut down cleanly (their logs say more), then
+    # the ledger sweep kills whatever is left, including strays in namespaces.
+    for ((i = 0; i < 30; i++)); do
+        local alive=0
+        for pid in "${AGENT_PID[@]}"; do
+            [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null && alive=1
+        done
+        ((alive)) || break
+        nap 0.1
+    done
+    ledger_sweep "$BED_LEDGER"
+    # Background jobs the scenario started in the caller's namespace.
+    for pid in $(jobs -p); do
+        kill -KILL "$pid" 2>/dev/null
+    done
+    exit "$rc"
+}
