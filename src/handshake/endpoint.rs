@@ -14,6 +14,7 @@ use super::crypto::{
     make_cookie, open_cookie, seal_cookie, EspAlgorithm, EspKey, StaticKeypair, COOKIE_NONCE_LEN,
     MAC_LEN,
 };
+use super::dh::StaticDh;
 use super::noise::{initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read};
 use super::ratelimit::{KeyedLimiter, TokenBucket};
 use super::wire::{
@@ -373,6 +374,7 @@ struct CookieSecret {
 pub struct Endpoint {
     config: Config,
     keypair: StaticKeypair,
+    dh: std::sync::Arc<StaticDh>,
     secrets: Vec<SecretKeys>,
     peers: HashMap<PublicKey, PeerEntry>,
     /// Our outstanding initiations by sender index.
@@ -467,6 +469,7 @@ impl Endpoint {
             sources: KeyedLimiter::new(now, config.per_source_rate, config.per_source_burst, config.max_sources),
             cookie_bucket: TokenBucket::new(now, config.cookie_reply_rate, config.cookie_reply_burst),
             config,
+            dh: StaticDh::new(&keypair),
             keypair,
             secrets,
             peers: HashMap::new(),
@@ -554,8 +557,9 @@ impl Endpoint {
         let secret = &self.secrets[0];
         let payload = InitPayload { timestamp, spi: local_spi, alg: self.config.algorithm.id() };
         let eph = self.fixed_ephemerals.pop_front();
+        self.dh.remember(&peer);
         let (hs, noise) =
-            initiator_start(self.keypair.private(), &peer, &secret.psk, eph.as_ref(), &payload.encode())
+            initiator_start(&self.dh, &peer, &secret.psk, eph.as_ref(), &payload.encode())
                 .map_err(|e| InitiateError::Noise(e.to_string()))?;
         let mut packet = encode_initiation(sender_index, &noise);
         put_mac(&mut packet, INITIATION_MAC1_OFF, &derive_mac1_key(&secret.secret, &peer));
@@ -600,6 +604,7 @@ impl Endpoint {
     pub fn forget(&mut self, peer: &PublicKey) -> Option<u32> {
         let spi = self.cancel(peer);
         self.peers.remove(peer);
+        self.dh.forget(peer);
         self.cache.retain(|_, c| &c.peer != peer);
         spi
     }
@@ -747,7 +752,7 @@ impl Endpoint {
         self.counters.dh_work += 1;
         let fixed = self.fixed_ephemerals.pop_front();
         let (hs, peer, payload) = responder_read(
-            self.keypair.private(),
+            &self.dh,
             &self.secrets[secret_idx].psk,
             fixed.as_ref(),
             m.noise,
@@ -904,6 +909,8 @@ impl Endpoint {
 
     fn established(&mut self, s: Session) {
         self.counters.established += 1;
+        // From now on handshakes with this member skip the static-static DH.
+        self.dh.remember(&s.peer);
         tracing::debug!(
             peer = %short(&s.peer),
             role = ?s.role,

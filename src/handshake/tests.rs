@@ -555,7 +555,7 @@ fn wrong_psk_with_right_mac1_fails_decryption() {
     let a_kp = keypair(if p.pa() == *keypair(1).public() { 1 } else { 2 });
     let payload = wire::InitPayload { timestamp: 1, spi: 0x1000, alg: 1 };
     let (_, noise) =
-        noise::initiator_start(a_kp.private(), &pb, &[9; 32], None, &payload.encode()).unwrap();
+        noise::initiator_start(&dh::StaticDh::new(&a_kp), &pb, &[9; 32], None, &payload.encode()).unwrap();
     let mut msg = wire::encode_initiation(7, &noise);
     noise::put_mac(&mut msg, INITIATION_MAC1_OFF, &crypto::derive_mac1_key(&SECRET, &pb));
     let pk = Packet { at: p.now, from: p.a.addr, to: baddr, bytes: msg.to_vec() };
@@ -567,7 +567,7 @@ fn wrong_psk_with_right_mac1_fails_decryption() {
     // the handshake or learn the keys.
     let resp = p.capture.last().unwrap().bytes.clone();
     let (mut hs, _) =
-        noise::initiator_start(a_kp.private(), &pb, &[9; 32], None, &payload.encode()).unwrap();
+        noise::initiator_start(&dh::StaticDh::new(&a_kp), &pb, &[9; 32], None, &payload.encode()).unwrap();
     let resp_noise: [u8; wire::NOISE_RESP_LEN] = resp[12..12 + wire::NOISE_RESP_LEN].try_into().unwrap();
     assert!(noise::initiator_finish(&mut hs, &resp_noise).is_err());
 }

@@ -114,11 +114,11 @@ fn compute_handshake(v: &HandshakeVector) -> HandshakeVector {
     let mac1_i = crypto::derive_mac1_key(&secret, ikp.public());
 
     let ip = InitPayload { timestamp: v.initiator_timestamp.parse().unwrap(), spi: v.initiator_spi, alg: alg.id() };
-    let (mut ihs, n1) = noise::initiator_start(ikp.private(), rkp.public(), &psk, Some(&ie), &ip.encode()).unwrap();
+    let (mut ihs, n1) = noise::initiator_start(&super::dh::StaticDh::new(&ikp), rkp.public(), &psk, Some(&ie), &ip.encode()).unwrap();
     let mut init = wire::encode_initiation(v.initiator_index, &n1);
     noise::put_mac(&mut init, INITIATION_MAC1_OFF, &mac1_r);
 
-    let (rhs, rs, got_ip) = noise::responder_read(rkp.private(), &psk, Some(&re), &n1).unwrap();
+    let (rhs, rs, got_ip) = noise::responder_read(&super::dh::StaticDh::new(&rkp), &psk, Some(&re), &n1).unwrap();
     assert_eq!(&rs, ikp.public());
     assert_eq!(got_ip, ip.encode());
     let rp = RespPayload { spi: v.responder_spi, alg: alg.id(), superseded: v.superseded.parse().unwrap() };
