@@ -46,7 +46,12 @@ impl StaticDh {
 
     /// Memoises X25519(our private, `peer`) if not yet known.
     pub fn remember(&self, peer: &[u8; KEY_LEN]) {
-        if self.memo.read().map(|m| m.contains_key(peer)).unwrap_or(true) {
+        if self
+            .memo
+            .read()
+            .map(|m| m.contains_key(peer))
+            .unwrap_or(true)
+        {
             return;
         }
         let v = Zeroizing::new(MontgomeryPoint(*peer).mul_clamped(*self.private).to_bytes());
@@ -71,7 +76,9 @@ impl StaticDh {
 
     /// A snow resolver whose X25519 uses this key's shortcuts; everything else is snow's.
     pub fn resolver(self: &Arc<Self>) -> Box<dyn CryptoResolver + Send> {
-        Box::new(Resolver { st: Arc::clone(self) })
+        Box::new(Resolver {
+            st: Arc::clone(self),
+        })
     }
 }
 
@@ -165,7 +172,10 @@ impl Dh for X25519 {
     }
 
     fn dh(&self, pubkey: &[u8], out: &mut [u8]) -> Result<(), snow::Error> {
-        let p: [u8; KEY_LEN] = pubkey.get(..KEY_LEN).and_then(|s| s.try_into().ok()).ok_or(snow::Error::Dh)?;
+        let p: [u8; KEY_LEN] = pubkey
+            .get(..KEY_LEN)
+            .and_then(|s| s.try_into().ok())
+            .ok_or(snow::Error::Dh)?;
         let r = match self.is_static.then(|| self.st.lookup(&p)).flatten() {
             Some(r) => r,
             None => MontgomeryPoint(p).mul_clamped(*self.private).to_bytes(),
@@ -173,7 +183,9 @@ impl Dh for X25519 {
         if r == [0u8; KEY_LEN] {
             return Err(snow::Error::Dh);
         }
-        out.get_mut(..KEY_LEN).ok_or(snow::Error::Dh)?.copy_from_slice(&r);
+        out.get_mut(..KEY_LEN)
+            .ok_or(snow::Error::Dh)?
+            .copy_from_slice(&r);
         Ok(())
     }
 }
@@ -197,7 +209,9 @@ mod tests {
         let mut warm = [0u8; 32];
         d.dh(b.public(), &mut warm).unwrap();
         assert_eq!(cold, warm);
-        let expect = MontgomeryPoint(*b.public()).mul_clamped(*a.private()).to_bytes();
+        let expect = MontgomeryPoint(*b.public())
+            .mul_clamped(*a.private())
+            .to_bytes();
         assert_eq!(cold, expect);
         // The identity (u = 0) is a low-order point: all-zero output, rejected.
         assert!(d.dh(&[0u8; 32], &mut warm).is_err());

@@ -15,7 +15,9 @@ use super::crypto::{
     MAC_LEN,
 };
 use super::dh::StaticDh;
-use super::noise::{initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read};
+use super::noise::{
+    initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read,
+};
 use super::ratelimit::{KeyedLimiter, TokenBucket};
 use super::wire::{
     decode, encode_cookie_reply, encode_initiation, encode_response, CookieReply, DecodeError,
@@ -342,7 +344,11 @@ struct PeerEntry {
 
 impl PeerEntry {
     fn new() -> Self {
-        PeerEntry { state: PeerState::Idle, last_accepted_ts: 0, cookie: None }
+        PeerEntry {
+            state: PeerState::Idle,
+            last_accepted_ts: 0,
+            cookie: None,
+        }
     }
 }
 
@@ -432,7 +438,14 @@ impl Endpoint {
         now: Instant,
         unix_now: Duration,
     ) -> Result<Self, ConfigError> {
-        Self::with_rng(config, keypair, keyring, now, unix_now, StdRng::from_entropy())
+        Self::with_rng(
+            config,
+            keypair,
+            keyring,
+            now,
+            unix_now,
+            StdRng::from_entropy(),
+        )
     }
 
     /// Like [`Endpoint::new`] with a seeded RNG for indices, jitter and cookie nonces
@@ -445,7 +458,14 @@ impl Endpoint {
         unix_now: Duration,
         seed: u64,
     ) -> Result<Self, ConfigError> {
-        Self::with_rng(config, keypair, keyring, now, unix_now, StdRng::seed_from_u64(seed))
+        Self::with_rng(
+            config,
+            keypair,
+            keyring,
+            now,
+            unix_now,
+            StdRng::seed_from_u64(seed),
+        )
     }
 
     fn with_rng(
@@ -459,15 +479,27 @@ impl Endpoint {
         if keyring.is_empty() {
             return Err(ConfigError::EmptyKeyring);
         }
-        let secrets = keyring.iter().map(|s| secret_keys(s, keypair.public())).collect();
+        let secrets = keyring
+            .iter()
+            .map(|s| secret_keys(s, keypair.public()))
+            .collect();
         let mut c1 = Zeroizing::new([0u8; 32]);
         let mut c2 = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(&mut *c1);
         rng.fill_bytes(&mut *c2);
         Ok(Endpoint {
             load_bucket: TokenBucket::new(now, config.load_rate, config.load_burst),
-            sources: KeyedLimiter::new(now, config.per_source_rate, config.per_source_burst, config.max_sources),
-            cookie_bucket: TokenBucket::new(now, config.cookie_reply_rate, config.cookie_reply_burst),
+            sources: KeyedLimiter::new(
+                now,
+                config.per_source_rate,
+                config.per_source_burst,
+                config.max_sources,
+            ),
+            cookie_bucket: TokenBucket::new(
+                now,
+                config.cookie_reply_rate,
+                config.cookie_reply_burst,
+            ),
             config,
             dh: StaticDh::new(&keypair),
             keypair,
@@ -481,7 +513,11 @@ impl Endpoint {
             rng,
             anchor: (now, u64::try_from(unix_now.as_nanos()).unwrap_or(u64::MAX)),
             last_timestamp: 0,
-            cookie_secret: CookieSecret { current: c1, previous: c2, rotated: now },
+            cookie_secret: CookieSecret {
+                current: c1,
+                previous: c2,
+                rotated: now,
+            },
             under_load_until: None,
             fixed_ephemerals: VecDeque::new(),
             fixed_indices: VecDeque::new(),
@@ -494,7 +530,10 @@ impl Endpoint {
         if keyring.is_empty() {
             return Err(ConfigError::EmptyKeyring);
         }
-        self.secrets = keyring.iter().map(|s| secret_keys(s, self.keypair.public())).collect();
+        self.secrets = keyring
+            .iter()
+            .map(|s| secret_keys(s, self.keypair.public()))
+            .collect();
         Ok(())
     }
 
@@ -515,7 +554,10 @@ impl Endpoint {
 
     /// Whether an initiation to `peer` is outstanding.
     pub fn is_initiating(&self, peer: &PublicKey) -> bool {
-        matches!(self.peers.get(peer).map(|p| &p.state), Some(PeerState::Initiating(_)))
+        matches!(
+            self.peers.get(peer).map(|p| &p.state),
+            Some(PeerState::Initiating(_))
+        )
     }
 
     /// Whether the responder currently demands cookies (mac2) before doing DH work.
@@ -525,7 +567,12 @@ impl Endpoint {
 
     /// Test hook: fixes the cookie secret and forces the under-load state until `until`.
     #[cfg(test)]
-    pub(crate) fn force_under_load(&mut self, now: Instant, until: Instant, cookie_secret: [u8; 32]) {
+    pub(crate) fn force_under_load(
+        &mut self,
+        now: Instant,
+        until: Instant,
+        cookie_secret: [u8; 32],
+    ) {
         self.cookie_secret = CookieSecret {
             current: Zeroizing::new(cookie_secret),
             previous: Zeroizing::new(cookie_secret),
@@ -555,14 +602,27 @@ impl Endpoint {
         let timestamp = self.next_timestamp(now);
         let sender_index = self.fresh_index();
         let secret = &self.secrets[0];
-        let payload = InitPayload { timestamp, spi: local_spi, alg: self.config.algorithm.id() };
+        let payload = InitPayload {
+            timestamp,
+            spi: local_spi,
+            alg: self.config.algorithm.id(),
+        };
         let eph = self.fixed_ephemerals.pop_front();
         self.dh.remember(&peer);
-        let (hs, noise) =
-            initiator_start(&self.dh, &peer, &secret.psk, eph.as_ref(), &payload.encode())
-                .map_err(|e| InitiateError::Noise(e.to_string()))?;
+        let (hs, noise) = initiator_start(
+            &self.dh,
+            &peer,
+            &secret.psk,
+            eph.as_ref(),
+            &payload.encode(),
+        )
+        .map_err(|e| InitiateError::Noise(e.to_string()))?;
         let mut packet = encode_initiation(sender_index, &noise);
-        put_mac(&mut packet, INITIATION_MAC1_OFF, &derive_mac1_key(&secret.secret, &peer));
+        put_mac(
+            &mut packet,
+            INITIATION_MAC1_OFF,
+            &derive_mac1_key(&secret.secret, &peer),
+        );
         let st = Initiating {
             hs,
             sender_index,
@@ -636,7 +696,9 @@ impl Endpoint {
             .peers
             .iter()
             .filter_map(|(k, p)| match &p.state {
-                PeerState::Initiating(st) if now >= st.next_retransmit || now >= st.deadline => Some(*k),
+                PeerState::Initiating(st) if now >= st.next_retransmit || now >= st.deadline => {
+                    Some(*k)
+                }
                 _ => None,
             })
             .collect();
@@ -649,7 +711,11 @@ impl Endpoint {
                 if let Some(local_spi) = self.cancel(&peer) {
                     self.counters.timeouts += 1;
                     tracing::debug!(peer = %short(&peer), "handshake: timed out");
-                    self.events.push_back(Event::Failed { peer, local_spi, reason: FailReason::Timeout });
+                    self.events.push_back(Event::Failed {
+                        peer,
+                        local_spi,
+                        reason: FailReason::Timeout,
+                    });
                 }
             } else {
                 self.counters.retransmits += 1;
@@ -716,7 +782,12 @@ impl Endpoint {
         let secret_idx = self
             .secrets
             .iter()
-            .position(|s| mac_eq(&mac16(&*s.mac1_to_us, &[&m.bytes[..INITIATION_MAC1_OFF]]), m.mac1))
+            .position(|s| {
+                mac_eq(
+                    &mac16(&*s.mac1_to_us, &[&m.bytes[..INITIATION_MAC1_OFF]]),
+                    m.mac1,
+                )
+            })
             .ok_or(Rejected::BadMac)?;
 
         // 2. Load: spend DH budget, or demand a cookie-proven source address.
@@ -738,7 +809,9 @@ impl Endpoint {
         }
 
         // 3. Exact retransmission of an initiation we already answered: resend, no DH.
-        let eph: [u8; 32] = m.noise[..32].try_into().expect("32-byte prefix of a fixed array");
+        let eph: [u8; 32] = m.noise[..32]
+            .try_into()
+            .expect("32-byte prefix of a fixed array");
         if let Some(c) = self.cache.get(&eph) {
             if now < c.expires && c.initiation[..] == m.bytes[..INITIATION_MAC1_OFF] {
                 let resp = c.response.to_vec();
@@ -791,7 +864,8 @@ impl Endpoint {
             },
         };
         if reuse_spi.is_some() {
-            if let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle) {
+            if let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle)
+            {
                 self.indices.remove(&st.sender_index);
             }
             self.counters.collision_abandoned += 1;
@@ -800,14 +874,25 @@ impl Endpoint {
 
         // 6. Respond and complete.
         let alg = self.config.algorithm;
-        let resp_payload = RespPayload { spi: local_spi, alg: alg.id(), superseded };
+        let resp_payload = RespPayload {
+            spi: local_spi,
+            alg: alg.id(),
+            superseded,
+        };
         let (noise, split) = match responder_finish(hs, &resp_payload.encode()) {
             Ok(x) => x,
             Err(_) => return Err(Rejected::DecryptFailed),
         };
-        let sender_index = self.fixed_indices.pop_front().unwrap_or_else(|| self.rng.gen());
+        let sender_index = self
+            .fixed_indices
+            .pop_front()
+            .unwrap_or_else(|| self.rng.gen());
         let mut resp = encode_response(sender_index, m.sender_index, &noise);
-        put_mac(&mut resp, RESPONSE_MAC1_OFF, &derive_mac1_key(&self.secrets[secret_idx].secret, &peer));
+        put_mac(
+            &mut resp,
+            RESPONSE_MAC1_OFF,
+            &derive_mac1_key(&self.secrets[secret_idx].secret, &peer),
+        );
 
         if let Some(e) = self.peers.get_mut(&peer) {
             e.last_accepted_ts = payload.timestamp;
@@ -817,7 +902,12 @@ impl Endpoint {
         initiation.copy_from_slice(&m.bytes[..INITIATION_MAC1_OFF]);
         self.cache.insert(
             eph,
-            CachedResponse { peer, initiation, response: resp, expires: now + self.config.response_cache_ttl },
+            CachedResponse {
+                peer,
+                initiation,
+                response: resp,
+                expires: now + self.config.response_cache_ttl,
+            },
         );
         self.push_transmit(from, resp.to_vec());
 
@@ -840,17 +930,29 @@ impl Endpoint {
         Ok(())
     }
 
-    fn handle_response(&mut self, now: Instant, from: SocketAddr, m: Response<'_>) -> Result<(), Rejected> {
-        let peer = *self.indices.get(&m.receiver_index).ok_or(Rejected::StaleResponse)?;
+    fn handle_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        m: Response<'_>,
+    ) -> Result<(), Rejected> {
+        let peer = *self
+            .indices
+            .get(&m.receiver_index)
+            .ok_or(Rejected::StaleResponse)?;
         let entry = self.peers.get_mut(&peer).ok_or(Rejected::StaleResponse)?;
         let PeerState::Initiating(st) = &mut entry.state else {
             return Err(Rejected::StaleResponse);
         };
-        if !mac_eq(&mac16(&*st.response_mac1_key, &[&m.bytes[..RESPONSE_MAC1_OFF]]), m.mac1) {
+        if !mac_eq(
+            &mac16(&*st.response_mac1_key, &[&m.bytes[..RESPONSE_MAC1_OFF]]),
+            m.mac1,
+        ) {
             return Err(Rejected::BadMac);
         }
         self.counters.dh_work += 1;
-        let (payload, split) = initiator_finish(&mut st.hs, m.noise).map_err(|_| Rejected::DecryptFailed)?;
+        let (payload, split) =
+            initiator_finish(&mut st.hs, m.noise).map_err(|_| Rejected::DecryptFailed)?;
         // From here on the handshake state is finished: any failure ends this attempt.
         let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle) else {
             unreachable!("matched Initiating above");
@@ -861,7 +963,11 @@ impl Endpoint {
             .filter(|p| p.spi >= MIN_SPI && p.alg == self.config.algorithm.id());
         let Some(p) = ok else {
             // An authenticated peer sent nonsense: report it as a failed attempt.
-            self.events.push_back(Event::Failed { peer, local_spi: st.local_spi, reason: FailReason::BadResponse });
+            self.events.push_back(Event::Failed {
+                peer,
+                local_spi: st.local_spi,
+                reason: FailReason::BadResponse,
+            });
             return Err(Rejected::BadPayload);
         };
         // The peer abandoned its own initiation to us; copies of it still in flight are stale.
@@ -887,7 +993,10 @@ impl Endpoint {
     }
 
     fn handle_cookie_reply(&mut self, now: Instant, m: CookieReply<'_>) -> Result<(), Rejected> {
-        let peer = *self.indices.get(&m.receiver_index).ok_or(Rejected::StaleResponse)?;
+        let peer = *self
+            .indices
+            .get(&m.receiver_index)
+            .ok_or(Rejected::StaleResponse)?;
         let entry = self.peers.get_mut(&peer).ok_or(Rejected::StaleResponse)?;
         let PeerState::Initiating(st) = &entry.state else {
             return Err(Rejected::StaleResponse);
@@ -895,7 +1004,8 @@ impl Endpoint {
         let mac1: [u8; MAC_LEN] = st.packet[INITIATION_MAC1_OFF..INITIATION_MAC2_OFF]
             .try_into()
             .expect("fixed-size slice");
-        let cookie = open_cookie(&st.cookie_key, m.nonce, &mac1, m.sealed).ok_or(Rejected::BadCookie)?;
+        let cookie =
+            open_cookie(&st.cookie_key, m.nonce, &mac1, m.sealed).ok_or(Rejected::BadCookie)?;
         entry.cookie = Some((cookie, now));
         self.counters.cookie_received += 1;
         let already = st.mac2_cookie == Some(cookie);
@@ -922,13 +1032,22 @@ impl Endpoint {
         self.events.push_back(Event::Established(s));
     }
 
-    fn mac2_valid(&mut self, now: Instant, from: &SocketAddr, bytes: &[u8; INITIATION_LEN]) -> bool {
+    fn mac2_valid(
+        &mut self,
+        now: Instant,
+        from: &SocketAddr,
+        bytes: &[u8; INITIATION_LEN],
+    ) -> bool {
         self.rotate_cookie_secret(now);
-        let got: &[u8; MAC_LEN] = bytes[INITIATION_MAC2_OFF..].try_into().expect("fixed-size slice");
-        [&self.cookie_secret.current, &self.cookie_secret.previous].iter().any(|secret| {
-            let cookie = make_cookie(secret, from);
-            mac_eq(&mac16(&cookie, &[&bytes[..INITIATION_MAC2_OFF]]), got)
-        })
+        let got: &[u8; MAC_LEN] = bytes[INITIATION_MAC2_OFF..]
+            .try_into()
+            .expect("fixed-size slice");
+        [&self.cookie_secret.current, &self.cookie_secret.previous]
+            .iter()
+            .any(|secret| {
+                let cookie = make_cookie(secret, from);
+                mac_eq(&mac16(&cookie, &[&bytes[..INITIATION_MAC2_OFF]]), got)
+            })
     }
 
     fn rotate_cookie_secret(&mut self, now: Instant) {
@@ -955,7 +1074,12 @@ impl Endpoint {
         let cookie = make_cookie(&self.cookie_secret.current, &to);
         let mut nonce = [0u8; COOKIE_NONCE_LEN];
         self.rng.fill_bytes(&mut nonce);
-        let sealed = seal_cookie(&self.secrets[secret_idx].cookie_ours, &nonce, trigger_mac1, &cookie);
+        let sealed = seal_cookie(
+            &self.secrets[secret_idx].cookie_ours,
+            &nonce,
+            trigger_mac1,
+            &cookie,
+        );
         let msg = encode_cookie_reply(receiver_index, &nonce, &sealed);
         self.push_transmit(to, msg.to_vec());
         Err(Rejected::CookieSent)
@@ -964,11 +1088,21 @@ impl Endpoint {
     /// (Re)sends the initiation to `peer`, with mac2 if we hold a fresh cookie from it.
     fn send_initiation(&mut self, now: Instant, peer: &PublicKey, backoff: bool) {
         let jitter_ms = u64::try_from(self.config.max_jitter.as_millis()).unwrap_or(0);
-        let jitter = Duration::from_millis(if jitter_ms == 0 { 0 } else { self.rng.gen_range(0..=jitter_ms) });
+        let jitter = Duration::from_millis(if jitter_ms == 0 {
+            0
+        } else {
+            self.rng.gen_range(0..=jitter_ms)
+        });
         let max_rto = self.config.max_rto;
-        let Some(entry) = self.peers.get_mut(peer) else { return };
-        let cookie = entry.cookie.filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_LIFETIME);
-        let PeerState::Initiating(st) = &mut entry.state else { return };
+        let Some(entry) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let cookie = entry
+            .cookie
+            .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_LIFETIME);
+        let PeerState::Initiating(st) = &mut entry.state else {
+            return;
+        };
         let mut packet = st.packet;
         if let Some((c, _)) = cookie {
             put_mac2(&mut packet, INITIATION_MAC2_OFF, &c);
@@ -1003,7 +1137,8 @@ impl Endpoint {
 
     /// Strictly increasing wall-clock nanoseconds, derived from the anchor and `now`.
     fn next_timestamp(&mut self, now: Instant) -> u64 {
-        let elapsed = u64::try_from(now.saturating_duration_since(self.anchor.0).as_nanos()).unwrap_or(u64::MAX);
+        let elapsed = u64::try_from(now.saturating_duration_since(self.anchor.0).as_nanos())
+            .unwrap_or(u64::MAX);
         let wall = self.anchor.1.saturating_add(elapsed);
         let ts = wall.max(self.last_timestamp.saturating_add(1));
         self.last_timestamp = ts;

@@ -13,8 +13,11 @@ use super::crypto::{mac16, MAC_LEN, NOISE_PARAMS, PROLOGUE};
 use super::dh::StaticDh;
 use super::wire::{NOISE_INIT_LEN, NOISE_RESP_LEN, PAYLOAD_LEN};
 
-static PARAMS: LazyLock<NoiseParams> =
-    LazyLock::new(|| NOISE_PARAMS.parse().expect("static Noise parameter string is valid"));
+static PARAMS: LazyLock<NoiseParams> = LazyLock::new(|| {
+    NOISE_PARAMS
+        .parse()
+        .expect("static Noise parameter string is valid")
+});
 
 /// Output of a completed handshake: the raw Noise split and the handshake hash.
 pub struct Split {
@@ -31,7 +34,11 @@ fn split(hs: &mut HandshakeState) -> Split {
     let mut hash = [0u8; 32];
     // SHA-256 handshake hashes are exactly 32 bytes.
     hash.copy_from_slice(&hs.get_handshake_hash()[..32]);
-    Split { k1: Zeroizing::new(k1), k2: Zeroizing::new(k2), hash }
+    Split {
+        k1: Zeroizing::new(k1),
+        k2: Zeroizing::new(k2),
+        hash,
+    }
 }
 
 /// Initiator: builds Noise message 1 carrying `payload`.

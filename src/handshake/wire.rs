@@ -118,7 +118,9 @@ pub enum Message<'a> {
 
 fn arr<const N: usize>(b: &[u8], off: usize) -> &[u8; N] {
     // Callers checked the total length first, so this range is always in bounds.
-    b[off..off + N].try_into().expect("length checked by caller")
+    b[off..off + N]
+        .try_into()
+        .expect("length checked by caller")
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -339,12 +341,20 @@ mod tests {
 
     #[test]
     fn payload_roundtrip_and_reserved() {
-        let p = InitPayload { timestamp: 0x0102030405060708, spi: 0xdeadbeef, alg: 1 };
+        let p = InitPayload {
+            timestamp: 0x0102030405060708,
+            spi: 0xdeadbeef,
+            alg: 1,
+        };
         assert_eq!(InitPayload::decode(&p.encode()), Ok(p));
         let mut b = p.encode();
         b[15] = 1;
         assert_eq!(InitPayload::decode(&b), Err(BadPayload));
-        let r = RespPayload { spi: 300, alg: 3, superseded: 42 };
+        let r = RespPayload {
+            spi: 300,
+            alg: 3,
+            superseded: 42,
+        };
         assert_eq!(RespPayload::decode(&r.encode()), Ok(r));
         let mut b = r.encode();
         b[6] = 1;
