@@ -1009,3 +1009,61 @@ fn cookie_reply_for_unknown_index_or_forged_is_rejected() {
         )
     );
 }
+
+#[test]
+fn cookie_holding_source_is_rate_limited_per_ip() {
+    // An insider that can receive cookies at its address: under load it gets DH work only at
+    // the per-source rate.
+    let cb = Config {
+        load_rate: 1,
+        load_burst: 1,
+        per_source_rate: 1,
+        per_source_burst: 3,
+        ..fast_config()
+    };
+    let mut p = Pair::with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
+    let (pb, baddr) = (p.pb(), p.b.addr);
+    let src: SocketAddr = "127.7.7.7:7777".parse().unwrap();
+    let mut x = Endpoint::new(fast_config(), keypair(9), &[SECRET], p.now, UNIX_T0).unwrap();
+    let mut none = TestCtx::default();
+    for i in 0..50u32 {
+        x.initiate(p.now, pb, baddr, 0x9000 + i).unwrap();
+        while let Some((_, bytes)) = x.poll_transmit() {
+            p.deliver(&Packet {
+                at: p.now,
+                from: src,
+                to: baddr,
+                bytes,
+            });
+            // deliver() moved B's replies into the network; hand them to X directly.
+            for reply in std::mem::take(&mut p.in_flight) {
+                assert_eq!(reply.to, src);
+                let _ = x.handle(p.now, baddr, &reply.bytes, &mut none);
+            }
+        }
+        x.cancel(&pb);
+        p.advance(Duration::from_millis(20));
+    }
+    let c = p.b.ep.counters();
+    assert!(x.counters().cookie_received >= 1);
+    // 1 s elapsed: budget 1 (before load) + per-source burst 3 + ~1 refill.
+    assert!(c.dh_work <= 1 + 3 + 1, "{c:?}");
+    assert!(c.rate_limited >= 40, "{c:?}");
+}
+
+#[test]
+fn forget_cancels_and_clears_peer_state() {
+    let mut p = Pair::new(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.b.addr);
+    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    p.drive_for(Duration::from_secs(1));
+    assert_eq!(p.a.established().len(), 1);
+    p.a.ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
+    assert_eq!(p.a.ep.forget(&pb), Some(0x1112));
+    assert!(!p.a.ep.is_initiating(&pb));
+    assert!(p.a.ep.poll_timeout().is_none());
+    // The in-flight initiation's response now matches nothing.
+    p.drive_for(Duration::from_secs(1));
+    assert_eq!(p.a.established().len(), 1);
+    assert_eq!(p.a.ep.counters().stale_response, 1);
+}
