@@ -1067,3 +1067,11 @@ fn forget_cancels_and_clears_peer_state() {
     assert_eq!(p.a.established().len(), 1);
     assert_eq!(p.a.ep.counters().stale_response, 1);
 }
+
+#[test]
+fn endpoint_is_send_for_async_drivers() {
+    fn assert_send<T: Send>() {}
+    assert_send::<Endpoint>();
+    assert_send::<Session>();
+    assert_send::<Event>();
+}
