@@ -253,7 +253,7 @@ pub enum Rejected {
 }
 
 /// Counters of everything that happened, for metrics and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     /// Datagrams passed to `handle`.
     pub received: u64,

@@ -1075,3 +1075,14 @@ fn endpoint_is_send_for_async_drivers() {
     assert_send::<Session>();
     assert_send::<Event>();
 }
+
+#[test]
+fn counters_serialise_by_name() {
+    let mut p = Pair::new(Net::perfect());
+    let from = p.a.addr;
+    let to = p.b.addr;
+    p.deliver(&Packet { at: p.now, from, to, bytes: vec![1, 2, 3] });
+    let v = serde_json::to_value(p.b.ep.counters()).unwrap();
+    assert_eq!(v["bad_len"], 1);
+    assert_eq!(v["received"], 1);
+}
