@@ -1086,3 +1086,122 @@ fn counters_serialise_by_name() {
     assert_eq!(v["bad_len"], 1);
     assert_eq!(v["received"], 1);
 }
+
+/// N members on one virtual network; everyone initiates to everyone at once.
+struct Cluster {
+    now: Instant,
+    nodes: Vec<Node>,
+    net: Net,
+    in_flight: Vec<Packet>,
+}
+
+impl Cluster {
+    fn new(n: usize, net: Net) -> Self {
+        let now = Instant::now();
+        let keys: Vec<StaticKeypair> = (0..n).map(|i| keypair(10 + i as u8)).collect();
+        let pubs: Vec<PublicKey> = keys.iter().map(|k| *k.public()).collect();
+        let nodes = keys
+            .into_iter()
+            .enumerate()
+            .map(|(i, kp)| Node {
+                ep: Endpoint::with_seed(fast_config(), kp, &[SECRET], now, UNIX_T0, i as u64).unwrap(),
+                addr: SocketAddr::new([127, 0, 1, i as u8 + 1].into(), 4000),
+                ctx: TestCtx {
+                    members: pubs.iter().copied().filter(|p| p != &pubs[i]).collect(),
+                    next_spi: 0x1000 * (i as u32 + 1),
+                    ..Default::default()
+                },
+                events: vec![],
+                rejects: vec![],
+            })
+            .collect();
+        Cluster { now, nodes, net, in_flight: vec![] }
+    }
+
+    fn collect(&mut self) {
+        for node in &mut self.nodes {
+            while let Some((to, bytes)) = node.ep.poll_transmit() {
+                if self.net.rng.gen_bool(self.net.loss) {
+                    continue;
+                }
+                let copies = if self.net.rng.gen_bool(self.net.dup) { 2 } else { 1 };
+                for _ in 0..copies {
+                    let at = self.now + self.net.delay();
+                    self.in_flight.push(Packet { at, from: node.addr, to, bytes: bytes.clone() });
+                }
+            }
+            while let Some(e) = node.ep.poll_event() {
+                node.events.push(e);
+            }
+        }
+    }
+
+    fn drive_for(&mut self, limit: Duration) {
+        let end = self.now + limit;
+        self.collect();
+        loop {
+            let next_pkt = self.in_flight.iter().map(|p| p.at).min();
+            let next_timer = self.nodes.iter().filter_map(|n| n.ep.poll_timeout()).min();
+            let Some(next) = [next_pkt, next_timer].into_iter().flatten().min() else { break };
+            if next > end {
+                break;
+            }
+            self.now = self.now.max(next);
+            if next_pkt == Some(next) {
+                let i = self.in_flight.iter().position(|p| p.at == next).unwrap();
+                let p = self.in_flight.swap_remove(i);
+                if let Some(node) = self.nodes.iter_mut().find(|n| n.addr == p.to) {
+                    let _ = node.ep.handle(self.now, p.from, &p.bytes, &mut node.ctx);
+                }
+            } else {
+                for node in &mut self.nodes {
+                    if node.ep.poll_timeout().is_some_and(|t| t <= next) {
+                        node.ep.handle_timeout(next);
+                    }
+                }
+            }
+            self.collect();
+        }
+    }
+}
+
+#[test]
+fn five_members_all_initiate_at_once_every_pair_gets_one_session() {
+    for seed in 0..10 {
+        let net = Net {
+            loss: 0.1,
+            dup: 0.1,
+            min_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(100),
+            rng: StdRng::seed_from_u64(500 + seed),
+        };
+        let mut c = Cluster::new(5, net);
+        let targets: Vec<(PublicKey, SocketAddr)> =
+            c.nodes.iter().map(|n| (*n.ep.public_key(), n.addr)).collect();
+        for (i, node) in c.nodes.iter_mut().enumerate() {
+            for (j, (pk, addr)) in targets.iter().enumerate() {
+                if i != j {
+                    node.ep.initiate(c.now, *pk, *addr, 0x10000 * (i as u32 + 1) + j as u32).unwrap();
+                }
+            }
+        }
+        let t0 = c.now;
+        c.drive_for(Duration::from_secs(10));
+        for i in 0..5 {
+            for j in (i + 1)..5 {
+                let (pi, pj) = (targets[i].0, targets[j].0);
+                let si: Vec<&Session> = c.nodes[i].established().into_iter().filter(|s| s.peer == pj).collect();
+                let sj: Vec<&Session> = c.nodes[j].established().into_iter().filter(|s| s.peer == pi).collect();
+                assert_eq!((si.len(), sj.len()), (1, 1), "seed {seed}: pair {i}-{j}");
+                assert_halves(si[0], sj[0]);
+                assert!(si[0].established_at - t0 < Duration::from_secs(10));
+                let lower_is_initiator = if pi < pj { Role::Initiator } else { Role::Responder };
+                assert_eq!(si[0].role, lower_is_initiator, "seed {seed}: pair {i}-{j}");
+            }
+        }
+        for n in &c.nodes {
+            assert_eq!(n.failed(), 0, "seed {seed}");
+            assert_eq!(n.ctx.allocs, 0, "seed {seed}: every responder reused its initiation's SPI");
+        }
+    }
+}
