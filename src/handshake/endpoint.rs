@@ -398,6 +398,7 @@ pub struct Endpoint {
     under_load_until: Option<Instant>,
     sources: KeyedLimiter<IpAddr>,
     cookie_bucket: TokenBucket,
+    last_drop_log: Option<Instant>,
     /// Test hook: ephemeral private keys to use instead of fresh ones (vectors, determinism).
     pub(crate) fixed_ephemerals: VecDeque<[u8; 32]>,
     /// Test hook: sender indices to use instead of random ones (vectors).
@@ -519,6 +520,7 @@ impl Endpoint {
                 rotated: now,
             },
             under_load_until: None,
+            last_drop_log: None,
             fixed_ephemerals: VecDeque::new(),
             fixed_indices: VecDeque::new(),
         })
@@ -744,7 +746,14 @@ impl Endpoint {
         };
         if let Err(e) = r {
             self.count(e);
-            tracing::trace!(%from, reason = %e, "handshake: dropped datagram");
+            // Hostile traffic must not flood the log: one line per second, the rest only counted.
+            if self
+                .last_drop_log
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                self.last_drop_log = Some(now);
+                tracing::debug!(%from, reason = %e, "handshake: dropped datagram (more within 1 s are only counted)");
+            }
         }
         r
     }

@@ -1081,7 +1081,12 @@ fn counters_serialise_by_name() {
     let mut p = Pair::new(Net::perfect());
     let from = p.a.addr;
     let to = p.b.addr;
-    p.deliver(&Packet { at: p.now, from, to, bytes: vec![1, 2, 3] });
+    p.deliver(&Packet {
+        at: p.now,
+        from,
+        to,
+        bytes: vec![1, 2, 3],
+    });
     let v = serde_json::to_value(p.b.ep.counters()).unwrap();
     assert_eq!(v["bad_len"], 1);
     assert_eq!(v["received"], 1);
@@ -1104,7 +1109,8 @@ impl Cluster {
             .into_iter()
             .enumerate()
             .map(|(i, kp)| Node {
-                ep: Endpoint::with_seed(fast_config(), kp, &[SECRET], now, UNIX_T0, i as u64).unwrap(),
+                ep: Endpoint::with_seed(fast_config(), kp, &[SECRET], now, UNIX_T0, i as u64)
+                    .unwrap(),
                 addr: SocketAddr::new([127, 0, 1, i as u8 + 1].into(), 4000),
                 ctx: TestCtx {
                     members: pubs.iter().copied().filter(|p| p != &pubs[i]).collect(),
@@ -1115,7 +1121,12 @@ impl Cluster {
                 rejects: vec![],
             })
             .collect();
-        Cluster { now, nodes, net, in_flight: vec![] }
+        Cluster {
+            now,
+            nodes,
+            net,
+            in_flight: vec![],
+        }
     }
 
     fn collect(&mut self) {
@@ -1124,10 +1135,19 @@ impl Cluster {
                 if self.net.rng.gen_bool(self.net.loss) {
                     continue;
                 }
-                let copies = if self.net.rng.gen_bool(self.net.dup) { 2 } else { 1 };
+                let copies = if self.net.rng.gen_bool(self.net.dup) {
+                    2
+                } else {
+                    1
+                };
                 for _ in 0..copies {
                     let at = self.now + self.net.delay();
-                    self.in_flight.push(Packet { at, from: node.addr, to, bytes: bytes.clone() });
+                    self.in_flight.push(Packet {
+                        at,
+                        from: node.addr,
+                        to,
+                        bytes: bytes.clone(),
+                    });
                 }
             }
             while let Some(e) = node.ep.poll_event() {
@@ -1142,7 +1162,9 @@ impl Cluster {
         loop {
             let next_pkt = self.in_flight.iter().map(|p| p.at).min();
             let next_timer = self.nodes.iter().filter_map(|n| n.ep.poll_timeout()).min();
-            let Some(next) = [next_pkt, next_timer].into_iter().flatten().min() else { break };
+            let Some(next) = [next_pkt, next_timer].into_iter().flatten().min() else {
+                break;
+            };
             if next > end {
                 break;
             }
@@ -1176,12 +1198,17 @@ fn five_members_all_initiate_at_once_every_pair_gets_one_session() {
             rng: StdRng::seed_from_u64(500 + seed),
         };
         let mut c = Cluster::new(5, net);
-        let targets: Vec<(PublicKey, SocketAddr)> =
-            c.nodes.iter().map(|n| (*n.ep.public_key(), n.addr)).collect();
+        let targets: Vec<(PublicKey, SocketAddr)> = c
+            .nodes
+            .iter()
+            .map(|n| (*n.ep.public_key(), n.addr))
+            .collect();
         for (i, node) in c.nodes.iter_mut().enumerate() {
             for (j, (pk, addr)) in targets.iter().enumerate() {
                 if i != j {
-                    node.ep.initiate(c.now, *pk, *addr, 0x10000 * (i as u32 + 1) + j as u32).unwrap();
+                    node.ep
+                        .initiate(c.now, *pk, *addr, 0x10000 * (i as u32 + 1) + j as u32)
+                        .unwrap();
                 }
             }
         }
@@ -1190,18 +1217,33 @@ fn five_members_all_initiate_at_once_every_pair_gets_one_session() {
         for i in 0..5 {
             for j in (i + 1)..5 {
                 let (pi, pj) = (targets[i].0, targets[j].0);
-                let si: Vec<&Session> = c.nodes[i].established().into_iter().filter(|s| s.peer == pj).collect();
-                let sj: Vec<&Session> = c.nodes[j].established().into_iter().filter(|s| s.peer == pi).collect();
+                let si: Vec<&Session> = c.nodes[i]
+                    .established()
+                    .into_iter()
+                    .filter(|s| s.peer == pj)
+                    .collect();
+                let sj: Vec<&Session> = c.nodes[j]
+                    .established()
+                    .into_iter()
+                    .filter(|s| s.peer == pi)
+                    .collect();
                 assert_eq!((si.len(), sj.len()), (1, 1), "seed {seed}: pair {i}-{j}");
                 assert_halves(si[0], sj[0]);
                 assert!(si[0].established_at - t0 < Duration::from_secs(10));
-                let lower_is_initiator = if pi < pj { Role::Initiator } else { Role::Responder };
+                let lower_is_initiator = if pi < pj {
+                    Role::Initiator
+                } else {
+                    Role::Responder
+                };
                 assert_eq!(si[0].role, lower_is_initiator, "seed {seed}: pair {i}-{j}");
             }
         }
         for n in &c.nodes {
             assert_eq!(n.failed(), 0, "seed {seed}");
-            assert_eq!(n.ctx.allocs, 0, "seed {seed}: every responder reused its initiation's SPI");
+            assert_eq!(
+                n.ctx.allocs, 0,
+                "seed {seed}: every responder reused its initiation's SPI"
+            );
         }
     }
 }
