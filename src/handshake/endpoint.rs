@@ -857,13 +857,11 @@ impl Endpoint {
 
         // 5. Simultaneous initiation: the lower static key is the initiator.
         let mut reuse_spi = None;
-        let mut superseded = 0;
         if let PeerState::Initiating(st) = &entry.state {
             if self.keypair.public() < &peer {
                 return Err(Rejected::CollisionDropped);
             }
             reuse_spi = Some(st.local_spi);
-            superseded = st.timestamp;
         }
         let local_spi = match reuse_spi {
             Some(s) => s,
@@ -881,12 +879,14 @@ impl Endpoint {
             tracing::debug!(peer = %short(&peer), "handshake: collision, abandoning our initiation");
         }
 
-        // 6. Respond and complete.
+        // 6. Respond and complete. Our timestamp is greater than any initiation we have made,
+        // including one just abandoned.
+        let responder_ts = self.next_timestamp(now);
         let alg = self.config.algorithm;
         let resp_payload = RespPayload {
             spi: local_spi,
             alg: alg.id(),
-            superseded,
+            timestamp: responder_ts,
         };
         let (noise, split) = match responder_finish(hs, &resp_payload.encode()) {
             Ok(x) => x,
@@ -979,8 +979,9 @@ impl Endpoint {
             });
             return Err(Rejected::BadPayload);
         };
-        // The peer abandoned its own initiation to us; copies of it still in flight are stale.
-        entry.last_accepted_ts = entry.last_accepted_ts.max(p.superseded);
+        // Every initiation the peer made before this response (one it abandoned in a collision,
+        // or one an attacker captured and held back) is now stale.
+        entry.last_accepted_ts = entry.last_accepted_ts.max(p.timestamp);
         let alg = self.config.algorithm;
         let (i2r, r2i) = derive_esp_keys(&split.k1, &split.k2, &split.hash, alg);
         let session = Session {

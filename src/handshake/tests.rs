@@ -1247,3 +1247,29 @@ fn five_members_all_initiate_at_once_every_pair_gets_one_session() {
         }
     }
 }
+
+#[test]
+fn held_back_initiation_is_stale_after_a_completed_handshake() {
+    // An attacker captures B's initiation to A and suppresses it. A then completes a handshake
+    // with B as initiator. Replaying the captured initiation must not create a session on A
+    // (it would replace the live one with keys B does not use).
+    let mut p = Pair::new(Net::perfect());
+    let (pa, pb, aaddr, baddr) = (p.pa(), p.pb(), p.a.addr, p.b.addr);
+    p.filter = Some(Box::new(|_: &Packet| Verdict::Drop));
+    p.b.ep.initiate(p.now, pa, aaddr, 0xb001).unwrap();
+    p.collect();
+    let captured = p.capture.last().unwrap().clone();
+    assert_eq!(p.b.ep.cancel(&pa), Some(0xb001));
+    p.filter = None;
+    p.advance(Duration::from_secs(1));
+    p.a.ep.initiate(p.now, pb, baddr, 0xa001).unwrap();
+    p.drive_for(Duration::from_secs(2));
+    assert_eq!(p.a.established().len(), 1);
+    assert_eq!(p.deliver(&captured), Some(Err(Rejected::Replayed)));
+    assert_eq!(p.a.established().len(), 1);
+    // B's fresh initiations are still welcome.
+    p.b.ep.initiate(p.now, pa, aaddr, 0xb002).unwrap();
+    p.drive_for(Duration::from_secs(2));
+    assert_eq!(p.a.established().len(), 2);
+    assert_halves(p.a.established()[1], p.b.established()[1]);
+}

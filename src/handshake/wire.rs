@@ -230,9 +230,11 @@ pub struct RespPayload {
     pub spi: u32,
     /// ESP algorithm wire id (must equal the initiation's).
     pub alg: u8,
-    /// Timestamp of the responder's own initiation to this peer that it abandoned because of
-    /// a simultaneous initiation (0 if none): the initiator must reject it if it arrives late.
-    pub superseded: u64,
+    /// The responder's current timestamp, from the same strictly increasing clock as its own
+    /// initiations: the initiator raises its replay floor for the responder to it, so every
+    /// initiation the responder made before (an abandoned one in a collision, or one captured
+    /// and held back by an attacker) is rejected if it arrives later.
+    pub timestamp: u64,
 }
 
 /// Payload decode failure (reserved bytes non-zero or wrong length).
@@ -264,12 +266,12 @@ impl InitPayload {
 }
 
 impl RespPayload {
-    /// spi (4) ‖ alg (1) ‖ reserved zero (3) ‖ superseded (8).
+    /// spi (4) ‖ alg (1) ‖ reserved zero (3) ‖ timestamp (8).
     pub fn encode(&self) -> [u8; PAYLOAD_LEN] {
         let mut b = [0u8; PAYLOAD_LEN];
         b[0..4].copy_from_slice(&self.spi.to_be_bytes());
         b[4] = self.alg;
-        b[8..16].copy_from_slice(&self.superseded.to_be_bytes());
+        b[8..16].copy_from_slice(&self.timestamp.to_be_bytes());
         b
     }
 
@@ -281,7 +283,7 @@ impl RespPayload {
         Ok(RespPayload {
             spi: u32_at(b, 0),
             alg: b[4],
-            superseded: u64::from_be_bytes(*arr::<8>(b, 8)),
+            timestamp: u64::from_be_bytes(*arr::<8>(b, 8)),
         })
     }
 }
@@ -353,7 +355,7 @@ mod tests {
         let r = RespPayload {
             spi: 300,
             alg: 3,
-            superseded: 42,
+            timestamp: 42,
         };
         assert_eq!(RespPayload::decode(&r.encode()), Ok(r));
         let mut b = r.encode();
