@@ -27,7 +27,10 @@ impl HandshakeContext for Ctx {
 
 /// CPU time of this thread: on a shared machine, wall time would also count other processes.
 fn thread_cpu_seconds() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime only writes into the timespec we pass.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
@@ -35,27 +38,47 @@ fn thread_cpu_seconds() -> f64 {
 }
 
 fn main() {
-    let secs: f64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     // The DoS budget is a policy for real networks; here it would only measure cookie replies.
-    let cfg = Config { load_rate: u32::MAX, load_burst: u32::MAX, ..Config::default() };
+    let cfg = Config {
+        load_rate: u32::MAX,
+        load_burst: u32::MAX,
+        ..Config::default()
+    };
     let now = Instant::now();
-    let unix = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970");
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970");
     let secret = [[0x42u8; 32]];
     let (ka, kb) = (StaticKeypair::generate(), StaticKeypair::generate());
     let (pa, pb) = (*ka.public(), *kb.public());
     let mut a = Endpoint::new(cfg.clone(), ka, &secret, now, unix).expect("endpoint");
     let mut b = Endpoint::new(cfg, kb, &secret, now, unix).expect("endpoint");
-    let mut ctx_a = Ctx { peer: pb, next: 0x1000 };
-    let mut ctx_b = Ctx { peer: pa, next: 0x2000 };
-    let (addr_a, addr_b): (SocketAddr, SocketAddr) =
-        ("127.0.0.1:1".parse().expect("addr"), "127.0.0.2:2".parse().expect("addr"));
+    let mut ctx_a = Ctx {
+        peer: pb,
+        next: 0x1000,
+    };
+    let mut ctx_b = Ctx {
+        peer: pa,
+        next: 0x2000,
+    };
+    let (addr_a, addr_b): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:1".parse().expect("addr"),
+        "127.0.0.2:2".parse().expect("addr"),
+    );
 
     let mut one = |i: u32| {
-        a.initiate(now, pb, addr_b, 0x10000 + (i & 0xffff)).expect("initiate");
+        a.initiate(now, pb, addr_b, 0x10000 + (i & 0xffff))
+            .expect("initiate");
         let (_, init) = a.poll_transmit().expect("initiation");
-        b.handle(now, addr_a, &init, &mut ctx_b).expect("responder accepts");
+        b.handle(now, addr_a, &init, &mut ctx_b)
+            .expect("responder accepts");
         let (_, resp) = b.poll_transmit().expect("response");
-        a.handle(now, addr_b, &resp, &mut ctx_a).expect("initiator accepts");
+        a.handle(now, addr_b, &resp, &mut ctx_a)
+            .expect("initiator accepts");
         let ok_a = matches!(a.poll_event(), Some(Event::Established(_)));
         let ok_b = matches!(b.poll_event(), Some(Event::Established(_)));
         assert!(ok_a && ok_b, "handshake {i} did not complete");

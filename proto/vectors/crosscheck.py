@@ -70,7 +70,7 @@ def check_handshake(v):
 
     res = noise(False, r_priv, h(v["responder_ephemeral_private"]), psk)
     assert res.read_message(m1) == init_payload
-    resp_payload = struct.pack(">IB3xQ", v["responder_spi"], alg_id, int(v["superseded"]))
+    resp_payload = struct.pack(">IB3xQ", v["responder_spi"], alg_id, int(v["responder_timestamp"]))
     m2 = res.write_message(resp_payload)
     response = struct.pack(">BBHII", 1, 2, 0, v["responder_index"], v["initiator_index"]) + m2
     response += mac16(mac1_to_i, response) + bytes(16)

@@ -51,7 +51,10 @@ impl StaticKeypair {
     /// Builds the key pair from a private key (the public key is computed from it).
     pub fn from_private(private: [u8; KEY_LEN]) -> Self {
         let public = MontgomeryPoint::mul_base_clamped(private).to_bytes();
-        StaticKeypair { private: Zeroizing::new(private), public }
+        StaticKeypair {
+            private: Zeroizing::new(private),
+            public,
+        }
     }
 
     /// Generates a fresh key pair from the operating system's random number generator.
@@ -96,7 +99,8 @@ pub fn hex(bytes: &[u8]) -> String {
 fn hkdf_expand(ikm: &[u8], salt: Option<&[u8]>, info: &[&[u8]], out: &mut [u8]) {
     let hk = Hkdf::<Sha256>::new(salt, ikm);
     // Output lengths used here are at most 36 bytes, far below HKDF-SHA256's 8160-byte limit.
-    hk.expand_multi_info(info, out).expect("HKDF output length within limit");
+    hk.expand_multi_info(info, out)
+        .expect("HKDF output length within limit");
 }
 
 /// PSK = HKDF-SHA256(salt = none, ikm = cluster secret, info = LABEL_PSK), 32 bytes.
@@ -116,9 +120,17 @@ pub fn derive_mac1_key(cluster_secret: &[u8; 32], receiver_pub: &[u8; 32]) -> Ze
 
 /// Cookie-reply encryption key of the responder `responder_pub`:
 /// HKDF-SHA256(salt = none, ikm = cluster secret, info = LABEL_COOKIE ‖ responder_pub).
-pub fn derive_cookie_key(cluster_secret: &[u8; 32], responder_pub: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+pub fn derive_cookie_key(
+    cluster_secret: &[u8; 32],
+    responder_pub: &[u8; 32],
+) -> Zeroizing<[u8; 32]> {
     let mut out = Zeroizing::new([0u8; 32]);
-    hkdf_expand(cluster_secret, None, &[LABEL_COOKIE, responder_pub], &mut *out);
+    hkdf_expand(
+        cluster_secret,
+        None,
+        &[LABEL_COOKIE, responder_pub],
+        &mut *out,
+    );
     out
 }
 
@@ -174,7 +186,13 @@ pub fn seal_cookie(
 ) -> [u8; 32] {
     let aead = XChaCha20Poly1305::new(cookie_key.into());
     let ct = aead
-        .encrypt(XNonce::from_slice(nonce), Payload { msg: cookie, aad: trigger_mac1 })
+        .encrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: cookie,
+                aad: trigger_mac1,
+            },
+        )
         .expect("encrypting 16 bytes cannot fail");
     let mut out = [0u8; 32];
     out.copy_from_slice(&ct);
@@ -190,7 +208,13 @@ pub fn open_cookie(
 ) -> Option<[u8; MAC_LEN]> {
     let aead = XChaCha20Poly1305::new(cookie_key.into());
     let pt = aead
-        .decrypt(XNonce::from_slice(nonce), Payload { msg: sealed, aad: trigger_mac1 })
+        .decrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: sealed,
+                aad: trigger_mac1,
+            },
+        )
         .ok()?;
     let mut out = [0u8; MAC_LEN];
     out.copy_from_slice(pt.get(..MAC_LEN)?);
@@ -279,8 +303,18 @@ pub fn derive_esp_keys(
     let len = alg.key_len();
     let mut i2r = Zeroizing::new(vec![0u8; len]);
     let mut r2i = Zeroizing::new(vec![0u8; len]);
-    hkdf_expand(k1, Some(handshake_hash), &[LABEL_ESP_I2R, &[alg.id()]], &mut i2r);
-    hkdf_expand(k2, Some(handshake_hash), &[LABEL_ESP_R2I, &[alg.id()]], &mut r2i);
+    hkdf_expand(
+        k1,
+        Some(handshake_hash),
+        &[LABEL_ESP_I2R, &[alg.id()]],
+        &mut i2r,
+    );
+    hkdf_expand(
+        k2,
+        Some(handshake_hash),
+        &[LABEL_ESP_R2I, &[alg.id()]],
+        &mut r2i,
+    );
     (EspKey(i2r), EspKey(r2i))
 }
 
@@ -314,7 +348,11 @@ mod tests {
 
     #[test]
     fn esp_key_lengths_and_directions_differ() {
-        for alg in [EspAlgorithm::Aes128Gcm, EspAlgorithm::Aes256Gcm, EspAlgorithm::ChaCha20Poly1305] {
+        for alg in [
+            EspAlgorithm::Aes128Gcm,
+            EspAlgorithm::Aes256Gcm,
+            EspAlgorithm::ChaCha20Poly1305,
+        ] {
             let (a, b) = derive_esp_keys(&[1; 32], &[1; 32], &[0; 32], alg);
             assert_eq!(a.as_bytes().len(), alg.key_len());
             assert_ne!(a, b, "same split input must still give distinct directions");

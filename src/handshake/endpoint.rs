@@ -14,7 +14,10 @@ use super::crypto::{
     make_cookie, open_cookie, seal_cookie, EspAlgorithm, EspKey, StaticKeypair, COOKIE_NONCE_LEN,
     MAC_LEN,
 };
-use super::noise::{initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read};
+use super::dh::StaticDh;
+use super::noise::{
+    initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read,
+};
 use super::ratelimit::{KeyedLimiter, TokenBucket};
 use super::wire::{
     decode, encode_cookie_reply, encode_initiation, encode_response, CookieReply, DecodeError,
@@ -250,7 +253,7 @@ pub enum Rejected {
 }
 
 /// Counters of everything that happened, for metrics and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     /// Datagrams passed to `handle`.
     pub received: u64,
@@ -341,7 +344,11 @@ struct PeerEntry {
 
 impl PeerEntry {
     fn new() -> Self {
-        PeerEntry { state: PeerState::Idle, last_accepted_ts: 0, cookie: None }
+        PeerEntry {
+            state: PeerState::Idle,
+            last_accepted_ts: 0,
+            cookie: None,
+        }
     }
 }
 
@@ -373,6 +380,7 @@ struct CookieSecret {
 pub struct Endpoint {
     config: Config,
     keypair: StaticKeypair,
+    dh: std::sync::Arc<StaticDh>,
     secrets: Vec<SecretKeys>,
     peers: HashMap<PublicKey, PeerEntry>,
     /// Our outstanding initiations by sender index.
@@ -390,6 +398,7 @@ pub struct Endpoint {
     under_load_until: Option<Instant>,
     sources: KeyedLimiter<IpAddr>,
     cookie_bucket: TokenBucket,
+    last_drop_log: Option<Instant>,
     /// Test hook: ephemeral private keys to use instead of fresh ones (vectors, determinism).
     pub(crate) fixed_ephemerals: VecDeque<[u8; 32]>,
     /// Test hook: sender indices to use instead of random ones (vectors).
@@ -430,7 +439,14 @@ impl Endpoint {
         now: Instant,
         unix_now: Duration,
     ) -> Result<Self, ConfigError> {
-        Self::with_rng(config, keypair, keyring, now, unix_now, StdRng::from_entropy())
+        Self::with_rng(
+            config,
+            keypair,
+            keyring,
+            now,
+            unix_now,
+            StdRng::from_entropy(),
+        )
     }
 
     /// Like [`Endpoint::new`] with a seeded RNG for indices, jitter and cookie nonces
@@ -443,7 +459,14 @@ impl Endpoint {
         unix_now: Duration,
         seed: u64,
     ) -> Result<Self, ConfigError> {
-        Self::with_rng(config, keypair, keyring, now, unix_now, StdRng::seed_from_u64(seed))
+        Self::with_rng(
+            config,
+            keypair,
+            keyring,
+            now,
+            unix_now,
+            StdRng::seed_from_u64(seed),
+        )
     }
 
     fn with_rng(
@@ -457,16 +480,29 @@ impl Endpoint {
         if keyring.is_empty() {
             return Err(ConfigError::EmptyKeyring);
         }
-        let secrets = keyring.iter().map(|s| secret_keys(s, keypair.public())).collect();
+        let secrets = keyring
+            .iter()
+            .map(|s| secret_keys(s, keypair.public()))
+            .collect();
         let mut c1 = Zeroizing::new([0u8; 32]);
         let mut c2 = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(&mut *c1);
         rng.fill_bytes(&mut *c2);
         Ok(Endpoint {
             load_bucket: TokenBucket::new(now, config.load_rate, config.load_burst),
-            sources: KeyedLimiter::new(now, config.per_source_rate, config.per_source_burst, config.max_sources),
-            cookie_bucket: TokenBucket::new(now, config.cookie_reply_rate, config.cookie_reply_burst),
+            sources: KeyedLimiter::new(
+                now,
+                config.per_source_rate,
+                config.per_source_burst,
+                config.max_sources,
+            ),
+            cookie_bucket: TokenBucket::new(
+                now,
+                config.cookie_reply_rate,
+                config.cookie_reply_burst,
+            ),
             config,
+            dh: StaticDh::new(&keypair),
             keypair,
             secrets,
             peers: HashMap::new(),
@@ -478,8 +514,13 @@ impl Endpoint {
             rng,
             anchor: (now, u64::try_from(unix_now.as_nanos()).unwrap_or(u64::MAX)),
             last_timestamp: 0,
-            cookie_secret: CookieSecret { current: c1, previous: c2, rotated: now },
+            cookie_secret: CookieSecret {
+                current: c1,
+                previous: c2,
+                rotated: now,
+            },
             under_load_until: None,
+            last_drop_log: None,
             fixed_ephemerals: VecDeque::new(),
             fixed_indices: VecDeque::new(),
         })
@@ -491,7 +532,10 @@ impl Endpoint {
         if keyring.is_empty() {
             return Err(ConfigError::EmptyKeyring);
         }
-        self.secrets = keyring.iter().map(|s| secret_keys(s, self.keypair.public())).collect();
+        self.secrets = keyring
+            .iter()
+            .map(|s| secret_keys(s, self.keypair.public()))
+            .collect();
         Ok(())
     }
 
@@ -512,7 +556,10 @@ impl Endpoint {
 
     /// Whether an initiation to `peer` is outstanding.
     pub fn is_initiating(&self, peer: &PublicKey) -> bool {
-        matches!(self.peers.get(peer).map(|p| &p.state), Some(PeerState::Initiating(_)))
+        matches!(
+            self.peers.get(peer).map(|p| &p.state),
+            Some(PeerState::Initiating(_))
+        )
     }
 
     /// Whether the responder currently demands cookies (mac2) before doing DH work.
@@ -522,7 +569,12 @@ impl Endpoint {
 
     /// Test hook: fixes the cookie secret and forces the under-load state until `until`.
     #[cfg(test)]
-    pub(crate) fn force_under_load(&mut self, now: Instant, until: Instant, cookie_secret: [u8; 32]) {
+    pub(crate) fn force_under_load(
+        &mut self,
+        now: Instant,
+        until: Instant,
+        cookie_secret: [u8; 32],
+    ) {
         self.cookie_secret = CookieSecret {
             current: Zeroizing::new(cookie_secret),
             previous: Zeroizing::new(cookie_secret),
@@ -552,13 +604,27 @@ impl Endpoint {
         let timestamp = self.next_timestamp(now);
         let sender_index = self.fresh_index();
         let secret = &self.secrets[0];
-        let payload = InitPayload { timestamp, spi: local_spi, alg: self.config.algorithm.id() };
+        let payload = InitPayload {
+            timestamp,
+            spi: local_spi,
+            alg: self.config.algorithm.id(),
+        };
         let eph = self.fixed_ephemerals.pop_front();
-        let (hs, noise) =
-            initiator_start(self.keypair.private(), &peer, &secret.psk, eph.as_ref(), &payload.encode())
-                .map_err(|e| InitiateError::Noise(e.to_string()))?;
+        self.dh.remember(&peer);
+        let (hs, noise) = initiator_start(
+            &self.dh,
+            &peer,
+            &secret.psk,
+            eph.as_ref(),
+            &payload.encode(),
+        )
+        .map_err(|e| InitiateError::Noise(e.to_string()))?;
         let mut packet = encode_initiation(sender_index, &noise);
-        put_mac(&mut packet, INITIATION_MAC1_OFF, &derive_mac1_key(&secret.secret, &peer));
+        put_mac(
+            &mut packet,
+            INITIATION_MAC1_OFF,
+            &derive_mac1_key(&secret.secret, &peer),
+        );
         let st = Initiating {
             hs,
             sender_index,
@@ -600,6 +666,7 @@ impl Endpoint {
     pub fn forget(&mut self, peer: &PublicKey) -> Option<u32> {
         let spi = self.cancel(peer);
         self.peers.remove(peer);
+        self.dh.forget(peer);
         self.cache.retain(|_, c| &c.peer != peer);
         spi
     }
@@ -631,7 +698,9 @@ impl Endpoint {
             .peers
             .iter()
             .filter_map(|(k, p)| match &p.state {
-                PeerState::Initiating(st) if now >= st.next_retransmit || now >= st.deadline => Some(*k),
+                PeerState::Initiating(st) if now >= st.next_retransmit || now >= st.deadline => {
+                    Some(*k)
+                }
                 _ => None,
             })
             .collect();
@@ -644,7 +713,11 @@ impl Endpoint {
                 if let Some(local_spi) = self.cancel(&peer) {
                     self.counters.timeouts += 1;
                     tracing::debug!(peer = %short(&peer), "handshake: timed out");
-                    self.events.push_back(Event::Failed { peer, local_spi, reason: FailReason::Timeout });
+                    self.events.push_back(Event::Failed {
+                        peer,
+                        local_spi,
+                        reason: FailReason::Timeout,
+                    });
                 }
             } else {
                 self.counters.retransmits += 1;
@@ -673,7 +746,14 @@ impl Endpoint {
         };
         if let Err(e) = r {
             self.count(e);
-            tracing::trace!(%from, reason = %e, "handshake: dropped datagram");
+            // Hostile traffic must not flood the log: one line per second, the rest only counted.
+            if self
+                .last_drop_log
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                self.last_drop_log = Some(now);
+                tracing::debug!(%from, reason = %e, "handshake: dropped datagram (more within 1 s are only counted)");
+            }
         }
         r
     }
@@ -711,7 +791,12 @@ impl Endpoint {
         let secret_idx = self
             .secrets
             .iter()
-            .position(|s| mac_eq(&mac16(&*s.mac1_to_us, &[&m.bytes[..INITIATION_MAC1_OFF]]), m.mac1))
+            .position(|s| {
+                mac_eq(
+                    &mac16(&*s.mac1_to_us, &[&m.bytes[..INITIATION_MAC1_OFF]]),
+                    m.mac1,
+                )
+            })
             .ok_or(Rejected::BadMac)?;
 
         // 2. Load: spend DH budget, or demand a cookie-proven source address.
@@ -733,7 +818,9 @@ impl Endpoint {
         }
 
         // 3. Exact retransmission of an initiation we already answered: resend, no DH.
-        let eph: [u8; 32] = m.noise[..32].try_into().expect("32-byte prefix of a fixed array");
+        let eph: [u8; 32] = m.noise[..32]
+            .try_into()
+            .expect("32-byte prefix of a fixed array");
         if let Some(c) = self.cache.get(&eph) {
             if now < c.expires && c.initiation[..] == m.bytes[..INITIATION_MAC1_OFF] {
                 let resp = c.response.to_vec();
@@ -747,7 +834,7 @@ impl Endpoint {
         self.counters.dh_work += 1;
         let fixed = self.fixed_ephemerals.pop_front();
         let (hs, peer, payload) = responder_read(
-            self.keypair.private(),
+            &self.dh,
             &self.secrets[secret_idx].psk,
             fixed.as_ref(),
             m.noise,
@@ -770,13 +857,11 @@ impl Endpoint {
 
         // 5. Simultaneous initiation: the lower static key is the initiator.
         let mut reuse_spi = None;
-        let mut superseded = 0;
         if let PeerState::Initiating(st) = &entry.state {
             if self.keypair.public() < &peer {
                 return Err(Rejected::CollisionDropped);
             }
             reuse_spi = Some(st.local_spi);
-            superseded = st.timestamp;
         }
         let local_spi = match reuse_spi {
             Some(s) => s,
@@ -786,23 +871,37 @@ impl Endpoint {
             },
         };
         if reuse_spi.is_some() {
-            if let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle) {
+            if let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle)
+            {
                 self.indices.remove(&st.sender_index);
             }
             self.counters.collision_abandoned += 1;
             tracing::debug!(peer = %short(&peer), "handshake: collision, abandoning our initiation");
         }
 
-        // 6. Respond and complete.
+        // 6. Respond and complete. Our timestamp is greater than any initiation we have made,
+        // including one just abandoned.
+        let responder_ts = self.next_timestamp(now);
         let alg = self.config.algorithm;
-        let resp_payload = RespPayload { spi: local_spi, alg: alg.id(), superseded };
+        let resp_payload = RespPayload {
+            spi: local_spi,
+            alg: alg.id(),
+            timestamp: responder_ts,
+        };
         let (noise, split) = match responder_finish(hs, &resp_payload.encode()) {
             Ok(x) => x,
             Err(_) => return Err(Rejected::DecryptFailed),
         };
-        let sender_index = self.fixed_indices.pop_front().unwrap_or_else(|| self.rng.gen());
+        let sender_index = self
+            .fixed_indices
+            .pop_front()
+            .unwrap_or_else(|| self.rng.gen());
         let mut resp = encode_response(sender_index, m.sender_index, &noise);
-        put_mac(&mut resp, RESPONSE_MAC1_OFF, &derive_mac1_key(&self.secrets[secret_idx].secret, &peer));
+        put_mac(
+            &mut resp,
+            RESPONSE_MAC1_OFF,
+            &derive_mac1_key(&self.secrets[secret_idx].secret, &peer),
+        );
 
         if let Some(e) = self.peers.get_mut(&peer) {
             e.last_accepted_ts = payload.timestamp;
@@ -812,7 +911,12 @@ impl Endpoint {
         initiation.copy_from_slice(&m.bytes[..INITIATION_MAC1_OFF]);
         self.cache.insert(
             eph,
-            CachedResponse { peer, initiation, response: resp, expires: now + self.config.response_cache_ttl },
+            CachedResponse {
+                peer,
+                initiation,
+                response: resp,
+                expires: now + self.config.response_cache_ttl,
+            },
         );
         self.push_transmit(from, resp.to_vec());
 
@@ -835,17 +939,29 @@ impl Endpoint {
         Ok(())
     }
 
-    fn handle_response(&mut self, now: Instant, from: SocketAddr, m: Response<'_>) -> Result<(), Rejected> {
-        let peer = *self.indices.get(&m.receiver_index).ok_or(Rejected::StaleResponse)?;
+    fn handle_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        m: Response<'_>,
+    ) -> Result<(), Rejected> {
+        let peer = *self
+            .indices
+            .get(&m.receiver_index)
+            .ok_or(Rejected::StaleResponse)?;
         let entry = self.peers.get_mut(&peer).ok_or(Rejected::StaleResponse)?;
         let PeerState::Initiating(st) = &mut entry.state else {
             return Err(Rejected::StaleResponse);
         };
-        if !mac_eq(&mac16(&*st.response_mac1_key, &[&m.bytes[..RESPONSE_MAC1_OFF]]), m.mac1) {
+        if !mac_eq(
+            &mac16(&*st.response_mac1_key, &[&m.bytes[..RESPONSE_MAC1_OFF]]),
+            m.mac1,
+        ) {
             return Err(Rejected::BadMac);
         }
         self.counters.dh_work += 1;
-        let (payload, split) = initiator_finish(&mut st.hs, m.noise).map_err(|_| Rejected::DecryptFailed)?;
+        let (payload, split) =
+            initiator_finish(&mut st.hs, m.noise).map_err(|_| Rejected::DecryptFailed)?;
         // From here on the handshake state is finished: any failure ends this attempt.
         let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle) else {
             unreachable!("matched Initiating above");
@@ -856,11 +972,16 @@ impl Endpoint {
             .filter(|p| p.spi >= MIN_SPI && p.alg == self.config.algorithm.id());
         let Some(p) = ok else {
             // An authenticated peer sent nonsense: report it as a failed attempt.
-            self.events.push_back(Event::Failed { peer, local_spi: st.local_spi, reason: FailReason::BadResponse });
+            self.events.push_back(Event::Failed {
+                peer,
+                local_spi: st.local_spi,
+                reason: FailReason::BadResponse,
+            });
             return Err(Rejected::BadPayload);
         };
-        // The peer abandoned its own initiation to us; copies of it still in flight are stale.
-        entry.last_accepted_ts = entry.last_accepted_ts.max(p.superseded);
+        // Every initiation the peer made before this response (one it abandoned in a collision,
+        // or one an attacker captured and held back) is now stale.
+        entry.last_accepted_ts = entry.last_accepted_ts.max(p.timestamp);
         let alg = self.config.algorithm;
         let (i2r, r2i) = derive_esp_keys(&split.k1, &split.k2, &split.hash, alg);
         let session = Session {
@@ -882,7 +1003,10 @@ impl Endpoint {
     }
 
     fn handle_cookie_reply(&mut self, now: Instant, m: CookieReply<'_>) -> Result<(), Rejected> {
-        let peer = *self.indices.get(&m.receiver_index).ok_or(Rejected::StaleResponse)?;
+        let peer = *self
+            .indices
+            .get(&m.receiver_index)
+            .ok_or(Rejected::StaleResponse)?;
         let entry = self.peers.get_mut(&peer).ok_or(Rejected::StaleResponse)?;
         let PeerState::Initiating(st) = &entry.state else {
             return Err(Rejected::StaleResponse);
@@ -890,7 +1014,8 @@ impl Endpoint {
         let mac1: [u8; MAC_LEN] = st.packet[INITIATION_MAC1_OFF..INITIATION_MAC2_OFF]
             .try_into()
             .expect("fixed-size slice");
-        let cookie = open_cookie(&st.cookie_key, m.nonce, &mac1, m.sealed).ok_or(Rejected::BadCookie)?;
+        let cookie =
+            open_cookie(&st.cookie_key, m.nonce, &mac1, m.sealed).ok_or(Rejected::BadCookie)?;
         entry.cookie = Some((cookie, now));
         self.counters.cookie_received += 1;
         let already = st.mac2_cookie == Some(cookie);
@@ -904,6 +1029,8 @@ impl Endpoint {
 
     fn established(&mut self, s: Session) {
         self.counters.established += 1;
+        // From now on handshakes with this member skip the static-static DH.
+        self.dh.remember(&s.peer);
         tracing::debug!(
             peer = %short(&s.peer),
             role = ?s.role,
@@ -915,13 +1042,22 @@ impl Endpoint {
         self.events.push_back(Event::Established(s));
     }
 
-    fn mac2_valid(&mut self, now: Instant, from: &SocketAddr, bytes: &[u8; INITIATION_LEN]) -> bool {
+    fn mac2_valid(
+        &mut self,
+        now: Instant,
+        from: &SocketAddr,
+        bytes: &[u8; INITIATION_LEN],
+    ) -> bool {
         self.rotate_cookie_secret(now);
-        let got: &[u8; MAC_LEN] = bytes[INITIATION_MAC2_OFF..].try_into().expect("fixed-size slice");
-        [&self.cookie_secret.current, &self.cookie_secret.previous].iter().any(|secret| {
-            let cookie = make_cookie(secret, from);
-            mac_eq(&mac16(&cookie, &[&bytes[..INITIATION_MAC2_OFF]]), got)
-        })
+        let got: &[u8; MAC_LEN] = bytes[INITIATION_MAC2_OFF..]
+            .try_into()
+            .expect("fixed-size slice");
+        [&self.cookie_secret.current, &self.cookie_secret.previous]
+            .iter()
+            .any(|secret| {
+                let cookie = make_cookie(secret, from);
+                mac_eq(&mac16(&cookie, &[&bytes[..INITIATION_MAC2_OFF]]), got)
+            })
     }
 
     fn rotate_cookie_secret(&mut self, now: Instant) {
@@ -948,7 +1084,12 @@ impl Endpoint {
         let cookie = make_cookie(&self.cookie_secret.current, &to);
         let mut nonce = [0u8; COOKIE_NONCE_LEN];
         self.rng.fill_bytes(&mut nonce);
-        let sealed = seal_cookie(&self.secrets[secret_idx].cookie_ours, &nonce, trigger_mac1, &cookie);
+        let sealed = seal_cookie(
+            &self.secrets[secret_idx].cookie_ours,
+            &nonce,
+            trigger_mac1,
+            &cookie,
+        );
         let msg = encode_cookie_reply(receiver_index, &nonce, &sealed);
         self.push_transmit(to, msg.to_vec());
         Err(Rejected::CookieSent)
@@ -957,11 +1098,21 @@ impl Endpoint {
     /// (Re)sends the initiation to `peer`, with mac2 if we hold a fresh cookie from it.
     fn send_initiation(&mut self, now: Instant, peer: &PublicKey, backoff: bool) {
         let jitter_ms = u64::try_from(self.config.max_jitter.as_millis()).unwrap_or(0);
-        let jitter = Duration::from_millis(if jitter_ms == 0 { 0 } else { self.rng.gen_range(0..=jitter_ms) });
+        let jitter = Duration::from_millis(if jitter_ms == 0 {
+            0
+        } else {
+            self.rng.gen_range(0..=jitter_ms)
+        });
         let max_rto = self.config.max_rto;
-        let Some(entry) = self.peers.get_mut(peer) else { return };
-        let cookie = entry.cookie.filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_LIFETIME);
-        let PeerState::Initiating(st) = &mut entry.state else { return };
+        let Some(entry) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let cookie = entry
+            .cookie
+            .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_LIFETIME);
+        let PeerState::Initiating(st) = &mut entry.state else {
+            return;
+        };
         let mut packet = st.packet;
         if let Some((c, _)) = cookie {
             put_mac2(&mut packet, INITIATION_MAC2_OFF, &c);
@@ -996,7 +1147,8 @@ impl Endpoint {
 
     /// Strictly increasing wall-clock nanoseconds, derived from the anchor and `now`.
     fn next_timestamp(&mut self, now: Instant) -> u64 {
-        let elapsed = u64::try_from(now.saturating_duration_since(self.anchor.0).as_nanos()).unwrap_or(u64::MAX);
+        let elapsed = u64::try_from(now.saturating_duration_since(self.anchor.0).as_nanos())
+            .unwrap_or(u64::MAX);
         let wall = self.anchor.1.saturating_add(elapsed);
         let ts = wall.max(self.last_timestamp.saturating_add(1));
         self.last_timestamp = ts;

@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`wire`]: datagram layout and length-checked decoding (mirrors proto/handshake.md §2).
 //! - [`crypto`]: key derivations, mac1/mac2, cookies, ESP key expansion.
+//! - [`dh`]: X25519 for snow with the static key's public half and static-static DH memoised.
 //! - [`noise`]: the two Noise messages as pure functions (what the test vectors pin down).
 //! - [`endpoint`]: the state machine. It does no I/O and reads no clock: the driver calls
 //!   [`Endpoint::handle`] with each datagram and `now`, [`Endpoint::handle_timeout`] when
@@ -35,6 +36,7 @@
 //! ```
 
 pub mod crypto;
+pub mod dh;
 pub mod endpoint;
 pub mod noise;
 mod ratelimit;

@@ -3,17 +3,21 @@
 //! The endpoint state machine and the known-answer vectors both go through these functions,
 //! so the vectors pin down exactly what the endpoint puts on the wire.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use snow::params::NoiseParams;
 use snow::{Builder, HandshakeState};
 use zeroize::Zeroizing;
 
 use super::crypto::{mac16, MAC_LEN, NOISE_PARAMS, PROLOGUE};
+use super::dh::StaticDh;
 use super::wire::{NOISE_INIT_LEN, NOISE_RESP_LEN, PAYLOAD_LEN};
 
-static PARAMS: LazyLock<NoiseParams> =
-    LazyLock::new(|| NOISE_PARAMS.parse().expect("static Noise parameter string is valid"));
+static PARAMS: LazyLock<NoiseParams> = LazyLock::new(|| {
+    NOISE_PARAMS
+        .parse()
+        .expect("static Noise parameter string is valid")
+});
 
 /// Output of a completed handshake: the raw Noise split and the handshake hash.
 pub struct Split {
@@ -30,20 +34,24 @@ fn split(hs: &mut HandshakeState) -> Split {
     let mut hash = [0u8; 32];
     // SHA-256 handshake hashes are exactly 32 bytes.
     hash.copy_from_slice(&hs.get_handshake_hash()[..32]);
-    Split { k1: Zeroizing::new(k1), k2: Zeroizing::new(k2), hash }
+    Split {
+        k1: Zeroizing::new(k1),
+        k2: Zeroizing::new(k2),
+        hash,
+    }
 }
 
 /// Initiator: builds Noise message 1 carrying `payload`.
 /// `ephemeral` fixes the ephemeral private key (test vectors only; `None` draws a fresh one).
 pub fn initiator_start(
-    local_private: &[u8; 32],
+    local: &Arc<StaticDh>,
     peer_public: &[u8; 32],
     psk: &[u8; 32],
     ephemeral: Option<&[u8; 32]>,
     payload: &[u8; PAYLOAD_LEN],
 ) -> Result<(HandshakeState, [u8; NOISE_INIT_LEN]), snow::Error> {
-    let mut b = Builder::new(PARAMS.clone())
-        .local_private_key(local_private)?
+    let mut b = Builder::with_resolver(PARAMS.clone(), local.resolver())
+        .local_private_key(local.private())?
         .remote_public_key(peer_public)?
         .psk(2, psk)?
         .prologue(PROLOGUE)?;
@@ -62,13 +70,13 @@ pub fn initiator_start(
 /// Responder: reads Noise message 1. Returns the state, the initiator's static key and the
 /// decrypted payload. This performs the two DH operations (es, ss).
 pub fn responder_read(
-    local_private: &[u8; 32],
+    local: &Arc<StaticDh>,
     psk: &[u8; 32],
     ephemeral: Option<&[u8; 32]>,
     msg: &[u8; NOISE_INIT_LEN],
 ) -> Result<(HandshakeState, [u8; 32], [u8; PAYLOAD_LEN]), snow::Error> {
-    let mut b = Builder::new(PARAMS.clone())
-        .local_private_key(local_private)?
+    let mut b = Builder::with_resolver(PARAMS.clone(), local.resolver())
+        .local_private_key(local.private())?
         .psk(2, psk)?
         .prologue(PROLOGUE)?;
     if let Some(e) = ephemeral {

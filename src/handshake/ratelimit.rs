@@ -17,7 +17,12 @@ impl TokenBucket {
     /// A full bucket.
     pub fn new(now: Instant, rate: u32, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
-        TokenBucket { tokens: burst, last: now, rate: f64::from(rate), burst }
+        TokenBucket {
+            tokens: burst,
+            last: now,
+            rate: f64::from(rate),
+            burst,
+        }
     }
 
     fn refill(&mut self, now: Instant) {
@@ -60,7 +65,13 @@ pub struct KeyedLimiter<K> {
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
     /// Empty limiter.
     pub fn new(now: Instant, rate: u32, burst: u32, max_keys: usize) -> Self {
-        KeyedLimiter { buckets: HashMap::new(), rate, burst, max_keys: max_keys.max(1), last_prune: now }
+        KeyedLimiter {
+            buckets: HashMap::new(),
+            rate,
+            burst,
+            max_keys: max_keys.max(1),
+            last_prune: now,
+        }
     }
 
     /// Takes a token from `key`'s bucket. When the table is full of busy keys, new keys are
@@ -70,7 +81,9 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         if let Some(b) = self.buckets.get_mut(key) {
             return b.take(now);
         }
-        if self.buckets.len() >= self.max_keys || now.saturating_duration_since(self.last_prune) > Duration::from_secs(1) {
+        if self.buckets.len() >= self.max_keys
+            || now.saturating_duration_since(self.last_prune) > Duration::from_secs(1)
+        {
             self.last_prune = now;
             self.buckets.retain(|_, b| !b.is_full(now));
         }

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::crypto::{self, hex, EspAlgorithm, StaticKeypair};
 use super::noise;
-use super::wire::{self, InitPayload, RespPayload, INITIATION_MAC1_OFF, INITIATION_MAC2_OFF, RESPONSE_MAC1_OFF};
+use super::wire::{
+    self, InitPayload, RespPayload, INITIATION_MAC1_OFF, INITIATION_MAC2_OFF, RESPONSE_MAC1_OFF,
+};
 use super::*;
 
 const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/vectors/handshake.json");
@@ -45,7 +47,7 @@ struct HandshakeVector {
     initiator_timestamp: String,
     initiator_spi: u32,
     responder_spi: u32,
-    superseded: String,
+    responder_timestamp: String,
     // Derived.
     initiator_static_public: String,
     responder_static_public: String,
@@ -80,7 +82,10 @@ struct CookieVector {
 
 fn unhex(s: &str) -> Vec<u8> {
     assert!(s.len() % 2 == 0, "odd hex length");
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+        .collect()
 }
 
 fn unhex32(s: &str) -> [u8; 32] {
@@ -96,10 +101,14 @@ fn alg_name(a: EspAlgorithm) -> &'static str {
 }
 
 fn alg_from(s: &str) -> EspAlgorithm {
-    [EspAlgorithm::Aes128Gcm, EspAlgorithm::Aes256Gcm, EspAlgorithm::ChaCha20Poly1305]
-        .into_iter()
-        .find(|a| alg_name(*a) == s)
-        .expect("known algorithm")
+    [
+        EspAlgorithm::Aes128Gcm,
+        EspAlgorithm::Aes256Gcm,
+        EspAlgorithm::ChaCha20Poly1305,
+    ]
+    .into_iter()
+    .find(|a| alg_name(*a) == s)
+    .expect("known algorithm")
 }
 
 /// Fills the derived fields of `v` from its inputs, using the same functions as the endpoint.
@@ -108,20 +117,39 @@ fn compute_handshake(v: &HandshakeVector) -> HandshakeVector {
     let secret = unhex32(&v.cluster_secret);
     let ikp = StaticKeypair::from_private(unhex32(&v.initiator_static_private));
     let rkp = StaticKeypair::from_private(unhex32(&v.responder_static_private));
-    let (ie, re) = (unhex32(&v.initiator_ephemeral_private), unhex32(&v.responder_ephemeral_private));
+    let (ie, re) = (
+        unhex32(&v.initiator_ephemeral_private),
+        unhex32(&v.responder_ephemeral_private),
+    );
     let psk = crypto::derive_psk(&secret);
     let mac1_r = crypto::derive_mac1_key(&secret, rkp.public());
     let mac1_i = crypto::derive_mac1_key(&secret, ikp.public());
 
-    let ip = InitPayload { timestamp: v.initiator_timestamp.parse().unwrap(), spi: v.initiator_spi, alg: alg.id() };
-    let (mut ihs, n1) = noise::initiator_start(ikp.private(), rkp.public(), &psk, Some(&ie), &ip.encode()).unwrap();
+    let ip = InitPayload {
+        timestamp: v.initiator_timestamp.parse().unwrap(),
+        spi: v.initiator_spi,
+        alg: alg.id(),
+    };
+    let (mut ihs, n1) = noise::initiator_start(
+        &super::dh::StaticDh::new(&ikp),
+        rkp.public(),
+        &psk,
+        Some(&ie),
+        &ip.encode(),
+    )
+    .unwrap();
     let mut init = wire::encode_initiation(v.initiator_index, &n1);
     noise::put_mac(&mut init, INITIATION_MAC1_OFF, &mac1_r);
 
-    let (rhs, rs, got_ip) = noise::responder_read(rkp.private(), &psk, Some(&re), &n1).unwrap();
+    let (rhs, rs, got_ip) =
+        noise::responder_read(&super::dh::StaticDh::new(&rkp), &psk, Some(&re), &n1).unwrap();
     assert_eq!(&rs, ikp.public());
     assert_eq!(got_ip, ip.encode());
-    let rp = RespPayload { spi: v.responder_spi, alg: alg.id(), superseded: v.superseded.parse().unwrap() };
+    let rp = RespPayload {
+        spi: v.responder_spi,
+        alg: alg.id(),
+        timestamp: v.responder_timestamp.parse().unwrap(),
+    };
     let (n2, rsplit) = noise::responder_finish(rhs, &rp.encode()).unwrap();
     let mut resp = wire::encode_response(v.responder_index, v.initiator_index, &n2);
     noise::put_mac(&mut resp, RESPONSE_MAC1_OFF, &mac1_i);
@@ -157,7 +185,9 @@ fn compute_cookie(c: &CookieVector, h: &HandshakeVector) -> CookieVector {
     let source: SocketAddr = c.source.parse().unwrap();
     let cookie = crypto::make_cookie(&unhex32(&c.rotating_secret), &source);
     let init = unhex(&h.initiation);
-    let mac1: [u8; 16] = init[INITIATION_MAC1_OFF..INITIATION_MAC2_OFF].try_into().unwrap();
+    let mac1: [u8; 16] = init[INITIATION_MAC1_OFF..INITIATION_MAC2_OFF]
+        .try_into()
+        .unwrap();
     let nonce: [u8; 24] = unhex(&c.nonce).try_into().unwrap();
     let sealed = crypto::seal_cookie(&cookie_key, &nonce, &mac1, &cookie);
     let reply = wire::encode_cookie_reply(h.initiator_index, &nonce, &sealed);
@@ -192,22 +222,49 @@ const R_ADDR: &str = "192.0.2.2:4500";
 
 /// Initiator endpoint positioned so that its next initiation is exactly the vector's.
 fn initiator_endpoint(h: &HandshakeVector, now: Instant) -> Endpoint {
-    let cfg = Config { algorithm: alg_from(&h.algorithm), ..Config::default() };
+    let cfg = Config {
+        algorithm: alg_from(&h.algorithm),
+        ..Config::default()
+    };
     let ts: u64 = h.initiator_timestamp.parse().unwrap();
     let kp = StaticKeypair::from_private(unhex32(&h.initiator_static_private));
-    let mut ep = Endpoint::new(cfg, kp, &[unhex32(&h.cluster_secret)], now, Duration::from_nanos(ts)).unwrap();
-    ep.fixed_ephemerals.push_back(unhex32(&h.initiator_ephemeral_private));
+    let mut ep = Endpoint::new(
+        cfg,
+        kp,
+        &[unhex32(&h.cluster_secret)],
+        now,
+        Duration::from_nanos(ts),
+    )
+    .unwrap();
+    ep.fixed_ephemerals
+        .push_back(unhex32(&h.initiator_ephemeral_private));
     ep.fixed_indices.push_back(h.initiator_index);
     ep
 }
 
 fn responder_endpoint(h: &HandshakeVector, now: Instant) -> (Endpoint, Ctx) {
-    let cfg = Config { algorithm: alg_from(&h.algorithm), ..Config::default() };
+    let cfg = Config {
+        algorithm: alg_from(&h.algorithm),
+        ..Config::default()
+    };
     let kp = StaticKeypair::from_private(unhex32(&h.responder_static_private));
-    let mut ep = Endpoint::new(cfg, kp, &[unhex32(&h.cluster_secret)], now, Duration::ZERO).unwrap();
-    ep.fixed_ephemerals.push_back(unhex32(&h.responder_ephemeral_private));
+    // Anchored so that the responder's clock reads exactly the vector's timestamp.
+    let ts: u64 = h.responder_timestamp.parse().unwrap();
+    let mut ep = Endpoint::new(
+        cfg,
+        kp,
+        &[unhex32(&h.cluster_secret)],
+        now,
+        Duration::from_nanos(ts),
+    )
+    .unwrap();
+    ep.fixed_ephemerals
+        .push_back(unhex32(&h.responder_ephemeral_private));
     ep.fixed_indices.push_back(h.responder_index);
-    let ctx = Ctx { members: [unhex32(&h.initiator_static_public)].into(), spi: h.responder_spi };
+    let ctx = Ctx {
+        members: [unhex32(&h.initiator_static_public)].into(),
+        spi: h.responder_spi,
+    };
     (ep, ctx)
 }
 
@@ -218,12 +275,18 @@ fn established(ep: &mut Endpoint) -> Session {
     }
 }
 
-/// Drives real endpoints through a vector with no collision (superseded = 0).
+/// Drives real endpoints through a vector.
 fn check_endpoints(h: &HandshakeVector) {
     let now = Instant::now();
     let (ia, ra): (SocketAddr, SocketAddr) = (I_ADDR.parse().unwrap(), R_ADDR.parse().unwrap());
     let mut ini = initiator_endpoint(h, now);
-    ini.initiate(now, unhex32(&h.responder_static_public), ra, h.initiator_spi).unwrap();
+    ini.initiate(
+        now,
+        unhex32(&h.responder_static_public),
+        ra,
+        h.initiator_spi,
+    )
+    .unwrap();
     let (to, init) = ini.poll_transmit().unwrap();
     assert_eq!(to, ra);
     assert_eq!(hex(&init), h.initiation, "{}: endpoint initiation", h.name);
@@ -235,7 +298,16 @@ fn check_endpoints(h: &HandshakeVector) {
     assert_eq!(hex(&resp), h.response, "{}: endpoint response", h.name);
     let rs = established(&mut res);
 
-    ini.handle(now, ra, &resp, &mut Ctx { members: HashSet::new(), spi: 0 }).unwrap();
+    ini.handle(
+        now,
+        ra,
+        &resp,
+        &mut Ctx {
+            members: HashSet::new(),
+            spi: 0,
+        },
+    )
+    .unwrap();
     let is = established(&mut ini);
     assert_eq!(hex(is.key_out.as_bytes()), h.key_i2r);
     assert_eq!(hex(is.key_in.as_bytes()), h.key_r2i);
@@ -243,8 +315,14 @@ fn check_endpoints(h: &HandshakeVector) {
     assert_eq!(hex(rs.key_out.as_bytes()), h.key_r2i);
     assert_eq!(is.session_id.to_string(), h.session_id);
     assert_eq!(rs.session_id.to_string(), h.session_id);
-    assert_eq!((is.local_spi, is.peer_spi), (h.initiator_spi, h.responder_spi));
-    assert_eq!((rs.local_spi, rs.peer_spi), (h.responder_spi, h.initiator_spi));
+    assert_eq!(
+        (is.local_spi, is.peer_spi),
+        (h.initiator_spi, h.responder_spi)
+    );
+    assert_eq!(
+        (rs.local_spi, rs.peer_spi),
+        (h.responder_spi, h.initiator_spi)
+    );
 }
 
 /// Cookie round trip through real endpoints.
@@ -253,13 +331,26 @@ fn check_cookie_endpoints(c: &CookieVector, h: &HandshakeVector) {
     let source: SocketAddr = c.source.parse().unwrap();
     let ra: SocketAddr = R_ADDR.parse().unwrap();
     let mut ini = initiator_endpoint(h, now);
-    ini.initiate(now, unhex32(&h.responder_static_public), ra, h.initiator_spi).unwrap();
+    ini.initiate(
+        now,
+        unhex32(&h.responder_static_public),
+        ra,
+        h.initiator_spi,
+    )
+    .unwrap();
     let (_, init) = ini.poll_transmit().unwrap();
 
     // Responder under load: no DH work, a cookie reply carrying the vector's cookie.
     let (mut res, mut ctx) = responder_endpoint(h, now);
-    res.force_under_load(now, now + Duration::from_secs(5), unhex32(&c.rotating_secret));
-    assert_eq!(res.handle(now, source, &init, &mut ctx), Err(Rejected::CookieSent));
+    res.force_under_load(
+        now,
+        now + Duration::from_secs(5),
+        unhex32(&c.rotating_secret),
+    );
+    assert_eq!(
+        res.handle(now, source, &init, &mut ctx),
+        Err(Rejected::CookieSent)
+    );
     assert_eq!(res.counters().dh_work, 0);
     let (to, reply) = res.poll_transmit().unwrap();
     assert_eq!(to, source);
@@ -273,13 +364,25 @@ fn check_cookie_endpoints(c: &CookieVector, h: &HandshakeVector) {
     assert_eq!(hex(&opened), c.cookie);
 
     // Initiator takes the vector's cookie reply and resends with exactly the vector's mac2.
-    ini.handle(now, ra, &unhex(&c.cookie_reply), &mut Ctx { members: HashSet::new(), spi: 0 }).unwrap();
+    ini.handle(
+        now,
+        ra,
+        &unhex(&c.cookie_reply),
+        &mut Ctx {
+            members: HashSet::new(),
+            spi: 0,
+        },
+    )
+    .unwrap();
     let (_, again) = ini.poll_transmit().unwrap();
     assert_eq!(hex(&again), c.initiation_with_mac2);
 
     // The responder accepts it from that source only.
     let other: SocketAddr = "192.0.2.99:4500".parse().unwrap();
-    assert_eq!(res.handle(now, other, &again, &mut ctx), Err(Rejected::CookieSent));
+    assert_eq!(
+        res.handle(now, other, &again, &mut ctx),
+        Err(Rejected::CookieSent)
+    );
     res.handle(now, source, &again, &mut ctx).unwrap();
     let _ = res.poll_transmit();
     let (_, resp) = res.poll_transmit().unwrap();
@@ -290,16 +393,23 @@ fn check_cookie_endpoints(c: &CookieVector, h: &HandshakeVector) {
 fn check_vectors() {
     let text = std::fs::read_to_string(PATH).expect("proto/vectors/handshake.json present");
     let file: VectorFile = serde_json::from_str(&text).expect("valid vector JSON");
-    assert!(file.handshakes.len() >= 4 && !file.cookies.is_empty());
+    assert!(file.handshakes.len() >= 3 && !file.cookies.is_empty());
     assert_eq!(file.protocol, crypto::NOISE_PARAMS);
     for h in &file.handshakes {
-        assert_eq!(&compute_handshake(h), h, "vector {} (pure functions)", h.name);
-        if h.superseded == "0" {
-            check_endpoints(h);
-        }
+        assert_eq!(
+            &compute_handshake(h),
+            h,
+            "vector {} (pure functions)",
+            h.name
+        );
+        check_endpoints(h);
     }
     for c in &file.cookies {
-        let h = file.handshakes.iter().find(|h| h.name == c.handshake).expect("referenced handshake");
+        let h = file
+            .handshakes
+            .iter()
+            .find(|h| h.name == c.handshake)
+            .expect("referenced handshake");
         assert_eq!(&compute_cookie(c, h), c, "cookie vector {}", c.name);
         check_cookie_endpoints(c, h);
     }
@@ -309,7 +419,7 @@ fn seq(start: u8) -> String {
     hex(&(0..32u8).map(|i| start.wrapping_add(i)).collect::<Vec<_>>())
 }
 
-fn input(name: &str, alg: EspAlgorithm, superseded: u64) -> HandshakeVector {
+fn input(name: &str, alg: EspAlgorithm) -> HandshakeVector {
     HandshakeVector {
         name: name.into(),
         algorithm: alg_name(alg).into(),
@@ -323,7 +433,7 @@ fn input(name: &str, alg: EspAlgorithm, superseded: u64) -> HandshakeVector {
         initiator_timestamp: "1780000000123456789".into(),
         initiator_spi: 0xc0de0001,
         responder_spi: 0xc0de0002,
-        superseded: superseded.to_string(),
+        responder_timestamp: "1780000000987654321".into(),
         initiator_static_public: String::new(),
         responder_static_public: String::new(),
         psk: String::new(),
@@ -344,10 +454,9 @@ fn input(name: &str, alg: EspAlgorithm, superseded: u64) -> HandshakeVector {
 #[ignore = "writes proto/vectors/handshake.json; run only after a deliberate protocol change"]
 fn regenerate() {
     let handshakes: Vec<_> = [
-        input("aes128gcm", EspAlgorithm::Aes128Gcm, 0),
-        input("aes256gcm", EspAlgorithm::Aes256Gcm, 0),
-        input("chacha20poly1305", EspAlgorithm::ChaCha20Poly1305, 0),
-        input("aes128gcm-superseded", EspAlgorithm::Aes128Gcm, 1_780_000_000_000_000_001),
+        input("aes128gcm", EspAlgorithm::Aes128Gcm),
+        input("aes256gcm", EspAlgorithm::Aes256Gcm),
+        input("chacha20poly1305", EspAlgorithm::ChaCha20Poly1305),
     ]
     .iter()
     .map(compute_handshake)

@@ -118,7 +118,9 @@ pub enum Message<'a> {
 
 fn arr<const N: usize>(b: &[u8], off: usize) -> &[u8; N] {
     // Callers checked the total length first, so this range is always in bounds.
-    b[off..off + N].try_into().expect("length checked by caller")
+    b[off..off + N]
+        .try_into()
+        .expect("length checked by caller")
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -228,9 +230,11 @@ pub struct RespPayload {
     pub spi: u32,
     /// ESP algorithm wire id (must equal the initiation's).
     pub alg: u8,
-    /// Timestamp of the responder's own initiation to this peer that it abandoned because of
-    /// a simultaneous initiation (0 if none): the initiator must reject it if it arrives late.
-    pub superseded: u64,
+    /// The responder's current timestamp, from the same strictly increasing clock as its own
+    /// initiations: the initiator raises its replay floor for the responder to it, so every
+    /// initiation the responder made before (an abandoned one in a collision, or one captured
+    /// and held back by an attacker) is rejected if it arrives later.
+    pub timestamp: u64,
 }
 
 /// Payload decode failure (reserved bytes non-zero or wrong length).
@@ -262,12 +266,12 @@ impl InitPayload {
 }
 
 impl RespPayload {
-    /// spi (4) ‖ alg (1) ‖ reserved zero (3) ‖ superseded (8).
+    /// spi (4) ‖ alg (1) ‖ reserved zero (3) ‖ timestamp (8).
     pub fn encode(&self) -> [u8; PAYLOAD_LEN] {
         let mut b = [0u8; PAYLOAD_LEN];
         b[0..4].copy_from_slice(&self.spi.to_be_bytes());
         b[4] = self.alg;
-        b[8..16].copy_from_slice(&self.superseded.to_be_bytes());
+        b[8..16].copy_from_slice(&self.timestamp.to_be_bytes());
         b
     }
 
@@ -279,7 +283,7 @@ impl RespPayload {
         Ok(RespPayload {
             spi: u32_at(b, 0),
             alg: b[4],
-            superseded: u64::from_be_bytes(*arr::<8>(b, 8)),
+            timestamp: u64::from_be_bytes(*arr::<8>(b, 8)),
         })
     }
 }
@@ -339,12 +343,20 @@ mod tests {
 
     #[test]
     fn payload_roundtrip_and_reserved() {
-        let p = InitPayload { timestamp: 0x0102030405060708, spi: 0xdeadbeef, alg: 1 };
+        let p = InitPayload {
+            timestamp: 0x0102030405060708,
+            spi: 0xdeadbeef,
+            alg: 1,
+        };
         assert_eq!(InitPayload::decode(&p.encode()), Ok(p));
         let mut b = p.encode();
         b[15] = 1;
         assert_eq!(InitPayload::decode(&b), Err(BadPayload));
-        let r = RespPayload { spi: 300, alg: 3, superseded: 42 };
+        let r = RespPayload {
+            spi: 300,
+            alg: 3,
+            timestamp: 42,
+        };
         assert_eq!(RespPayload::decode(&r.encode()), Ok(r));
         let mut b = r.encode();
         b[6] = 1;
