@@ -315,7 +315,7 @@ impl Mesh {
     pub fn handshake_counters(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for ep in self.endpoints.values() {
-            if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(CountersView(ep.counters())) {
+            if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(ep.counters()) {
                 for (k, v) in map {
                     *out.entry(k).or_insert(0) += v.as_u64().unwrap_or(0);
                 }
@@ -638,27 +638,6 @@ impl Mesh {
 
 fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))
-}
-
-/// Serialises the handshake endpoint's counters without requiring it to be `Serialize`.
-struct CountersView<'a>(&'a crate::handshake::Counters);
-
-impl Serialize for CountersView<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let text = format!("{:?}", self.0);
-        // Counters is a plain struct of u64 fields: `Counters { a: 1, b: 2 }`.
-        let body = text.split_once('{').map(|(_, b)| b.trim_end_matches('}')).unwrap_or("");
-        let mut map = s.serialize_map(None)?;
-        for field in body.split(',') {
-            if let Some((k, v)) = field.split_once(':') {
-                if let Ok(n) = v.trim().parse::<u64>() {
-                    map.serialize_entry(k.trim(), &n)?;
-                }
-            }
-        }
-        map.end()
-    }
 }
 
 pub mod driver;
