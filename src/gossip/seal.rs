@@ -442,6 +442,30 @@ mod tests {
     }
 
     #[test]
+    fn json_vectors() {
+        // proto/vectors/gossip-seal.json is the executable spec of the format.
+        let text = include_str!("../../proto/vectors/gossip-seal.json");
+        let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+        let hexd = |v: &serde_json::Value| -> Vec<u8> {
+            let s = v.as_str().unwrap();
+            (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        };
+        let vectors = doc["vectors"].as_array().unwrap();
+        assert!(!vectors.is_empty());
+        for v in vectors {
+            let secret: [u8; 32] = hexd(&v["secret"]).try_into().unwrap();
+            let nonce: [u8; 24] = hexd(&v["nonce"]).try_into().unwrap();
+            let at = v["sent_at_ms"].as_u64().unwrap();
+            let k = Keyring::new([secret]).unwrap();
+            assert_eq!(k.sealing_key_id().0.to_vec(), hexd(&v["key_id"]));
+            let sealed = k.seal_with_nonce(at, nonce, &hexd(&v["payload"]));
+            assert_eq!(sealed, hexd(&v["sealed"]), "{}", v["name"]);
+            let mut o = Opener::new(Arc::new(k), ReplayConfig::default());
+            assert_eq!(o.open(at, &sealed).unwrap(), hexd(&v["payload"]));
+        }
+    }
+
+    #[test]
     fn sealing_is_deterministic_given_nonce() {
         let k = Keyring::new([[9u8; 32]]).unwrap();
         let a = k.seal_with_nonce(NOW, [3; 24], b"hello");
