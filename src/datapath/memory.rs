@@ -33,6 +33,7 @@ pub struct MemoryDatapath {
     sas: BTreeMap<SaId, MemSa>,
     policies: BTreeMap<PolicyId, MemPolicy>,
     next_index: u32,
+    nd_bypass: bool,
     probe_failure: Option<(String, String)>,
 }
 
@@ -190,8 +191,24 @@ impl super::Datapath for MemoryDatapath {
         }
     }
 
+    fn ensure_nd_bypass(&mut self) -> Result<(), DatapathError> {
+        self.nd_bypass = true;
+        Ok(())
+    }
+
+    fn nd_bypass_count(&mut self) -> Result<usize, DatapathError> {
+        Ok(if self.nd_bypass { 4 } else { 0 })
+    }
+
+    fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError> {
+        Ok(if std::mem::take(&mut self.nd_bypass) { 4 } else { 0 })
+    }
+
     fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError> {
         validate_policy(Op::NewPolicy, policy)?;
+        if policy.id.src.is_ipv6() {
+            self.ensure_nd_bypass()?;
+        }
         if self.policies.contains_key(&policy.id) {
             return Err(kernel(Op::NewPolicy, policy.id.to_string(), libc::EEXIST));
         }

@@ -343,6 +343,21 @@ pub trait Datapath: Send {
     /// All meshsec-owned policies.
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError>;
 
+    /// Make sure the four IPv6 neighbour-discovery bypass policies exist
+    /// (ICMPv6 types 135/136, in and out, any address; see docs/xfrm.md).
+    /// Without them a host-to-host IPv6 policy whose SAs are missing also
+    /// blocks neighbour solicitations/advertisements between the two hosts,
+    /// and then even the bypassed control-plane sockets cannot reach the
+    /// peer. `install_policy` and `apply` call this for every IPv6 policy;
+    /// it is idempotent and cheap after the first call.
+    fn ensure_nd_bypass(&mut self) -> Result<(), DatapathError>;
+
+    /// How many of meshsec's neighbour-discovery bypass policies exist (0-4).
+    fn nd_bypass_count(&mut self) -> Result<usize, DatapathError>;
+
+    /// Remove meshsec's neighbour-discovery bypass policies; returns how many.
+    fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError>;
+
     /// Delete every meshsec-owned policy, then every meshsec-owned SA.
     /// Policies go first so traffic is never sent unprotected: with the
     /// policies gone and before the SAs go, packets simply flow in clear as
@@ -356,6 +371,7 @@ pub trait Datapath: Send {
                 Err(e) => return Err(e),
             }
         }
+        report.policies += self.remove_nd_bypass()?;
         for sa in self.dump_sas()? {
             match self.delete_sa(sa.id()) {
                 Ok(()) => report.sas += 1,

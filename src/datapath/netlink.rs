@@ -186,9 +186,20 @@ impl NlSocket {
         }
         let first_seq = self.seq.wrapping_add(1);
         self.tx.clear();
-        for r in reqs {
+        // Only the last request asks for an ACK. The kernel handles a
+        // datagram's messages in order, synchronously, and queues an ERROR
+        // for every failing one whether or not it asked for an ACK; so once
+        // the last ACK arrives, every earlier request without an ERROR has
+        // succeeded. Half the replies, half the skbs.
+        for (i, r) in reqs.iter().enumerate() {
             self.seq = self.seq.wrapping_add(1);
-            let flags = if r.dump { NLM_F_REQUEST | NLM_F_DUMP } else { NLM_F_REQUEST | NLM_F_ACK };
+            let flags = if r.dump {
+                NLM_F_REQUEST | NLM_F_DUMP
+            } else if i + 1 == reqs.len() {
+                NLM_F_REQUEST | NLM_F_ACK
+            } else {
+                NLM_F_REQUEST
+            };
             encode(&r.msg, flags, self.seq, &mut self.tx);
         }
         let sent = self.sock.send(&self.tx, 0)?;
@@ -219,6 +230,15 @@ impl NlSocket {
                             Outcome::Error { errno, message }
                         });
                         remaining -= 1;
+                        if idx + 1 == reqs.len() {
+                            // The final ACK: everything before it is settled.
+                            for (j, slot) in pending.iter_mut().enumerate() {
+                                if slot.is_none() {
+                                    *slot = Some(Outcome::Done(std::mem::take(&mut data[j])));
+                                    remaining -= 1;
+                                }
+                            }
+                        }
                     }
                     _ => data[idx].push(RawMsg { ty, payload: payload.to_vec() }),
                 }

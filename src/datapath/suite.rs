@@ -44,6 +44,7 @@ pub(crate) fn policies(dp: &mut dyn Datapath) {
     for p in v4.iter().chain(v6.iter()) {
         dp.install_policy(p).unwrap();
     }
+    assert_eq!(dp.nd_bypass_count().unwrap(), 4, "IPv6 policies bring the ND bypass");
     let dump = dp.dump_policies().unwrap();
     let mut got: Vec<PolicySpec> = dump.iter().map(|p| p.spec).collect();
     got.sort();
@@ -89,8 +90,15 @@ pub(crate) fn policies(dp: &mut dyn Datapath) {
     assert_eq!(dp.dump_policies().unwrap().len(), 202);
 
     let report = dp.flush_owned().unwrap();
-    assert_eq!(report.policies, 202);
+    assert_eq!(report.policies, 202 + 4, "peer policies + ND bypass");
     assert!(dp.dump_policies().unwrap().is_empty());
+    assert_eq!(dp.nd_bypass_count().unwrap(), 0);
+    // Idempotent.
+    dp.ensure_nd_bypass().unwrap();
+    dp.ensure_nd_bypass().unwrap();
+    assert_eq!(dp.nd_bypass_count().unwrap(), 4);
+    assert_eq!(dp.remove_nd_bypass().unwrap(), 4);
+    assert_eq!(dp.remove_nd_bypass().unwrap(), 0);
 }
 
 /// Foreign objects (already installed by the caller) are invisible to dumps,

@@ -19,7 +19,7 @@ use netlink_packet_xfrm::{
 use netlink_packet_core::Parseable;
 
 use super::netlink::{NlSocket, Outcome, RawMsg, Request};
-use super::ownership::{is_owned_reqid, POLICY_PRIORITY};
+use super::ownership::{is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY};
 use super::{
     sort_policies, sort_sas, validate_policy, validate_sa, AddressFamily, Aead, Change,
     Datapath, DatapathError, Direction, ErrorKind, Lifetimes, Op, PolicyId, PolicySpec, PolicyState, Reqid,
@@ -265,6 +265,58 @@ fn policy_id_message(id: PolicyId, index: u32) -> PolicyDelGetMessage {
     }
 }
 
+const IPPROTO_ICMPV6: u8 = 58;
+/// (policy direction, ICMPv6 type) of the neighbour-discovery bypasses.
+const ND_BYPASS: [(u8, u16); 4] =
+    [(XFRM_POLICY_OUT, 135), (XFRM_POLICY_OUT, 136), (XFRM_POLICY_IN, 135), (XFRM_POLICY_IN, 136)];
+
+fn nd_selector(icmp_type: u16) -> Selector {
+    Selector {
+        family: AF_INET6,
+        proto: IPPROTO_ICMPV6,
+        // xfrm matches the ICMP type through the source-port field.
+        sport: icmp_type,
+        sport_mask: 0xffff,
+        ..Default::default()
+    }
+}
+
+/// An IPv6 neighbour-discovery bypass: allow, no template.
+pub(crate) fn nd_policy_message(dir: u8, icmp_type: u16) -> PolicyModifyMessage {
+    PolicyModifyMessage {
+        user_policy_info: UserPolicyInfo {
+            selector: nd_selector(icmp_type),
+            lifetime_cfg: LifetimeConfig::default(),
+            priority: ND_BYPASS_PRIORITY,
+            direction: dir,
+            action: XFRM_POLICY_ALLOW,
+            share: XFRM_SHARE_ANY,
+            ..Default::default()
+        },
+        nlas: Vec::new(),
+    }
+}
+
+/// Recognise one of meshsec's ND bypasses; returns its index.
+pub(crate) fn parse_nd_policy(payload: &[u8]) -> Option<u32> {
+    if payload.len() < XFRM_USER_POLICY_INFO_LEN {
+        return None;
+    }
+    let msg = PolicyModifyMessage::parse(payload).ok()?;
+    let i = &msg.user_policy_info;
+    let s = &i.selector;
+    let ours = i.priority == ND_BYPASS_PRIORITY
+        && i.action == XFRM_POLICY_ALLOW
+        && s.family == AF_INET6
+        && s.proto == IPPROTO_ICMPV6
+        && s.prefixlen_s == 0
+        && s.prefixlen_d == 0
+        && s.sport_mask == 0xffff
+        && (s.sport == 135 || s.sport == 136)
+        && !msg.nlas.iter().any(|n| matches!(n, XfrmAttrs::Template(_)));
+    ours.then_some(i.index)
+}
+
 fn addr_of(a: &Address, family: u16) -> Option<IpAddr> {
     match family {
         AF_INET => Some(IpAddr::V4(a.to_ipv4())),
@@ -394,6 +446,8 @@ fn host_prefix_for(family: u16) -> Option<u8> {
 pub struct XfrmDatapath {
     sock: NlSocket,
     flavor: KernelFlavor,
+    /// Set once the ND bypasses are known to exist (saves a dump per policy).
+    nd_bypass_seen: bool,
 }
 
 impl XfrmDatapath {
@@ -406,7 +460,7 @@ impl XfrmDatapath {
     /// Open with an explicit kernel flavour.
     pub fn open_with(flavor: KernelFlavor) -> Result<XfrmDatapath, DatapathError> {
         match NlSocket::open() {
-            Ok(sock) => Ok(XfrmDatapath { sock, flavor }),
+            Ok(sock) => Ok(XfrmDatapath { sock, flavor, nd_bypass_seen: false }),
             Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => Err(DatapathError::Unsupported {
                 what: "kernel lacks XFRM netlink (CONFIG_XFRM_USER, module xfrm_user)".into(),
                 fix: "modprobe xfrm_user".into(),
@@ -468,6 +522,19 @@ impl XfrmDatapath {
         } else {
             Err(DatapathError::Decode { op, reason: "GETPOLICY answered without a policy".into() })
         }
+    }
+
+    fn raw_policy_dump(&mut self) -> Result<Vec<RawMsg>, DatapathError> {
+        self.one(Op::DumpPolicy, &String::new, XfrmMessage::GetPolicy(PolicyDelGetMessage::default()), true)
+    }
+
+    fn nd_indexes(&mut self) -> Result<Vec<u32>, DatapathError> {
+        Ok(self
+            .raw_policy_dump()?
+            .iter()
+            .filter(|m| m.ty == XFRM_MSG_NEWPOLICY)
+            .filter_map(|m| parse_nd_policy(&m.payload))
+            .collect())
     }
 
     fn throwaway_pair(family: AddressFamily) -> (IpAddr, IpAddr) {
@@ -693,8 +760,60 @@ impl Datapath for XfrmDatapath {
         }
     }
 
+    fn ensure_nd_bypass(&mut self) -> Result<(), DatapathError> {
+        if self.nd_bypass_seen {
+            return Ok(());
+        }
+        for (dir, ty) in ND_BYPASS {
+            let target = || format!("ICMPv6 type {ty} bypass dir {}", if dir == XFRM_POLICY_IN { "in" } else { "out" });
+            match self.one(Op::NewPolicy, &target, XfrmMessage::AddPolicy(nd_policy_message(dir, ty)), false) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // EEXIST may also mean somebody else's policy sits on that selector:
+        // only a dump says whether all four are ours.
+        let n = self.nd_indexes()?.len();
+        if n != ND_BYPASS.len() {
+            return Err(DatapathError::NotOwned {
+                op: Op::NewPolicy,
+                target: "IPv6 neighbour-discovery bypass".into(),
+                why: format!("only {n} of 4 bypass selectors are meshsec's; another policy holds the rest"),
+            });
+        }
+        self.nd_bypass_seen = true;
+        Ok(())
+    }
+
+    fn nd_bypass_count(&mut self) -> Result<usize, DatapathError> {
+        Ok(self.nd_indexes()?.len())
+    }
+
+    fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError> {
+        self.nd_bypass_seen = false;
+        let mut removed = 0;
+        for index in self.nd_indexes()? {
+            // The kernel encodes a policy's direction in its index (index % 8);
+            // deleting by index needs both.
+            let msg = PolicyDelGetMessage {
+                user_policy_id: UserPolicyId { selector: Selector::default(), index, direction: (index % 8) as u8 },
+                nlas: Vec::new(),
+            };
+            match self.one(Op::DelPolicy, &|| format!("ND bypass policy index {index}"), XfrmMessage::DeletePolicy(msg), false) {
+                Ok(_) => removed += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(removed)
+    }
+
     fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError> {
         validate_policy(Op::NewPolicy, policy)?;
+        if policy.id.src.is_ipv6() {
+            self.ensure_nd_bypass()?;
+        }
         let id = policy.id;
         self.one(Op::NewPolicy, &|| id.to_string(), XfrmMessage::AddPolicy(policy_message(policy)), false)
             .map(|_| ())
@@ -747,12 +866,23 @@ impl Datapath for XfrmDatapath {
             Ok(BTreeMap::new())
         };
         let mut results: Vec<Option<Result<(), DatapathError>>> = (0..changes.len()).map(|_| None).collect();
+        if changes.iter().any(|c| matches!(c, Change::AddPolicy(p) if p.id.src.is_ipv6())) {
+            if let Err(e) = self.ensure_nd_bypass() {
+                let msg = e.to_string();
+                for (i, c) in changes.iter().enumerate() {
+                    if matches!(c, Change::AddPolicy(p) if p.id.src.is_ipv6()) {
+                        results[i] = Some(Err(DatapathError::Invalid { op: Op::NewPolicy, reason: msg.clone() }));
+                    }
+                }
+            }
+        }
         let mut reqs = Vec::new();
         let mut slots = Vec::new();
         for (i, c) in changes.iter().enumerate() {
             let req = match c {
                 Change::AddSa(sa) => validate_sa(Op::NewSa, sa)
                     .map(|()| (Op::NewSa, sa.id().to_string(), XfrmMessage::AddSa(sa_message(sa, self.flavor)))),
+                Change::AddPolicy(_) if results[i].is_some() => continue,
                 Change::AddPolicy(p) => validate_policy(Op::NewPolicy, p).map(|()| {
                     (Op::NewPolicy, p.id.to_string(), XfrmMessage::AddPolicy(policy_message(p)))
                 }),
