@@ -413,10 +413,10 @@ pub(crate) fn udp_delivers(from: &str, to: &str, to_addr: IpAddr, port: u16, byp
 }
 
 
-/// Capture, in namespace `ns`, the IP protocol numbers of every packet whose
-/// source is `from` for `ms` milliseconds (AF_PACKET, so what the wire
+/// Capture, in namespace `ns`, (IP protocol, ICMP type or 0) of every packet
+/// whose source is `from` for `ms` milliseconds (AF_PACKET, so what the wire
 /// carries, before any decryption).
-pub(crate) fn capture_protocols(ns: &str, from: IpAddr, ms: u64) -> std::thread::JoinHandle<Vec<u8>> {
+pub(crate) fn capture_protocols(ns: &str, from: IpAddr, ms: u64) -> std::thread::JoinHandle<Vec<(u8, u8)>> {
     let path = format!("/run/netns/{ns}");
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
@@ -440,8 +440,13 @@ pub(crate) fn capture_protocols(ns: &str, from: IpAddr, ms: u64) -> std::thread:
                 }
                 let p = &buf[..n as usize];
                 match (p[0] >> 4, from) {
-                    (4, IpAddr::V4(a)) if p[12..16] == a.octets() => protos.push(p[9]),
-                    (6, IpAddr::V6(a)) if n >= 40 && p[8..24] == a.octets() => protos.push(p[6]),
+                    (4, IpAddr::V4(a)) if p[12..16] == a.octets() => {
+                        let ihl = usize::from(p[0] & 0xf) * 4;
+                        protos.push((p[9], if p[9] == 1 { p.get(ihl).copied().unwrap_or(0) } else { 0 }))
+                    }
+                    (6, IpAddr::V6(a)) if n >= 40 && p[8..24] == a.octets() => {
+                        protos.push((p[6], if p[6] == 58 { p.get(40).copied().unwrap_or(0) } else { 0 }))
+                    }
                     _ => {}
                 }
             }
@@ -588,12 +593,16 @@ fn esp_two_namespaces_ping() {
     let p6 = ping(&pair.a, "fd00:62::2");
     eprintln!("{p4}\n{p6}");
     let (w4, w6) = (cap4.join().unwrap(), cap6.join().unwrap());
-    eprintln!("on the wire from A: IPv4 protocols {w4:?}, IPv6 next headers {w6:?}");
-    assert!(w4.len() >= 3 && w4.iter().all(|p| *p == 50), "IPv4 wire must be ESP only: {w4:?}");
-    assert!(w6.iter().filter(|p| **p == 50).count() >= 3, "IPv6 wire must carry ESP: {w6:?}");
-    // ICMPv6 neighbour discovery (58) is not ours to encrypt... but it is
-    // covered by the host policy too; anything else would be plaintext.
-    assert!(w6.iter().all(|p| *p == 50), "IPv6 wire must be ESP only: {w6:?}");
+    eprintln!("on the wire from A: IPv4 (protocol, icmp type) {w4:?}, IPv6 (next header, icmpv6 type) {w6:?}");
+    let esp = |w: &[(u8, u8)]| w.iter().filter(|(p, _)| *p == 50).count();
+    assert!(esp(&w4) >= 3 && esp(&w4) == w4.len(), "IPv4 wire must be ESP only: {w4:?}");
+    assert!(esp(&w6) >= 3, "IPv6 wire must carry ESP: {w6:?}");
+    // Only neighbour discovery (ICMPv6 135/136) may pass in clear: that is
+    // meshsec's deliberate ND bypass.
+    assert!(
+        w6.iter().all(|&(p, t)| p == 50 || (p == 58 && (t == 135 || t == 136))),
+        "IPv6 wire must be ESP (or ND) only: {w6:?}"
+    );
     assert!(p4.contains(" 0% packet loss"), "{p4}");
     assert!(p6.contains(" 0% packet loss"), "{p6}");
     for ns in [&pair.a, &pair.b] {
