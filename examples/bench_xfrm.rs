@@ -20,7 +20,16 @@ use meshsec::datapath::{
 
 fn peer_addr(i: u32, v6: bool) -> IpAddr {
     if v6 {
-        IpAddr::V6(Ipv6Addr::new(0xfd00, 0x6d73, 0, 0, 0, 0, (i >> 16) as u16, i as u16 + 2))
+        IpAddr::V6(Ipv6Addr::new(
+            0xfd00,
+            0x6d73,
+            0,
+            0,
+            0,
+            0,
+            (i >> 16) as u16,
+            i as u16 + 2,
+        ))
     } else {
         let n = i + 2;
         IpAddr::V4(Ipv4Addr::new(10, (n >> 16) as u8, (n >> 8) as u8, n as u8))
@@ -42,13 +51,26 @@ fn main() {
 
     // SAFETY: plain syscall; the whole process moves to a fresh namespace.
     if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        eprintln!("unshare(CLONE_NEWNET) failed (run as root): {}", std::io::Error::last_os_error());
+        eprintln!(
+            "unshare(CLONE_NEWNET) failed (run as root): {}",
+            std::io::Error::last_os_error()
+        );
         std::process::exit(2);
     }
     let mut dp = XfrmDatapath::open().expect("open NETLINK_XFRM");
-    let local: IpAddr = if v6 { "fd00:6d73:ffff::1".parse().unwrap() } else { "10.255.255.254".parse().unwrap() };
+    let local: IpAddr = if v6 {
+        "fd00:6d73:ffff::1".parse().unwrap()
+    } else {
+        "10.255.255.254".parse().unwrap()
+    };
     let aead = Aead::Aes128Gcm;
-    let lifetimes = Lifetimes { soft_seconds: 3000, hard_seconds: 3600, soft_bytes: 1 << 40, hard_bytes: 1 << 41, ..Default::default() };
+    let lifetimes = Lifetimes {
+        soft_seconds: 3000,
+        hard_seconds: 3600,
+        soft_bytes: 1 << 40,
+        hard_bytes: 1 << 41,
+        ..Default::default()
+    };
 
     let mut changes = Vec::with_capacity(peers as usize * 4);
     for i in 0..peers {
@@ -119,16 +141,40 @@ fn main() {
 
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
     unsafe { libc::uname(&mut u) };
-    let rel: String = u.release.iter().take_while(|c| **c != 0).map(|c| *c as u8 as char).collect();
+    let rel: String = u
+        .release
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8 as char)
+        .collect();
     println!(
         "kernel {rel}, {} peers ({}), {} objects ({}), mode {}",
         peers,
         if v6 { "IPv6" } else { "IPv4" },
         n,
-        if policies_only { "policies only" } else { "2 SAs + 2 policies per peer" },
-        if single { "one request per round trip" } else { "pipelined apply" }
+        if policies_only {
+            "policies only"
+        } else {
+            "2 SAs + 2 policies per peer"
+        },
+        if single {
+            "one request per round trip"
+        } else {
+            "pipelined apply"
+        }
     );
-    println!("install: {:>8.1} ms  {:>10.0} objects/s", install.as_secs_f64() * 1e3, n as f64 / install.as_secs_f64());
-    println!("dump:    {:>8.1} ms  ({sas} SAs, {pols} policies)", dump.as_secs_f64() * 1e3);
-    println!("flush:   {:>8.1} ms  {:>10.0} objects/s (dump + checked delete)", flush.as_secs_f64() * 1e3, n as f64 / flush.as_secs_f64());
+    println!(
+        "install: {:>8.1} ms  {:>10.0} objects/s",
+        install.as_secs_f64() * 1e3,
+        n as f64 / install.as_secs_f64()
+    );
+    println!(
+        "dump:    {:>8.1} ms  ({sas} SAs, {pols} policies)",
+        dump.as_secs_f64() * 1e3
+    );
+    println!(
+        "flush:   {:>8.1} ms  {:>10.0} objects/s (dump + checked delete)",
+        flush.as_secs_f64() * 1e3,
+        n as f64 / flush.as_secs_f64()
+    );
 }

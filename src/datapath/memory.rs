@@ -51,7 +51,13 @@ impl MemoryDatapath {
     /// Simulate somebody else's policy on a selector.
     pub fn add_foreign_policy(&mut self, id: PolicyId) {
         self.next_index += 8;
-        self.policies.insert(id, MemPolicy { owned: None, index: self.next_index });
+        self.policies.insert(
+            id,
+            MemPolicy {
+                owned: None,
+                index: self.next_index,
+            },
+        );
     }
 
     /// Simulate traffic through an SA (counters grow as in the kernel).
@@ -115,13 +121,21 @@ impl MemoryDatapath {
 }
 
 fn kernel(op: Op, target: String, errno: i32) -> DatapathError {
-    DatapathError::Kernel { op, target, errno, message: None }
+    DatapathError::Kernel {
+        op,
+        target,
+        errno,
+        message: None,
+    }
 }
 
 impl super::Datapath for MemoryDatapath {
     fn probe(&mut self, _aead: Aead, _families: &[AddressFamily]) -> Result<(), DatapathError> {
         match &self.probe_failure {
-            Some((what, fix)) => Err(DatapathError::Unsupported { what: what.clone(), fix: fix.clone() }),
+            Some((what, fix)) => Err(DatapathError::Unsupported {
+                what: what.clone(),
+                fix: fix.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -150,7 +164,13 @@ impl super::Datapath for MemoryDatapath {
         if self.sas.contains_key(&id) {
             return Err(kernel(Op::NewSa, id.to_string(), libc::EEXIST));
         }
-        self.sas.insert(id, MemSa::Full { spec: sa.clone(), counters: SaCounters::default() });
+        self.sas.insert(
+            id,
+            MemSa::Full {
+                spec: sa.clone(),
+                counters: SaCounters::default(),
+            },
+        );
         Ok(())
     }
 
@@ -165,7 +185,10 @@ impl super::Datapath for MemoryDatapath {
                 why: "reqid, protocol or mode is not meshsec's".into(),
             }),
             Some(slot @ MemSa::Larval { .. }) => {
-                *slot = MemSa::Full { spec: sa.clone(), counters: SaCounters::default() };
+                *slot = MemSa::Full {
+                    spec: sa.clone(),
+                    counters: SaCounters::default(),
+                };
                 Ok(())
             }
             // Like the kernel: a valid SA only takes new lifetimes.
@@ -201,7 +224,11 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError> {
-        Ok(if std::mem::take(&mut self.nd_bypass) { 4 } else { 0 })
+        Ok(if std::mem::take(&mut self.nd_bypass) {
+            4
+        } else {
+            0
+        })
     }
 
     fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError> {
@@ -214,8 +241,19 @@ impl super::Datapath for MemoryDatapath {
         }
         // The kernel numbers policies so that index % 8 is the direction.
         self.next_index += 8;
-        let index = self.next_index + if policy.id.direction == Direction::Out { 1 } else { 0 };
-        self.policies.insert(policy.id, MemPolicy { owned: Some(*policy), index });
+        let index = self.next_index
+            + if policy.id.direction == Direction::Out {
+                1
+            } else {
+                0
+            };
+        self.policies.insert(
+            policy.id,
+            MemPolicy {
+                owned: Some(*policy),
+                index,
+            },
+        );
         Ok(())
     }
 
@@ -225,7 +263,9 @@ impl super::Datapath for MemoryDatapath {
             Some(MemPolicy { owned: None, .. }) => Err(DatapathError::NotOwned {
                 op: Op::DelPolicy,
                 target: id.to_string(),
-                why: format!("priority or template is not meshsec's (priority {POLICY_PRIORITY} expected)"),
+                why: format!(
+                    "priority or template is not meshsec's (priority {POLICY_PRIORITY} expected)"
+                ),
             }),
             Some(_) => {
                 self.policies.remove(&id);
@@ -235,14 +275,24 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError> {
-        Ok(sort_sas(self.sas.iter().filter_map(|(id, sa)| Self::state_of(*id, sa)).collect()))
+        Ok(sort_sas(
+            self.sas
+                .iter()
+                .filter_map(|(id, sa)| Self::state_of(*id, sa))
+                .collect(),
+        ))
     }
 
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError> {
         Ok(sort_policies(
             self.policies
                 .values()
-                .filter_map(|p| p.owned.map(|spec| PolicyState { spec, index: p.index }))
+                .filter_map(|p| {
+                    p.owned.map(|spec| PolicyState {
+                        spec,
+                        index: p.index,
+                    })
+                })
                 .collect(),
         ))
     }

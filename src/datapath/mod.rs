@@ -165,7 +165,10 @@ pub struct SaSpec {
 impl SaSpec {
     /// The kernel identity of this SA.
     pub fn id(&self) -> SaId {
-        SaId { dst: self.dst, spi: self.spi }
+        SaId {
+            dst: self.dst,
+            spi: self.spi,
+        }
     }
 }
 
@@ -230,7 +233,10 @@ pub struct SaState {
 impl SaState {
     /// The kernel identity of this SA.
     pub fn id(&self) -> SaId {
-        SaId { dst: self.dst, spi: self.spi }
+        SaId {
+            dst: self.dst,
+            spi: self.spi,
+        }
     }
 }
 
@@ -272,11 +278,19 @@ impl PolicySpec {
     pub fn pair(local: IpAddr, peer: IpAddr, reqid: Reqid) -> [PolicySpec; 2] {
         [
             PolicySpec {
-                id: PolicyId { src: local, dst: peer, direction: Direction::Out },
+                id: PolicyId {
+                    src: local,
+                    dst: peer,
+                    direction: Direction::Out,
+                },
                 reqid,
             },
             PolicySpec {
-                id: PolicyId { src: peer, dst: local, direction: Direction::In },
+                id: PolicyId {
+                    src: peer,
+                    dst: local,
+                    direction: Direction::In,
+                },
                 reqid,
             },
         ]
@@ -390,6 +404,7 @@ pub trait Datapath: Send {
             .iter()
             .map(|c| match c {
                 Change::AddSa(sa) => self.install_sa(sa),
+                Change::FillSa(sa) => self.update_sa(sa),
                 Change::DeleteSa(id) => self.delete_sa(*id),
                 Change::AddPolicy(p) => self.install_policy(p),
                 Change::DeletePolicy(id) => self.delete_policy(*id),

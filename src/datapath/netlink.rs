@@ -78,11 +78,13 @@ pub(crate) fn encode(msg: &XfrmMessage, flags: u16, seq: u32, out: &mut Vec<u8>)
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    b.get(off..off + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(off..off + 4)
+        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    b.get(off..off + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]))
+    b.get(off..off + 2)
+        .map(|s| u16::from_ne_bytes([s[0], s[1]]))
 }
 
 /// Split a datagram into (type, flags, seq, payload) frames. Malformed
@@ -162,7 +164,12 @@ impl NlSocket {
         let _ = sock.set_cap_ack(true);
         // A pipeline of answers must fit in the receive buffer.
         let _ = sock.set_rx_buf_sz(4 << 20);
-        Ok(NlSocket { sock, seq: 0, rx: Vec::with_capacity(RECV_BUF), tx: Vec::new() })
+        Ok(NlSocket {
+            sock,
+            seq: 0,
+            rx: Vec::with_capacity(RECV_BUF),
+            tx: Vec::new(),
+        })
     }
 
     /// Send every request and collect one outcome per request, in order.
@@ -214,7 +221,9 @@ impl NlSocket {
             self.rx.clear();
             let n = self.sock.recv(&mut self.rx, libc::MSG_TRUNC)?;
             if n > self.rx.capacity() {
-                return Err(io::Error::other(format!("netlink reply of {n} bytes truncated")));
+                return Err(io::Error::other(format!(
+                    "netlink reply of {n} bytes truncated"
+                )));
             }
             for (ty, flags, seq, payload) in frames(&self.rx) {
                 let idx = seq.wrapping_sub(first_seq) as usize;
@@ -240,11 +249,19 @@ impl NlSocket {
                             }
                         }
                     }
-                    _ => data[idx].push(RawMsg { ty, payload: payload.to_vec() }),
+                    _ => data[idx].push(RawMsg {
+                        ty,
+                        payload: payload.to_vec(),
+                    }),
                 }
             }
         }
-        outcomes.extend(pending.into_iter().map(|o| o.unwrap_or(Outcome::Error { errno: libc::EIO, message: None })));
+        outcomes.extend(pending.into_iter().map(|o| {
+            o.unwrap_or(Outcome::Error {
+                errno: libc::EIO,
+                message: None,
+            })
+        }));
         debug_assert_eq!(outcomes.len(), base + reqs.len());
         Ok(())
     }
