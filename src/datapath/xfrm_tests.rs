@@ -607,78 +607,91 @@ pub(crate) fn udp_delivers(from: &str, to: &str, to_addr: IpAddr, port: u16, byp
     matches!(rx.recv_from(&mut buf), Ok((12, _)))
 }
 
-/// Capture, in namespace `ns`, (IP protocol, ICMP type or 0) of every packet
-/// whose source is `from` for `ms` milliseconds (AF_PACKET, so what the wire
-/// carries, before any decryption).
-pub(crate) fn capture_protocols(
-    ns: &str,
-    from: IpAddr,
-    ms: u64,
-) -> std::thread::JoinHandle<Vec<(u8, u8)>> {
-    let path = format!("/run/netns/{ns}");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let h = std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        let file = std::fs::File::open(&path).expect("netns file");
-        // SAFETY: valid fds and buffers; this thread only.
-        unsafe {
-            assert_eq!(libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET), 0);
-            let fd = libc::socket(
-                libc::AF_PACKET,
-                libc::SOCK_DGRAM,
-                (libc::ETH_P_ALL as u16).to_be() as i32,
-            );
-            assert!(fd >= 0, "AF_PACKET socket");
-            let tv = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 50_000,
-            };
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as u32,
-            );
-            tx.send(()).unwrap();
-            let deadline = std::time::Instant::now() + std::time::Duration::from_millis(ms);
-            let mut protos = Vec::new();
-            let mut buf = [0u8; 2048];
-            while std::time::Instant::now() < deadline {
-                let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-                if n < 20 {
-                    continue;
-                }
-                let p = &buf[..n as usize];
-                match (p[0] >> 4, from) {
-                    (4, IpAddr::V4(a)) if p[12..16] == a.octets() => {
-                        let ihl = usize::from(p[0] & 0xf) * 4;
-                        protos.push((
-                            p[9],
-                            if p[9] == 1 {
-                                p.get(ihl).copied().unwrap_or(0)
+/// A running capture, in namespace `ns`, of (IP protocol, ICMP type or 0) of
+/// every packet whose source is `from` (AF_PACKET, so what the wire carries,
+/// before any decryption). Stopped by [`Capture::finish`].
+pub(crate) struct Capture {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<(u8, u8)>>,
+}
+
+impl Capture {
+    pub fn start(ns: &str, from: IpAddr) -> Capture {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let path = format!("/run/netns/{ns}");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(&path).expect("netns file");
+            // SAFETY: valid fds and buffers; this thread only.
+            unsafe {
+                assert_eq!(libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET), 0);
+                let fd = libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_DGRAM,
+                    (libc::ETH_P_ALL as u16).to_be() as i32,
+                );
+                assert!(fd >= 0, "AF_PACKET socket");
+                let tv = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 50_000,
+                };
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                tx.send(()).unwrap();
+                let cap = std::time::Instant::now() + std::time::Duration::from_secs(60);
+                let mut protos = Vec::new();
+                let mut buf = [0u8; 2048];
+                while !stop2.load(Ordering::SeqCst) && std::time::Instant::now() < cap {
+                    let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+                    if n < 20 {
+                        continue;
+                    }
+                    let p = &buf[..n as usize];
+                    match (p[0] >> 4, from) {
+                        (4, IpAddr::V4(a)) if p[12..16] == a.octets() => {
+                            let ihl = usize::from(p[0] & 0xf) * 4;
+                            protos.push((
+                                p[9],
+                                if p[9] == 1 {
+                                    p.get(ihl).copied().unwrap_or(0)
+                                } else {
+                                    0
+                                },
+                            ))
+                        }
+                        (6, IpAddr::V6(a)) if n >= 40 && p[8..24] == a.octets() => protos.push((
+                            p[6],
+                            if p[6] == 58 {
+                                p.get(40).copied().unwrap_or(0)
                             } else {
                                 0
                             },
-                        ))
+                        )),
+                        _ => {}
                     }
-                    (6, IpAddr::V6(a)) if n >= 40 && p[8..24] == a.octets() => protos.push((
-                        p[6],
-                        if p[6] == 58 {
-                            p.get(40).copied().unwrap_or(0)
-                        } else {
-                            0
-                        },
-                    )),
-                    _ => {}
                 }
+                libc::close(fd);
+                protos
             }
-            libc::close(fd);
-            protos
-        }
-    });
-    rx.recv().unwrap();
-    h
+        });
+        rx.recv().unwrap();
+        Capture { stop, handle }
+    }
+
+    /// Let in-flight packets land, stop, and return what was seen.
+    pub fn finish(self) -> Vec<(u8, u8)> {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.join().unwrap()
+    }
 }
 
 /// Fail closed + bypass on ANY kernel with XFRM: with meshsec's policies and
@@ -872,12 +885,13 @@ fn esp_two_namespaces_ping() {
         ))
     );
     let ping = |ns: &str, dst: &str| sh(&format!("ip netns exec {ns} ping -c 3 -i 0.2 -W 2 {dst}"));
-    let cap4 = capture_protocols(&pair.b, "10.62.0.1".parse().unwrap(), 2500);
+    let cap = Capture::start(&pair.b, "10.62.0.1".parse().unwrap());
     let p4 = ping(&pair.a, "10.62.0.2");
-    let cap6 = capture_protocols(&pair.b, "fd00:62::1".parse().unwrap(), 2500);
+    let w4 = cap.finish();
+    let cap = Capture::start(&pair.b, "fd00:62::1".parse().unwrap());
     let p6 = ping(&pair.a, "fd00:62::2");
+    let w6 = cap.finish();
     eprintln!("{p4}\n{p6}");
-    let (w4, w6) = (cap4.join().unwrap(), cap6.join().unwrap());
     eprintln!("on the wire from A: IPv4 (protocol, icmp type) {w4:?}, IPv6 (next header, icmpv6 type) {w6:?}");
     let esp = |w: &[(u8, u8)]| w.iter().filter(|(p, _)| *p == 50).count();
     assert!(
