@@ -955,3 +955,25 @@ fn esp_two_namespaces_ping() {
     let p4 = ping(&pair.a, "10.62.0.2");
     assert!(p4.contains(" 0% packet loss"), "after flush: {p4}");
 }
+
+/// The start-up probe's message on a kernel deliberately missing a piece
+/// (the qemu guest booted without some modules). `MESHSEC_EXPECT_PROBE`
+/// holds the text the error must contain, e.g. "modprobe drbg".
+#[test]
+#[ignore = "needs root, a guest kernel missing a module, and MESHSEC_EXPECT_PROBE"]
+fn esp_probe_names_missing_piece() {
+    let want = std::env::var("MESHSEC_EXPECT_PROBE").expect("set MESHSEC_EXPECT_PROBE");
+    let aead = match std::env::var("MESHSEC_TEST_AEAD").as_deref() {
+        Ok("chacha20-poly1305") => Aead::ChaCha20Poly1305,
+        _ => Aead::Aes128Gcm,
+    };
+    fresh_netns();
+    let mut dp = XfrmDatapath::open().unwrap();
+    let e = dp
+        .probe(aead, &[AddressFamily::V4, AddressFamily::V6])
+        .unwrap_err();
+    eprintln!("probe error: {e}");
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
+    assert!(e.to_string().contains(&want), "{e}");
+    assert_eq!(sh_ok("ip xfrm state").trim(), "", "probe left state behind");
+}
