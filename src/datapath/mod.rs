@@ -240,6 +240,51 @@ impl SaState {
     }
 }
 
+/// Traffic with one peer, summed over its SAs (old and new during a rekey).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerCounters {
+    /// Bytes received from the peer (inbound SAs).
+    pub bytes_in: u64,
+    /// Bytes sent to the peer (outbound SAs).
+    pub bytes_out: u64,
+    /// Packets received from the peer.
+    pub packets_in: u64,
+    /// Packets sent to the peer.
+    pub packets_out: u64,
+    /// Replayed packets dropped on inbound SAs.
+    pub replay: u64,
+    /// Packets failing integrity checks on inbound SAs.
+    pub integrity_failed: u64,
+    /// Inbound SPIs (complete SAs only).
+    pub spis_in: Vec<u32>,
+    /// Outbound SPIs.
+    pub spis_out: Vec<u32>,
+}
+
+/// Sum a dump's SAs for one peer: inbound SAs come from `peer`, outbound go
+/// to it. Larval SAs are skipped.
+pub fn peer_counters(sas: &[SaState], peer: IpAddr) -> PeerCounters {
+    let mut c = PeerCounters::default();
+    for s in sas.iter().filter(|s| !s.larval) {
+        match s.direction {
+            Some(Direction::In) if s.src == peer => {
+                c.bytes_in += s.counters.bytes;
+                c.packets_in += s.counters.packets;
+                c.replay += u64::from(s.counters.replay);
+                c.integrity_failed += u64::from(s.counters.integrity_failed);
+                c.spis_in.push(s.spi);
+            }
+            Some(Direction::Out) if s.dst == peer => {
+                c.bytes_out += s.counters.bytes;
+                c.packets_out += s.counters.packets;
+                c.spis_out.push(s.spi);
+            }
+            _ => {}
+        }
+    }
+    c
+}
+
 /// Identity of a policy: host selector + direction. For `Out`, `src` is the
 /// local address and `dst` the peer; for `In` the reverse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

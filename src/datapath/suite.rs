@@ -431,6 +431,27 @@ mod memory_tests {
         assert!(m.record_traffic(s.id(), 1500, 1));
         assert_eq!(m.dump_sas().unwrap()[0].counters.bytes, 1500);
         assert_eq!(m.key_of(s.id()), Some(&s.key[..]));
+        let i = sa(
+            "10.21.0.2",
+            "10.21.0.1",
+            0x4321,
+            Direction::In,
+            Aead::Aes128Gcm,
+        );
+        m.install_sa(&i).unwrap();
+        assert!(m.record_traffic(i.id(), 700, 2));
+        m.alloc_spi(ip("10.21.0.2"), ip("10.21.0.1"), Reqid::DEFAULT)
+            .unwrap();
+        let c = peer_counters(&m.dump_sas().unwrap(), ip("10.21.0.2"));
+        assert_eq!(
+            (c.bytes_in, c.packets_in, c.bytes_out, c.packets_out),
+            (700, 2, 1500, 1)
+        );
+        assert_eq!((c.spis_in, c.spis_out), (vec![0x4321], vec![0x1234]));
+        assert_eq!(
+            peer_counters(&m.dump_sas().unwrap(), ip("10.21.0.9")),
+            PeerCounters::default()
+        );
         m.set_probe_failure(
             "kernel lacks ESP for IPv4 (CONFIG_INET_ESP, module esp4)",
             "modprobe esp4",
