@@ -1043,7 +1043,7 @@ fn esp_replay_and_integrity_counters() {
                 );
                 // Outgoing IPv4 ESP to B's SPI.
                 if n > 14 + 20 + 8
-                    && from.sll_pkttype == libc::PACKET_OUTGOING as u8
+                    && from.sll_pkttype == libc::PACKET_OUTGOING
                     && buf[12..14] == [0x08, 0x00]
                     && buf[14 + 9] == 50
                 {
