@@ -20,6 +20,8 @@ pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 pub(crate) const NLM_F_ACK: u16 = 0x4;
 pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CAPPED: u16 = 0x100;
+/// Set on dump parts when the table changed during the dump.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
@@ -216,6 +218,7 @@ impl NlSocket {
         let base = outcomes.len();
         let mut pending: Vec<Option<Outcome>> = (0..reqs.len()).map(|_| None).collect();
         let mut data: Vec<Vec<RawMsg>> = vec![Vec::new(); reqs.len()];
+        let mut interrupted = vec![false; reqs.len()];
         let mut remaining = reqs.len();
         while remaining > 0 {
             self.rx.clear();
@@ -233,7 +236,12 @@ impl NlSocket {
                 match ty {
                     NLMSG_ERROR | NLMSG_DONE => {
                         let (errno, message) = parse_error(ty, flags, payload);
-                        pending[idx] = Some(if errno == 0 {
+                        pending[idx] = Some(if errno == 0 && interrupted[idx] {
+                            Outcome::Error {
+                                errno: libc::EINTR,
+                                message: Some("dump interrupted by a concurrent change".into()),
+                            }
+                        } else if errno == 0 {
                             Outcome::Done(std::mem::take(&mut data[idx]))
                         } else {
                             Outcome::Error { errno, message }
@@ -249,6 +257,7 @@ impl NlSocket {
                             }
                         }
                     }
+                    _ if flags & NLM_F_DUMP_INTR != 0 => interrupted[idx] = true,
                     _ => data[idx].push(RawMsg {
                         ty,
                         payload: payload.to_vec(),

@@ -548,10 +548,32 @@ impl XfrmDatapath {
         msg: XfrmMessage,
         dump: bool,
     ) -> Result<Vec<RawMsg>, DatapathError> {
+        let retry = dump.then(|| msg.clone());
         let mut out = self
             .sock
             .transact(&[Request { msg, dump }])
             .map_err(|source| DatapathError::Io { op, source })?;
+        // A dump that raced with a change is inconsistent: take it again.
+        if let Some(msg) = retry {
+            for _ in 0..3 {
+                if !matches!(
+                    out.last(),
+                    Some(Outcome::Error {
+                        errno: libc::EINTR,
+                        ..
+                    })
+                ) {
+                    break;
+                }
+                out = self
+                    .sock
+                    .transact(&[Request {
+                        msg: msg.clone(),
+                        dump,
+                    }])
+                    .map_err(|source| DatapathError::Io { op, source })?;
+            }
+        }
         match out.pop() {
             Some(Outcome::Done(v)) => Ok(v),
             Some(Outcome::Error { errno, message }) => Err(DatapathError::Kernel {
