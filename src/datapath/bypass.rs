@@ -52,7 +52,10 @@ impl fmt::Display for AddressFamily {
 }
 
 /// The `struct xfrm_userpolicy_info` bytes for a bypass in `dir`.
-pub(crate) fn bypass_policy_bytes(family: AddressFamily, dir: u8) -> [u8; XFRM_USER_POLICY_INFO_LEN] {
+pub(crate) fn bypass_policy_bytes(
+    family: AddressFamily,
+    dir: u8,
+) -> [u8; XFRM_USER_POLICY_INFO_LEN] {
     let info = UserPolicyInfo {
         // The kernel validates the selector family even for socket policies.
         selector: Selector {
@@ -97,7 +100,10 @@ pub fn bypass_socket(fd: BorrowedFd<'_>, family: AddressFamily) -> Result<(), Da
             )
         };
         if rc != 0 {
-            return Err(DatapathError::Io { op: Op::SocketBypass, source: std::io::Error::last_os_error() });
+            return Err(DatapathError::Io {
+                op: Op::SocketBypass,
+                source: std::io::Error::last_os_error(),
+            });
         }
     }
     Ok(())

@@ -1,6 +1,6 @@
 //! Pure reconciliation: desired vs actual XFRM state → ordered changes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use super::{PolicyId, PolicySpec, PolicyState, SaId, SaSpec, SaState};
@@ -8,8 +8,10 @@ use super::{PolicyId, PolicySpec, PolicyState, SaId, SaSpec, SaState};
 /// One change to the kernel's tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// Install an SA.
+    /// Install an SA (`NEWSA`).
     AddSa(SaSpec),
+    /// Fill the larval SA that `alloc_spi` reserved under this SPI (`UPDSA`).
+    FillSa(SaSpec),
     /// Delete a meshsec-owned SA.
     DeleteSa(SaId),
     /// Install a policy.
@@ -21,7 +23,22 @@ pub enum Change {
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Change::AddSa(sa) => write!(f, "add {} src {} reqid {} {}", sa.id(), sa.src, sa.reqid, sa.aead),
+            Change::AddSa(sa) => write!(
+                f,
+                "add {} src {} reqid {} {}",
+                sa.id(),
+                sa.src,
+                sa.reqid,
+                sa.aead
+            ),
+            Change::FillSa(sa) => write!(
+                f,
+                "fill {} src {} reqid {} {}",
+                sa.id(),
+                sa.src,
+                sa.reqid,
+                sa.aead
+            ),
             Change::DeleteSa(id) => write!(f, "delete {id}"),
             Change::AddPolicy(p) => write!(f, "add {} reqid {}", p.id, p.reqid),
             Change::DeletePolicy(id) => write!(f, "delete {id}"),
@@ -38,15 +55,23 @@ pub struct KernelState {
     pub sas: BTreeMap<SaId, SaSpec>,
     /// Policies by selector and direction.
     pub policies: BTreeMap<PolicyId, PolicySpec>,
+    /// SPIs reserved by `alloc_spi` and not filled yet (actual state only).
+    pub larval: BTreeSet<SaId>,
 }
 
 impl KernelState {
-    /// Build the actual state from dumps. Larval SAs (SPI reservations) are
-    /// left out: they are in flight, not something to reconcile.
+    /// Build the actual state from dumps. Larval SAs (SPI reservations) go
+    /// to `larval`: a desired SA with that id is filled, never re-added, and
+    /// an unwanted one is left to expire by itself (handshake in flight).
     pub fn from_dumps(sas: &[SaState], policies: &[PolicyState]) -> KernelState {
         let mut k = KernelState::default();
+        for s in sas.iter().filter(|s| s.larval) {
+            k.larval.insert(s.id());
+        }
         for s in sas.iter().filter(|s| !s.larval) {
-            let (Some(direction), Some(aead)) = (s.direction, s.aead) else { continue };
+            let (Some(direction), Some(aead)) = (s.direction, s.aead) else {
+                continue;
+            };
             k.sas.insert(
                 s.id(),
                 SaSpec {
@@ -76,7 +101,9 @@ impl KernelState {
 pub fn diff(desired: &KernelState, actual: &KernelState) -> Vec<Change> {
     let mut out = Vec::new();
     for (id, sa) in &desired.sas {
-        if !actual.sas.contains_key(id) {
+        if actual.larval.contains(id) {
+            out.push(Change::FillSa(sa.clone()));
+        } else if !actual.sas.contains_key(id) {
             out.push(Change::AddSa(sa.clone()));
         }
     }
@@ -150,6 +177,18 @@ mod tests {
     }
 
     #[test]
+    fn diff_fills_larval_spis() {
+        let mut desired = KernelState::default();
+        let mut inbound = sa(0x3000);
+        inbound.direction = Direction::In;
+        desired.sas.insert(inbound.id(), inbound.clone());
+        let mut actual = KernelState::default();
+        actual.larval.insert(inbound.id());
+        actual.larval.insert(sa(0x3001).id()); // someone's handshake in flight
+        assert_eq!(diff(&desired, &actual), vec![Change::FillSa(inbound)]);
+    }
+
+    #[test]
     fn diff_replaces_policy_with_new_reqid() {
         let l: IpAddr = "fd00::1".parse().unwrap();
         let p: IpAddr = "fd00::2".parse().unwrap();
@@ -159,6 +198,9 @@ mod tests {
         let old = PolicySpec::pair(l, p, Reqid::DEFAULT)[0];
         desired.policies.insert(new.id, new);
         actual.policies.insert(old.id, old);
-        assert_eq!(diff(&desired, &actual), vec![Change::DeletePolicy(new.id), Change::AddPolicy(new)]);
+        assert_eq!(
+            diff(&desired, &actual),
+            vec![Change::DeletePolicy(new.id), Change::AddPolicy(new)]
+        );
     }
 }

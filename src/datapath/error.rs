@@ -148,9 +148,7 @@ impl DatapathError {
                 libc::EEXIST => ErrorKind::AlreadyExists,
                 libc::ESRCH | libc::ENOENT => ErrorKind::NotFound,
                 libc::EPERM | libc::EACCES => ErrorKind::Permission,
-                libc::ENOSYS | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT => {
-                    ErrorKind::Unsupported
-                }
+                libc::ENOSYS | libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT => ErrorKind::Unsupported,
                 _ => ErrorKind::Other,
             },
             DatapathError::NotOwned { .. } => ErrorKind::NotOwned,

@@ -33,6 +33,7 @@ pub struct MemoryDatapath {
     sas: BTreeMap<SaId, MemSa>,
     policies: BTreeMap<PolicyId, MemPolicy>,
     next_index: u32,
+    nd_bypass: bool,
     probe_failure: Option<(String, String)>,
 }
 
@@ -50,7 +51,13 @@ impl MemoryDatapath {
     /// Simulate somebody else's policy on a selector.
     pub fn add_foreign_policy(&mut self, id: PolicyId) {
         self.next_index += 8;
-        self.policies.insert(id, MemPolicy { owned: None, index: self.next_index });
+        self.policies.insert(
+            id,
+            MemPolicy {
+                owned: None,
+                index: self.next_index,
+            },
+        );
     }
 
     /// Simulate traffic through an SA (counters grow as in the kernel).
@@ -114,13 +121,21 @@ impl MemoryDatapath {
 }
 
 fn kernel(op: Op, target: String, errno: i32) -> DatapathError {
-    DatapathError::Kernel { op, target, errno, message: None }
+    DatapathError::Kernel {
+        op,
+        target,
+        errno,
+        message: None,
+    }
 }
 
 impl super::Datapath for MemoryDatapath {
     fn probe(&mut self, _aead: Aead, _families: &[AddressFamily]) -> Result<(), DatapathError> {
         match &self.probe_failure {
-            Some((what, fix)) => Err(DatapathError::Unsupported { what: what.clone(), fix: fix.clone() }),
+            Some((what, fix)) => Err(DatapathError::Unsupported {
+                what: what.clone(),
+                fix: fix.clone(),
+            }),
             None => Ok(()),
         }
     }
@@ -149,7 +164,13 @@ impl super::Datapath for MemoryDatapath {
         if self.sas.contains_key(&id) {
             return Err(kernel(Op::NewSa, id.to_string(), libc::EEXIST));
         }
-        self.sas.insert(id, MemSa::Full { spec: sa.clone(), counters: SaCounters::default() });
+        self.sas.insert(
+            id,
+            MemSa::Full {
+                spec: sa.clone(),
+                counters: SaCounters::default(),
+            },
+        );
         Ok(())
     }
 
@@ -164,7 +185,10 @@ impl super::Datapath for MemoryDatapath {
                 why: "reqid, protocol or mode is not meshsec's".into(),
             }),
             Some(slot @ MemSa::Larval { .. }) => {
-                *slot = MemSa::Full { spec: sa.clone(), counters: SaCounters::default() };
+                *slot = MemSa::Full {
+                    spec: sa.clone(),
+                    counters: SaCounters::default(),
+                };
                 Ok(())
             }
             // Like the kernel: a valid SA only takes new lifetimes.
@@ -190,15 +214,46 @@ impl super::Datapath for MemoryDatapath {
         }
     }
 
+    fn ensure_nd_bypass(&mut self) -> Result<(), DatapathError> {
+        self.nd_bypass = true;
+        Ok(())
+    }
+
+    fn nd_bypass_count(&mut self) -> Result<usize, DatapathError> {
+        Ok(if self.nd_bypass { 4 } else { 0 })
+    }
+
+    fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError> {
+        Ok(if std::mem::take(&mut self.nd_bypass) {
+            4
+        } else {
+            0
+        })
+    }
+
     fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError> {
         validate_policy(Op::NewPolicy, policy)?;
+        if policy.id.src.is_ipv6() {
+            self.ensure_nd_bypass()?;
+        }
         if self.policies.contains_key(&policy.id) {
             return Err(kernel(Op::NewPolicy, policy.id.to_string(), libc::EEXIST));
         }
         // The kernel numbers policies so that index % 8 is the direction.
         self.next_index += 8;
-        let index = self.next_index + if policy.id.direction == Direction::Out { 1 } else { 0 };
-        self.policies.insert(policy.id, MemPolicy { owned: Some(*policy), index });
+        let index = self.next_index
+            + if policy.id.direction == Direction::Out {
+                1
+            } else {
+                0
+            };
+        self.policies.insert(
+            policy.id,
+            MemPolicy {
+                owned: Some(*policy),
+                index,
+            },
+        );
         Ok(())
     }
 
@@ -208,7 +263,9 @@ impl super::Datapath for MemoryDatapath {
             Some(MemPolicy { owned: None, .. }) => Err(DatapathError::NotOwned {
                 op: Op::DelPolicy,
                 target: id.to_string(),
-                why: format!("priority or template is not meshsec's (priority {POLICY_PRIORITY} expected)"),
+                why: format!(
+                    "priority or template is not meshsec's (priority {POLICY_PRIORITY} expected)"
+                ),
             }),
             Some(_) => {
                 self.policies.remove(&id);
@@ -218,14 +275,24 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError> {
-        Ok(sort_sas(self.sas.iter().filter_map(|(id, sa)| Self::state_of(*id, sa)).collect()))
+        Ok(sort_sas(
+            self.sas
+                .iter()
+                .filter_map(|(id, sa)| Self::state_of(*id, sa))
+                .collect(),
+        ))
     }
 
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError> {
         Ok(sort_policies(
             self.policies
                 .values()
-                .filter_map(|p| p.owned.map(|spec| PolicyState { spec, index: p.index }))
+                .filter_map(|p| {
+                    p.owned.map(|spec| PolicyState {
+                        spec,
+                        index: p.index,
+                    })
+                })
                 .collect(),
         ))
     }

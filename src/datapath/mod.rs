@@ -165,7 +165,10 @@ pub struct SaSpec {
 impl SaSpec {
     /// The kernel identity of this SA.
     pub fn id(&self) -> SaId {
-        SaId { dst: self.dst, spi: self.spi }
+        SaId {
+            dst: self.dst,
+            spi: self.spi,
+        }
     }
 }
 
@@ -230,8 +233,56 @@ pub struct SaState {
 impl SaState {
     /// The kernel identity of this SA.
     pub fn id(&self) -> SaId {
-        SaId { dst: self.dst, spi: self.spi }
+        SaId {
+            dst: self.dst,
+            spi: self.spi,
+        }
     }
+}
+
+/// Traffic with one peer, summed over its SAs (old and new during a rekey).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerCounters {
+    /// Bytes received from the peer (inbound SAs).
+    pub bytes_in: u64,
+    /// Bytes sent to the peer (outbound SAs).
+    pub bytes_out: u64,
+    /// Packets received from the peer.
+    pub packets_in: u64,
+    /// Packets sent to the peer.
+    pub packets_out: u64,
+    /// Replayed packets dropped on inbound SAs.
+    pub replay: u64,
+    /// Packets failing integrity checks on inbound SAs.
+    pub integrity_failed: u64,
+    /// Inbound SPIs (complete SAs only).
+    pub spis_in: Vec<u32>,
+    /// Outbound SPIs.
+    pub spis_out: Vec<u32>,
+}
+
+/// Sum a dump's SAs for one peer: inbound SAs come from `peer`, outbound go
+/// to it. Larval SAs are skipped.
+pub fn peer_counters(sas: &[SaState], peer: IpAddr) -> PeerCounters {
+    let mut c = PeerCounters::default();
+    for s in sas.iter().filter(|s| !s.larval) {
+        match s.direction {
+            Some(Direction::In) if s.src == peer => {
+                c.bytes_in += s.counters.bytes;
+                c.packets_in += s.counters.packets;
+                c.replay += u64::from(s.counters.replay);
+                c.integrity_failed += u64::from(s.counters.integrity_failed);
+                c.spis_in.push(s.spi);
+            }
+            Some(Direction::Out) if s.dst == peer => {
+                c.bytes_out += s.counters.bytes;
+                c.packets_out += s.counters.packets;
+                c.spis_out.push(s.spi);
+            }
+            _ => {}
+        }
+    }
+    c
 }
 
 /// Identity of a policy: host selector + direction. For `Out`, `src` is the
@@ -272,11 +323,19 @@ impl PolicySpec {
     pub fn pair(local: IpAddr, peer: IpAddr, reqid: Reqid) -> [PolicySpec; 2] {
         [
             PolicySpec {
-                id: PolicyId { src: local, dst: peer, direction: Direction::Out },
+                id: PolicyId {
+                    src: local,
+                    dst: peer,
+                    direction: Direction::Out,
+                },
                 reqid,
             },
             PolicySpec {
-                id: PolicyId { src: peer, dst: local, direction: Direction::In },
+                id: PolicyId {
+                    src: peer,
+                    dst: local,
+                    direction: Direction::In,
+                },
                 reqid,
             },
         ]
@@ -343,6 +402,21 @@ pub trait Datapath: Send {
     /// All meshsec-owned policies.
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError>;
 
+    /// Make sure the four IPv6 neighbour-discovery bypass policies exist
+    /// (ICMPv6 types 135/136, in and out, any address; see docs/xfrm.md).
+    /// Without them a host-to-host IPv6 policy whose SAs are missing also
+    /// blocks neighbour solicitations/advertisements between the two hosts,
+    /// and then even the bypassed control-plane sockets cannot reach the
+    /// peer. `install_policy` and `apply` call this for every IPv6 policy;
+    /// it is idempotent and cheap after the first call.
+    fn ensure_nd_bypass(&mut self) -> Result<(), DatapathError>;
+
+    /// How many of meshsec's neighbour-discovery bypass policies exist (0-4).
+    fn nd_bypass_count(&mut self) -> Result<usize, DatapathError>;
+
+    /// Remove meshsec's neighbour-discovery bypass policies; returns how many.
+    fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError>;
+
     /// Delete every meshsec-owned policy, then every meshsec-owned SA.
     /// Policies go first so traffic is never sent unprotected: with the
     /// policies gone and before the SAs go, packets simply flow in clear as
@@ -356,6 +430,7 @@ pub trait Datapath: Send {
                 Err(e) => return Err(e),
             }
         }
+        report.policies += self.remove_nd_bypass()?;
         for sa in self.dump_sas()? {
             match self.delete_sa(sa.id()) {
                 Ok(()) => report.sas += 1,
@@ -374,6 +449,7 @@ pub trait Datapath: Send {
             .iter()
             .map(|c| match c {
                 Change::AddSa(sa) => self.install_sa(sa),
+                Change::FillSa(sa) => self.update_sa(sa),
                 Change::DeleteSa(id) => self.delete_sa(*id),
                 Change::AddPolicy(p) => self.install_policy(p),
                 Change::DeletePolicy(id) => self.delete_policy(*id),

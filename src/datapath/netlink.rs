@@ -20,6 +20,8 @@ pub(crate) const NLM_F_REQUEST: u16 = 0x1;
 pub(crate) const NLM_F_ACK: u16 = 0x4;
 pub(crate) const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_CAPPED: u16 = 0x100;
+/// Set on dump parts when the table changed during the dump.
+const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLM_F_ACK_TLVS: u16 = 0x200;
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
@@ -78,11 +80,13 @@ pub(crate) fn encode(msg: &XfrmMessage, flags: u16, seq: u32, out: &mut Vec<u8>)
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    b.get(off..off + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(off..off + 4)
+        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    b.get(off..off + 2).map(|s| u16::from_ne_bytes([s[0], s[1]]))
+    b.get(off..off + 2)
+        .map(|s| u16::from_ne_bytes([s[0], s[1]]))
 }
 
 /// Split a datagram into (type, flags, seq, payload) frames. Malformed
@@ -162,7 +166,12 @@ impl NlSocket {
         let _ = sock.set_cap_ack(true);
         // A pipeline of answers must fit in the receive buffer.
         let _ = sock.set_rx_buf_sz(4 << 20);
-        Ok(NlSocket { sock, seq: 0, rx: Vec::with_capacity(RECV_BUF), tx: Vec::new() })
+        Ok(NlSocket {
+            sock,
+            seq: 0,
+            rx: Vec::with_capacity(RECV_BUF),
+            tx: Vec::new(),
+        })
     }
 
     /// Send every request and collect one outcome per request, in order.
@@ -186,9 +195,20 @@ impl NlSocket {
         }
         let first_seq = self.seq.wrapping_add(1);
         self.tx.clear();
-        for r in reqs {
+        // Only the last request asks for an ACK. The kernel handles a
+        // datagram's messages in order, synchronously, and queues an ERROR
+        // for every failing one whether or not it asked for an ACK; so once
+        // the last ACK arrives, every earlier request without an ERROR has
+        // succeeded. Half the replies, half the skbs.
+        for (i, r) in reqs.iter().enumerate() {
             self.seq = self.seq.wrapping_add(1);
-            let flags = if r.dump { NLM_F_REQUEST | NLM_F_DUMP } else { NLM_F_REQUEST | NLM_F_ACK };
+            let flags = if r.dump {
+                NLM_F_REQUEST | NLM_F_DUMP
+            } else if i + 1 == reqs.len() {
+                NLM_F_REQUEST | NLM_F_ACK
+            } else {
+                NLM_F_REQUEST
+            };
             encode(&r.msg, flags, self.seq, &mut self.tx);
         }
         let sent = self.sock.send(&self.tx, 0)?;
@@ -198,12 +218,15 @@ impl NlSocket {
         let base = outcomes.len();
         let mut pending: Vec<Option<Outcome>> = (0..reqs.len()).map(|_| None).collect();
         let mut data: Vec<Vec<RawMsg>> = vec![Vec::new(); reqs.len()];
+        let mut interrupted = vec![false; reqs.len()];
         let mut remaining = reqs.len();
         while remaining > 0 {
             self.rx.clear();
             let n = self.sock.recv(&mut self.rx, libc::MSG_TRUNC)?;
             if n > self.rx.capacity() {
-                return Err(io::Error::other(format!("netlink reply of {n} bytes truncated")));
+                return Err(io::Error::other(format!(
+                    "netlink reply of {n} bytes truncated"
+                )));
             }
             for (ty, flags, seq, payload) in frames(&self.rx) {
                 let idx = seq.wrapping_sub(first_seq) as usize;
@@ -213,18 +236,41 @@ impl NlSocket {
                 match ty {
                     NLMSG_ERROR | NLMSG_DONE => {
                         let (errno, message) = parse_error(ty, flags, payload);
-                        pending[idx] = Some(if errno == 0 {
+                        pending[idx] = Some(if errno == 0 && interrupted[idx] {
+                            Outcome::Error {
+                                errno: libc::EINTR,
+                                message: Some("dump interrupted by a concurrent change".into()),
+                            }
+                        } else if errno == 0 {
                             Outcome::Done(std::mem::take(&mut data[idx]))
                         } else {
                             Outcome::Error { errno, message }
                         });
                         remaining -= 1;
+                        if idx + 1 == reqs.len() {
+                            // The final ACK: everything before it is settled.
+                            for (j, slot) in pending.iter_mut().enumerate() {
+                                if slot.is_none() {
+                                    *slot = Some(Outcome::Done(std::mem::take(&mut data[j])));
+                                    remaining -= 1;
+                                }
+                            }
+                        }
                     }
-                    _ => data[idx].push(RawMsg { ty, payload: payload.to_vec() }),
+                    _ if flags & NLM_F_DUMP_INTR != 0 => interrupted[idx] = true,
+                    _ => data[idx].push(RawMsg {
+                        ty,
+                        payload: payload.to_vec(),
+                    }),
                 }
             }
         }
-        outcomes.extend(pending.into_iter().map(|o| o.unwrap_or(Outcome::Error { errno: libc::EIO, message: None })));
+        outcomes.extend(pending.into_iter().map(|o| {
+            o.unwrap_or(Outcome::Error {
+                errno: libc::EIO,
+                message: None,
+            })
+        }));
         debug_assert_eq!(outcomes.len(), base + reqs.len());
         Ok(())
     }

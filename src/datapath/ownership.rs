@@ -8,6 +8,9 @@
 //! An SA is meshsec's iff proto = ESP, mode = transport and the reqid carries
 //! the prefix. A policy is meshsec's iff its priority is `POLICY_PRIORITY`,
 //! it has no mark / if_id and its single template's reqid carries the prefix.
+//! The four IPv6 neighbour-discovery bypass policies are meshsec's iff their
+//! priority is [`ND_BYPASS_PRIORITY`], they have no template, and their
+//! selector is `::/0 -> ::/0`, ICMPv6, type 135 or 136.
 //! Both conditions are checked before any delete, and dumps filter by them,
 //! so meshsec never reads, deletes or flushes anybody else's entries.
 
@@ -21,6 +24,11 @@ pub const REQID_PREFIX: u16 = 0x6d73;
 /// of meshsec takes precedence over a broader site-to-site one, and above 0
 /// (the `ip xfrm` default) so an administrator's manual policy still wins.
 pub const POLICY_PRIORITY: u32 = 0x6d73; // 28019
+
+/// Priority of meshsec's IPv6 neighbour-discovery bypass policies: one
+/// better than [`POLICY_PRIORITY`] so they win over the host-pair policies.
+/// They have no template, ICMPv6 selectors on `::/0` and types 135/136.
+pub const ND_BYPASS_PRIORITY: u32 = POLICY_PRIORITY - 1;
 
 /// A meshsec-owned reqid: `0x6d73_xxxx`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

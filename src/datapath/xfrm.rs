@@ -7,23 +7,26 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_core::DefaultNla;
+use netlink_packet_core::Parseable;
 use netlink_packet_xfrm::{
     policy::{DelGetMessage as PolicyDelGetMessage, ModifyMessage as PolicyModifyMessage},
-    state::{AllocSpiMessage, DelGetMessage as SaDelGetMessage, GetDumpMessage, ModifyMessage as SaModifyMessage},
-    Address, AlgAead, Alg, Id, LifetimeConfig, ReplayEsn, Selector, UserPolicyId, UserPolicyInfo,
+    state::{
+        AllocSpiMessage, DelGetMessage as SaDelGetMessage, GetDumpMessage,
+        ModifyMessage as SaModifyMessage,
+    },
+    Address, Alg, AlgAead, Id, LifetimeConfig, ReplayEsn, Selector, UserPolicyId, UserPolicyInfo,
     UserSaId, UserSaInfo, UserSpiInfo, UserTemplate, XfrmAttrs, XfrmMessage, AF_INET, AF_INET6,
     IPPROTO_ESP, XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_MSG_NEWPOLICY, XFRM_MSG_NEWSA,
     XFRM_POLICY_ALLOW, XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_SHARE_ANY, XFRM_STATE_ESN,
     XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_INFO_LEN,
 };
-use netlink_packet_core::Parseable;
 
 use super::netlink::{NlSocket, Outcome, RawMsg, Request};
-use super::ownership::{is_owned_reqid, POLICY_PRIORITY};
+use super::ownership::{is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY};
 use super::{
-    sort_policies, sort_sas, validate_policy, validate_sa, AddressFamily, Aead, Change,
-    Datapath, DatapathError, Direction, ErrorKind, Lifetimes, Op, PolicyId, PolicySpec, PolicyState, Reqid,
-    SaCounters, SaId, SaSpec, SaState, MIN_INBOUND_REPLAY_WINDOW, ICV_BITS,
+    sort_policies, sort_sas, validate_policy, validate_sa, AddressFamily, Aead, Change, Datapath,
+    DatapathError, Direction, ErrorKind, Lifetimes, Op, PolicyId, PolicySpec, PolicyState, Reqid,
+    SaCounters, SaId, SaSpec, SaState, ICV_BITS, MIN_INBOUND_REPLAY_WINDOW,
 };
 
 /// `XFRMA_SA_DIR` (Linux ≥ 6.10), not in netlink-packet-xfrm 0.5.
@@ -57,16 +60,25 @@ impl KernelFlavor {
         if unsafe { libc::uname(&mut u) } != 0 {
             return KernelFlavor::LEGACY;
         }
-        let rel: Vec<u8> = u.release.iter().take_while(|c| **c != 0).map(|c| *c as u8).collect();
+        let rel: Vec<u8> = u
+            .release
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8)
+            .collect();
         Self::from_release(&String::from_utf8_lossy(&rel))
     }
 
     /// Decide from a kernel release string such as `6.1.0-56-amd64`.
     pub fn from_release(release: &str) -> KernelFlavor {
-        let mut it = release.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+        let mut it = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty());
         let major: u32 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
         let minor: u32 = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        KernelFlavor { sa_dir: (major, minor) >= (6, 10) }
+        KernelFlavor {
+            sa_dir: (major, minor) >= (6, 10),
+        }
     }
 
     /// The ESN replay window an outbound SA carries.
@@ -146,7 +158,11 @@ fn dir_u8(d: Direction) -> u8 {
 pub(crate) fn sa_message(sa: &SaSpec, flavor: KernelFlavor) -> SaModifyMessage {
     let mut info = UserSaInfo {
         selector: host_selector(sa.src, sa.dst),
-        id: Id { daddr: Address::from_ip(&sa.dst), spi: sa.spi, proto: IPPROTO_ESP },
+        id: Id {
+            daddr: Address::from_ip(&sa.dst),
+            spi: sa.spi,
+            proto: IPPROTO_ESP,
+        },
         saddr: Address::from_ip(&sa.src),
         lifetime_cfg: lifetime_cfg(&sa.lifetimes),
         reqid: sa.reqid.get(),
@@ -182,9 +198,15 @@ pub(crate) fn sa_message(sa: &SaSpec, flavor: KernelFlavor) -> SaModifyMessage {
         }),
     ];
     if flavor.sa_dir {
-        nlas.push(XfrmAttrs::Other(DefaultNla::new(XFRMA_SA_DIR, vec![dir_u8(sa.direction)])));
+        nlas.push(XfrmAttrs::Other(DefaultNla::new(
+            XFRMA_SA_DIR,
+            vec![dir_u8(sa.direction)],
+        )));
     }
-    SaModifyMessage { user_sa_info: info, nlas }
+    SaModifyMessage {
+        user_sa_info: info,
+        nlas,
+    }
 }
 
 /// The `XFRM_MSG_ALLOCSPI` body: a larval inbound SA `src → dst`.
@@ -195,7 +217,11 @@ pub(crate) fn alloc_spi_message(
     flavor: KernelFlavor,
 ) -> AllocSpiMessage {
     let mut spi_info = UserSpiInfo::default();
-    spi_info.info.id = Id { daddr: Address::from_ip(&dst), spi: 0, proto: IPPROTO_ESP };
+    spi_info.info.id = Id {
+        daddr: Address::from_ip(&dst),
+        spi: 0,
+        proto: IPPROTO_ESP,
+    };
     spi_info.info.saddr = Address::from_ip(&src);
     spi_info.info.family = family_of(dst);
     spi_info.info.mode = XFRM_MODE_TRANSPORT;
@@ -206,7 +232,10 @@ pub(crate) fn alloc_spi_message(
     spi_info.max = u32::MAX;
     let mut nlas = Vec::new();
     if flavor.sa_dir {
-        nlas.push(XfrmAttrs::Other(DefaultNla::new(XFRMA_SA_DIR, vec![XFRM_SA_DIR_IN])));
+        nlas.push(XfrmAttrs::Other(DefaultNla::new(
+            XFRMA_SA_DIR,
+            vec![XFRM_SA_DIR_IN],
+        )));
     }
     AllocSpiMessage { spi_info, nlas }
 }
@@ -243,7 +272,11 @@ pub(crate) fn policy_message(p: &PolicySpec) -> PolicyModifyMessage {
         ..Default::default()
     };
     let tmpl = UserTemplate {
-        id: Id { daddr: Address::default(), spi: 0, proto: IPPROTO_ESP },
+        id: Id {
+            daddr: Address::default(),
+            spi: 0,
+            proto: IPPROTO_ESP,
+        },
         family: family_of(p.id.src),
         reqid: p.reqid.get(),
         mode: XFRM_MODE_TRANSPORT,
@@ -251,7 +284,10 @@ pub(crate) fn policy_message(p: &PolicySpec) -> PolicyModifyMessage {
         optional: 0, // level required: no SA, no packet
         ..Default::default()
     };
-    PolicyModifyMessage { user_policy_info: info, nlas: vec![XfrmAttrs::Template(vec![tmpl])] }
+    PolicyModifyMessage {
+        user_policy_info: info,
+        nlas: vec![XfrmAttrs::Template(vec![tmpl])],
+    }
 }
 
 fn policy_id_message(id: PolicyId, index: u32) -> PolicyDelGetMessage {
@@ -263,6 +299,62 @@ fn policy_id_message(id: PolicyId, index: u32) -> PolicyDelGetMessage {
         },
         nlas: Vec::new(),
     }
+}
+
+const IPPROTO_ICMPV6: u8 = 58;
+/// (policy direction, ICMPv6 type) of the neighbour-discovery bypasses.
+const ND_BYPASS: [(u8, u16); 4] = [
+    (XFRM_POLICY_OUT, 135),
+    (XFRM_POLICY_OUT, 136),
+    (XFRM_POLICY_IN, 135),
+    (XFRM_POLICY_IN, 136),
+];
+
+fn nd_selector(icmp_type: u16) -> Selector {
+    Selector {
+        family: AF_INET6,
+        proto: IPPROTO_ICMPV6,
+        // xfrm matches the ICMP type through the source-port field.
+        sport: icmp_type,
+        sport_mask: 0xffff,
+        ..Default::default()
+    }
+}
+
+/// An IPv6 neighbour-discovery bypass: allow, no template.
+pub(crate) fn nd_policy_message(dir: u8, icmp_type: u16) -> PolicyModifyMessage {
+    PolicyModifyMessage {
+        user_policy_info: UserPolicyInfo {
+            selector: nd_selector(icmp_type),
+            lifetime_cfg: LifetimeConfig::default(),
+            priority: ND_BYPASS_PRIORITY,
+            direction: dir,
+            action: XFRM_POLICY_ALLOW,
+            share: XFRM_SHARE_ANY,
+            ..Default::default()
+        },
+        nlas: Vec::new(),
+    }
+}
+
+/// Recognise one of meshsec's ND bypasses; returns its index.
+pub(crate) fn parse_nd_policy(payload: &[u8]) -> Option<u32> {
+    if payload.len() < XFRM_USER_POLICY_INFO_LEN {
+        return None;
+    }
+    let msg = PolicyModifyMessage::parse(payload).ok()?;
+    let i = &msg.user_policy_info;
+    let s = &i.selector;
+    let ours = i.priority == ND_BYPASS_PRIORITY
+        && i.action == XFRM_POLICY_ALLOW
+        && s.family == AF_INET6
+        && s.proto == IPPROTO_ICMPV6
+        && s.prefixlen_s == 0
+        && s.prefixlen_d == 0
+        && s.sport_mask == 0xffff
+        && (s.sport == 135 || s.sport == 136)
+        && !msg.nlas.iter().any(|n| matches!(n, XfrmAttrs::Template(_)));
+    ours.then_some(i.index)
 }
 
 fn addr_of(a: &Address, family: u16) -> Option<IpAddr> {
@@ -295,7 +387,11 @@ pub(crate) fn parse_sa(payload: &[u8]) -> Option<SaState> {
         match nla {
             XfrmAttrs::EncryptionAlgAead(a) => {
                 has_alg = true;
-                let end = a.alg_name.iter().position(|c| *c == 0).unwrap_or(a.alg_name.len());
+                let end = a
+                    .alg_name
+                    .iter()
+                    .position(|c| *c == 0)
+                    .unwrap_or(a.alg_name.len());
                 let name = String::from_utf8_lossy(&a.alg_name[..end]);
                 aead = Aead::from_kernel(&name, a.alg_key_len);
             }
@@ -321,7 +417,11 @@ pub(crate) fn parse_sa(payload: &[u8]) -> Option<SaState> {
     let direction = if larval {
         None
     } else {
-        dir_attr.or(Some(if window >= MIN_INBOUND_REPLAY_WINDOW { Direction::In } else { Direction::Out }))
+        dir_attr.or(Some(if window >= MIN_INBOUND_REPLAY_WINDOW {
+            Direction::In
+        } else {
+            Direction::Out
+        }))
     };
     Some(SaState {
         src,
@@ -379,7 +479,17 @@ pub(crate) fn parse_policy(payload: &[u8]) -> Option<PolicyState> {
     }
     let src = addr_of(&s.saddr, s.family)?;
     let dst = addr_of(&s.daddr, s.family)?;
-    Some(PolicyState { spec: PolicySpec { id: PolicyId { src, dst, direction }, reqid }, index: i.index })
+    Some(PolicyState {
+        spec: PolicySpec {
+            id: PolicyId {
+                src,
+                dst,
+                direction,
+            },
+            reqid,
+        },
+        index: i.index,
+    })
 }
 
 fn host_prefix_for(family: u16) -> Option<u8> {
@@ -394,6 +504,8 @@ fn host_prefix_for(family: u16) -> Option<u8> {
 pub struct XfrmDatapath {
     sock: NlSocket,
     flavor: KernelFlavor,
+    /// Set once the ND bypasses are known to exist (saves a dump per policy).
+    nd_bypass_seen: bool,
 }
 
 impl XfrmDatapath {
@@ -406,12 +518,21 @@ impl XfrmDatapath {
     /// Open with an explicit kernel flavour.
     pub fn open_with(flavor: KernelFlavor) -> Result<XfrmDatapath, DatapathError> {
         match NlSocket::open() {
-            Ok(sock) => Ok(XfrmDatapath { sock, flavor }),
-            Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => Err(DatapathError::Unsupported {
-                what: "kernel lacks XFRM netlink (CONFIG_XFRM_USER, module xfrm_user)".into(),
-                fix: "modprobe xfrm_user".into(),
+            Ok(sock) => Ok(XfrmDatapath {
+                sock,
+                flavor,
+                nd_bypass_seen: false,
             }),
-            Err(e) => Err(DatapathError::Io { op: Op::Open, source: e }),
+            Err(e) if e.raw_os_error() == Some(libc::EPROTONOSUPPORT) => {
+                Err(DatapathError::Unsupported {
+                    what: "kernel lacks XFRM netlink (CONFIG_XFRM_USER, module xfrm_user)".into(),
+                    fix: "modprobe xfrm_user".into(),
+                })
+            }
+            Err(e) => Err(DatapathError::Io {
+                op: Op::Open,
+                source: e,
+            }),
         }
     }
 
@@ -420,22 +541,61 @@ impl XfrmDatapath {
         self.flavor
     }
 
-    fn one(&mut self, op: Op, target: &dyn Fn() -> String, msg: XfrmMessage, dump: bool) -> Result<Vec<RawMsg>, DatapathError> {
+    fn one(
+        &mut self,
+        op: Op,
+        target: &dyn Fn() -> String,
+        msg: XfrmMessage,
+        dump: bool,
+    ) -> Result<Vec<RawMsg>, DatapathError> {
+        let retry = dump.then(|| msg.clone());
         let mut out = self
             .sock
             .transact(&[Request { msg, dump }])
             .map_err(|source| DatapathError::Io { op, source })?;
+        // A dump that raced with a change is inconsistent: take it again.
+        if let Some(msg) = retry {
+            for _ in 0..3 {
+                if !matches!(
+                    out.last(),
+                    Some(Outcome::Error {
+                        errno: libc::EINTR,
+                        ..
+                    })
+                ) {
+                    break;
+                }
+                out = self
+                    .sock
+                    .transact(&[Request {
+                        msg: msg.clone(),
+                        dump,
+                    }])
+                    .map_err(|source| DatapathError::Io { op, source })?;
+            }
+        }
         match out.pop() {
             Some(Outcome::Done(v)) => Ok(v),
-            Some(Outcome::Error { errno, message }) => {
-                Err(DatapathError::Kernel { op, target: target(), errno, message })
-            }
-            None => Err(DatapathError::Decode { op, reason: "no reply".into() }),
+            Some(Outcome::Error { errno, message }) => Err(DatapathError::Kernel {
+                op,
+                target: target(),
+                errno,
+                message,
+            }),
+            None => Err(DatapathError::Decode {
+                op,
+                reason: "no reply".into(),
+            }),
         }
     }
 
     fn get_sa(&mut self, op: Op, id: SaId) -> Result<Option<SaState>, DatapathError> {
-        let msgs = self.one(op, &|| id.to_string(), XfrmMessage::GetSa(sa_id_message(id)), false)?;
+        let msgs = self.one(
+            op,
+            &|| id.to_string(),
+            XfrmMessage::GetSa(sa_id_message(id)),
+            false,
+        )?;
         let mut found = false;
         for m in &msgs {
             if m.ty == XFRM_MSG_NEWSA {
@@ -448,12 +608,20 @@ impl XfrmDatapath {
         if found {
             Ok(None) // exists, not ours
         } else {
-            Err(DatapathError::Decode { op, reason: "GETSA answered without an SA".into() })
+            Err(DatapathError::Decode {
+                op,
+                reason: "GETSA answered without an SA".into(),
+            })
         }
     }
 
     fn get_policy(&mut self, op: Op, id: PolicyId) -> Result<Option<PolicyState>, DatapathError> {
-        let msgs = self.one(op, &|| id.to_string(), XfrmMessage::GetPolicy(policy_id_message(id, 0)), false)?;
+        let msgs = self.one(
+            op,
+            &|| id.to_string(),
+            XfrmMessage::GetPolicy(policy_id_message(id, 0)),
+            false,
+        )?;
         let mut found = false;
         for m in &msgs {
             if m.ty == XFRM_MSG_NEWPOLICY {
@@ -466,15 +634,39 @@ impl XfrmDatapath {
         if found {
             Ok(None)
         } else {
-            Err(DatapathError::Decode { op, reason: "GETPOLICY answered without a policy".into() })
+            Err(DatapathError::Decode {
+                op,
+                reason: "GETPOLICY answered without a policy".into(),
+            })
         }
+    }
+
+    fn raw_policy_dump(&mut self) -> Result<Vec<RawMsg>, DatapathError> {
+        self.one(
+            Op::DumpPolicy,
+            &String::new,
+            XfrmMessage::GetPolicy(PolicyDelGetMessage::default()),
+            true,
+        )
+    }
+
+    fn nd_indexes(&mut self) -> Result<Vec<u32>, DatapathError> {
+        Ok(self
+            .raw_policy_dump()?
+            .iter()
+            .filter(|m| m.ty == XFRM_MSG_NEWPOLICY)
+            .filter_map(|m| parse_nd_policy(&m.payload))
+            .collect())
     }
 
     fn throwaway_pair(family: AddressFamily) -> (IpAddr, IpAddr) {
         // Documentation prefixes (RFC 5737 / RFC 3849): never routed, never a
         // real peer, so a transient SA on them cannot capture any traffic.
         match family {
-            AddressFamily::V4 => (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2))),
+            AddressFamily::V4 => (
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)),
+            ),
             AddressFamily::V6 => (
                 IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0x6d73, 1)),
                 IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0x6d73, 2)),
@@ -494,7 +686,11 @@ impl XfrmDatapath {
             key: vec![0x5a; aead.key_len()],
             replay_window: MIN_INBOUND_REPLAY_WINDOW,
             // If the agent dies mid-probe the kernel removes these by itself.
-            lifetimes: Lifetimes { hard_seconds: 30, soft_seconds: 20, ..Default::default() },
+            lifetimes: Lifetimes {
+                hard_seconds: 30,
+                soft_seconds: 20,
+                ..Default::default()
+            },
         };
         let spi = match self.alloc_spi(src, dst, Reqid::PROBE) {
             Ok(spi) => spi,
@@ -515,8 +711,17 @@ impl XfrmDatapath {
         // Also the outbound flavour (direction/replay-window rules differ).
         let mut out = spec.clone();
         out.direction = Direction::Out;
-        out.spi = spi.wrapping_add(1).max(0x100);
-        let outbound = if filled.is_ok() { self.install_sa(&out) } else { Ok(()) };
+        let outbound = if filled.is_ok() {
+            // A kernel-chosen SPI is free by construction; release its larval
+            // SA and add the outbound flavour under it.
+            self.alloc_spi(src, dst, Reqid::PROBE).and_then(|s| {
+                out.spi = s;
+                self.delete_sa(out.id())?;
+                self.install_sa(&out)
+            })
+        } else {
+            Ok(())
+        };
         let _ = self.delete_sa(spec.id());
         if outbound.is_ok() && filled.is_ok() {
             let _ = self.delete_sa(out.id());
@@ -553,17 +758,36 @@ impl XfrmDatapath {
                     aead: Aead::Aes128Gcm,
                     key: vec![0; 20],
                     replay_window: MIN_INBOUND_REPLAY_WINDOW,
-                    lifetimes: Lifetimes { hard_seconds: 30, ..Default::default() },
+                    lifetimes: Lifetimes {
+                        hard_seconds: 30,
+                        ..Default::default()
+                    },
                 },
                 KernelFlavor::LEGACY,
             );
             info.nlas = vec![
-                XfrmAttrs::EncryptionAlg(Alg { alg_name: name64("cbc(aes)"), alg_key_len: 128, alg_key: vec![0; 16] }),
-                XfrmAttrs::AuthenticationAlg(Alg { alg_name: name64("hmac(sha256)"), alg_key_len: 256, alg_key: vec![0; 32] }),
+                XfrmAttrs::EncryptionAlg(Alg {
+                    alg_name: name64("cbc(aes)"),
+                    alg_key_len: 128,
+                    alg_key: vec![0; 16],
+                }),
+                XfrmAttrs::AuthenticationAlg(Alg {
+                    alg_name: name64("hmac(sha256)"),
+                    alg_key_len: 256,
+                    alg_key: vec![0; 32],
+                }),
             ];
             info.user_sa_info.flags = 0;
-            let id = SaId { dst, spi: 0x6d73_0100 };
-            match this.one(Op::Probe, &|| id.to_string(), XfrmMessage::AddSa(info), false) {
+            let id = SaId {
+                dst,
+                spi: 0x6d73_0100,
+            };
+            match this.one(
+                Op::Probe,
+                &|| id.to_string(),
+                XfrmMessage::AddSa(info),
+                false,
+            ) {
                 Ok(_) => {
                     let _ = this.delete_sa(id);
                     false
@@ -612,12 +836,22 @@ impl XfrmDatapath {
                 .zip(meta)
                 .map(|(o, (op, target))| match o {
                     Outcome::Done(_) => Ok(()),
-                    Outcome::Error { errno, message } => Err(DatapathError::Kernel { op, target, errno, message }),
+                    Outcome::Error { errno, message } => Err(DatapathError::Kernel {
+                        op,
+                        target,
+                        errno,
+                        message,
+                    }),
                 })
                 .collect(),
             Err(e) => meta
                 .into_iter()
-                .map(|(op, _)| Err(DatapathError::Io { op, source: std::io::Error::new(e.kind(), e.to_string()) }))
+                .map(|(op, _)| {
+                    Err(DatapathError::Io {
+                        op,
+                        source: std::io::Error::new(e.kind(), e.to_string()),
+                    })
+                })
                 .collect(),
         }
     }
@@ -634,7 +868,11 @@ impl Datapath for XfrmDatapath {
     fn probe(&mut self, aead: Aead, families: &[AddressFamily]) -> Result<(), DatapathError> {
         // Reading the policy table needs CAP_NET_ADMIN too: fail early and clearly.
         if let Err(e) = self.dump_policies() {
-            return Err(if e.kind() == ErrorKind::Permission { permission() } else { e });
+            return Err(if e.kind() == ErrorKind::Permission {
+                permission()
+            } else {
+                e
+            });
         }
         for f in families {
             self.probe_family(aead, *f)?;
@@ -644,7 +882,10 @@ impl Datapath for XfrmDatapath {
 
     fn alloc_spi(&mut self, src: IpAddr, dst: IpAddr, reqid: Reqid) -> Result<u32, DatapathError> {
         if src.is_ipv4() != dst.is_ipv4() {
-            return Err(DatapathError::Invalid { op: Op::AllocSpi, reason: format!("mixed address families {src} -> {dst}") });
+            return Err(DatapathError::Invalid {
+                op: Op::AllocSpi,
+                reason: format!("mixed address families {src} -> {dst}"),
+            });
         }
         let msg = XfrmMessage::AllocSpi(alloc_spi_message(src, dst, reqid, self.flavor));
         let msgs = self.one(Op::AllocSpi, &|| format!("esp {src} -> {dst}"), msg, false)?;
@@ -655,14 +896,22 @@ impl Datapath for XfrmDatapath {
                 }
             }
         }
-        Err(DatapathError::Decode { op: Op::AllocSpi, reason: "no SA in the ALLOCSPI answer".into() })
+        Err(DatapathError::Decode {
+            op: Op::AllocSpi,
+            reason: "no SA in the ALLOCSPI answer".into(),
+        })
     }
 
     fn install_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError> {
         validate_sa(Op::NewSa, sa)?;
         let id = sa.id();
-        self.one(Op::NewSa, &|| id.to_string(), XfrmMessage::AddSa(sa_message(sa, self.flavor)), false)
-            .map(|_| ())
+        self.one(
+            Op::NewSa,
+            &|| id.to_string(),
+            XfrmMessage::AddSa(sa_message(sa, self.flavor)),
+            false,
+        )
+        .map(|_| ())
     }
 
     fn update_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError> {
@@ -676,8 +925,13 @@ impl Datapath for XfrmDatapath {
                 why: "reqid, protocol or mode is not meshsec's".into(),
             });
         }
-        self.one(Op::UpdSa, &|| id.to_string(), XfrmMessage::UpdateSa(sa_message(sa, self.flavor)), false)
-            .map(|_| ())
+        self.one(
+            Op::UpdSa,
+            &|| id.to_string(),
+            XfrmMessage::UpdateSa(sa_message(sa, self.flavor)),
+            false,
+        )
+        .map(|_| ())
     }
 
     fn delete_sa(&mut self, id: SaId) -> Result<(), DatapathError> {
@@ -688,16 +942,99 @@ impl Datapath for XfrmDatapath {
                 why: "reqid, protocol or mode is not meshsec's".into(),
             }),
             Some(_) => self
-                .one(Op::DelSa, &|| id.to_string(), XfrmMessage::DeleteSa(sa_id_message(id)), false)
+                .one(
+                    Op::DelSa,
+                    &|| id.to_string(),
+                    XfrmMessage::DeleteSa(sa_id_message(id)),
+                    false,
+                )
                 .map(|_| ()),
         }
     }
 
+    fn ensure_nd_bypass(&mut self) -> Result<(), DatapathError> {
+        if self.nd_bypass_seen {
+            return Ok(());
+        }
+        for (dir, ty) in ND_BYPASS {
+            let target = || {
+                format!(
+                    "ICMPv6 type {ty} bypass dir {}",
+                    if dir == XFRM_POLICY_IN { "in" } else { "out" }
+                )
+            };
+            match self.one(
+                Op::NewPolicy,
+                &target,
+                XfrmMessage::AddPolicy(nd_policy_message(dir, ty)),
+                false,
+            ) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // EEXIST may also mean somebody else's policy sits on that selector:
+        // only a dump says whether all four are ours.
+        let n = self.nd_indexes()?.len();
+        if n != ND_BYPASS.len() {
+            return Err(DatapathError::NotOwned {
+                op: Op::NewPolicy,
+                target: "IPv6 neighbour-discovery bypass".into(),
+                why: format!(
+                    "only {n} of 4 bypass selectors are meshsec's; another policy holds the rest"
+                ),
+            });
+        }
+        self.nd_bypass_seen = true;
+        Ok(())
+    }
+
+    fn nd_bypass_count(&mut self) -> Result<usize, DatapathError> {
+        Ok(self.nd_indexes()?.len())
+    }
+
+    fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError> {
+        self.nd_bypass_seen = false;
+        let mut removed = 0;
+        for index in self.nd_indexes()? {
+            // The kernel encodes a policy's direction in its index (index % 8);
+            // deleting by index needs both.
+            let msg = PolicyDelGetMessage {
+                user_policy_id: UserPolicyId {
+                    selector: Selector::default(),
+                    index,
+                    direction: (index % 8) as u8,
+                },
+                nlas: Vec::new(),
+            };
+            match self.one(
+                Op::DelPolicy,
+                &|| format!("ND bypass policy index {index}"),
+                XfrmMessage::DeletePolicy(msg),
+                false,
+            ) {
+                Ok(_) => removed += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(removed)
+    }
+
     fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError> {
         validate_policy(Op::NewPolicy, policy)?;
+        if policy.id.src.is_ipv6() {
+            self.ensure_nd_bypass()?;
+        }
         let id = policy.id;
-        self.one(Op::NewPolicy, &|| id.to_string(), XfrmMessage::AddPolicy(policy_message(policy)), false)
-            .map(|_| ())
+        self.one(
+            Op::NewPolicy,
+            &|| id.to_string(),
+            XfrmMessage::AddPolicy(policy_message(policy)),
+            false,
+        )
+        .map(|_| ())
     }
 
     fn delete_policy(&mut self, id: PolicyId) -> Result<(), DatapathError> {
@@ -709,14 +1046,29 @@ impl Datapath for XfrmDatapath {
             }),
             // Delete by index: exactly the policy that was checked.
             Some(p) => self
-                .one(Op::DelPolicy, &|| id.to_string(), XfrmMessage::DeletePolicy(policy_id_message(id, p.index)), false)
+                .one(
+                    Op::DelPolicy,
+                    &|| id.to_string(),
+                    XfrmMessage::DeletePolicy(policy_id_message(id, p.index)),
+                    false,
+                )
                 .map(|_| ()),
         }
     }
 
     fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError> {
-        let msgs = self.one(Op::DumpSa, &String::new, XfrmMessage::GetDumpSa(GetDumpMessage::default()), true)?;
-        Ok(sort_sas(msgs.iter().filter(|m| m.ty == XFRM_MSG_NEWSA).filter_map(|m| parse_sa(&m.payload)).collect()))
+        let msgs = self.one(
+            Op::DumpSa,
+            &String::new,
+            XfrmMessage::GetDumpSa(GetDumpMessage::default()),
+            true,
+        )?;
+        Ok(sort_sas(
+            msgs.iter()
+                .filter(|m| m.ty == XFRM_MSG_NEWSA)
+                .filter_map(|m| parse_sa(&m.payload))
+                .collect(),
+        ))
     }
 
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError> {
@@ -727,14 +1079,19 @@ impl Datapath for XfrmDatapath {
             true,
         )?;
         Ok(sort_policies(
-            msgs.iter().filter(|m| m.ty == XFRM_MSG_NEWPOLICY).filter_map(|m| parse_policy(&m.payload)).collect(),
+            msgs.iter()
+                .filter(|m| m.ty == XFRM_MSG_NEWPOLICY)
+                .filter_map(|m| parse_policy(&m.payload))
+                .collect(),
         ))
     }
 
     fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), DatapathError>> {
         // Ownership of delete targets is checked against one dump each, then
         // every request is pipelined.
-        let needs_sa = changes.iter().any(|c| matches!(c, Change::DeleteSa(_)));
+        let needs_sa = changes
+            .iter()
+            .any(|c| matches!(c, Change::DeleteSa(_) | Change::FillSa(_)));
         let needs_pol = changes.iter().any(|c| matches!(c, Change::DeletePolicy(_)));
         let owned_sas: Result<BTreeSet<SaId>, DatapathError> = if needs_sa {
             self.dump_sas().map(|v| v.iter().map(|s| s.id()).collect())
@@ -742,25 +1099,74 @@ impl Datapath for XfrmDatapath {
             Ok(BTreeSet::new())
         };
         let owned_pols: Result<BTreeMap<PolicyId, u32>, DatapathError> = if needs_pol {
-            self.dump_policies().map(|v| v.iter().map(|p| (p.spec.id, p.index)).collect())
+            self.dump_policies()
+                .map(|v| v.iter().map(|p| (p.spec.id, p.index)).collect())
         } else {
             Ok(BTreeMap::new())
         };
-        let mut results: Vec<Option<Result<(), DatapathError>>> = (0..changes.len()).map(|_| None).collect();
+        let mut results: Vec<Option<Result<(), DatapathError>>> =
+            (0..changes.len()).map(|_| None).collect();
+        if changes
+            .iter()
+            .any(|c| matches!(c, Change::AddPolicy(p) if p.id.src.is_ipv6()))
+        {
+            if let Err(e) = self.ensure_nd_bypass() {
+                let msg = e.to_string();
+                for (i, c) in changes.iter().enumerate() {
+                    if matches!(c, Change::AddPolicy(p) if p.id.src.is_ipv6()) {
+                        results[i] = Some(Err(DatapathError::Invalid {
+                            op: Op::NewPolicy,
+                            reason: msg.clone(),
+                        }));
+                    }
+                }
+            }
+        }
         let mut reqs = Vec::new();
         let mut slots = Vec::new();
         for (i, c) in changes.iter().enumerate() {
             let req = match c {
-                Change::AddSa(sa) => validate_sa(Op::NewSa, sa)
-                    .map(|()| (Op::NewSa, sa.id().to_string(), XfrmMessage::AddSa(sa_message(sa, self.flavor)))),
+                Change::AddSa(sa) => validate_sa(Op::NewSa, sa).map(|()| {
+                    (
+                        Op::NewSa,
+                        sa.id().to_string(),
+                        XfrmMessage::AddSa(sa_message(sa, self.flavor)),
+                    )
+                }),
+                Change::FillSa(sa) => match (validate_sa(Op::UpdSa, sa), &owned_sas) {
+                    (Err(e), _) => Err(e),
+                    (Ok(()), Err(e)) => Err(DatapathError::Decode {
+                        op: Op::UpdSa,
+                        reason: e.to_string(),
+                    }),
+                    (Ok(()), Ok(set)) if set.contains(&sa.id()) => Ok((
+                        Op::UpdSa,
+                        sa.id().to_string(),
+                        XfrmMessage::UpdateSa(sa_message(sa, self.flavor)),
+                    )),
+                    (Ok(()), Ok(_)) => {
+                        results[i] = Some(self.update_sa(sa));
+                        continue;
+                    }
+                },
+                Change::AddPolicy(_) if results[i].is_some() => continue,
                 Change::AddPolicy(p) => validate_policy(Op::NewPolicy, p).map(|()| {
-                    (Op::NewPolicy, p.id.to_string(), XfrmMessage::AddPolicy(policy_message(p)))
+                    (
+                        Op::NewPolicy,
+                        p.id.to_string(),
+                        XfrmMessage::AddPolicy(policy_message(p)),
+                    )
                 }),
                 Change::DeleteSa(id) => match &owned_sas {
-                    Err(e) => Err(DatapathError::Decode { op: Op::DelSa, reason: e.to_string() }),
-                    Ok(set) if set.contains(id) => {
-                        Ok((Op::DelSa, id.to_string(), XfrmMessage::DeleteSa(sa_id_message(*id))))
-                    }
+                    Err(e) => Err(DatapathError::Decode {
+                        op: Op::DelSa,
+                        reason: e.to_string(),
+                    }),
+                    Ok(set) if set.contains(id) => Ok((
+                        Op::DelSa,
+                        id.to_string(),
+                        XfrmMessage::DeleteSa(sa_id_message(*id)),
+                    )),
                     // Not ours or not there: the single-op path tells which.
                     Ok(_) => {
                         results[i] = Some(self.delete_sa(*id));
@@ -768,7 +1174,10 @@ impl Datapath for XfrmDatapath {
                     }
                 },
                 Change::DeletePolicy(id) => match &owned_pols {
-                    Err(e) => Err(DatapathError::Decode { op: Op::DelPolicy, reason: e.to_string() }),
+                    Err(e) => Err(DatapathError::Decode {
+                        op: Op::DelPolicy,
+                        reason: e.to_string(),
+                    }),
                     Ok(map) => match map.get(id) {
                         Some(index) => Ok((
                             Op::DelPolicy,

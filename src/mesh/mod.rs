@@ -520,7 +520,7 @@ impl Mesh {
         for change in &changes {
             let result = match change {
                 // The inbound SPI came from ALLOCSPI: fill that larval SA.
-                Change::AddSa(sa) if sa.direction == Direction::In => match dp.update_sa(sa) {
+                Change::FillSa(sa) => match dp.update_sa(sa) {
                     Err(e) if e.kind() == ErrorKind::NotFound => dp.install_sa(sa),
                     other => other,
                 },
@@ -542,7 +542,7 @@ impl Mesh {
                 }
                 Err(e) => {
                     self.counters.changes_failed += 1;
-                    if let Change::AddSa(sa) = change {
+                    if let Change::AddSa(sa) | Change::FillSa(sa) = change {
                         failed_sas.push(sa.id());
                     }
                     self.log_error(now, &format!("{change}: {e}"));
