@@ -14,7 +14,7 @@
 # on success, failure, timeout (SIGTERM) or Ctrl-C alike.
 #
 # Environment (set by testnet/run; defaults make a scenario runnable by hand):
-#   MESHSEC_BIN   the binary agent_* runs (default: REPO/target/debug/meshsec)
+#   MESHSEC_BIN   the binary agent_* runs (default: REPO/target/release/meshsec)
 #   MESHSEC_WORK  this scenario's folder for logs, state and captures
 #   MESHSEC_BED_ID  short unique id used in namespace and interface names
 
@@ -24,7 +24,7 @@ BED_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$BED_LIB_DIR/ledger.sh"
 
 BED_REPO=$(cd "$BED_LIB_DIR/../.." && pwd)
-MESHSEC_BIN=${MESHSEC_BIN:-$BED_REPO/target/debug/meshsec}
+MESHSEC_BIN=${MESHSEC_BIN:-$BED_REPO/target/release/meshsec}
 # Interface names are limited to 15 bytes: "mv" + id + "h" + index must fit.
 BED_ID=${MESHSEC_BED_ID:-$$}
 if [[ -z ${MESHSEC_WORK:-} ]]; then

@@ -1,0 +1,349 @@
+//! The agent: wires configuration, identity, gossip and the control API
+//! together, and owns the single shutdown path.
+//!
+//! Start-up either completes or leaves nothing behind: secrets and the state
+//! directory are checked first, sockets are bound next, and a freshly
+//! generated node key is written only once everything else succeeded.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion};
+use tokio::sync::{broadcast, watch};
+use tracing::{info, warn};
+
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::{AgentConfig, DatapathKind, EspChoice};
+use crate::datapath::{bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath};
+use crate::handshake::{EspAlgorithm, StaticKeypair};
+use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
+use crate::mesh::{Mesh, MeshConfig};
+use crate::control::{self, ControlState, MemberCounts, Status};
+use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
+use crate::gossip::schema::{NodeInfo, KEY_STATUS, PROTOCOL_VERSION};
+use crate::identity::{self, KeyOrigin, NodeKey};
+
+/// Chitchat cluster id; sealing already separates clusters, this only guards
+/// against a meshsec gossip port being pointed at another chitchat user.
+const CLUSTER_ID: &str = "meshsec-v1";
+/// How often the membership view is recomputed.
+const VIEW_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Why the agent stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Bad configuration or unusable local resources (exit status 2).
+    #[error("{0}")]
+    Start(String),
+    /// A failure after start-up (exit status 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+/// Runs the agent until `shutdown` completes, then announces leaving, stops
+/// every task and returns.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let start = |e: &dyn std::fmt::Display| AgentError::Start(e.to_string());
+
+    let keyring = identity::load_keyring(&cfg.secret_files).map_err(|e| start(&e))?;
+    let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(|e| start(&e))?;
+    let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+
+    // The datapath is probed before anything is installed or bound: a kernel
+    // without XFRM, ESP or the chosen AEAD stops the agent here, with the fix.
+    let aead = crate::mesh::aead_of(esp_algorithm(cfg.esp_algorithm));
+    let families: Vec<AddressFamily> = {
+        let mut f: Vec<AddressFamily> = cfg.data_addresses.iter().map(|a| AddressFamily::of(*a)).collect();
+        f.sort();
+        f.dedup();
+        f
+    };
+    let (datapath, bypass): (Box<dyn Datapath>, bool) = match cfg.datapath {
+        DatapathKind::Kernel => {
+            let mut x = XfrmDatapath::open().map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
+            x.probe(aead, &families).map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
+            (Box::new(x), true)
+        }
+        DatapathKind::Memory => {
+            warn!("--datapath memory: handshakes run but NOTHING is installed in the kernel and no traffic is protected (tests only)");
+            (Box::new(MemoryDatapath::new()), false)
+        }
+    };
+    let on_bind: Option<Arc<dyn Fn(RawFd) -> std::io::Result<()> + Send + Sync>> = if bypass {
+        let family = AddressFamily::of(cfg.listen.ip());
+        Some(Arc::new(move |fd: RawFd| {
+            // SAFETY: the transport calls this with its open socket's descriptor.
+            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+            bypass_socket(fd, family).map_err(std::io::Error::other)
+        }))
+    } else {
+        None
+    };
+    let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass).map_err(AgentError::Start)?;
+    let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
+    let mesh = Mesh::new(
+        MeshConfig { algorithm: esp_algorithm(cfg.esp_algorithm), dead_grace: cfg.peer_grace, ..MeshConfig::default() },
+        StaticKeypair::from_private(*node_key.private()),
+        &secrets,
+        cfg.data_addresses.clone(),
+        Instant::now(),
+    )
+    .map_err(|e| start(&e))?;
+
+    let transport = crate::gossip::transport_for(&keyring, on_bind).map_err(|e| start(&e))?;
+    let info = NodeInfo {
+        public_key: Some(*node_key.public()),
+        data_addrs: cfg.data_addresses.clone(),
+        handshake_port: Some(cfg.handshake_port),
+        protocol: Some(PROTOCOL_VERSION),
+        left: false,
+    };
+    let chitchat_id = ChitchatId::new(cfg.node_name.clone(), generation, cfg.advertise);
+    let chitchat_config = ChitchatConfig {
+        chitchat_id,
+        cluster_id: CLUSTER_ID.to_string(),
+        gossip_interval: cfg.gossip_interval,
+        listen_addr: cfg.listen,
+        seed_nodes: cfg.seeds.iter().map(|s| s.to_string()).collect(),
+        failure_detector_config: failure_detector(&cfg),
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+        protocol_version: ProtocolVersion::V1,
+    };
+    let gossip = spawn_chitchat(chitchat_config, info.to_key_values(), transport.as_transport())
+        .await
+        .map_err(|e| AgentError::Start(gossip_open_error(&cfg, &e)))?;
+
+    let listener = match control::bind(&cfg.control_socket).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = gossip.shutdown().await;
+            return Err(start(&e));
+        }
+    };
+    if origin == KeyOrigin::Generated {
+        if let Err(e) = node_key.persist(&cfg.state_dir) {
+            let _ = gossip.shutdown().await;
+            let _ = std::fs::remove_file(&cfg.control_socket);
+            return Err(start(&e));
+        }
+        info!(fingerprint = %identity::fingerprint(node_key.public()), dir = %cfg.state_dir.display(), "created node key");
+    }
+    info!(
+        node = %cfg.node_name, generation, listen = %cfg.listen, advertise = %cfg.advertise,
+        fingerprint = %identity::fingerprint(node_key.public()), seeds = cfg.seeds.len(),
+        "agent started"
+    );
+
+    let started = Instant::now();
+    let (members_tx, members_rx) = watch::channel(Arc::new(Vec::<Member>::new()));
+    let (changes_tx, _) = broadcast::channel(256);
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let (report_tx, report_rx) = watch::channel(Arc::new(MeshReport::default()));
+    let (links_tx, links_rx) = watch::channel(Arc::new(BTreeMap::new()));
+    let status_fn = {
+        let report_rx = report_rx.clone();
+        let members_rx = members_rx.clone();
+        let cfg = cfg.clone();
+        let public = *node_key.public();
+        let counters = transport.counters();
+        Arc::new(move || {
+            let members = members_rx.borrow().clone();
+            let mut counts = MemberCounts::default();
+            for m in members.iter() {
+                match m.state {
+                    MemberState::Alive => counts.alive += 1,
+                    MemberState::Suspect => counts.suspect += 1,
+                    MemberState::Dead => counts.dead += 1,
+                    MemberState::Left => counts.left += 1,
+                }
+            }
+            Status {
+                name: cfg.node_name.clone(),
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                public_key: identity::encode_public(&public),
+                fingerprint: identity::fingerprint(&public),
+                generation,
+                gossip_listen: cfg.listen.to_string(),
+                gossip_advertise: cfg.advertise.to_string(),
+                data_addrs: cfg.data_addresses.iter().map(|a| a.to_string()).collect(),
+                handshake_port: cfg.handshake_port,
+                protocol: PROTOCOL_VERSION,
+                uptime_secs: started.elapsed().as_secs(),
+                members: counts,
+                gossip: counters(),
+                datapath: match cfg.datapath {
+                    DatapathKind::Kernel => "kernel".into(),
+                    DatapathKind::Memory => "memory".into(),
+                },
+                esp_algorithm: crate::mesh::aead_of(esp_algorithm(cfg.esp_algorithm)).to_string(),
+                handshake: report_rx.borrow().handshake.clone(),
+                mesh: counter_map(&report_rx.borrow().counters),
+            }
+        })
+    };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(control::serve(
+        listener,
+        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx },
+        stop_rx.clone(),
+    ));
+    let leave = Arc::new(AtomicBool::new(false));
+    tasks.spawn(crate::mesh::driver::run(
+        mesh,
+        datapath,
+        handshake_sockets,
+        members_rx.clone(),
+        report_tx,
+        stop_rx.clone(),
+        leave.clone(),
+    ));
+    // The listing's per-peer link columns follow the mesh's reports.
+    {
+        let mut report_rx = report_rx.clone();
+        let mut stop = stop_rx.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    r = report_rx.changed() => if r.is_err() { return },
+                }
+                let links = report_rx.borrow_and_update().links.clone();
+                links_tx.send_replace(Arc::new(links));
+            }
+        });
+    }
+    tasks.spawn(track_members(gossip.chitchat(), cfg.node_name.clone(), members_tx, changes_tx, stop_rx.clone()));
+
+    let mut gossip_died = Box::pin(gossip.termination_watcher());
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        r = &mut gossip_died => Err(AgentError::Runtime(format!("gossip stopped: {}", r.err().map(|e| e.to_string()).unwrap_or_default()))),
+    };
+
+    // The one shutdown path: announce leaving, give peers a few gossip rounds
+    // to hear it, then stop every task and wait for them.
+    info!("shutting down: announcing leave");
+    gossip
+        .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
+        .await;
+    tokio::time::sleep(cfg.gossip_interval * 3).await;
+    // Peers drop their side of our SAs when they hear we left; drop ours too.
+    leave.store(true, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    if let Err(e) = gossip.shutdown().await {
+        warn!(error = %e, "gossip shutdown");
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    info!("agent stopped");
+    outcome
+}
+
+fn failure_detector(cfg: &AgentConfig) -> FailureDetectorConfig {
+    // Heartbeats arrive about once per gossip interval; with the phi accrual
+    // detector a silent node crosses phi = 8 within a few seconds at the default
+    // 0.5 s interval; the view adds a floor of `suspect_after` silence before
+    // calling it dead, so the listing says dead within ~5-8 s.
+    FailureDetectorConfig {
+        phi_threshold: 8.0,
+        sampling_window_size: 1000,
+        max_interval: cfg.gossip_interval * 4,
+        initial_interval: cfg.gossip_interval * 2,
+        dead_node_grace_period: cfg.dead_node_grace,
+    }
+}
+
+/// Words a failure to open gossip for the operator: a bind problem names
+/// `--listen`, anything else (e.g. missing privileges) says what it is.
+fn gossip_open_error(cfg: &AgentConfig, e: &anyhow::Error) -> String {
+    use crate::gossip::transport::TransportError;
+    match e.downcast_ref::<TransportError>() {
+        Some(TransportError::Bind { error, .. }) => format!("--listen: cannot bind the gossip socket to {}: {error}", cfg.listen),
+        Some(other) => other.to_string(),
+        None => format!("gossip: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")),
+    }
+}
+
+async fn track_members(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    self_name: String,
+    members_tx: watch::Sender<Arc<Vec<Member>>>,
+    changes_tx: broadcast::Sender<Arc<(Vec<members::Change>, Vec<Member>)>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tracker = HeardTracker::default();
+    let mut ticker = tokio::time::interval(VIEW_INTERVAL);
+    let mut current: Vec<Member> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = ticker.tick() => {}
+        }
+        let observed = {
+            let c = chitchat.lock().await;
+            observe(&c)
+        };
+        let now = Instant::now();
+        let heard = tracker.observe(&observed, now);
+        let next = members::view(&observed, &heard, &self_name, now, suspect_after());
+        let changes = members::diff(&current, &next);
+        let heard_changed = next.iter().zip(current.iter()).any(|(a, b)| a.last_heard_ms != b.last_heard_ms);
+        for c in &changes {
+            let from = c.from.map(|s| s.to_string()).unwrap_or_else(|| "new".into());
+            let to = c.to.map(|s| s.to_string()).unwrap_or_else(|| "forgotten".into());
+            info!(peer = %c.name, from = %from, to = %to, generation = c.generation, restarted = c.restarted, "membership changed");
+        }
+        if !changes.is_empty() || heard_changed || next.len() != current.len() {
+            current = next;
+            let shared = Arc::new(current.clone());
+            members_tx.send_replace(shared);
+            if !changes.is_empty() {
+                let _ = changes_tx.send(Arc::new((changes, current.clone())));
+            }
+        }
+    }
+}
+
+fn esp_algorithm(c: EspChoice) -> EspAlgorithm {
+    match c {
+        EspChoice::Aes128Gcm => EspAlgorithm::Aes128Gcm,
+        EspChoice::Aes256Gcm => EspAlgorithm::Aes256Gcm,
+        EspChoice::ChaCha20Poly1305 => EspAlgorithm::ChaCha20Poly1305,
+    }
+}
+
+fn counter_map<T: serde::Serialize>(v: &T) -> BTreeMap<String, u64> {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().filter_map(|(k, v)| v.as_u64().map(|n| (k, n))).collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+fn suspect_after() -> Duration {
+    Duration::from_secs(4)
+}
+
+fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
+    let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+    let dead: std::collections::HashSet<&ChitchatId> = c.dead_nodes().collect();
+    c.node_states()
+        .iter()
+        .map(|(id, state)| Observed {
+            name: id.node_id.to_string(),
+            generation: id.generation_id,
+            gossip_addr: id.gossip_advertise_addr,
+            key_values: state.key_values().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            heartbeat: u64::from(state.heartbeat()),
+            live: live.contains(id),
+            dead: dead.contains(id),
+        })
+        .collect()
+}

@@ -1,0 +1,364 @@
+//! The `meshsec` command line. Exit status: 0 success, 1 runtime failure,
+//! 2 bad usage, bad configuration or unusable local resources.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{AgentConfig, AgentFlags, LogFormat, DEFAULT_CONTROL_SOCKET, DEFAULT_SECRET_FILE, DEFAULT_STATE_DIR};
+use crate::control::{Client, Reply, Request, Status};
+use crate::gossip::members::Member;
+use crate::identity;
+
+#[derive(Parser)]
+#[command(name = "meshsec", version, about = "Kernel ESP between every pair of hosts, keyed by Noise, found by gossip")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new cluster secret (32 random bytes, base64, mode 0600).
+    Init {
+        /// Where to write it; never overwritten.
+        #[arg(long, value_name = "FILE", default_value = DEFAULT_SECRET_FILE)]
+        out: PathBuf,
+    },
+    /// Print this node's static public key.
+    Pubkey {
+        /// State directory holding the node key.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Also print the fingerprint, as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the agent.
+    Agent(AgentFlags),
+    /// List cluster members.
+    Members {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Stream changes until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Describe this node.
+    Status {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Control socket of the agent to ask.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+    control_socket: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs the CLI and returns the process exit status.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Init { out } => match identity::init_secret(&out) {
+            Ok(()) => {
+                eprintln!("wrote a new cluster secret to {}; copy it to every host (mode 0600)", out.display());
+                0
+            }
+            Err(e) => fail(2, e),
+        },
+        Cmd::Pubkey { state_dir, json } => match identity::NodeKey::load(&state_dir) {
+            Ok(k) => {
+                let pk = identity::encode_public(k.public());
+                if json {
+                    println!("{}", serde_json::json!({"public_key": pk, "fingerprint": identity::fingerprint(k.public())}));
+                } else {
+                    println!("{pk}");
+                }
+                0
+            }
+            Err(e) => fail(2, e),
+        },
+        Cmd::Agent(flags) => run_agent(flags),
+        Cmd::Members { client, watch } => client_cmd(client, if watch { Request::Watch } else { Request::Members }),
+        Cmd::Status { client } => client_cmd(client, Request::Status),
+    }
+}
+
+fn fail(code: i32, e: impl std::fmt::Display) -> i32 {
+    eprintln!("meshsec: {e}");
+    code
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot start the tokio runtime")
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,chitchat=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn run_agent(flags: AgentFlags) -> i32 {
+    let cfg = match AgentConfig::resolve(&flags) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    init_logging(cfg.log_format);
+    let rt = runtime();
+    let result = rt.block_on(crate::agent::run(cfg, shutdown_signal()));
+    match result {
+        Ok(()) => 0,
+        Err(e @ crate::agent::AgentError::Start(_)) => fail(2, e),
+        Err(e) => fail(1, e),
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn client_cmd(args: ClientArgs, req: Request) -> i32 {
+    let rt = runtime();
+    rt.block_on(async {
+        let mut client = match Client::request(&args.control_socket, &req).await {
+            Ok(c) => c,
+            Err(e) => return fail(1, e),
+        };
+        loop {
+            let reply = tokio::select! {
+                r = client.next() => r,
+                _ = tokio::signal::ctrl_c() => return 0,
+            };
+            match reply {
+                Ok(Some(r)) => print_reply(&r, args.json),
+                Ok(None) => return if req == Request::Watch { 1 } else { 0 },
+                Err(e) => return fail(1, e),
+            }
+            if req != Request::Watch {
+                return 0;
+            }
+        }
+    })
+}
+
+fn print_reply(reply: &Reply, json: bool) {
+    if json {
+        // Stable machine formats: the listing is a JSON array, status an
+        // object, each watch event one object per line.
+        let v = match reply {
+            Reply::Members(m) => serde_json::to_string(m),
+            Reply::Status(s) => serde_json::to_string(s),
+            other => serde_json::to_string(other),
+        };
+        println!("{}", v.unwrap_or_default());
+        return;
+    }
+    match reply {
+        Reply::Members(m) => print!("{}", render_members(m)),
+        Reply::Status(s) => print!("{}", render_status(s)),
+        Reply::Changes { changes, .. } => {
+            for c in changes {
+                let from = c.from.map(|s| s.to_string()).unwrap_or_else(|| "new".into());
+                let to = c.to.map(|s| s.to_string()).unwrap_or_else(|| "forgotten".into());
+                let restart = if c.restarted { " (restarted)" } else { "" };
+                println!("{}  {}: {} -> {}{}", now_text(), c.name, from, to, restart);
+            }
+        }
+        Reply::Error(e) => eprintln!("agent: {e}"),
+    }
+}
+
+fn now_text() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}
+
+fn heard_text(ms: u64) -> String {
+    match ms {
+        0..=999 => "now".into(),
+        1000..=59_999 => format!("{}s ago", ms / 1000),
+        60_000..=3_599_999 => format!("{}m ago", ms / 60_000),
+        _ => format!("{}h ago", ms / 3_600_000),
+    }
+}
+
+/// Aligns rows of cells into columns separated by two spaces.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(|h| h.len());
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = cells.iter().zip(widths.iter()).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        s.truncate(s.trim_end().len());
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(|s| s.as_str()).collect()));
+    }
+    out
+}
+
+fn sa_summary(m: &Member) -> String {
+    if m.is_self {
+        return "-".into();
+    }
+    if m.links.is_empty() {
+        return "none".into();
+    }
+    let est = m.links.iter().filter(|l| l.sa == crate::mesh::SaState::Established).count();
+    if est == m.links.len() {
+        format!("established ({est})")
+    } else if m.links.iter().any(|l| l.sa == crate::mesh::SaState::Handshaking) {
+        format!("handshaking ({est}/{})", m.links.len())
+    } else {
+        format!("none ({est}/{})", m.links.len())
+    }
+}
+
+/// Renders the listing: one aligned row per node, then one row per
+/// encrypted link with its SPIs and kernel counters.
+pub fn render_members(members: &[Member]) -> String {
+    let rows: Vec<[String; 8]> = members
+        .iter()
+        .map(|m| {
+            [
+                if m.is_self { format!("{}*", m.name) } else { m.name.clone() },
+                m.gossip_addr.to_string(),
+                if m.data_addrs.is_empty() {
+                    "-".into()
+                } else {
+                    m.data_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+                },
+                m.state.to_string(),
+                m.fingerprint.clone().unwrap_or_else(|| "-".into()),
+                m.generation.to_string(),
+                heard_text(m.last_heard_ms),
+                sa_summary(m),
+            ]
+        })
+        .collect();
+    let mut out = table(["NAME", "GOSSIP", "DATA", "STATE", "FINGERPRINT", "GENERATION", "LAST HEARD", "SA"], &rows);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let links: Vec<[String; 10]> = members
+        .iter()
+        .flat_map(|m| m.links.iter().map(move |l| (m, l)))
+        .map(|(m, l)| {
+            [
+                m.name.clone(),
+                format!("{} -> {}", l.local, l.remote),
+                format!("{:?}", l.sa).to_lowercase(),
+                l.spi_in.clone().unwrap_or_else(|| "-".into()),
+                l.spi_out.clone().unwrap_or_else(|| "-".into()),
+                l.aead.clone().unwrap_or_else(|| "-".into()),
+                l.established_at.map(|t| heard_text(now.saturating_sub(t) * 1000).replace(" ago", "")).unwrap_or_else(|| "-".into()),
+                format!("{}/{}", l.bytes_in, l.bytes_out),
+                format!("{}/{}", l.packets_in, l.packets_out),
+                format!("{}/{}", l.replay_drops, l.integrity_failures),
+            ]
+        })
+        .collect();
+    if !links.is_empty() {
+        out.push('\n');
+        out.push_str(&table(
+            ["PEER", "LINK", "SA", "SPI IN", "SPI OUT", "AEAD", "SINCE", "BYTES IN/OUT", "PKTS IN/OUT", "REPLAY/INTEGRITY"],
+            &links,
+        ));
+    }
+    out
+}
+
+fn kv(m: &crate::control::BTreeMapU64) -> String {
+    let nonzero: Vec<String> = m.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
+    if nonzero.is_empty() {
+        "-".into()
+    } else {
+        nonzero.join(" ")
+    }
+}
+
+fn render_status(s: &Status) -> String {
+    format!(
+        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left\ndatapath:     {} ({})\ngossip stats: {}\nhandshakes:   {}\nmesh:         {}\n",
+        s.name,
+        s.version,
+        s.public_key,
+        s.fingerprint,
+        s.generation,
+        s.gossip_listen,
+        s.gossip_advertise,
+        s.data_addrs.join(","),
+        s.handshake_port,
+        s.protocol,
+        s.uptime_secs,
+        s.members.alive,
+        s.members.suspect,
+        s.members.dead,
+        s.members.left,
+        s.datapath,
+        s.esp_algorithm,
+        kv(&s.gossip),
+        kv(&s.handshake),
+        kv(&s.mesh),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gossip::members::MemberState;
+
+    #[test]
+    fn members_table_is_aligned() {
+        let m = |name: &str, state| Member {
+            name: name.into(),
+            gossip_addr: "192.0.2.11:9340".parse().unwrap(),
+            data_addrs: vec!["192.0.2.11".parse().unwrap()],
+            state,
+            fingerprint: Some("abcd:ef01:2345:6789".into()),
+            public_key: None,
+            generation: 17,
+            handshake_port: Some(9341),
+            protocol: Some(1),
+            last_heard_ms: 2500,
+            is_self: false,
+            links: vec![],
+        };
+        let out = render_members(&[m("a", MemberState::Alive), m("longer-name", MemberState::Dead)]);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3);
+        let col = lines[0].find("GOSSIP").unwrap();
+        assert_eq!(lines[1].find("192.0.2.11:9340"), Some(col));
+        assert_eq!(lines[2].find("192.0.2.11:9340"), Some(col));
+        assert!(lines[2].contains("dead") && lines[2].contains("2s ago"));
+    }
+}

@@ -1,0 +1,513 @@
+//! Agent configuration: command-line flags merged over an optional TOML file.
+//!
+//! Every problem is a [`ConfigError`] whose message names the flag or key and the
+//! reason, because the operator reads it as one line on stderr.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default UDP port for gossip.
+pub const DEFAULT_GOSSIP_PORT: u16 = 9340;
+/// Default UDP port for pairwise handshakes.
+pub const DEFAULT_HANDSHAKE_PORT: u16 = 9341;
+/// Default state directory (node key).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshsec";
+/// Default control socket path.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/meshsec/control.sock";
+/// Default cluster secret file.
+pub const DEFAULT_SECRET_FILE: &str = "/etc/meshsec/cluster.secret";
+
+/// A configuration problem, worded for the operator: `<flag or key>: <reason>`.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct ConfigError {
+    /// The flag or config key at fault, e.g. `--seed` or `config key "listen"`.
+    pub key: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ConfigError {
+    /// A new error for `key`.
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError { key: key.into(), reason: reason.into() }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Which datapath the agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DatapathKind {
+    /// The kernel's XFRM tables (the only one that protects traffic).
+    Kernel,
+    /// An in-memory model: handshakes run, nothing is installed, nothing is
+    /// protected. For tests and simulations on kernels without ESP.
+    Memory,
+}
+
+/// Cluster-wide ESP transform (every host must use the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+pub enum EspChoice {
+    /// rfc4106(gcm(aes)), 128-bit key (default).
+    #[serde(rename = "aes128-gcm")]
+    #[value(name = "aes128-gcm")]
+    Aes128Gcm,
+    /// rfc4106(gcm(aes)), 256-bit key.
+    #[serde(rename = "aes256-gcm")]
+    #[value(name = "aes256-gcm")]
+    Aes256Gcm,
+    /// rfc7539esp(chacha20,poly1305).
+    #[serde(rename = "chacha20-poly1305")]
+    #[value(name = "chacha20-poly1305")]
+    ChaCha20Poly1305,
+}
+
+/// The config file's schema. Unknown keys are an error, so a typo never
+/// silently falls back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Seed addresses, `HOST:PORT`.
+    pub seeds: Option<Vec<String>>,
+    /// Gossip bind address.
+    pub listen: Option<String>,
+    /// Address other nodes use to reach this one.
+    pub advertise: Option<String>,
+    /// Cluster secret keyring (first seals).
+    pub secret_files: Option<Vec<PathBuf>>,
+    /// State directory.
+    pub state_dir: Option<PathBuf>,
+    /// Node name (default: hostname).
+    pub node_name: Option<String>,
+    /// Control socket path.
+    pub control_socket: Option<PathBuf>,
+    /// `text` or `json`.
+    pub log_format: Option<LogFormat>,
+    /// Handshake UDP port.
+    pub handshake_port: Option<u16>,
+    /// Data-plane addresses published to peers (default: the advertised address).
+    pub data_addresses: Option<Vec<String>>,
+    /// Seconds between gossip rounds, as a float.
+    pub gossip_interval_secs: Option<f64>,
+    /// Seconds a dead node stays listed before it is forgotten.
+    pub dead_node_grace_secs: Option<u64>,
+    /// `kernel` or `memory`.
+    pub datapath: Option<DatapathKind>,
+    /// Cluster-wide ESP transform.
+    pub esp_algorithm: Option<EspChoice>,
+    /// Seconds a silent (dead) peer keeps its SAs.
+    pub peer_grace_secs: Option<u64>,
+}
+
+/// Flag values, as parsed by the CLI (all optional: flags win over the file).
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct AgentFlags {
+    /// TOML config file; flags win over its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Seed address HOST:PORT (repeatable; one is enough to join; none = first node).
+    #[arg(long = "seed", value_name = "HOST:PORT")]
+    pub seeds: Vec<String>,
+    /// Gossip bind address (IPv4 or IPv6), default 0.0.0.0:9340.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+    /// Address others use to reach this node, ADDR or ADDR:PORT
+    /// (default: the source address of the route towards the first seed).
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub advertise: Option<String>,
+    /// Cluster secret file (repeatable: a keyring; the first seals, all open).
+    #[arg(long = "secret-file", value_name = "FILE")]
+    pub secret_files: Vec<PathBuf>,
+    /// Directory holding the node key (default /var/lib/meshsec).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Node name (default: hostname).
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// Control socket path (default /run/meshsec/control.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// Handshake UDP port (default 9341).
+    #[arg(long, value_name = "PORT")]
+    pub handshake_port: Option<u16>,
+    /// Data-plane address to publish (repeatable; default: the advertised address).
+    #[arg(long = "data-address", value_name = "ADDR")]
+    pub data_addresses: Vec<String>,
+    /// Seconds a dead node stays listed before it is forgotten (default 3600).
+    #[arg(long, value_name = "SECS")]
+    pub dead_node_grace_secs: Option<u64>,
+    /// Datapath: kernel (default) or memory (tests only: protects nothing).
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub datapath: Option<DatapathKind>,
+    /// Cluster-wide ESP transform (default aes128-gcm; every host must agree).
+    #[arg(long, value_enum, value_name = "ALG")]
+    pub esp_algorithm: Option<EspChoice>,
+    /// Seconds a silent peer keeps its SAs before they are removed (default 60).
+    #[arg(long, value_name = "SECS")]
+    pub peer_grace_secs: Option<u64>,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Seed addresses, resolved.
+    pub seeds: Vec<SocketAddr>,
+    /// Gossip bind address.
+    pub listen: SocketAddr,
+    /// Gossip address advertised to peers.
+    pub advertise: SocketAddr,
+    /// Cluster secret keyring files, first seals.
+    pub secret_files: Vec<PathBuf>,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Node name.
+    pub node_name: String,
+    /// Control socket path.
+    pub control_socket: PathBuf,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Handshake port.
+    pub handshake_port: u16,
+    /// Data-plane addresses published to peers.
+    pub data_addresses: Vec<IpAddr>,
+    /// Gossip round interval.
+    pub gossip_interval: Duration,
+    /// How long a dead node stays listed.
+    pub dead_node_grace: Duration,
+    /// Datapath.
+    pub datapath: DatapathKind,
+    /// ESP transform.
+    pub esp_algorithm: EspChoice,
+    /// How long a silent peer keeps its SAs.
+    pub peer_grace: Duration,
+}
+
+/// Reads and parses a TOML config file.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
+    parse_file(&text).map_err(|e| ConfigError::new(e.key, format!("{} (in {})", e.reason, path.display())))
+}
+
+/// Parses the TOML text of a config file.
+pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let msg = e.message().to_string();
+        // toml's message for deny_unknown_fields is "unknown field `x`, expected one of …".
+        let key = msg
+            .strip_prefix("unknown field `")
+            .and_then(|rest| rest.split('`').next())
+            .map(|k| format!("config key \"{k}\""))
+            .unwrap_or_else(|| "config file".to_string());
+        let first_line = msg.lines().next().unwrap_or("invalid TOML").to_string();
+        let reason = match e.span() {
+            Some(span) => {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!("{first_line} at line {line}")
+            }
+            None => first_line,
+        };
+        ConfigError::new(key, reason)
+    })
+}
+
+/// Validates a `HOST:PORT` seed and resolves it.
+pub fn parse_seed(s: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = |r: &str| ConfigError::new("--seed", format!("{s:?} {r}"));
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        if addr.port() == 0 {
+            return Err(bad("has port 0"));
+        }
+        return Ok(addr);
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("is not HOST:PORT (port missing)"))?;
+    if host.is_empty() || host.contains(':') {
+        return Err(bad("is not HOST:PORT (IPv6 needs brackets: [ADDR]:PORT)"));
+    }
+    let port: u16 = port.parse().map_err(|_| bad("has an invalid port"))?;
+    if port == 0 {
+        return Err(bad("has port 0"));
+    }
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| bad(&format!("does not resolve: {e}")))?
+        .next()
+        .ok_or_else(|| bad("resolves to no address"))
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse::<SocketAddr>().map_err(|_| {
+        ConfigError::new("--listen", format!("{s:?} is not ADDR:PORT (IPv6 as [ADDR]:PORT)"))
+    })
+}
+
+fn parse_advertise(s: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let ip_text = s.trim_start_matches('[').trim_end_matches(']');
+    ip_text
+        .parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| ConfigError::new("--advertise", format!("{s:?} is not ADDR or ADDR:PORT")))
+}
+
+fn parse_ip(key: &str, s: &str) -> Result<IpAddr, ConfigError> {
+    s.parse::<IpAddr>().map_err(|_| ConfigError::new(key, format!("{s:?} is not an IP address")))
+}
+
+/// The local source address the kernel would use to reach `dest`, found by
+/// connecting a UDP socket (no packet is sent).
+pub fn route_source_towards(dest: SocketAddr) -> std::io::Result<IpAddr> {
+    let bind: SocketAddr = if dest.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let sock = UdpSocket::bind(bind)?;
+    sock.connect(dest)?;
+    Ok(sock.local_addr()?.ip())
+}
+
+/// The machine's hostname.
+pub fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8(buf[..end].to_vec()).ok().filter(|s| !s.is_empty())
+}
+
+fn validate_node_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::new(
+            "--node-name",
+            format!("{name:?} must be 1-63 characters of letters, digits, '-', '_' or '.'"),
+        ))
+    }
+}
+
+impl AgentConfig {
+    /// Merges flags over the file (if any) and validates the result.
+    pub fn resolve(flags: &AgentFlags) -> Result<AgentConfig, ConfigError> {
+        let file = match &flags.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(flags, file)
+    }
+
+    /// Merges flags over an already-parsed file and validates the result.
+    pub fn merge(flags: &AgentFlags, file: FileConfig) -> Result<AgentConfig, ConfigError> {
+        let seed_texts = if flags.seeds.is_empty() { file.seeds.unwrap_or_default() } else { flags.seeds.clone() };
+        let seeds = seed_texts.iter().map(|s| parse_seed(s)).collect::<Result<Vec<_>, _>>()?;
+
+        let listen = match flags.listen.as_deref().or(file.listen.as_deref()) {
+            Some(s) => parse_listen(s)?,
+            None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_GOSSIP_PORT)),
+        };
+        if listen.port() == 0 {
+            return Err(ConfigError::new("--listen", "port 0 is not allowed: peers need a fixed port"));
+        }
+
+        let advertise = match flags.advertise.as_deref().or(file.advertise.as_deref()) {
+            Some(s) => parse_advertise(s, listen.port())?,
+            None if !listen.ip().is_unspecified() => listen,
+            None => match seeds.first() {
+                Some(seed) => {
+                    let ip = route_source_towards(*seed).map_err(|e| {
+                        ConfigError::new("--advertise", format!("not given and no route towards seed {seed}: {e}"))
+                    })?;
+                    SocketAddr::new(ip, listen.port())
+                }
+                None => {
+                    return Err(ConfigError::new(
+                        "--advertise",
+                        "required when there is no --seed and --listen is a wildcard address",
+                    ))
+                }
+            },
+        };
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            return Err(ConfigError::new("--advertise", format!("{advertise} is not a reachable address")));
+        }
+
+        let secret_files = if !flags.secret_files.is_empty() {
+            flags.secret_files.clone()
+        } else {
+            file.secret_files.unwrap_or_else(|| vec![PathBuf::from(DEFAULT_SECRET_FILE)])
+        };
+        if secret_files.is_empty() {
+            return Err(ConfigError::new("--secret-file", "at least one cluster secret is required"));
+        }
+
+        let node_name = match flags.node_name.clone().or(file.node_name) {
+            Some(n) => n,
+            None => hostname().ok_or_else(|| ConfigError::new("--node-name", "not given and the hostname is unreadable"))?,
+        };
+        validate_node_name(&node_name)?;
+
+        let data_texts = if flags.data_addresses.is_empty() { file.data_addresses.unwrap_or_default() } else { flags.data_addresses.clone() };
+        let mut data_addresses = data_texts.iter().map(|s| parse_ip("--data-address", s)).collect::<Result<Vec<_>, _>>()?;
+        if data_addresses.is_empty() {
+            data_addresses.push(advertise.ip());
+        }
+
+        let gossip_interval = match file.gossip_interval_secs {
+            Some(s) if !(0.05..=10.0).contains(&s) => {
+                return Err(ConfigError::new("config key \"gossip_interval_secs\"", "must be between 0.05 and 10"))
+            }
+            Some(s) => Duration::from_secs_f64(s),
+            None => Duration::from_millis(500),
+        };
+        let dead_node_grace = Duration::from_secs(flags.dead_node_grace_secs.or(file.dead_node_grace_secs).unwrap_or(3600));
+        if dead_node_grace < Duration::from_secs(10) {
+            return Err(ConfigError::new("--dead-node-grace-secs", "must be at least 10"));
+        }
+
+        let handshake_port = flags.handshake_port.or(file.handshake_port).unwrap_or(DEFAULT_HANDSHAKE_PORT);
+        if handshake_port == 0 {
+            return Err(ConfigError::new("--handshake-port", "port 0 is not allowed"));
+        }
+
+        Ok(AgentConfig {
+            seeds,
+            listen,
+            advertise,
+            secret_files,
+            state_dir: flags.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            node_name,
+            control_socket: flags
+                .control_socket
+                .clone()
+                .or(file.control_socket)
+                .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
+            log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            handshake_port,
+            data_addresses,
+            gossip_interval,
+            dead_node_grace,
+            datapath: flags.datapath.or(file.datapath).unwrap_or(DatapathKind::Kernel),
+            esp_algorithm: flags.esp_algorithm.or(file.esp_algorithm).unwrap_or(EspChoice::Aes128Gcm),
+            peer_grace: Duration::from_secs(flags.peer_grace_secs.or(file.peer_grace_secs).unwrap_or(60)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> AgentFlags {
+        AgentFlags { node_name: Some("n1".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn first_node_needs_an_advertise_address() {
+        let err = AgentConfig::merge(&flags(), FileConfig::default()).unwrap_err();
+        assert_eq!(err.key, "--advertise");
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        assert_eq!(cfg.advertise, "192.0.2.1:7000".parse().unwrap());
+        assert_eq!(cfg.data_addresses, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(cfg.handshake_port, DEFAULT_HANDSHAKE_PORT);
+    }
+
+    #[test]
+    fn advertise_without_port_takes_the_listen_port() {
+        let mut f = flags();
+        f.listen = Some("[::]:7001".into());
+        f.advertise = Some("2001:db8::1".into());
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        assert_eq!(cfg.advertise, "[2001:db8::1]:7001".parse().unwrap());
+    }
+
+    #[test]
+    fn advertise_is_derived_from_the_route_towards_the_seed() {
+        let mut f = flags();
+        f.seeds = vec!["127.0.0.1:9340".into()];
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        assert_eq!(cfg.advertise.ip(), "127.0.0.1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn malformed_seeds_name_the_flag() {
+        for bad in ["192.0.2.1", "192.0.2.1:notaport", "192.0.2.1:0", "2001:db8::1:9340", ":9340"] {
+            let err = parse_seed(bad).unwrap_err();
+            assert_eq!(err.key, "--seed", "{bad}");
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+        assert_eq!(parse_seed("[2001:db8::1]:9340").unwrap(), "[2001:db8::1]:9340".parse().unwrap());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let file = parse_file(
+            "listen = \"192.0.2.1:7000\"\nnode_name = \"from-file\"\nhandshake_port = 7777\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let mut f = AgentFlags::default();
+        f.listen = Some("192.0.2.2:7000".into());
+        let cfg = AgentConfig::merge(&f, file).unwrap();
+        assert_eq!(cfg.listen, "192.0.2.2:7000".parse().unwrap());
+        assert_eq!(cfg.node_name, "from-file");
+        assert_eq!(cfg.handshake_port, 7777);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn unknown_config_key_is_named() {
+        let err = parse_file("listen = \"192.0.2.1:7000\"\nlisten_adress = \"x\"\n").unwrap_err();
+        assert_eq!(err.key, "config key \"listen_adress\"");
+        assert!(err.reason.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_are_rejected() {
+        assert!(parse_file("handshake_port = \"x\"").is_err());
+        let file = parse_file("gossip_interval_secs = 0.0").unwrap();
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        let err = AgentConfig::merge(&f, file).unwrap_err();
+        assert!(err.key.contains("gossip_interval_secs"));
+        let mut f2 = flags();
+        f2.listen = Some("192.0.2.1".into());
+        assert_eq!(AgentConfig::merge(&f2, FileConfig::default()).unwrap_err().key, "--listen");
+        let mut f3 = flags();
+        f3.listen = Some("192.0.2.1:7000".into());
+        f3.node_name = Some("bad name".into());
+        assert_eq!(AgentConfig::merge(&f3, FileConfig::default()).unwrap_err().key, "--node-name");
+        let mut f4 = flags();
+        f4.listen = Some("192.0.2.1:7000".into());
+        f4.data_addresses = vec!["nope".into()];
+        assert_eq!(AgentConfig::merge(&f4, FileConfig::default()).unwrap_err().key, "--data-address");
+    }
+
+    #[test]
+    fn missing_config_file_is_named() {
+        let err = read_file(Path::new("/nonexistent/meshsec.toml")).unwrap_err();
+        assert_eq!(err.key, "--config");
+        assert!(err.reason.contains("/nonexistent/meshsec.toml"));
+    }
+}

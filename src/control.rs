@@ -1,0 +1,377 @@
+//! The control API: newline-delimited JSON over a Unix socket that only the
+//! agent's owner can open, plus the client side used by the CLI.
+//!
+//! Requests are one JSON object per line: `{"cmd":"members"}`,
+//! `{"cmd":"status"}`, `{"cmd":"watch"}`. Each reply is one JSON object per
+//! line; `watch` keeps the connection open and sends one line per change.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, watch};
+
+use crate::gossip::members::{Change, Member};
+
+/// Longest request line accepted; the API has no large requests.
+const MAX_REQUEST: usize = 4096;
+
+/// A request from a client.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// The membership listing.
+    Members,
+    /// This node's description.
+    Status,
+    /// The listing, then a line per membership change.
+    Watch,
+}
+
+/// A reply line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reply {
+    /// The full listing.
+    Members(Vec<Member>),
+    /// This node.
+    Status(Box<Status>),
+    /// Changes since the previous line, with the listing after them.
+    Changes {
+        /// What changed.
+        changes: Vec<Change>,
+        /// The listing after the change.
+        members: Vec<Member>,
+    },
+    /// The request could not be served.
+    Error(String),
+}
+
+/// `meshsec status`: a description of the local node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Node name.
+    pub name: String,
+    /// meshsec version.
+    pub version: String,
+    /// Base64 static public key.
+    pub public_key: String,
+    /// Its fingerprint.
+    pub fingerprint: String,
+    /// Current generation.
+    pub generation: u64,
+    /// Gossip bind address.
+    pub gossip_listen: String,
+    /// Gossip address advertised.
+    pub gossip_advertise: String,
+    /// Data-plane addresses published.
+    pub data_addrs: Vec<String>,
+    /// Handshake port.
+    pub handshake_port: u16,
+    /// Protocol version.
+    pub protocol: u32,
+    /// Seconds since the agent started.
+    pub uptime_secs: u64,
+    /// Members per state.
+    pub members: MemberCounts,
+    /// Gossip transport counters (datagrams sealed/opened and drops by reason).
+    pub gossip: BTreeMapU64,
+    /// `kernel` or `memory`.
+    pub datapath: String,
+    /// Cluster-wide ESP transform.
+    pub esp_algorithm: String,
+    /// Handshake counters (datagrams, rejections by reason, cookies).
+    pub handshake: BTreeMapU64,
+    /// Mesh counters (sessions, kernel changes).
+    pub mesh: BTreeMapU64,
+}
+
+/// A name → counter map, serialised as a JSON object.
+pub type BTreeMapU64 = std::collections::BTreeMap<String, u64>;
+
+/// Members per state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MemberCounts {
+    /// Alive.
+    pub alive: usize,
+    /// Suspect.
+    pub suspect: usize,
+    /// Dead.
+    pub dead: usize,
+    /// Left.
+    pub left: usize,
+}
+
+/// What the server reads to answer requests.
+#[derive(Clone)]
+pub struct ControlState {
+    /// The latest listing.
+    pub members: watch::Receiver<Arc<Vec<Member>>>,
+    /// Membership changes as they happen.
+    pub changes: broadcast::Sender<Arc<(Vec<Change>, Vec<Member>)>>,
+    /// Produces a fresh status.
+    pub status: Arc<dyn Fn() -> Status + Send + Sync>,
+    /// Links per peer name, merged into the listing.
+    pub links: watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
+}
+
+/// Errors preparing the control socket.
+#[derive(Debug, thiserror::Error)]
+#[error("--control-socket: {path}: {reason}")]
+pub struct ControlSocketError {
+    /// The socket path.
+    pub path: PathBuf,
+    /// Why it cannot be used.
+    pub reason: String,
+}
+
+/// Binds the control socket with owner-only permissions. A stale socket file
+/// (no agent answering) is replaced; a live one is an error.
+pub async fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
+    let err = |reason: String| ControlSocketError { path: path.to_path_buf(), reason };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create directory: {e}")))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(err("another agent is already serving this socket".into()));
+        }
+        std::fs::remove_file(path).map_err(|e| err(format!("cannot remove stale socket: {e}")))?;
+    }
+    // Tighten the umask around bind so the socket is never briefly world-connectable.
+    // SAFETY: umask is process-wide but only changes file-creation defaults.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    unsafe { libc::umask(old) };
+    let listener = listener.map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
+    Ok(listener)
+}
+
+/// Serves clients until `shutdown` fires. Each connection gets its own task;
+/// all of them stop on shutdown.
+pub async fn serve(listener: UnixListener, state: ControlState, mut shutdown: watch::Receiver<bool>) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = state.clone();
+                    let shutdown = shutdown.clone();
+                    tasks.spawn(async move {
+                        if let Err(e) = handle(stream, state, shutdown).await {
+                            tracing::debug!(error = %e, "control connection ended");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    tasks.shutdown().await;
+}
+
+async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+fn snapshot(state: &ControlState) -> Vec<Member> {
+    let members = state.members.borrow().as_ref().clone();
+    let links = state.links.borrow().clone();
+    merge_links(members, &links)
+}
+
+/// Attaches each peer's links to its row.
+pub fn merge_links(
+    mut members: Vec<Member>,
+    links: &std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>,
+) -> Vec<Member> {
+    for m in members.iter_mut() {
+        if let Some(l) = links.get(&m.name) {
+            m.links = l.clone();
+        }
+    }
+    members
+}
+
+async fn handle(stream: UnixStream, state: ControlState, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    let req: Request = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(e) => return write_line(&mut w, &Reply::Error(format!("bad request: {e}"))).await,
+    };
+    match req {
+        Request::Members => write_line(&mut w, &Reply::Members(snapshot(&state))).await,
+        Request::Status => write_line(&mut w, &Reply::Status(Box::new((state.status)()))).await,
+        Request::Watch => {
+            let mut rx = state.changes.subscribe();
+            write_line(&mut w, &Reply::Members(snapshot(&state))).await?;
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    ev = rx.recv() => match ev {
+                        Ok(ev) => {
+                            let members = merge_links(ev.1.clone(), &state.links.borrow().clone());
+                            write_line(&mut w, &Reply::Changes { changes: ev.0.clone(), members }).await?
+                        }
+                        // A slow reader skipped some changes: resend the full listing.
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            write_line(&mut w, &Reply::Members(snapshot(&state))).await?
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Client errors, worded for the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No agent at that path.
+    #[error("--control-socket: cannot connect to {path}: {reason} (is the agent running?)")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        reason: String,
+    },
+    /// The connection broke or the agent sent something unreadable.
+    #[error("control socket: {0}")]
+    Protocol(String),
+    /// The agent answered with an error.
+    #[error("agent: {0}")]
+    Agent(String),
+}
+
+/// A connected client.
+pub struct Client {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+}
+
+impl Client {
+    /// Connects and sends one request.
+    pub async fn request(path: &Path, req: &Request) -> Result<Client, ClientError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|e| ClientError::Connect { path: path.to_path_buf(), reason: e.to_string() })?;
+        let (r, mut w) = stream.into_split();
+        let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        w.write_all(&line).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Client { lines: BufReader::new(r).lines() })
+    }
+
+    /// The next reply line; `None` when the agent closed the connection.
+    pub async fn next(&mut self) -> Result<Option<Reply>, ClientError> {
+        match self.lines.next_line().await.map_err(|e| ClientError::Protocol(e.to_string()))? {
+            None => Ok(None),
+            Some(l) => match serde_json::from_str::<Reply>(&l) {
+                Ok(Reply::Error(e)) => Err(ClientError::Agent(e)),
+                Ok(r) => Ok(Some(r)),
+                Err(e) => Err(ClientError::Protocol(format!("unreadable reply: {e}"))),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status {
+            name: "n1".into(),
+            version: "0".into(),
+            public_key: "k".into(),
+            fingerprint: "f".into(),
+            generation: 1,
+            gossip_listen: "l".into(),
+            gossip_advertise: "a".into(),
+            data_addrs: vec![],
+            handshake_port: 1,
+            protocol: 1,
+            uptime_secs: 0,
+            members: MemberCounts::default(),
+            gossip: Default::default(),
+            datapath: "memory".into(),
+            esp_algorithm: "aes128-gcm".into(),
+            handshake: Default::default(),
+            mesh: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn socket_is_owner_only_and_serves_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/control.sock");
+        let listener = bind(&path).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (_mtx, mrx) = watch::channel(Arc::new(vec![]));
+        let (ctx, _) = broadcast::channel(16);
+        let (_ltx, lrx) = watch::channel(Arc::new(std::collections::BTreeMap::new()));
+        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx };
+        let (stx, srx) = watch::channel(false);
+        let server = tokio::spawn(serve(listener, state, srx));
+
+        // A second agent on the same socket is refused while the first serves.
+        let e = bind(&path).await.unwrap_err();
+        assert!(e.reason.contains("already serving"), "{e}");
+
+        let mut c = Client::request(&path, &Request::Status).await.unwrap();
+        match c.next().await.unwrap() {
+            Some(Reply::Status(s)) => assert_eq!(*s, status()),
+            other => panic!("unexpected {other:?}"),
+        }
+
+        let mut w = Client::request(&path, &Request::Watch).await.unwrap();
+        assert!(matches!(w.next().await.unwrap(), Some(Reply::Members(m)) if m.is_empty()));
+        // Wait until the watcher subscribed, then publish one change.
+        for _ in 0..100 {
+            if ctx.receiver_count() > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        ctx.send(Arc::new((vec![], vec![]))).unwrap();
+        assert!(matches!(w.next().await.unwrap(), Some(Reply::Changes { .. })));
+
+        // Garbage gets an error reply, not a crash.
+        let mut raw = UnixStream::connect(&path).await.unwrap();
+        raw.write_all(b"{\"cmd\":\"nope\"}\n").await.unwrap();
+        let mut buf = String::new();
+        BufReader::new(raw).read_line(&mut buf).await.unwrap();
+        assert!(buf.contains("bad request"), "{buf}");
+
+        stx.send(true).unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn stale_socket_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        bind(&path).await.unwrap();
+    }
+}

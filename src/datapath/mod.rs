@@ -1,0 +1,512 @@
+//! The datapath: the kernel's XFRM tables (SAs and policies) behind one trait.
+//!
+//! meshsec never moves packets itself. It installs, per peer, one inbound and
+//! one outbound transport-mode ESP SA plus an `out` and an `in` policy with
+//! host selectors and `level required`; the kernel then encrypts, and drops
+//! plaintext between the two hosts (fail closed). The control plane's own
+//! sockets escape those policies through [`bypass_socket`].
+//!
+//! Two implementations share the [`Datapath`] trait and one test suite:
+//! - [`XfrmDatapath`]: XFRM netlink (netlink-packet-xfrm messages over a
+//!   netlink-sys `NETLINK_XFRM` socket), the real thing;
+//! - [`MemoryDatapath`]: an in-memory model with the kernel's semantics (SPI
+//!   uniqueness, duplicate-add and delete-missing errors with the kernel's
+//!   errnos), for unit tests and simulation, never as proof.
+//!
+//! Everything meshsec installs is recognisable by the ownership scheme in
+//! [`ownership`] (reqid prefix + policy priority); dumps, deletes and flushes
+//! only ever look at, and act on, meshsec-owned objects. See docs/xfrm.md.
+
+use std::fmt;
+use std::net::IpAddr;
+
+mod bypass;
+mod diff;
+mod error;
+mod memory;
+mod netlink;
+pub mod ownership;
+mod xfrm;
+
+#[cfg(test)]
+mod suite;
+
+pub use bypass::{bypass_socket, AddressFamily};
+pub use diff::{diff, Change, KernelState};
+pub use error::{DatapathError, ErrorKind, Op};
+pub use memory::MemoryDatapath;
+pub use ownership::{Reqid, POLICY_PRIORITY};
+pub use xfrm::{KernelFlavor, XfrmDatapath};
+
+/// Minimum inbound anti-replay window (packets). ESP over a busy path reorders;
+/// a small window turns reordering into drops.
+pub const MIN_INBOUND_REPLAY_WINDOW: u32 = 1024;
+
+/// ICV (authentication tag) length of every AEAD meshsec uses, in bits.
+pub const ICV_BITS: u32 = 128;
+
+/// The AEAD transform of an SA. One is chosen cluster-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Aead {
+    /// `rfc4106(gcm(aes))` with a 128-bit key (16 key + 4 salt bytes). Default.
+    Aes128Gcm,
+    /// `rfc4106(gcm(aes))` with a 256-bit key (32 key + 4 salt bytes).
+    Aes256Gcm,
+    /// `rfc7539esp(chacha20,poly1305)` (32 key + 4 salt bytes).
+    ChaCha20Poly1305,
+}
+
+impl Aead {
+    /// The kernel crypto API name given in `XFRMA_ALG_AEAD`.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            Aead::Aes128Gcm | Aead::Aes256Gcm => "rfc4106(gcm(aes))",
+            Aead::ChaCha20Poly1305 => "rfc7539esp(chacha20,poly1305)",
+        }
+    }
+
+    /// Key material length in bytes, salt included (what the caller derives).
+    pub fn key_len(self) -> usize {
+        match self {
+            Aead::Aes128Gcm => 20,
+            Aead::Aes256Gcm | Aead::ChaCha20Poly1305 => 36,
+        }
+    }
+
+    /// Recognise an AEAD from what the kernel reports in a dump.
+    pub fn from_kernel(name: &str, key_bits: u32) -> Option<Aead> {
+        match (name, key_bits) {
+            ("rfc4106(gcm(aes))", 160) => Some(Aead::Aes128Gcm),
+            ("rfc4106(gcm(aes))", 288) => Some(Aead::Aes256Gcm),
+            ("rfc7539esp(chacha20,poly1305)", 288) => Some(Aead::ChaCha20Poly1305),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Aead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Aead::Aes128Gcm => "aes128-gcm",
+            Aead::Aes256Gcm => "aes256-gcm",
+            Aead::ChaCha20Poly1305 => "chacha20-poly1305",
+        })
+    }
+}
+
+/// Traffic direction of an SA or a policy, from this host's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    /// Peer to us.
+    In,
+    /// Us to peer.
+    Out,
+}
+
+/// Soft and hard lifetimes of an SA. `0` means "no limit" for every field.
+/// The soft limit makes the kernel send an EXPIRE event (rekey time); the
+/// hard limit deletes the SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct Lifetimes {
+    /// Soft limit on bytes.
+    pub soft_bytes: u64,
+    /// Hard limit on bytes.
+    pub hard_bytes: u64,
+    /// Soft limit on packets.
+    pub soft_packets: u64,
+    /// Hard limit on packets.
+    pub hard_packets: u64,
+    /// Soft limit on seconds since the SA was added.
+    pub soft_seconds: u64,
+    /// Hard limit on seconds since the SA was added.
+    pub hard_seconds: u64,
+}
+
+/// Identity of an SA in the kernel: destination address + SPI (protocol is
+/// always ESP for meshsec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SaId {
+    /// Destination address of the SA (the receiver).
+    pub dst: IpAddr,
+    /// Security parameter index, host byte order.
+    pub spi: u32,
+}
+
+impl fmt::Display for SaId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "esp spi 0x{:08x} dst {}", self.spi, self.dst)
+    }
+}
+
+/// Everything needed to install one transport-mode ESP SA.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SaSpec {
+    /// Sender's address.
+    pub src: IpAddr,
+    /// Receiver's address.
+    pub dst: IpAddr,
+    /// SPI (chosen by the receiver through [`Datapath::alloc_spi`]).
+    pub spi: u32,
+    /// In (peer → us) or out (us → peer).
+    pub direction: Direction,
+    /// Ownership tag and link to the policies' template.
+    pub reqid: Reqid,
+    /// The AEAD transform.
+    pub aead: Aead,
+    /// Key material, `aead.key_len()` bytes (salt included).
+    pub key: Vec<u8>,
+    /// Inbound anti-replay window in packets (≥ [`MIN_INBOUND_REPLAY_WINDOW`]).
+    /// Ignored for outbound SAs, whose window is the kernel minimum.
+    pub replay_window: u32,
+    /// Soft/hard lifetimes.
+    pub lifetimes: Lifetimes,
+}
+
+impl SaSpec {
+    /// The kernel identity of this SA.
+    pub fn id(&self) -> SaId {
+        SaId {
+            dst: self.dst,
+            spi: self.spi,
+        }
+    }
+}
+
+// Keys never reach logs.
+impl fmt::Debug for SaSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SaSpec")
+            .field("src", &self.src)
+            .field("dst", &self.dst)
+            .field("spi", &format_args!("0x{:08x}", self.spi))
+            .field("direction", &self.direction)
+            .field("reqid", &self.reqid)
+            .field("aead", &self.aead)
+            .field("key", &format_args!("<{} bytes redacted>", self.key.len()))
+            .field("replay_window", &self.replay_window)
+            .field("lifetimes", &self.lifetimes)
+            .finish()
+    }
+}
+
+/// Kernel counters of one SA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct SaCounters {
+    /// Bytes processed (decrypted for inbound, encrypted for outbound).
+    pub bytes: u64,
+    /// Packets processed.
+    pub packets: u64,
+    /// Packets dropped as replays (`stats.replay`).
+    pub replay: u32,
+    /// Packets that failed ICV/integrity checks (`stats.integrity_failed`).
+    pub integrity_failed: u32,
+}
+
+/// A meshsec-owned SA as found in the kernel (no key material: the kernel
+/// returns keys in dumps, but they are dropped on parse).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaState {
+    /// Sender's address.
+    pub src: IpAddr,
+    /// Receiver's address.
+    pub dst: IpAddr,
+    /// SPI, host byte order.
+    pub spi: u32,
+    /// Ownership tag.
+    pub reqid: Reqid,
+    /// Direction: the kernel's `XFRMA_SA_DIR` if it reports one, otherwise
+    /// inferred from the replay window (outbound SAs carry the minimum).
+    /// `None` for a larval SA (allocated SPI not yet filled).
+    pub direction: Option<Direction>,
+    /// The AEAD, `None` for a larval SA or an unknown transform.
+    pub aead: Option<Aead>,
+    /// Anti-replay window in packets (ESN state).
+    pub replay_window: u32,
+    /// True while the SA is only an SPI reservation from `ALLOCSPI`.
+    pub larval: bool,
+    /// Configured lifetimes.
+    pub lifetimes: Lifetimes,
+    /// Traffic and error counters.
+    pub counters: SaCounters,
+}
+
+impl SaState {
+    /// The kernel identity of this SA.
+    pub fn id(&self) -> SaId {
+        SaId {
+            dst: self.dst,
+            spi: self.spi,
+        }
+    }
+}
+
+/// Traffic with one peer, summed over its SAs (old and new during a rekey).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerCounters {
+    /// Bytes received from the peer (inbound SAs).
+    pub bytes_in: u64,
+    /// Bytes sent to the peer (outbound SAs).
+    pub bytes_out: u64,
+    /// Packets received from the peer.
+    pub packets_in: u64,
+    /// Packets sent to the peer.
+    pub packets_out: u64,
+    /// Replayed packets dropped on inbound SAs.
+    pub replay: u64,
+    /// Packets failing integrity checks on inbound SAs.
+    pub integrity_failed: u64,
+    /// Inbound SPIs (complete SAs only).
+    pub spis_in: Vec<u32>,
+    /// Outbound SPIs.
+    pub spis_out: Vec<u32>,
+}
+
+/// Sum a dump's SAs for one peer: inbound SAs come from `peer`, outbound go
+/// to it. Larval SAs are skipped.
+pub fn peer_counters(sas: &[SaState], peer: IpAddr) -> PeerCounters {
+    let mut c = PeerCounters::default();
+    for s in sas.iter().filter(|s| !s.larval) {
+        match s.direction {
+            Some(Direction::In) if s.src == peer => {
+                c.bytes_in += s.counters.bytes;
+                c.packets_in += s.counters.packets;
+                c.replay += u64::from(s.counters.replay);
+                c.integrity_failed += u64::from(s.counters.integrity_failed);
+                c.spis_in.push(s.spi);
+            }
+            Some(Direction::Out) if s.dst == peer => {
+                c.bytes_out += s.counters.bytes;
+                c.packets_out += s.counters.packets;
+                c.spis_out.push(s.spi);
+            }
+            _ => {}
+        }
+    }
+    c
+}
+
+/// Identity of a policy: host selector + direction. For `Out`, `src` is the
+/// local address and `dst` the peer; for `In` the reverse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyId {
+    /// Selector source address (/32 or /128).
+    pub src: IpAddr,
+    /// Selector destination address (/32 or /128).
+    pub dst: IpAddr,
+    /// Policy direction.
+    pub direction: Direction,
+}
+
+impl fmt::Display for PolicyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = match self.direction {
+            Direction::In => "in",
+            Direction::Out => "out",
+        };
+        write!(f, "policy {} -> {} dir {dir}", self.src, self.dst)
+    }
+}
+
+/// A policy meshsec installs: host selectors, all protocols, action allow,
+/// one required ESP transport template carrying `reqid`, priority
+/// [`POLICY_PRIORITY`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicySpec {
+    /// Selector and direction.
+    pub id: PolicyId,
+    /// Template reqid (also the ownership tag).
+    pub reqid: Reqid,
+}
+
+impl PolicySpec {
+    /// The pair of policies protecting traffic between `local` and `peer`.
+    pub fn pair(local: IpAddr, peer: IpAddr, reqid: Reqid) -> [PolicySpec; 2] {
+        [
+            PolicySpec {
+                id: PolicyId {
+                    src: local,
+                    dst: peer,
+                    direction: Direction::Out,
+                },
+                reqid,
+            },
+            PolicySpec {
+                id: PolicyId {
+                    src: peer,
+                    dst: local,
+                    direction: Direction::In,
+                },
+                reqid,
+            },
+        ]
+    }
+}
+
+/// A meshsec-owned policy as found in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PolicyState {
+    /// What it is.
+    pub spec: PolicySpec,
+    /// Kernel-assigned policy index.
+    pub index: u32,
+}
+
+/// What [`Datapath::flush_owned`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlushReport {
+    /// SAs deleted.
+    pub sas: usize,
+    /// Policies deleted.
+    pub policies: usize,
+}
+
+/// The kernel's XFRM tables as meshsec sees them.
+///
+/// Methods are synchronous: netlink to the local kernel answers in
+/// microseconds. Every method that removes something refuses to act on an
+/// object that is not meshsec-owned ([`ErrorKind::NotOwned`]).
+pub trait Datapath: Send {
+    /// Before anything is installed: check XFRM user support, ESP for each
+    /// family and the chosen AEAD, by adding and deleting throwaway SAs on
+    /// documentation-prefix addresses. Returns one error naming what is
+    /// missing and how to fix it.
+    fn probe(&mut self, aead: Aead, families: &[AddressFamily]) -> Result<(), DatapathError>;
+
+    /// Reserve a fresh inbound SPI for `src → dst` (`XFRM_MSG_ALLOCSPI`).
+    /// The kernel holds a larval SA with that SPI (for `xfrm_acq_expires`,
+    /// 30 s by default) until [`Datapath::update_sa`] fills it.
+    fn alloc_spi(&mut self, src: IpAddr, dst: IpAddr, reqid: Reqid) -> Result<u32, DatapathError>;
+
+    /// Add a new SA (`XFRM_MSG_NEWSA`). Fails with `AlreadyExists` if the
+    /// (dst, SPI) pair is taken.
+    fn install_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError>;
+
+    /// Fill the larval SA created by `alloc_spi` (`XFRM_MSG_UPDSA`). On an SA
+    /// that is already complete the kernel only updates its lifetimes; keys
+    /// never change under an SPI. Fails with `NotFound` if no SA exists.
+    fn update_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError>;
+
+    /// Delete a meshsec-owned SA. `NotFound` if missing.
+    fn delete_sa(&mut self, id: SaId) -> Result<(), DatapathError>;
+
+    /// Add a policy. `AlreadyExists` if a policy (anyone's) has the same
+    /// selector and direction.
+    fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError>;
+
+    /// Delete a meshsec-owned policy. `NotFound` if missing.
+    fn delete_policy(&mut self, id: PolicyId) -> Result<(), DatapathError>;
+
+    /// All meshsec-owned SAs with counters.
+    fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError>;
+
+    /// All meshsec-owned policies.
+    fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError>;
+
+    /// Make sure the four IPv6 neighbour-discovery bypass policies exist
+    /// (ICMPv6 types 135/136, in and out, any address; see docs/xfrm.md).
+    /// Without them a host-to-host IPv6 policy whose SAs are missing also
+    /// blocks neighbour solicitations/advertisements between the two hosts,
+    /// and then even the bypassed control-plane sockets cannot reach the
+    /// peer. `install_policy` and `apply` call this for every IPv6 policy;
+    /// it is idempotent and cheap after the first call.
+    fn ensure_nd_bypass(&mut self) -> Result<(), DatapathError>;
+
+    /// How many of meshsec's neighbour-discovery bypass policies exist (0-4).
+    fn nd_bypass_count(&mut self) -> Result<usize, DatapathError>;
+
+    /// Remove meshsec's neighbour-discovery bypass policies; returns how many.
+    fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError>;
+
+    /// Delete every meshsec-owned policy, then every meshsec-owned SA.
+    /// Policies go first so traffic is never sent unprotected: with the
+    /// policies gone and before the SAs go, packets simply flow in clear as
+    /// they would on a host without meshsec.
+    fn flush_owned(&mut self) -> Result<FlushReport, DatapathError> {
+        let mut report = FlushReport::default();
+        for p in self.dump_policies()? {
+            match self.delete_policy(p.spec.id) {
+                Ok(()) => report.policies += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        report.policies += self.remove_nd_bypass()?;
+        for sa in self.dump_sas()? {
+            match self.delete_sa(sa.id()) {
+                Ok(()) => report.sas += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Apply a list of changes in order, returning one result per change.
+    /// The kernel implementation pipelines them over netlink (many requests
+    /// per datagram), which is what makes bulk installs fast.
+    fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), DatapathError>> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::AddSa(sa) => self.install_sa(sa),
+                Change::FillSa(sa) => self.update_sa(sa),
+                Change::DeleteSa(id) => self.delete_sa(*id),
+                Change::AddPolicy(p) => self.install_policy(p),
+                Change::DeletePolicy(id) => self.delete_policy(*id),
+            })
+            .collect()
+    }
+}
+
+/// Checks shared by both implementations so they reject exactly the same
+/// specs, before anything reaches the kernel.
+pub(crate) fn validate_sa(op: Op, sa: &SaSpec) -> Result<(), DatapathError> {
+    let invalid = |reason: String| Err(DatapathError::Invalid { op, reason });
+    if sa.src.is_ipv4() != sa.dst.is_ipv4() {
+        return invalid(format!("mixed address families {} -> {}", sa.src, sa.dst));
+    }
+    if sa.key.len() != sa.aead.key_len() {
+        return invalid(format!(
+            "{} needs a {}-byte key (salt included), got {}",
+            sa.aead,
+            sa.aead.key_len(),
+            sa.key.len()
+        ));
+    }
+    // SPIs 1..=255 are reserved by IANA; 0 means "none".
+    if sa.spi < 0x100 {
+        return invalid(format!("SPI 0x{:x} is reserved", sa.spi));
+    }
+    if sa.direction == Direction::In && sa.replay_window < MIN_INBOUND_REPLAY_WINDOW {
+        return invalid(format!(
+            "inbound replay window {} is below {}",
+            sa.replay_window, MIN_INBOUND_REPLAY_WINDOW
+        ));
+    }
+    // The ESN bitmap is capped by the kernel at XFRMA_REPLAY_ESN_MAX bytes.
+    if sa.replay_window > 4096 * 8 {
+        return invalid(format!("replay window {} exceeds 32768", sa.replay_window));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_policy(op: Op, p: &PolicySpec) -> Result<(), DatapathError> {
+    if p.id.src.is_ipv4() != p.id.dst.is_ipv4() {
+        return Err(DatapathError::Invalid {
+            op,
+            reason: format!("mixed address families {} -> {}", p.id.src, p.id.dst),
+        });
+    }
+    Ok(())
+}
+
+/// Helper for sorting dumps deterministically.
+pub(crate) fn sort_sas(mut v: Vec<SaState>) -> Vec<SaState> {
+    v.sort_by_key(|s| s.id());
+    v
+}
+
+pub(crate) fn sort_policies(mut v: Vec<PolicyState>) -> Vec<PolicyState> {
+    v.sort_by_key(|p| p.spec.id);
+    v
+}

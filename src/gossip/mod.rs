@@ -1,0 +1,73 @@
+//! Gossip: chitchat behind a sealing transport, the published key schema and
+//! the membership view.
+//!
+//! - [`seal`]: the datagram sealing format and the replay-refusing opener.
+//! - [`transport`]: a chitchat `Transport` whose datagrams are sealed on the wire.
+//! - [`schema`]: the key-values each node publishes.
+//! - [`members`]: the membership view (pure) behind `meshsec members`.
+
+pub mod members;
+pub mod schema;
+pub mod seal;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use chitchat::transport::Transport;
+
+use crate::identity::ClusterSecret;
+use seal::Keyring;
+use transport::SealedTransport;
+
+/// Reads a transport's counters as a name → value map (for `meshsec status`).
+pub type CounterFn = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
+
+/// The transport the agent hands to chitchat, plus its counters.
+pub struct GossipTransport {
+    inner: SealedTransport,
+}
+
+impl GossipTransport {
+    /// The chitchat transport.
+    pub fn as_transport(&self) -> &dyn Transport {
+        &self.inner
+    }
+
+    /// A function reading the transport's counters.
+    pub fn counters(&self) -> CounterFn {
+        let counters = self.inner.counters();
+        Arc::new(move || {
+            let snapshot = counters.snapshot();
+            match serde_json::to_value(&snapshot) {
+                Ok(serde_json::Value::Object(map)) => {
+                    map.into_iter().filter_map(|(k, v)| v.as_u64().map(|n| (k, n))).collect()
+                }
+                _ => BTreeMap::new(),
+            }
+        })
+    }
+}
+
+/// Errors building the gossip transport.
+#[derive(Debug, thiserror::Error)]
+pub enum GossipError {
+    /// The keyring is empty.
+    #[error("--secret-file: at least one cluster secret is required")]
+    EmptyKeyring,
+}
+
+/// Builds the sealed gossip transport for a keyring (the first secret seals).
+/// `on_bind` runs on the network socket before any traffic (XFRM bypass).
+pub fn transport_for(
+    keyring: &[ClusterSecret],
+    on_bind: Option<Arc<dyn Fn(RawFd) -> std::io::Result<()> + Send + Sync>>,
+) -> Result<GossipTransport, GossipError> {
+    let ring = Keyring::new(keyring.iter().map(|s| *s.0)).map_err(|_| GossipError::EmptyKeyring)?;
+    let mut inner = SealedTransport::new(Arc::new(ring));
+    if let Some(hook) = on_bind {
+        inner = inner.with_on_bind(move |fd| hook(fd));
+    }
+    Ok(GossipTransport { inner })
+}

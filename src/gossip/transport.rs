@@ -1,0 +1,1580 @@
+//! A chitchat [`Transport`] whose datagrams are sealed on the wire.
+//!
+//! chitchat turns envelopes into bytes only inside its own [`chitchat::transport::UdpSocket`], so
+//! that socket is used as the codec and the bytes are intercepted on their way out and in:
+//!
+//! ```text
+//!         private network namespace (loopback only)                    host network
+//!  chitchat ⇄ codec 127.0.0.1:c ⇄ proxy 127.0.0.1:p(peer) ⇄ seal/open ⇄ network socket ⇄ peer
+//! ```
+//!
+//! - The codec socket and the proxy sockets live on the loopback interface of a network
+//!   namespace created for this socket alone: a dedicated thread `unshare`s a new one, brings its
+//!   `lo` up and creates every loopback socket there (sockets keep their namespace when handed to
+//!   tokio). Reaching that loopback takes CAP_SYS_ADMIN over this process's namespaces, so no
+//!   other local process can inject plaintext gossip; on the host network only sealed datagrams
+//!   are accepted, and what chitchat hears from an address that is not one of our proxies is
+//!   dropped too (`dropped_unmapped`).
+//! - There is one proxy socket per remote peer address, so the source address chitchat sees maps
+//!   back to exactly one peer, whatever order loopback delivers in. The table is bounded
+//!   ([`SealedTransportConfig::max_peers`], least recently used entry evicted) and idle entries
+//!   are closed; a datagram still queued from an evicted proxy is dropped, as UDP may.
+//! - A sealed datagram is the chitchat datagram plus [`OVERHEAD`](super::seal::OVERHEAD) bytes.
+//!   chitchat sizes datagrams with an uncompressed upper bound of 65,507 bytes; the real (zstd
+//!   compressed) size stays well below that unless the published values are incompressible. A
+//!   sealed datagram above [`MAX_SEALED_DATAGRAM_V4`] (IPv4) or [`MAX_SEALED_DATAGRAM_V6`] (IPv6)
+//!   cannot be sent and is counted (`dropped_oversize`) and logged instead.
+//!
+//! What the replay defence does and does not cover (see [`super::seal`]): each receiver opens a
+//! given datagram at most once and never one older than the window (60 s by default; node clocks
+//! must agree within it). A datagram captured on its way to one node can still be delivered once
+//! to *another* node within the window. chitchat state is versioned and only moves forward, so
+//! this can at most repeat news less than a window old, never roll state back; it does let an
+//! attacker who captured traffic make a node send one reply per captured datagram to a spoofed
+//! address (bounded reflection).
+//!
+//! Cost: unoptimized (debug) builds of the AEAD seal about 5 MB/s, i.e. ~10 ms per 64 KiB
+//! datagram; release builds are hundreds of times faster. Run multi-node tests and benchmarks
+//! in release mode.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
+use chitchat::ChitchatEnvelope;
+use tokio::net::UdpSocket;
+use tokio::task::AbortHandle;
+use tracing::{debug, warn};
+
+use super::seal::{Keyring, OpenError, Opener, ReplayConfig};
+
+/// Largest UDP payload over IPv4 (65,535 − 20 − 8); larger sealed datagrams are dropped.
+pub const MAX_SEALED_DATAGRAM_V4: usize = 65_507;
+/// Largest UDP payload over IPv6 without jumbograms (65,535 − 8).
+pub const MAX_SEALED_DATAGRAM_V6: usize = 65_527;
+/// Receive buffer size: above any UDP payload, so nothing is silently truncated.
+const RECV_BUF: usize = 65_536;
+/// How often the private namespace's loopback drop count is read.
+const LOOPBACK_STATS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Hook run on the network socket right after it is bound and before any traffic (e.g. to
+/// install a per-socket XFRM bypass policy). An error aborts opening the transport.
+pub type OnBind = Arc<dyn Fn(RawFd) -> io::Result<()> + Send + Sync>;
+
+/// Errors opening the sealed transport. Each renders as one line naming the cause.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The gossip listen address could not be bound (in use, not local, ...).
+    #[error("cannot bind the gossip socket to {addr}: {error}")]
+    Bind {
+        /// The listen address.
+        addr: SocketAddr,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// The `on_bind` hook refused the socket.
+    #[error("gossip socket setup hook failed: {0}")]
+    OnBind(io::Error),
+    /// The private namespace for the plaintext path could not be created.
+    #[error(
+        "cannot create the private network namespace that keeps gossip plaintext away from \
+         other local processes: {0}; the agent needs CAP_SYS_ADMIN and CAP_NET_ADMIN (run it as root)"
+    )]
+    Namespace(io::Error),
+    /// A loopback socket inside the private namespace could not be created.
+    #[error("cannot open a loopback socket in the private gossip namespace: {0}")]
+    Loopback(String),
+    /// The thread owning the private namespace has stopped.
+    #[error("the private gossip namespace thread has stopped")]
+    NamespaceGone,
+}
+
+/// Settings of the sealed transport.
+#[derive(Debug, Clone)]
+pub struct SealedTransportConfig {
+    /// Freshness and replay rules for inbound datagrams.
+    pub replay: ReplayConfig,
+    /// Most peers with a loopback proxy at once (each holds one file descriptor). Beyond this
+    /// the least recently used one is closed and reopened on demand.
+    pub max_peers: usize,
+    /// A peer's proxy is closed after this long without traffic.
+    pub peer_idle: Duration,
+    /// At most one warning per drop reason per this interval; the rest are counted.
+    pub log_interval: Duration,
+    /// Receive buffer requested for the network socket, so bursts of near-64 KiB datagrams
+    /// are not dropped by the kernel while one is being opened (0 keeps the system default).
+    pub recv_buffer_bytes: usize,
+}
+
+impl Default for SealedTransportConfig {
+    fn default() -> Self {
+        SealedTransportConfig {
+            replay: ReplayConfig::default(),
+            max_peers: 512,
+            peer_idle: Duration::from_secs(120),
+            log_interval: Duration::from_secs(10),
+            recv_buffer_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Live counters of the sealed transport, shared with whoever reports status.
+#[derive(Debug, Default)]
+pub struct GossipCounters {
+    sealed_out_datagrams: AtomicU64,
+    sealed_out_bytes: AtomicU64,
+    opened_in_datagrams: AtomicU64,
+    opened_in_bytes: AtomicU64,
+    dropped_in_bytes: AtomicU64,
+    dropped: [AtomicU64; OpenError::ALL.len()],
+    dropped_oversize: AtomicU64,
+    dropped_unmapped: AtomicU64,
+    send_errors: AtomicU64,
+    recv_errors: AtomicU64,
+    proxies_opened: AtomicU64,
+    proxies_closed: AtomicU64,
+    loopback_drops: AtomicU64,
+}
+
+/// A point-in-time copy of [`GossipCounters`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GossipCountersSnapshot {
+    /// Sealed datagrams sent to peers.
+    pub sealed_out_datagrams: u64,
+    /// Bytes of sealed datagrams sent (UDP payload).
+    pub sealed_out_bytes: u64,
+    /// Datagrams that opened and were handed to chitchat.
+    pub opened_in_datagrams: u64,
+    /// Bytes of those datagrams as received (UDP payload).
+    pub opened_in_bytes: u64,
+    /// Bytes of received datagrams that were dropped.
+    pub dropped_in_bytes: u64,
+    /// Dropped: shorter than a sealed datagram.
+    pub dropped_too_short: u64,
+    /// Dropped: unknown seal version.
+    pub dropped_bad_version: u64,
+    /// Dropped: sealed under a key we do not hold.
+    pub dropped_unknown_key: u64,
+    /// Dropped: authentication failed.
+    pub dropped_bad_tag: u64,
+    /// Dropped: outside the freshness window.
+    pub dropped_stale: u64,
+    /// Dropped: already received.
+    pub dropped_replayed: u64,
+    /// Outbound datagrams too large to send once sealed.
+    pub dropped_oversize: u64,
+    /// Inbound envelopes whose loopback source no longer maps to a peer (proxy just evicted).
+    pub dropped_unmapped: u64,
+    /// Errors sending on the network socket.
+    pub send_errors: u64,
+    /// Errors receiving on the network or proxy sockets.
+    pub recv_errors: u64,
+    /// Peer proxies opened so far.
+    pub proxies_opened: u64,
+    /// Peer proxies closed so far (idle or evicted).
+    pub proxies_closed: u64,
+    /// Opened datagrams the kernel dropped on the private loopback because chitchat was not
+    /// reading fast enough (the namespace's UDP RcvbufErrors, refreshed every few seconds).
+    pub loopback_drops: u64,
+}
+
+impl GossipCountersSnapshot {
+    /// Sum of every inbound datagram dropped for failing to open.
+    pub fn dropped_unopened(&self) -> u64 {
+        self.dropped_too_short
+            + self.dropped_bad_version
+            + self.dropped_unknown_key
+            + self.dropped_bad_tag
+            + self.dropped_stale
+            + self.dropped_replayed
+    }
+}
+
+impl GossipCounters {
+    /// Copies the current values.
+    pub fn snapshot(&self) -> GossipCountersSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let dropped = |e: OpenError| get(self.drop_counter(e));
+        GossipCountersSnapshot {
+            sealed_out_datagrams: get(&self.sealed_out_datagrams),
+            sealed_out_bytes: get(&self.sealed_out_bytes),
+            opened_in_datagrams: get(&self.opened_in_datagrams),
+            opened_in_bytes: get(&self.opened_in_bytes),
+            dropped_in_bytes: get(&self.dropped_in_bytes),
+            dropped_too_short: dropped(OpenError::TooShort),
+            dropped_bad_version: dropped(OpenError::BadVersion),
+            dropped_unknown_key: dropped(OpenError::UnknownKey),
+            dropped_bad_tag: dropped(OpenError::BadTag),
+            dropped_stale: dropped(OpenError::Stale),
+            dropped_replayed: dropped(OpenError::Replayed),
+            dropped_oversize: get(&self.dropped_oversize),
+            dropped_unmapped: get(&self.dropped_unmapped),
+            send_errors: get(&self.send_errors),
+            recv_errors: get(&self.recv_errors),
+            proxies_opened: get(&self.proxies_opened),
+            proxies_closed: get(&self.proxies_closed),
+            loopback_drops: get(&self.loopback_drops),
+        }
+    }
+
+    /// Datagrams dropped for `reason`.
+    pub fn dropped(&self, reason: OpenError) -> u64 {
+        self.drop_counter(reason).load(Ordering::Relaxed)
+    }
+
+    fn drop_counter(&self, reason: OpenError) -> &AtomicU64 {
+        let i = OpenError::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or(0);
+        &self.dropped[i]
+    }
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Lets one log line per key through per interval and counts the ones it held back, so a
+/// flood of bad datagrams costs counters, not log volume.
+#[derive(Debug)]
+pub struct RateLimiter {
+    interval: Duration,
+    slots: Mutex<HashMap<&'static str, (Option<Instant>, u64)>>,
+}
+
+impl RateLimiter {
+    /// A limiter letting one line per key through every `interval`.
+    pub fn new(interval: Duration) -> Self {
+        RateLimiter {
+            interval,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `Some(suppressed_since_last_line)` if a line for `key` may be logged at `now`.
+    pub fn check(&self, now: Instant, key: &'static str) -> Option<u64> {
+        let mut slots = lock(&self.slots);
+        let (last, suppressed) = slots.entry(key).or_insert((None, 0));
+        match last {
+            Some(t) if now.saturating_duration_since(*t) < self.interval => {
+                *suppressed += 1;
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(std::mem::take(suppressed))
+            }
+        }
+    }
+}
+
+// A poisoned lock only means another task panicked mid-update of plain data; keep going.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn max_sealed_len(to: &SocketAddr) -> usize {
+    match to {
+        SocketAddr::V4(_) => MAX_SEALED_DATAGRAM_V4,
+        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => MAX_SEALED_DATAGRAM_V4,
+        SocketAddr::V6(_) => MAX_SEALED_DATAGRAM_V6,
+    }
+}
+
+/// A chitchat transport that seals every datagram; see the module docs.
+#[derive(Clone)]
+pub struct SealedTransport {
+    keyring: Arc<Keyring>,
+    counters: Arc<GossipCounters>,
+    config: SealedTransportConfig,
+    on_bind: Option<OnBind>,
+}
+
+impl fmt::Debug for SealedTransport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedTransport")
+            .field("keyring", &self.keyring)
+            .field("config", &self.config)
+            .field("on_bind", &self.on_bind.is_some())
+            .finish()
+    }
+}
+
+impl SealedTransport {
+    /// A transport sealing with `keyring` and default settings.
+    pub fn new(keyring: Arc<Keyring>) -> Self {
+        SealedTransport {
+            keyring,
+            counters: Arc::new(GossipCounters::default()),
+            config: SealedTransportConfig::default(),
+            on_bind: None,
+        }
+    }
+
+    /// Replaces the settings.
+    pub fn with_config(mut self, config: SealedTransportConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Runs `hook` on the network socket's fd right after binding it.
+    pub fn with_on_bind(
+        mut self,
+        hook: impl Fn(RawFd) -> io::Result<()> + Send + Sync + 'static,
+    ) -> Self {
+        self.on_bind = Some(Arc::new(hook));
+        self
+    }
+
+    /// The counters every socket opened by this transport updates.
+    pub fn counters(&self) -> Arc<GossipCounters> {
+        self.counters.clone()
+    }
+
+    /// Opens a sealed socket listening on `listen_addr` (what [`Transport::open`] does, with a
+    /// typed error).
+    pub async fn open_sealed(
+        &self,
+        listen_addr: SocketAddr,
+    ) -> Result<SealedSocket, TransportError> {
+        let network = UdpSocket::bind(listen_addr)
+            .await
+            .map_err(|error| TransportError::Bind {
+                addr: listen_addr,
+                error,
+            })?;
+        if self.config.recv_buffer_bytes > 0 {
+            if let Err(e) = set_recv_buffer(network.as_raw_fd(), self.config.recv_buffer_bytes) {
+                debug!(error = %e, "cannot enlarge the gossip receive buffer; keeping the default");
+            }
+        }
+        if let Some(hook) = &self.on_bind {
+            hook(network.as_raw_fd()).map_err(TransportError::OnBind)?;
+        }
+        let local_addr = network.local_addr().map_err(|error| TransportError::Bind {
+            addr: listen_addr,
+            error,
+        })?;
+        let netns = PrivateNetns::spawn(format!("gossip-ns-{}", local_addr.port())).await?;
+        let handle = tokio::runtime::Handle::current();
+        // chitchat binds its socket itself, so the bind has to run on the namespace's thread.
+        let codec = netns
+            .run(move || {
+                handle.block_on(chitchat::transport::UdpSocket::open(
+                    (Ipv4Addr::LOCALHOST, 0).into(),
+                ))
+            })
+            .await?
+            .map_err(|e| TransportError::Loopback(format!("{e:#}")))?;
+        let codec_addr = codec
+            .local_addr()
+            .map_err(|e| TransportError::Loopback(format!("{e:#}")))?;
+        let shared = Arc::new(Shared {
+            network: Arc::new(network),
+            keyring: self.keyring.clone(),
+            counters: self.counters.clone(),
+            config: self.config.clone(),
+            proxies: Mutex::new(ProxyTable::new(self.config.max_peers)),
+            netns,
+            codec_addr,
+            log: Arc::new(RateLimiter::new(self.config.log_interval)),
+        });
+        let opener = Opener::new(self.keyring.clone(), self.config.replay);
+        let pump_in = tokio::spawn(pump_in(shared.clone(), opener)).abort_handle();
+        debug!(listen = %local_addr, codec = %codec_addr, "sealed gossip transport open");
+        Ok(SealedSocket {
+            codec,
+            shared,
+            local_addr,
+            pump_in,
+        })
+    }
+}
+
+#[async_trait]
+impl Transport for SealedTransport {
+    async fn open(&self, listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
+        Ok(Box::new(self.open_sealed(listen_addr).await?))
+    }
+}
+
+/// The socket chitchat talks to. Dropping it stops its background tasks, closes its sockets
+/// and lets the private namespace go.
+pub struct SealedSocket {
+    codec: chitchat::transport::UdpSocket,
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    pump_in: AbortHandle,
+}
+
+impl fmt::Debug for SealedSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SealedSocket")
+            .field("local_addr", &self.local_addr)
+            .field("codec_addr", &self.shared.codec_addr)
+            .finish()
+    }
+}
+
+impl Drop for SealedSocket {
+    fn drop(&mut self) {
+        self.pump_in.abort();
+    }
+}
+
+impl SealedSocket {
+    /// Address of chitchat's codec socket inside the private namespace (diagnostics; it is not
+    /// reachable from the host's network namespace).
+    pub fn codec_addr(&self) -> SocketAddr {
+        self.shared.codec_addr
+    }
+
+    /// Number of peers that currently have a loopback proxy.
+    pub fn peer_count(&self) -> usize {
+        lock(&self.shared.proxies).by_peer.len()
+    }
+}
+
+#[async_trait]
+impl Socket for SealedSocket {
+    fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.local_addr)
+    }
+
+    async fn send(
+        &mut self,
+        to: SocketAddr,
+        envelope: ChitchatEnvelope,
+    ) -> anyhow::Result<SendOutcome> {
+        let (proxy_addr, _) = proxy_for(&self.shared, to).await?;
+        self.codec.send(proxy_addr, envelope).await
+    }
+
+    // Cancel-safe: chitchat's codec recv is, and the mapping below does not await.
+    async fn recv(&mut self) -> anyhow::Result<RecvOutcome> {
+        loop {
+            let outcome = self.codec.recv().await?;
+            let peer = lock(&self.shared.proxies).peer_of(&outcome.from_addr);
+            match peer {
+                Some(from_addr) => {
+                    return Ok(RecvOutcome {
+                        from_addr,
+                        ..outcome
+                    })
+                }
+                None => bump(&self.shared.counters.dropped_unmapped, 1),
+            }
+        }
+    }
+}
+
+struct Shared {
+    network: Arc<UdpSocket>,
+    keyring: Arc<Keyring>,
+    counters: Arc<GossipCounters>,
+    config: SealedTransportConfig,
+    proxies: Mutex<ProxyTable>,
+    netns: PrivateNetns,
+    codec_addr: SocketAddr,
+    log: Arc<RateLimiter>,
+}
+
+/// Receives from the network, opens, and hands plaintext to chitchat through the peer's proxy.
+async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
+    let mut buf = vec![0u8; RECV_BUF];
+    let mut sweep = tokio::time::interval(shared.config.peer_idle.max(Duration::from_secs(1)) / 2);
+    let mut stats = tokio::time::interval(LOOPBACK_STATS_INTERVAL);
+    loop {
+        let received = tokio::select! {
+            r = shared.network.recv_from(&mut buf) => r,
+            _ = stats.tick() => {
+                if let Ok(Ok(drops)) = shared.netns.run(udp_rcvbuf_errors).await {
+                    shared.counters.loopback_drops.store(drops, Ordering::Relaxed);
+                }
+                continue;
+            }
+            _ = sweep.tick() => {
+                let closed = lock(&shared.proxies).sweep(Instant::now(), shared.config.peer_idle);
+                bump(&shared.counters.proxies_closed, closed as u64);
+                continue;
+            }
+        };
+        let (len, from) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                bump(&shared.counters.recv_errors, 1);
+                if let Some(suppressed) = shared.log.check(Instant::now(), "recv_error") {
+                    warn!(error = %e, suppressed, "gossip socket receive error");
+                }
+                // Errors are per-datagram (ICMP reports, ENOBUFS); pause so a persistent one
+                // cannot spin this task.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let datagram = &buf[..len];
+        match opener.open(unix_ms_now(), datagram) {
+            Ok(plain) => {
+                bump(&shared.counters.opened_in_datagrams, 1);
+                bump(&shared.counters.opened_in_bytes, len as u64);
+                match proxy_for(&shared, from).await {
+                    Ok((_, proxy)) => {
+                        if let Err(e) = proxy.send(&plain).await {
+                            bump(&shared.counters.send_errors, 1);
+                            if let Some(suppressed) =
+                                shared.log.check(Instant::now(), "loopback_send")
+                            {
+                                warn!(error = %e, suppressed, "cannot hand gossip to chitchat");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        bump(&shared.counters.send_errors, 1);
+                        if let Some(suppressed) = shared.log.check(Instant::now(), "proxy_open") {
+                            warn!(error = %e, suppressed, "cannot open a gossip proxy");
+                        }
+                    }
+                }
+            }
+            Err(reason) => {
+                bump(shared.counters.drop_counter(reason), 1);
+                bump(&shared.counters.dropped_in_bytes, len as u64);
+                if let Some(suppressed) = shared.log.check(Instant::now(), reason.as_str()) {
+                    warn!(
+                        from = %from,
+                        len,
+                        reason = reason.as_str(),
+                        suppressed,
+                        "dropped gossip datagram: {reason}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Receives what chitchat sends to one peer, seals it and sends it on the network.
+async fn pump_out(
+    proxy: Arc<UdpSocket>,
+    peer: SocketAddr,
+    network: Arc<UdpSocket>,
+    keyring: Arc<Keyring>,
+    counters: Arc<GossipCounters>,
+    log: Arc<RateLimiter>,
+) {
+    loop {
+        if proxy.readable().await.is_err() {
+            return;
+        }
+        // Fresh capacity per datagram (not a fixed 64 KiB per peer): only received bytes are
+        // touched, so hundreds of idle proxies cost no buffer memory.
+        let mut buf = Vec::with_capacity(RECV_BUF);
+        let plain = match proxy.try_recv_buf(&mut buf) {
+            Ok(_) => buf,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                bump(&counters.recv_errors, 1);
+                if let Some(suppressed) = log.check(Instant::now(), "proxy_recv") {
+                    warn!(error = %e, suppressed, "gossip proxy receive error");
+                }
+                continue;
+            }
+        };
+        let sealed = keyring.seal(unix_ms_now(), &plain);
+        if sealed.len() > max_sealed_len(&peer) {
+            bump(&counters.dropped_oversize, 1);
+            if let Some(suppressed) = log.check(Instant::now(), "oversize") {
+                warn!(
+                    peer = %peer,
+                    len = sealed.len(),
+                    max = max_sealed_len(&peer),
+                    suppressed,
+                    "gossip datagram too large to send once sealed; dropped"
+                );
+            }
+            continue;
+        }
+        match network.send_to(&sealed, peer).await {
+            Ok(n) => {
+                bump(&counters.sealed_out_datagrams, 1);
+                bump(&counters.sealed_out_bytes, n as u64);
+            }
+            Err(e) => {
+                bump(&counters.send_errors, 1);
+                if let Some(suppressed) = log.check(Instant::now(), "send_error") {
+                    warn!(peer = %peer, error = %e, suppressed, "cannot send gossip datagram");
+                }
+            }
+        }
+    }
+}
+
+/// The loopback proxy standing for `peer`, opened on first use.
+async fn proxy_for(
+    shared: &Arc<Shared>,
+    peer: SocketAddr,
+) -> Result<(SocketAddr, Arc<UdpSocket>), TransportError> {
+    if let Some(found) = lock(&shared.proxies).touch(&peer, Instant::now()) {
+        return Ok(found);
+    }
+    let codec_addr = shared.codec_addr;
+    let std_socket = shared
+        .netns
+        .run(move || -> io::Result<std::net::UdpSocket> {
+            let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+            // Connected: the kernel delivers to the proxy only what the codec sends.
+            s.connect(codec_addr)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        })
+        .await?
+        .map_err(|e| TransportError::Loopback(e.to_string()))?;
+    let socket =
+        UdpSocket::from_std(std_socket).map_err(|e| TransportError::Loopback(e.to_string()))?;
+    let addr = socket
+        .local_addr()
+        .map_err(|e| TransportError::Loopback(e.to_string()))?;
+    let socket = Arc::new(socket);
+    let mut table = lock(&shared.proxies);
+    // Another task may have opened one meanwhile; keep theirs so the mapping stays one-to-one.
+    if let Some(found) = table.touch(&peer, Instant::now()) {
+        return Ok(found);
+    }
+    let pump = tokio::spawn(pump_out(
+        socket.clone(),
+        peer,
+        shared.network.clone(),
+        shared.keyring.clone(),
+        shared.counters.clone(),
+        shared.log.clone(),
+    ))
+    .abort_handle();
+    let evicted = table.insert(
+        peer,
+        Proxy {
+            addr,
+            socket: socket.clone(),
+            last_used: Instant::now(),
+            pump,
+        },
+    );
+    bump(&shared.counters.proxies_opened, 1);
+    bump(&shared.counters.proxies_closed, evicted as u64);
+    Ok((addr, socket))
+}
+
+struct Proxy {
+    addr: SocketAddr,
+    socket: Arc<UdpSocket>,
+    last_used: Instant,
+    pump: AbortHandle,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.pump.abort();
+    }
+}
+
+/// Peer address ⇄ loopback proxy, one-to-one, bounded.
+struct ProxyTable {
+    by_peer: HashMap<SocketAddr, Proxy>,
+    peer_of: HashMap<SocketAddr, SocketAddr>,
+    max: usize,
+}
+
+impl ProxyTable {
+    fn new(max: usize) -> Self {
+        ProxyTable {
+            by_peer: HashMap::new(),
+            peer_of: HashMap::new(),
+            max: max.max(1),
+        }
+    }
+
+    fn touch(&mut self, peer: &SocketAddr, now: Instant) -> Option<(SocketAddr, Arc<UdpSocket>)> {
+        let p = self.by_peer.get_mut(peer)?;
+        p.last_used = now;
+        Some((p.addr, p.socket.clone()))
+    }
+
+    fn peer_of(&self, proxy_addr: &SocketAddr) -> Option<SocketAddr> {
+        self.peer_of.get(proxy_addr).copied()
+    }
+
+    /// Inserts, evicting the least recently used entries beyond the bound; returns how many.
+    fn insert(&mut self, peer: SocketAddr, proxy: Proxy) -> usize {
+        let mut evicted = 0;
+        while self.by_peer.len() >= self.max {
+            let Some(oldest) = self
+                .by_peer
+                .iter()
+                .min_by_key(|(_, p)| p.last_used)
+                .map(|(a, _)| *a)
+            else {
+                break;
+            };
+            self.remove(&oldest);
+            evicted += 1;
+        }
+        self.peer_of.insert(proxy.addr, peer);
+        self.by_peer.insert(peer, proxy);
+        evicted
+    }
+
+    fn remove(&mut self, peer: &SocketAddr) {
+        if let Some(p) = self.by_peer.remove(peer) {
+            self.peer_of.remove(&p.addr);
+        }
+    }
+
+    /// Closes proxies idle for at least `idle`; returns how many.
+    fn sweep(&mut self, now: Instant, idle: Duration) -> usize {
+        let stale: Vec<SocketAddr> = self
+            .by_peer
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_used) >= idle)
+            .map(|(a, _)| *a)
+            .collect();
+        for peer in &stale {
+            self.remove(peer);
+        }
+        stale.len()
+    }
+}
+
+/// The calling thread's network namespace's UDP receive-buffer drops (IPv4).
+fn udp_rcvbuf_errors() -> io::Result<u64> {
+    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return Err(io::Error::other("no Udp lines in snmp"));
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RcvbufErrors")
+        .and_then(|(_, v)| v.parse().ok())
+        .ok_or_else(|| io::Error::other("no RcvbufErrors in snmp"))
+}
+
+/// Sets SO_RCVBUF, past `net.core.rmem_max` when privileged (SO_RCVBUFFORCE).
+fn set_recv_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    let set = |opt| {
+        // SAFETY: fd is a live socket; the option value is a c_int we own.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) == 0 || set(libc::SO_RCVBUF) == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A thread living in a network namespace of its own, creating sockets there on request. The
+/// namespace lasts as long as the thread or any socket created in it.
+struct PrivateNetns {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl PrivateNetns {
+    async fn spawn(thread_name: String) -> Result<Self, TransportError> {
+        let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                let entered = enter_private_netns();
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                if !ok {
+                    return;
+                }
+                // Ends when the transport drops its sender.
+                while let Ok(job) = job_rx.recv() {
+                    job();
+                }
+            })
+            .map_err(TransportError::Namespace)?;
+        ready_rx
+            .await
+            .map_err(|_| TransportError::NamespaceGone)?
+            .map_err(TransportError::Namespace)?;
+        Ok(PrivateNetns { jobs })
+    }
+
+    /// Runs `f` on the namespace's thread.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, TransportError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| TransportError::NamespaceGone)?;
+        rx.await.map_err(|_| TransportError::NamespaceGone)
+    }
+}
+
+/// Moves the calling thread (only) into a new network namespace and brings its loopback up.
+fn enter_private_netns() -> io::Result<()> {
+    // SAFETY: plain syscall; CLONE_NEWNET affects only the calling thread.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    bring_loopback_up()
+}
+
+fn bring_loopback_up() -> io::Result<()> {
+    // SAFETY: plain syscall; the fd is owned right below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq we own, with a NUL-terminated name.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::time::Duration;
+
+    use chitchat::transport::UdpTransport;
+    use chitchat::{
+        spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, ChitchatMessage,
+        FailureDetectorConfig, ProtocolVersion,
+    };
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::gossip::seal::SECRET_LEN;
+
+    const SECRET: [u8; SECRET_LEN] = [0x42; SECRET_LEN];
+    const OTHER_SECRET: [u8; SECRET_LEN] = [0x24; SECRET_LEN];
+
+    fn assert_root() {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(
+            euid, 0,
+            "this test creates a network namespace and must run as root (the CI environment is root)"
+        );
+    }
+
+    fn transport(secret: [u8; SECRET_LEN]) -> SealedTransport {
+        SealedTransport::new(Arc::new(Keyring::new([secret]).unwrap()))
+    }
+
+    fn free_addr() -> SocketAddr {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        s.local_addr().unwrap()
+    }
+
+    fn config(name: &str, addr: SocketAddr, seeds: &[SocketAddr]) -> ChitchatConfig {
+        ChitchatConfig {
+            chitchat_id: ChitchatId::new(name, 1, addr),
+            cluster_id: "meshsec-test".to_string(),
+            gossip_interval: Duration::from_millis(50),
+            listen_addr: addr,
+            seed_nodes: seeds.iter().map(|s| s.to_string()).collect(),
+            failure_detector_config: FailureDetectorConfig {
+                initial_interval: Duration::from_millis(200),
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(60),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: ProtocolVersion::V1,
+        }
+    }
+
+    async fn spawn(
+        name: &str,
+        seeds: &[SocketAddr],
+        transport: &dyn Transport,
+    ) -> (ChitchatHandle, SocketAddr) {
+        let addr = free_addr();
+        let kv = vec![("who".to_string(), name.to_string())];
+        let handle = spawn_chitchat(config(name, addr, seeds), kv, transport)
+            .await
+            .unwrap();
+        (handle, addr)
+    }
+
+    /// Whether `handle` holds a node that published `who = name`.
+    async fn knows(handle: &ChitchatHandle, name: &str) -> bool {
+        handle
+            .with_chitchat(|c| {
+                c.node_states()
+                    .values()
+                    .any(|ns| ns.get("who") == Some(name))
+            })
+            .await
+    }
+
+    async fn node_count(handle: &ChitchatHandle) -> usize {
+        handle.with_chitchat(|c| c.node_states().len()).await
+    }
+
+    async fn eventually<F, Fut>(within: Duration, mut cond: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = bool>,
+    {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if cond().await {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Receives `n` datagrams on `sock` (what a node sends to a "seed" we control).
+    async fn capture(sock: &UdpSocket, n: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; RECV_BUF];
+        while out.len() < n {
+            let (len, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+                .await
+                .expect("no datagram captured within 5 s")
+                .unwrap();
+            out.push(buf[..len].to_vec());
+        }
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_secret_converges() {
+        assert_root();
+        let ta = transport(SECRET);
+        let tb = transport(SECRET);
+        let (a, a_addr) = spawn("a", &[], &ta).await;
+        let (b, _) = spawn("b", &[a_addr], &tb).await;
+        let started = Instant::now();
+        let converged = eventually(Duration::from_secs(5), || async {
+            knows(&a, "b").await && knows(&b, "a").await
+        })
+        .await;
+        assert!(
+            converged,
+            "a: {:?}, b: {:?}",
+            ta.counters().snapshot(),
+            tb.counters().snapshot()
+        );
+        eprintln!("converged in {:?}", started.elapsed());
+        for t in [&ta, &tb] {
+            let c = t.counters().snapshot();
+            assert!(
+                c.sealed_out_datagrams > 0 && c.opened_in_datagrams > 0,
+                "{c:?}"
+            );
+            assert_eq!(c.dropped_unopened(), 0, "{c:?}");
+        }
+        // Liveness too, not only state: each sees the other as a live node.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                a.with_chitchat(|c| c.live_nodes().count()).await == 2
+                    && b.with_chitchat(|c| c.live_nodes().count()).await == 2
+            })
+            .await
+        );
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn different_secret_never_joins() {
+        assert_root();
+        let ta = transport(SECRET);
+        let tc = transport(OTHER_SECRET);
+        let (a, a_addr) = spawn("a", &[], &ta).await;
+        let (c, _) = spawn("c", &[a_addr], &tc).await;
+        // c gossips to its seed every 50 ms; a must drop every datagram.
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                ta.counters().dropped(OpenError::UnknownKey) >= 10
+            })
+            .await,
+            "{:?}",
+            ta.counters().snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!knows(&a, "c").await);
+        assert!(!knows(&c, "a").await);
+        assert_eq!(node_count(&a).await, 1);
+        assert_eq!(node_count(&c).await, 1);
+        let sa = ta.counters().snapshot();
+        assert_eq!(sa.opened_in_datagrams, 0, "{sa:?}");
+        // Nothing reached a's chitchat, so a never answered.
+        assert_eq!(tc.counters().snapshot().opened_in_datagrams, 0);
+        a.shutdown().await.unwrap();
+        c.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn garbage_is_counted_and_changes_nothing() {
+        assert_root();
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 2_000u64;
+        for i in 0..n {
+            let len = match i % 4 {
+                0 => rng.gen_range(0..60),
+                1 => rng.gen_range(60..1_500),
+                2 => rng.gen_range(1_500..9_000),
+                _ => 0,
+            };
+            let mut d: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            if i % 3 == 0 && d.len() > 5 {
+                // Plausible header: right version and key id, so the AEAD check runs.
+                d[0] = crate::gossip::seal::VERSION;
+                d[1..5].copy_from_slice(&Keyring::new([SECRET]).unwrap().sealing_key_id().0);
+            }
+            attacker.send_to(&d, b_addr).await.unwrap();
+            if i % 200 == 0 {
+                // Let the receiver keep up so the socket buffer does not overflow.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                tb.counters().snapshot().dropped_unopened() == n
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        let c = tb.counters().snapshot();
+        assert!(c.dropped_too_short > 0 && c.dropped_bad_tag > 0 && c.dropped_unknown_key > 0);
+        assert_eq!(c.opened_in_datagrams, 0);
+        assert_eq!(node_count(&b).await, 1);
+        // Still serving: a legitimate node joins afterwards.
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[b_addr], &ta).await;
+        assert!(eventually(Duration::from_secs(5), || async { knows(&b, "a").await }).await);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replayed_datagram_opens_once() {
+        assert_root();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let tap_addr = tap.local_addr().unwrap();
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[tap_addr], &ta).await;
+        let captured = capture(&tap, 1).await.remove(0);
+        a.shutdown().await.unwrap();
+
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        attacker.send_to(&captured, b_addr).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().snapshot().opened_in_datagrams == 1
+            })
+            .await
+        );
+        for _ in 0..5 {
+            attacker.send_to(&captured, b_addr).await.unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().dropped(OpenError::Replayed) == 5
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        assert_eq!(tb.counters().snapshot().opened_in_datagrams, 1);
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn old_datagram_of_a_dead_node_does_not_resurrect_it() {
+        assert_root();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let tap_addr = tap.local_addr().unwrap();
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[tap_addr], &ta).await;
+        let captured = capture(&tap, 3).await;
+        a.shutdown().await.unwrap();
+
+        let window = Duration::from_millis(700);
+        let tb = transport(SECRET).with_config(SealedTransportConfig {
+            replay: ReplayConfig {
+                max_age: window,
+                ..ReplayConfig::default()
+            },
+            ..SealedTransportConfig::default()
+        });
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        tokio::time::sleep(window + Duration::from_millis(300)).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        for d in &captured {
+            attacker.send_to(d, b_addr).await.unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().dropped(OpenError::Stale) == captured.len() as u64
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        assert_eq!(node_count(&b).await, 1, "the dead node must not reappear");
+        b.shutdown().await.unwrap();
+    }
+
+    /// Captures a genuine plaintext chitchat datagram (a V1 Syn for our cluster) from a node
+    /// running chitchat's own UDP transport.
+    async fn plaintext_syn() -> Vec<u8> {
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let tap_addr = tap.local_addr().unwrap();
+        let (p, _) = spawn("plain", &[tap_addr], &UdpTransport).await;
+        let syn = capture(&tap, 1).await.remove(0);
+        p.shutdown().await.unwrap();
+        syn
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plaintext_chitchat_is_dropped() {
+        assert_root();
+        let syn = plaintext_syn().await;
+
+        // Control: the captured bytes do make a plain chitchat node learn the sender.
+        let (q, q_addr) = spawn("q", &[], &UdpTransport).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        attacker.send_to(&syn, q_addr).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                node_count(&q).await == 2
+            })
+            .await
+        );
+        q.shutdown().await.unwrap();
+
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        attacker.send_to(&syn, b_addr).await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(2), || async {
+                tb.counters().snapshot().dropped_unopened() == 1
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(node_count(&b).await, 1);
+        assert_eq!(tb.counters().snapshot().opened_in_datagrams, 0);
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn codec_socket_is_unreachable_from_the_host() {
+        assert_root();
+        let syn = plaintext_syn().await;
+        let tb = transport(SECRET);
+        let socket = tb.open_sealed(free_addr()).await.unwrap();
+        let codec_addr = socket.codec_addr();
+        assert!(codec_addr.ip().is_loopback());
+        // The same address on the host's loopback is not the codec: a local process sending
+        // plaintext there reaches nothing (or some unrelated socket), never chitchat. Were the
+        // codec on the host's loopback, the datagram would arrive and be counted as unmapped.
+        let mut socket = socket;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let _ = attacker.send_to(&syn, codec_addr).await;
+        let got = tokio::time::timeout(Duration::from_millis(500), socket.recv()).await;
+        assert!(
+            got.is_err(),
+            "plaintext from the host reached chitchat: {got:?}"
+        );
+        assert_eq!(tb.counters().snapshot().dropped_unmapped, 0);
+    }
+
+    #[test]
+    fn unprivileged_caller_gets_a_clear_error() {
+        assert_root();
+        // Drop privileges in one thread only (raw syscall: glibc's wrapper would change every
+        // thread of the test process), then try to open.
+        let result = std::thread::spawn(|| {
+            // SAFETY: affects only this thread's credentials; the thread ends right after.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0, "setresuid: {}", io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                transport(SECRET)
+                    .open_sealed((Ipv4Addr::LOCALHOST, 0).into())
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .join()
+        .unwrap();
+        let err = result.expect_err("an unprivileged thread must not get a namespace");
+        assert!(matches!(err, TransportError::Namespace(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("CAP_SYS_ADMIN") && msg.contains("root"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn port_in_use_and_on_bind_errors() {
+        assert_root();
+        let taken = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = transport(SECRET).open_sealed(addr).await.unwrap_err();
+        assert!(matches!(err, TransportError::Bind { .. }), "{err:?}");
+        assert!(err.to_string().contains(&addr.to_string()));
+
+        let seen = Arc::new(AtomicU64::new(0));
+        let seen2 = seen.clone();
+        let t = transport(SECRET).with_on_bind(move |fd| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: fd is the live network socket; v and len are ours.
+            let rc = unsafe {
+                libc::getsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(rc, 0);
+            assert!(v >= 4 << 20, "receive buffer enlarged before the hook: {v}");
+            seen2.store(fd as u64, Ordering::SeqCst);
+            Err(io::Error::other("no bypass policy"))
+        });
+        let err = t.open_sealed(free_addr()).await.unwrap_err();
+        assert!(matches!(err, TransportError::OnBind(_)), "{err:?}");
+        assert!(seen.load(Ordering::SeqCst) > 2, "hook saw a real fd");
+    }
+
+    /// A state far above one datagram (≈ 200 KB of base64-like values) still converges: it
+    /// travels as a series of near-64 KiB sealed datagrams.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_state_converges() {
+        assert_root();
+        let ta = transport(SECRET);
+        let tb = transport(SECRET);
+        let a_addr = free_addr();
+        let mut kv = vec![("who".to_string(), "a".to_string())];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        for i in 0..1_200 {
+            let v: String = (0..150)
+                .map(|_| rng.sample(rand::distributions::Alphanumeric) as char)
+                .collect();
+            kv.push((format!("key-{i:04}"), v));
+        }
+        let a = spawn_chitchat(config("a", a_addr, &[]), kv, &ta)
+            .await
+            .unwrap();
+        let (b, _) = spawn("b", &[a_addr], &tb).await;
+        let kvs = || async {
+            b.with_chitchat(|c| {
+                c.node_states()
+                    .values()
+                    .map(|n| n.num_key_values())
+                    .sum::<usize>()
+            })
+            .await
+        };
+        let ok = eventually(Duration::from_secs(10), || async { kvs().await == 1_202 }).await;
+        let (ca, cb) = (ta.counters().snapshot(), tb.counters().snapshot());
+        assert!(ok, "b has {} key-values; a: {ca:?}; b: {cb:?}", kvs().await);
+        assert!(
+            ca.sealed_out_bytes / ca.sealed_out_datagrams.max(1) > 4_000,
+            "expected big datagrams: {ca:?}"
+        );
+        assert_eq!(ca.dropped_oversize, 0);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
+    fn bad_cluster() -> ChitchatEnvelope {
+        // The one message that can be built outside chitchat; enough to drive the plumbing.
+        ChitchatEnvelope {
+            version: ProtocolVersion::V1,
+            message: ChitchatMessage::BadCluster,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_peer_maps_back_exactly_and_the_table_is_bounded() {
+        assert_root();
+        let keyring = Arc::new(Keyring::new([SECRET]).unwrap());
+        let t = SealedTransport::new(keyring.clone()).with_config(SealedTransportConfig {
+            max_peers: 2,
+            ..SealedTransportConfig::default()
+        });
+        let mut socket = t.open_sealed(free_addr()).await.unwrap();
+        let mut taps = Vec::new();
+        for _ in 0..3 {
+            taps.push(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+        }
+        // Outbound: each tap gets a sealed datagram whose content is chitchat's encoding.
+        let mut opener = Opener::new(keyring.clone(), ReplayConfig::default());
+        let mut plain = Vec::new();
+        for tap in &taps {
+            socket
+                .send(tap.local_addr().unwrap(), bad_cluster())
+                .await
+                .unwrap();
+            let sealed = capture(tap, 1).await.remove(0);
+            plain.push(
+                opener
+                    .open(unix_ms_now(), &sealed)
+                    .expect("peer can open it"),
+            );
+        }
+        assert!(plain.windows(2).all(|w| w[0] == w[1]));
+        let c = t.counters().snapshot();
+        assert_eq!((c.proxies_opened, c.proxies_closed), (3, 1), "{c:?}");
+        assert_eq!(socket.peer_count(), 2);
+
+        // Inbound, interleaved from all three: each envelope carries its own sender. (A table
+        // big enough for all of them: evicting a proxy with a datagram in flight loses that
+        // datagram, which is what UDP may do anyway, but would make this test timing-dependent.)
+        drop(socket);
+        let t = SealedTransport::new(keyring.clone());
+        let mut socket = t.open_sealed(free_addr()).await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        for round in 0..3 {
+            for tap in &taps {
+                let sealed = keyring.seal(unix_ms_now(), &plain[0]);
+                tap.send_to(&sealed, addr).await.unwrap();
+            }
+            let mut from = Vec::new();
+            for _ in 0..taps.len() {
+                let got = tokio::time::timeout(Duration::from_secs(2), socket.recv())
+                    .await
+                    .expect("envelope delivered")
+                    .unwrap();
+                assert_eq!(got.envelope, bad_cluster());
+                from.push(got.from_addr);
+            }
+            from.sort();
+            let mut want: Vec<SocketAddr> = taps.iter().map(|t| t.local_addr().unwrap()).collect();
+            want.sort();
+            assert_eq!(from, want, "round {round}");
+        }
+        assert_eq!(socket.peer_count(), 3);
+        assert_eq!(t.counters().snapshot().proxies_opened, 3);
+    }
+
+    #[tokio::test]
+    async fn oversize_sealed_datagram_is_counted_not_sent() {
+        // The pump itself, on host loopback: codec -> proxy -> seal -> network -> peer.
+        let codec = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let proxy = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+        proxy.connect(codec.local_addr().unwrap()).await.unwrap();
+        let network = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
+        let peer = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let counters = Arc::new(GossipCounters::default());
+        let pump = tokio::spawn(pump_out(
+            proxy.clone(),
+            peer.local_addr().unwrap(),
+            network,
+            Arc::new(Keyring::new([SECRET]).unwrap()),
+            counters.clone(),
+            Arc::new(RateLimiter::new(Duration::from_secs(10))),
+        ));
+        let proxy_addr = proxy.local_addr().unwrap();
+        let fits = MAX_SEALED_DATAGRAM_V4 - crate::gossip::seal::OVERHEAD;
+        codec
+            .send_to(&vec![1u8; fits + 1], proxy_addr)
+            .await
+            .unwrap();
+        codec.send_to(&vec![2u8; fits], proxy_addr).await.unwrap();
+        let got = capture(&peer, 1).await.remove(0);
+        assert_eq!(got.len(), MAX_SEALED_DATAGRAM_V4);
+        let c = counters.snapshot();
+        assert_eq!(
+            (c.dropped_oversize, c.sealed_out_datagrams),
+            (1, 1),
+            "{c:?}"
+        );
+        pump.abort();
+    }
+
+    fn thread_alive(name: &str) -> bool {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
+            })
+    }
+
+    // Single-threaded runtime on purpose: opening must not depend on a second worker thread.
+    #[tokio::test]
+    async fn dropping_the_socket_releases_everything() {
+        assert_root();
+        let t = transport(SECRET);
+        let addr = free_addr();
+        let mut socket = t.open_sealed(addr).await.unwrap();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        socket
+            .send(tap.local_addr().unwrap(), bad_cluster())
+            .await
+            .unwrap();
+        capture(&tap, 1).await;
+        let thread = format!("gossip-ns-{}", addr.port());
+        assert!(thread_alive(&thread));
+        // chitchat's own transport contract: the address can be opened again after a drop.
+        assert!(
+            t.open_sealed(addr).await.is_err(),
+            "address is in use while open"
+        );
+        drop(socket);
+        assert!(
+            eventually(Duration::from_secs(2), || async { !thread_alive(&thread) }).await,
+            "namespace thread still running"
+        );
+        let reopened = eventually(Duration::from_secs(2), || async {
+            t.open_sealed(addr).await.is_ok()
+        })
+        .await;
+        assert!(reopened, "address not released");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn converges_over_ipv6() {
+        assert_root();
+        let free6 = || {
+            let s = std::net::UdpSocket::bind("[::1]:0").unwrap();
+            s.local_addr().unwrap()
+        };
+        let (ta, tb) = (transport(SECRET), transport(SECRET));
+        let (a_addr, b_addr) = (free6(), free6());
+        let kv = |n: &str| vec![("who".to_string(), n.to_string())];
+        let a = spawn_chitchat(config("a", a_addr, &[]), kv("a"), &ta)
+            .await
+            .unwrap();
+        let b = spawn_chitchat(config("b", b_addr, &[a_addr]), kv("b"), &tb)
+            .await
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                knows(&a, "b").await && knows(&b, "a").await
+            })
+            .await
+        );
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loopback_drops_are_counted() {
+        assert_root();
+        let keyring = Arc::new(Keyring::new([SECRET]).unwrap());
+        let t = SealedTransport::new(keyring.clone());
+        // Nobody calls recv, so the codec's queue fills up.
+        let socket = t.open_sealed(free_addr()).await.unwrap();
+        let tap = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let big = vec![0u8; 60_000];
+        for _ in 0..20 {
+            let sealed = keyring.seal(unix_ms_now(), &big);
+            tap.send_to(&sealed, socket.local_addr().unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                t.counters().snapshot().loopback_drops > 0
+            })
+            .await,
+            "{:?}",
+            t.counters().snapshot()
+        );
+        let c = t.counters().snapshot();
+        assert_eq!(c.opened_in_datagrams, 20);
+        assert!(c.loopback_drops < 20, "{c:?}");
+    }
+
+    #[test]
+    fn rate_limiter_lets_one_line_per_interval_and_counts_the_rest() {
+        let rl = RateLimiter::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(rl.check(t0, "bad_tag"), Some(0));
+        for i in 1..=5 {
+            assert_eq!(rl.check(t0 + Duration::from_secs(i), "bad_tag"), None);
+        }
+        // Keys are independent.
+        assert_eq!(rl.check(t0 + Duration::from_secs(1), "stale"), Some(0));
+        assert_eq!(rl.check(t0 + Duration::from_secs(10), "bad_tag"), Some(5));
+        assert_eq!(rl.check(t0 + Duration::from_secs(11), "bad_tag"), None);
+    }
+
+    #[test]
+    fn oversize_limits_follow_the_address_family() {
+        assert_eq!(max_sealed_len(&"10.0.0.1:7946".parse().unwrap()), 65_507);
+        assert_eq!(
+            max_sealed_len(&"[::ffff:10.0.0.1]:7946".parse().unwrap()),
+            65_507
+        );
+        assert_eq!(max_sealed_len(&"[fd00::1]:7946".parse().unwrap()), 65_527);
+    }
+}

@@ -1,0 +1,1165 @@
+//! The sans-IO handshake state machine (proto/handshake.md §4–§8).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+use super::crypto::{
+    derive_cookie_key, derive_esp_keys, derive_mac1_key, derive_psk, hex, mac16, mac_eq,
+    make_cookie, open_cookie, seal_cookie, EspAlgorithm, EspKey, StaticKeypair, COOKIE_NONCE_LEN,
+    MAC_LEN,
+};
+use super::dh::StaticDh;
+use super::noise::{
+    initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read,
+};
+use super::ratelimit::{KeyedLimiter, TokenBucket};
+use super::wire::{
+    decode, encode_cookie_reply, encode_initiation, encode_response, CookieReply, DecodeError,
+    InitPayload, Initiation, Message, RespPayload, Response, INITIATION_LEN, INITIATION_MAC1_OFF,
+    INITIATION_MAC2_OFF, RESPONSE_LEN, RESPONSE_MAC1_OFF,
+};
+
+/// A member's X25519 static public key.
+pub type PublicKey = [u8; 32];
+
+/// Smallest SPI we accept or hand out: 1–255 are reserved by IANA, 0 means "none".
+pub const MIN_SPI: u32 = 256;
+
+/// How long an initiator keeps using a cookie after receiving it. The responder rotates its
+/// cookie secret every [`COOKIE_SECRET_LIFETIME`] and accepts the current and previous one.
+pub const COOKIE_LIFETIME: Duration = Duration::from_secs(118);
+/// Rotation period of the responder's cookie secret.
+pub const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(120);
+
+/// Tunables. [`Config::default`] is what production uses; tests shrink the rates.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// ESP algorithm, cluster-wide. A responder rejects initiations proposing another.
+    pub algorithm: EspAlgorithm,
+    /// First retransmission timeout of an initiation.
+    pub initial_rto: Duration,
+    /// Cap of the doubling retransmission timeout.
+    pub max_rto: Duration,
+    /// Random extra delay added to each retransmission timer, at most this much (desynchronises
+    /// peers that started together).
+    pub max_jitter: Duration,
+    /// An initiation not answered within this time fails with [`FailReason::Timeout`].
+    pub handshake_timeout: Duration,
+    /// How long a responder answers exact retransmissions of an accepted initiation from its
+    /// cache (no DH, no new SPI, no new session).
+    pub response_cache_ttl: Duration,
+    /// Global budget of DH-bearing initiations per second before the responder is "under load".
+    pub load_rate: u32,
+    /// Burst size of that budget.
+    pub load_burst: u32,
+    /// Once the budget is exhausted, stay under load at least this long.
+    pub under_load_hold: Duration,
+    /// Under load: initiations per second accepted from one cookie-proven source IP.
+    pub per_source_rate: u32,
+    /// Under load: burst per source IP.
+    pub per_source_burst: u32,
+    /// Bound on the number of tracked source IPs.
+    pub max_sources: usize,
+    /// Global cap on cookie replies per second (they go to unproven addresses).
+    pub cookie_reply_rate: u32,
+    /// Burst of cookie replies.
+    pub cookie_reply_burst: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            algorithm: EspAlgorithm::Aes128Gcm,
+            initial_rto: Duration::from_secs(1),
+            max_rto: Duration::from_secs(8),
+            max_jitter: Duration::from_millis(200),
+            handshake_timeout: Duration::from_secs(20),
+            response_cache_ttl: Duration::from_secs(20),
+            load_rate: 1000,
+            load_burst: 200,
+            under_load_hold: Duration::from_secs(1),
+            per_source_rate: 20,
+            per_source_burst: 10,
+            max_sources: 4096,
+            cookie_reply_rate: 2000,
+            cookie_reply_burst: 200,
+        }
+    }
+}
+
+/// Which side of the Noise handshake we were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// We sent the initiation.
+    Initiator,
+    /// We answered an initiation.
+    Responder,
+}
+
+/// A completed handshake: everything the datapath needs for one SA pair.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The peer's static public key.
+    pub peer: PublicKey,
+    /// Where the peer's handshake datagram came from.
+    pub peer_addr: SocketAddr,
+    /// Our side in the handshake.
+    pub role: Role,
+    /// Identical on both sides: the first 8 bytes (big-endian) of the Noise handshake hash.
+    pub session_id: u64,
+    /// Our inbound SPI (the kernel SA for peer → us).
+    pub local_spi: u32,
+    /// The peer's inbound SPI = our outbound SPI.
+    pub peer_spi: u32,
+    /// ESP algorithm.
+    pub algorithm: EspAlgorithm,
+    /// Key material for our outbound SA (us → peer).
+    pub key_out: EspKey,
+    /// Key material for our inbound SA (peer → us).
+    pub key_in: EspKey,
+    /// The initiator's timestamp (ns since the Unix epoch): orders sessions of one pair.
+    pub initiator_timestamp: u64,
+    /// When the handshake started locally (initiation sent or received).
+    pub started_at: Instant,
+    /// When it completed locally.
+    pub established_at: Instant,
+}
+
+/// Why an initiation we started ended without a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// No valid response within [`Config::handshake_timeout`].
+    Timeout,
+    /// The peer's authenticated response carried a malformed payload, a reserved SPI or
+    /// another ESP algorithm (a misconfigured or incompatible member).
+    BadResponse,
+}
+
+/// Something the driver must act on.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A session completed: install its SAs.
+    Established(Session),
+    /// An initiation failed. `local_spi` was the SPI the caller allocated for it; free it.
+    Failed {
+        /// The peer.
+        peer: PublicKey,
+        /// The inbound SPI handed to [`Endpoint::initiate`].
+        local_spi: u32,
+        /// Why.
+        reason: FailReason,
+    },
+}
+
+/// Error from the caller's SPI allocator.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("SPI allocation failed: {0}")]
+pub struct SpiAllocError(pub String);
+
+/// What the endpoint needs from its surroundings while handling a datagram.
+///
+/// Both methods are called synchronously from [`Endpoint::handle`], only for an initiation
+/// that passed mac1 (and mac2 under load) and decrypted correctly, so their cost is bounded by
+/// the rate limits. A driver whose SPI allocation is asynchronous (XFRM_MSG_ALLOCSPI over
+/// netlink) can keep a small pool of pre-allocated SPIs and refill it afterwards.
+pub trait HandshakeContext {
+    /// Whether `peer` is a known, current member. Initiations from anyone else get no reply.
+    fn is_member(&self, peer: &PublicKey) -> bool;
+    /// Allocates our inbound SPI for a session with `peer` (≥ [`MIN_SPI`]); called only when
+    /// we respond. If the endpoint abandons its own initiation to `peer` in a collision, it
+    /// reuses that initiation's SPI and does not call this.
+    fn alloc_spi(&mut self, peer: &PublicKey) -> Result<u32, SpiAllocError>;
+}
+
+/// Error from [`Endpoint::new`] / [`Endpoint::set_keyring`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The cluster secret keyring must hold at least one secret.
+    #[error("cluster secret keyring is empty")]
+    EmptyKeyring,
+}
+
+/// Error from [`Endpoint::initiate`].
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum InitiateError {
+    /// An initiation to this peer is already outstanding.
+    #[error("a handshake with this peer is already in progress")]
+    InProgress,
+    /// Handshaking with our own key makes no sense.
+    #[error("refusing to handshake with our own static key")]
+    SelfPeer,
+    /// SPIs below 256 are reserved.
+    #[error("SPI {0} is reserved (must be >= 256)")]
+    ReservedSpi(u32),
+    /// snow refused to build the message (should not happen with valid keys).
+    #[error("noise: {0}")]
+    Noise(String),
+}
+
+/// Why a datagram produced no progress. Every variant increments one [`Counters`] field.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// Wrong length for its type, or shorter than a header.
+    #[error("bad length")]
+    BadLength,
+    /// Unknown version byte.
+    #[error("bad version")]
+    BadVersion,
+    /// Unknown type or non-zero reserved header bytes.
+    #[error("bad type")]
+    BadType,
+    /// mac1 did not verify with any keyring secret.
+    #[error("bad mac1")]
+    BadMac,
+    /// Under load without a valid mac2: a cookie reply was sent instead of doing DH work.
+    #[error("under load: cookie reply sent")]
+    CookieSent,
+    /// Rate limit (per source under load, or the global cookie-reply cap).
+    #[error("rate limited")]
+    RateLimited,
+    /// Noise decryption failed (wrong PSK, corrupted, or forged).
+    #[error("decryption failed")]
+    DecryptFailed,
+    /// Decrypted payload malformed (reserved bytes, reserved SPI).
+    #[error("bad payload")]
+    BadPayload,
+    /// Initiator is not a known, current member (or is ourselves).
+    #[error("unknown peer")]
+    UnknownPeer,
+    /// Initiation timestamp not newer than the last accepted one from that peer.
+    #[error("replayed or stale initiation")]
+    Replayed,
+    /// Response or cookie reply for no outstanding initiation.
+    #[error("stale response")]
+    StaleResponse,
+    /// Initiation proposed an ESP algorithm other than ours.
+    #[error("algorithm mismatch")]
+    AlgMismatch,
+    /// Simultaneous initiation and we are the designated initiator: their initiation dropped.
+    #[error("collision: we are the initiator")]
+    CollisionDropped,
+    /// The caller could not allocate an SPI.
+    #[error("SPI allocation failed")]
+    SpiAllocFailed,
+    /// Cookie reply did not authenticate.
+    #[error("bad cookie reply")]
+    BadCookie,
+}
+
+/// Counters of everything that happened, for metrics and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counters {
+    /// Datagrams passed to `handle`.
+    pub received: u64,
+    /// Datagrams queued for sending.
+    pub sent: u64,
+    /// See [`Rejected::BadLength`].
+    pub bad_len: u64,
+    /// See [`Rejected::BadVersion`].
+    pub bad_version: u64,
+    /// See [`Rejected::BadType`].
+    pub bad_type: u64,
+    /// See [`Rejected::BadMac`].
+    pub bad_mac: u64,
+    /// See [`Rejected::DecryptFailed`].
+    pub decrypt_failed: u64,
+    /// See [`Rejected::BadPayload`].
+    pub bad_payload: u64,
+    /// See [`Rejected::UnknownPeer`].
+    pub unknown_peer: u64,
+    /// See [`Rejected::Replayed`].
+    pub replayed: u64,
+    /// See [`Rejected::StaleResponse`].
+    pub stale_response: u64,
+    /// See [`Rejected::AlgMismatch`].
+    pub alg_mismatch: u64,
+    /// See [`Rejected::RateLimited`].
+    pub rate_limited: u64,
+    /// See [`Rejected::CookieSent`].
+    pub cookie_sent: u64,
+    /// Valid cookie replies received.
+    pub cookie_received: u64,
+    /// See [`Rejected::BadCookie`].
+    pub bad_cookie: u64,
+    /// See [`Rejected::CollisionDropped`].
+    pub collision_dropped: u64,
+    /// Own initiations abandoned because the peer's won the collision.
+    pub collision_abandoned: u64,
+    /// See [`Rejected::SpiAllocFailed`].
+    pub spi_alloc_failed: u64,
+    /// Exact retransmissions answered from the response cache.
+    pub retransmit_answered: u64,
+    /// Initiations retransmitted by us.
+    pub retransmits: u64,
+    /// Messages on which DH work was spent (the resource the DoS defence protects).
+    pub dh_work: u64,
+    /// Sessions established (both roles).
+    pub established: u64,
+    /// Initiations that timed out.
+    pub timeouts: u64,
+}
+
+/// An outstanding initiation of ours.
+struct Initiating {
+    hs: snow::HandshakeState,
+    sender_index: u32,
+    local_spi: u32,
+    peer_addr: SocketAddr,
+    timestamp: u64,
+    /// Key that authenticates the peer's response (secret used ‖ our public key).
+    response_mac1_key: Zeroizing<[u8; 32]>,
+    /// Key that opens the peer's cookie replies (secret used ‖ peer public key).
+    cookie_key: Zeroizing<[u8; 32]>,
+    /// The initiation with mac1 filled and mac2 zero.
+    packet: [u8; INITIATION_LEN],
+    /// Cookie whose mac2 the last transmission carried.
+    mac2_cookie: Option<[u8; MAC_LEN]>,
+    started: Instant,
+    deadline: Instant,
+    next_retransmit: Instant,
+    rto: Duration,
+}
+
+/// Handshake state with one peer.
+enum PeerState {
+    /// Nothing outstanding.
+    Idle,
+    /// We sent an initiation and wait for the response.
+    Initiating(Box<Initiating>),
+}
+
+struct PeerEntry {
+    state: PeerState,
+    /// Greatest initiation timestamp accepted from this peer (or abandoned by it).
+    last_accepted_ts: u64,
+    /// Latest cookie from this peer as responder, and when it arrived.
+    cookie: Option<([u8; MAC_LEN], Instant)>,
+}
+
+impl PeerEntry {
+    fn new() -> Self {
+        PeerEntry {
+            state: PeerState::Idle,
+            last_accepted_ts: 0,
+            cookie: None,
+        }
+    }
+}
+
+/// A response we sent, kept to answer exact retransmissions of its initiation.
+struct CachedResponse {
+    peer: PublicKey,
+    initiation: [u8; INITIATION_MAC1_OFF],
+    response: [u8; RESPONSE_LEN],
+    expires: Instant,
+}
+
+struct SecretKeys {
+    psk: Zeroizing<[u8; 32]>,
+    /// mac1 key for messages sent to us.
+    mac1_to_us: Zeroizing<[u8; 32]>,
+    /// Key for cookie replies we send.
+    cookie_ours: Zeroizing<[u8; 32]>,
+    secret: Zeroizing<[u8; 32]>,
+}
+
+struct CookieSecret {
+    current: Zeroizing<[u8; 32]>,
+    previous: Zeroizing<[u8; 32]>,
+    rotated: Instant,
+}
+
+/// The handshake endpoint: one per agent, shared by all peers. Sans-IO: feed it datagrams and
+/// time, drain transmits and events.
+pub struct Endpoint {
+    config: Config,
+    keypair: StaticKeypair,
+    dh: std::sync::Arc<StaticDh>,
+    secrets: Vec<SecretKeys>,
+    peers: HashMap<PublicKey, PeerEntry>,
+    /// Our outstanding initiations by sender index.
+    indices: HashMap<u32, PublicKey>,
+    /// Responses by the initiator's ephemeral public key.
+    cache: HashMap<[u8; 32], CachedResponse>,
+    transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    events: VecDeque<Event>,
+    counters: Counters,
+    rng: StdRng,
+    anchor: (Instant, u64),
+    last_timestamp: u64,
+    cookie_secret: CookieSecret,
+    load_bucket: TokenBucket,
+    under_load_until: Option<Instant>,
+    sources: KeyedLimiter<IpAddr>,
+    cookie_bucket: TokenBucket,
+    last_drop_log: Option<Instant>,
+    /// Test hook: ephemeral private keys to use instead of fresh ones (vectors, determinism).
+    pub(crate) fixed_ephemerals: VecDeque<[u8; 32]>,
+    /// Test hook: sender indices to use instead of random ones (vectors).
+    pub(crate) fixed_indices: VecDeque<u32>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("public", &hex(self.keypair.public()))
+            .field("peers", &self.peers.len())
+            .field("outstanding", &self.indices.len())
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+fn secret_keys(secret: &[u8; 32], our_pub: &PublicKey) -> SecretKeys {
+    SecretKeys {
+        psk: derive_psk(secret),
+        mac1_to_us: derive_mac1_key(secret, our_pub),
+        cookie_ours: derive_cookie_key(secret, our_pub),
+        secret: Zeroizing::new(*secret),
+    }
+}
+
+impl Endpoint {
+    /// Creates an endpoint.
+    ///
+    /// `keyring` holds the cluster secrets, newest first: we initiate with the first and accept
+    /// initiations made with any of them. `now` and `unix_now` (time since the Unix epoch, from
+    /// the wall clock) anchor the initiation timestamps, which must keep increasing across
+    /// restarts.
+    pub fn new(
+        config: Config,
+        keypair: StaticKeypair,
+        keyring: &[[u8; 32]],
+        now: Instant,
+        unix_now: Duration,
+    ) -> Result<Self, ConfigError> {
+        Self::with_rng(
+            config,
+            keypair,
+            keyring,
+            now,
+            unix_now,
+            StdRng::from_entropy(),
+        )
+    }
+
+    /// Like [`Endpoint::new`] with a seeded RNG for indices, jitter and cookie nonces
+    /// (reproducible tests; Noise ephemerals still come from the OS RNG).
+    pub fn with_seed(
+        config: Config,
+        keypair: StaticKeypair,
+        keyring: &[[u8; 32]],
+        now: Instant,
+        unix_now: Duration,
+        seed: u64,
+    ) -> Result<Self, ConfigError> {
+        Self::with_rng(
+            config,
+            keypair,
+            keyring,
+            now,
+            unix_now,
+            StdRng::seed_from_u64(seed),
+        )
+    }
+
+    fn with_rng(
+        config: Config,
+        keypair: StaticKeypair,
+        keyring: &[[u8; 32]],
+        now: Instant,
+        unix_now: Duration,
+        mut rng: StdRng,
+    ) -> Result<Self, ConfigError> {
+        if keyring.is_empty() {
+            return Err(ConfigError::EmptyKeyring);
+        }
+        let secrets = keyring
+            .iter()
+            .map(|s| secret_keys(s, keypair.public()))
+            .collect();
+        let mut c1 = Zeroizing::new([0u8; 32]);
+        let mut c2 = Zeroizing::new([0u8; 32]);
+        rng.fill_bytes(&mut *c1);
+        rng.fill_bytes(&mut *c2);
+        Ok(Endpoint {
+            load_bucket: TokenBucket::new(now, config.load_rate, config.load_burst),
+            sources: KeyedLimiter::new(
+                now,
+                config.per_source_rate,
+                config.per_source_burst,
+                config.max_sources,
+            ),
+            cookie_bucket: TokenBucket::new(
+                now,
+                config.cookie_reply_rate,
+                config.cookie_reply_burst,
+            ),
+            config,
+            dh: StaticDh::new(&keypair),
+            keypair,
+            secrets,
+            peers: HashMap::new(),
+            indices: HashMap::new(),
+            cache: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: Counters::default(),
+            rng,
+            anchor: (now, u64::try_from(unix_now.as_nanos()).unwrap_or(u64::MAX)),
+            last_timestamp: 0,
+            cookie_secret: CookieSecret {
+                current: c1,
+                previous: c2,
+                rotated: now,
+            },
+            under_load_until: None,
+            last_drop_log: None,
+            fixed_ephemerals: VecDeque::new(),
+            fixed_indices: VecDeque::new(),
+        })
+    }
+
+    /// Replaces the cluster secret keyring (rotation). Outstanding initiations keep the keys
+    /// they started with.
+    pub fn set_keyring(&mut self, keyring: &[[u8; 32]]) -> Result<(), ConfigError> {
+        if keyring.is_empty() {
+            return Err(ConfigError::EmptyKeyring);
+        }
+        self.secrets = keyring
+            .iter()
+            .map(|s| secret_keys(s, self.keypair.public()))
+            .collect();
+        Ok(())
+    }
+
+    /// Our static public key.
+    pub fn public_key(&self) -> &PublicKey {
+        self.keypair.public()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counters since creation.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Whether an initiation to `peer` is outstanding.
+    pub fn is_initiating(&self, peer: &PublicKey) -> bool {
+        matches!(
+            self.peers.get(peer).map(|p| &p.state),
+            Some(PeerState::Initiating(_))
+        )
+    }
+
+    /// Whether the responder currently demands cookies (mac2) before doing DH work.
+    pub fn is_under_load(&self, now: Instant) -> bool {
+        self.under_load_until.is_some_and(|t| now < t)
+    }
+
+    /// Test hook: fixes the cookie secret and forces the under-load state until `until`.
+    #[cfg(test)]
+    pub(crate) fn force_under_load(
+        &mut self,
+        now: Instant,
+        until: Instant,
+        cookie_secret: [u8; 32],
+    ) {
+        self.cookie_secret = CookieSecret {
+            current: Zeroizing::new(cookie_secret),
+            previous: Zeroizing::new(cookie_secret),
+            rotated: now,
+        };
+        self.under_load_until = Some(until);
+    }
+
+    /// Starts a handshake with `peer` at `peer_addr`, offering `local_spi` (our inbound SPI,
+    /// allocated by the caller) for the peer → us SA.
+    pub fn initiate(
+        &mut self,
+        now: Instant,
+        peer: PublicKey,
+        peer_addr: SocketAddr,
+        local_spi: u32,
+    ) -> Result<(), InitiateError> {
+        if &peer == self.keypair.public() {
+            return Err(InitiateError::SelfPeer);
+        }
+        if local_spi < MIN_SPI {
+            return Err(InitiateError::ReservedSpi(local_spi));
+        }
+        if self.is_initiating(&peer) {
+            return Err(InitiateError::InProgress);
+        }
+        let timestamp = self.next_timestamp(now);
+        let sender_index = self.fresh_index();
+        let secret = &self.secrets[0];
+        let payload = InitPayload {
+            timestamp,
+            spi: local_spi,
+            alg: self.config.algorithm.id(),
+        };
+        let eph = self.fixed_ephemerals.pop_front();
+        self.dh.remember(&peer);
+        let (hs, noise) = initiator_start(
+            &self.dh,
+            &peer,
+            &secret.psk,
+            eph.as_ref(),
+            &payload.encode(),
+        )
+        .map_err(|e| InitiateError::Noise(e.to_string()))?;
+        let mut packet = encode_initiation(sender_index, &noise);
+        put_mac(
+            &mut packet,
+            INITIATION_MAC1_OFF,
+            &derive_mac1_key(&secret.secret, &peer),
+        );
+        let st = Initiating {
+            hs,
+            sender_index,
+            local_spi,
+            peer_addr,
+            timestamp,
+            response_mac1_key: Zeroizing::new(*secret.mac1_to_us),
+            cookie_key: derive_cookie_key(&secret.secret, &peer),
+            packet,
+            mac2_cookie: None,
+            started: now,
+            deadline: now + self.config.handshake_timeout,
+            next_retransmit: now,
+            rto: self.config.initial_rto,
+        };
+        self.indices.insert(sender_index, peer);
+        let entry = self.peers.entry(peer).or_insert_with(PeerEntry::new);
+        entry.state = PeerState::Initiating(Box::new(st));
+        tracing::debug!(peer = %short(&peer), %peer_addr, local_spi, "handshake: initiating");
+        self.send_initiation(now, &peer, false);
+        Ok(())
+    }
+
+    /// Abandons an outstanding initiation to `peer` (e.g. it left the cluster). Returns the
+    /// SPI the caller allocated for it, so the caller can free it.
+    pub fn cancel(&mut self, peer: &PublicKey) -> Option<u32> {
+        let entry = self.peers.get_mut(peer)?;
+        match std::mem::replace(&mut entry.state, PeerState::Idle) {
+            PeerState::Initiating(st) => {
+                self.indices.remove(&st.sender_index);
+                Some(st.local_spi)
+            }
+            PeerState::Idle => None,
+        }
+    }
+
+    /// Forgets everything about `peer` (it left the cluster): cancels its initiation (returning
+    /// the SPI to free), its replay floor, cookie and cached response.
+    pub fn forget(&mut self, peer: &PublicKey) -> Option<u32> {
+        let spi = self.cancel(peer);
+        self.peers.remove(peer);
+        self.dh.forget(peer);
+        self.cache.retain(|_, c| &c.peer != peer);
+        spi
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event for the driver.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Endpoint::handle_timeout`] must next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter_map(|p| match &p.state {
+                PeerState::Initiating(st) => Some(st.next_retransmit.min(st.deadline)),
+                PeerState::Idle => None,
+            })
+            .min()
+    }
+
+    /// Fires due retransmissions and timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter_map(|(k, p)| match &p.state {
+                PeerState::Initiating(st) if now >= st.next_retransmit || now >= st.deadline => {
+                    Some(*k)
+                }
+                _ => None,
+            })
+            .collect();
+        for peer in due {
+            let timed_out = match self.peers.get(&peer).map(|p| &p.state) {
+                Some(PeerState::Initiating(st)) => now >= st.deadline,
+                _ => continue,
+            };
+            if timed_out {
+                if let Some(local_spi) = self.cancel(&peer) {
+                    self.counters.timeouts += 1;
+                    tracing::debug!(peer = %short(&peer), "handshake: timed out");
+                    self.events.push_back(Event::Failed {
+                        peer,
+                        local_spi,
+                        reason: FailReason::Timeout,
+                    });
+                }
+            } else {
+                self.counters.retransmits += 1;
+                self.send_initiation(now, &peer, true);
+            }
+        }
+    }
+
+    /// Handles one received datagram. Never panics on any input; the result says why it was
+    /// dropped (also counted in [`Endpoint::counters`]).
+    pub fn handle<C: HandshakeContext + ?Sized>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        datagram: &[u8],
+        ctx: &mut C,
+    ) -> Result<(), Rejected> {
+        self.counters.received += 1;
+        let r = match decode(datagram) {
+            Err(DecodeError::BadLength(_)) => Err(Rejected::BadLength),
+            Err(DecodeError::BadVersion(_)) => Err(Rejected::BadVersion),
+            Err(DecodeError::BadType(_)) => Err(Rejected::BadType),
+            Ok(Message::Initiation(m)) => self.handle_initiation(now, from, m, ctx),
+            Ok(Message::Response(m)) => self.handle_response(now, from, m),
+            Ok(Message::CookieReply(m)) => self.handle_cookie_reply(now, m),
+        };
+        if let Err(e) = r {
+            self.count(e);
+            // Hostile traffic must not flood the log: one line per second, the rest only counted.
+            if self
+                .last_drop_log
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+            {
+                self.last_drop_log = Some(now);
+                tracing::debug!(%from, reason = %e, "handshake: dropped datagram (more within 1 s are only counted)");
+            }
+        }
+        r
+    }
+
+    fn count(&mut self, e: Rejected) {
+        let c = &mut self.counters;
+        let f = match e {
+            Rejected::BadLength => &mut c.bad_len,
+            Rejected::BadVersion => &mut c.bad_version,
+            Rejected::BadType => &mut c.bad_type,
+            Rejected::BadMac => &mut c.bad_mac,
+            Rejected::CookieSent => &mut c.cookie_sent,
+            Rejected::RateLimited => &mut c.rate_limited,
+            Rejected::DecryptFailed => &mut c.decrypt_failed,
+            Rejected::BadPayload => &mut c.bad_payload,
+            Rejected::UnknownPeer => &mut c.unknown_peer,
+            Rejected::Replayed => &mut c.replayed,
+            Rejected::StaleResponse => &mut c.stale_response,
+            Rejected::AlgMismatch => &mut c.alg_mismatch,
+            Rejected::CollisionDropped => &mut c.collision_dropped,
+            Rejected::SpiAllocFailed => &mut c.spi_alloc_failed,
+            Rejected::BadCookie => &mut c.bad_cookie,
+        };
+        *f += 1;
+    }
+
+    fn handle_initiation<C: HandshakeContext + ?Sized>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        m: Initiation<'_>,
+        ctx: &mut C,
+    ) -> Result<(), Rejected> {
+        // 1. mac1: cheap, and identifies which keyring secret the initiator used.
+        let secret_idx = self
+            .secrets
+            .iter()
+            .position(|s| {
+                mac_eq(
+                    &mac16(&*s.mac1_to_us, &[&m.bytes[..INITIATION_MAC1_OFF]]),
+                    m.mac1,
+                )
+            })
+            .ok_or(Rejected::BadMac)?;
+
+        // 2. Load: spend DH budget, or demand a cookie-proven source address.
+        if !self.is_under_load(now) && !self.load_bucket.take(now) {
+            self.under_load_until = Some(now + self.config.under_load_hold);
+            tracing::debug!("handshake: under load, demanding cookies");
+        }
+        if self.is_under_load(now) {
+            // Keep extending while the budget stays exhausted.
+            if !self.load_bucket.take(now) {
+                self.under_load_until = Some(now + self.config.under_load_hold);
+            }
+            if !self.mac2_valid(now, &from, m.bytes) {
+                return self.send_cookie_reply(now, from, m.sender_index, m.mac1, secret_idx);
+            }
+            if !self.sources.take(now, &from.ip()) {
+                return Err(Rejected::RateLimited);
+            }
+        }
+
+        // 3. Exact retransmission of an initiation we already answered: resend, no DH.
+        let eph: [u8; 32] = m.noise[..32]
+            .try_into()
+            .expect("32-byte prefix of a fixed array");
+        if let Some(c) = self.cache.get(&eph) {
+            if now < c.expires && c.initiation[..] == m.bytes[..INITIATION_MAC1_OFF] {
+                let resp = c.response.to_vec();
+                self.counters.retransmit_answered += 1;
+                self.push_transmit(from, resp);
+                return Ok(());
+            }
+        }
+
+        // 4. DH work.
+        self.counters.dh_work += 1;
+        let fixed = self.fixed_ephemerals.pop_front();
+        let (hs, peer, payload) = responder_read(
+            &self.dh,
+            &self.secrets[secret_idx].psk,
+            fixed.as_ref(),
+            m.noise,
+        )
+        .map_err(|_| Rejected::DecryptFailed)?;
+        if &peer == self.keypair.public() || !ctx.is_member(&peer) {
+            return Err(Rejected::UnknownPeer);
+        }
+        let payload = InitPayload::decode(&payload).map_err(|_| Rejected::BadPayload)?;
+        if payload.spi < MIN_SPI {
+            return Err(Rejected::BadPayload);
+        }
+        if payload.alg != self.config.algorithm.id() {
+            return Err(Rejected::AlgMismatch);
+        }
+        let entry = self.peers.entry(peer).or_insert_with(PeerEntry::new);
+        if payload.timestamp <= entry.last_accepted_ts {
+            return Err(Rejected::Replayed);
+        }
+
+        // 5. Simultaneous initiation: the lower static key is the initiator.
+        let mut reuse_spi = None;
+        if let PeerState::Initiating(st) = &entry.state {
+            if self.keypair.public() < &peer {
+                return Err(Rejected::CollisionDropped);
+            }
+            reuse_spi = Some(st.local_spi);
+        }
+        let local_spi = match reuse_spi {
+            Some(s) => s,
+            None => match ctx.alloc_spi(&peer) {
+                Ok(s) if s >= MIN_SPI => s,
+                _ => return Err(Rejected::SpiAllocFailed),
+            },
+        };
+        if reuse_spi.is_some() {
+            if let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle)
+            {
+                self.indices.remove(&st.sender_index);
+            }
+            self.counters.collision_abandoned += 1;
+            tracing::debug!(peer = %short(&peer), "handshake: collision, abandoning our initiation");
+        }
+
+        // 6. Respond and complete. Our timestamp is greater than any initiation we have made,
+        // including one just abandoned.
+        let responder_ts = self.next_timestamp(now);
+        let alg = self.config.algorithm;
+        let resp_payload = RespPayload {
+            spi: local_spi,
+            alg: alg.id(),
+            timestamp: responder_ts,
+        };
+        let (noise, split) = match responder_finish(hs, &resp_payload.encode()) {
+            Ok(x) => x,
+            Err(_) => return Err(Rejected::DecryptFailed),
+        };
+        let sender_index = self
+            .fixed_indices
+            .pop_front()
+            .unwrap_or_else(|| self.rng.gen());
+        let mut resp = encode_response(sender_index, m.sender_index, &noise);
+        put_mac(
+            &mut resp,
+            RESPONSE_MAC1_OFF,
+            &derive_mac1_key(&self.secrets[secret_idx].secret, &peer),
+        );
+
+        if let Some(e) = self.peers.get_mut(&peer) {
+            e.last_accepted_ts = payload.timestamp;
+        }
+        self.cache.retain(|_, c| c.peer != peer && now < c.expires);
+        let mut initiation = [0u8; INITIATION_MAC1_OFF];
+        initiation.copy_from_slice(&m.bytes[..INITIATION_MAC1_OFF]);
+        self.cache.insert(
+            eph,
+            CachedResponse {
+                peer,
+                initiation,
+                response: resp,
+                expires: now + self.config.response_cache_ttl,
+            },
+        );
+        self.push_transmit(from, resp.to_vec());
+
+        let (i2r, r2i) = derive_esp_keys(&split.k1, &split.k2, &split.hash, alg);
+        let session = Session {
+            peer,
+            peer_addr: from,
+            role: Role::Responder,
+            session_id: session_id(&split.hash),
+            local_spi,
+            peer_spi: payload.spi,
+            algorithm: alg,
+            key_out: r2i,
+            key_in: i2r,
+            initiator_timestamp: payload.timestamp,
+            started_at: now,
+            established_at: now,
+        };
+        self.established(session);
+        Ok(())
+    }
+
+    fn handle_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        m: Response<'_>,
+    ) -> Result<(), Rejected> {
+        let peer = *self
+            .indices
+            .get(&m.receiver_index)
+            .ok_or(Rejected::StaleResponse)?;
+        let entry = self.peers.get_mut(&peer).ok_or(Rejected::StaleResponse)?;
+        let PeerState::Initiating(st) = &mut entry.state else {
+            return Err(Rejected::StaleResponse);
+        };
+        if !mac_eq(
+            &mac16(&*st.response_mac1_key, &[&m.bytes[..RESPONSE_MAC1_OFF]]),
+            m.mac1,
+        ) {
+            return Err(Rejected::BadMac);
+        }
+        self.counters.dh_work += 1;
+        let (payload, split) =
+            initiator_finish(&mut st.hs, m.noise).map_err(|_| Rejected::DecryptFailed)?;
+        // From here on the handshake state is finished: any failure ends this attempt.
+        let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle) else {
+            unreachable!("matched Initiating above");
+        };
+        self.indices.remove(&st.sender_index);
+        let ok = RespPayload::decode(&payload)
+            .ok()
+            .filter(|p| p.spi >= MIN_SPI && p.alg == self.config.algorithm.id());
+        let Some(p) = ok else {
+            // An authenticated peer sent nonsense: report it as a failed attempt.
+            self.events.push_back(Event::Failed {
+                peer,
+                local_spi: st.local_spi,
+                reason: FailReason::BadResponse,
+            });
+            return Err(Rejected::BadPayload);
+        };
+        // Every initiation the peer made before this response (one it abandoned in a collision,
+        // or one an attacker captured and held back) is now stale.
+        entry.last_accepted_ts = entry.last_accepted_ts.max(p.timestamp);
+        let alg = self.config.algorithm;
+        let (i2r, r2i) = derive_esp_keys(&split.k1, &split.k2, &split.hash, alg);
+        let session = Session {
+            peer,
+            peer_addr: from,
+            role: Role::Initiator,
+            session_id: session_id(&split.hash),
+            local_spi: st.local_spi,
+            peer_spi: p.spi,
+            algorithm: alg,
+            key_out: i2r,
+            key_in: r2i,
+            initiator_timestamp: st.timestamp,
+            started_at: st.started,
+            established_at: now,
+        };
+        self.established(session);
+        Ok(())
+    }
+
+    fn handle_cookie_reply(&mut self, now: Instant, m: CookieReply<'_>) -> Result<(), Rejected> {
+        let peer = *self
+            .indices
+            .get(&m.receiver_index)
+            .ok_or(Rejected::StaleResponse)?;
+        let entry = self.peers.get_mut(&peer).ok_or(Rejected::StaleResponse)?;
+        let PeerState::Initiating(st) = &entry.state else {
+            return Err(Rejected::StaleResponse);
+        };
+        let mac1: [u8; MAC_LEN] = st.packet[INITIATION_MAC1_OFF..INITIATION_MAC2_OFF]
+            .try_into()
+            .expect("fixed-size slice");
+        let cookie =
+            open_cookie(&st.cookie_key, m.nonce, &mac1, m.sealed).ok_or(Rejected::BadCookie)?;
+        entry.cookie = Some((cookie, now));
+        self.counters.cookie_received += 1;
+        let already = st.mac2_cookie == Some(cookie);
+        if !already {
+            // Resend at once with mac2 rather than waiting out the backoff; this cannot loop
+            // because a responder never answers a valid mac2 with another cookie.
+            self.send_initiation(now, &peer, false);
+        }
+        Ok(())
+    }
+
+    fn established(&mut self, s: Session) {
+        self.counters.established += 1;
+        // From now on handshakes with this member skip the static-static DH.
+        self.dh.remember(&s.peer);
+        tracing::debug!(
+            peer = %short(&s.peer),
+            role = ?s.role,
+            local_spi = s.local_spi,
+            peer_spi = s.peer_spi,
+            session_id = s.session_id,
+            "handshake: established"
+        );
+        self.events.push_back(Event::Established(s));
+    }
+
+    fn mac2_valid(
+        &mut self,
+        now: Instant,
+        from: &SocketAddr,
+        bytes: &[u8; INITIATION_LEN],
+    ) -> bool {
+        self.rotate_cookie_secret(now);
+        let got: &[u8; MAC_LEN] = bytes[INITIATION_MAC2_OFF..]
+            .try_into()
+            .expect("fixed-size slice");
+        [&self.cookie_secret.current, &self.cookie_secret.previous]
+            .iter()
+            .any(|secret| {
+                let cookie = make_cookie(secret, from);
+                mac_eq(&mac16(&cookie, &[&bytes[..INITIATION_MAC2_OFF]]), got)
+            })
+    }
+
+    fn rotate_cookie_secret(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.cookie_secret.rotated) >= COOKIE_SECRET_LIFETIME {
+            let mut fresh = Zeroizing::new([0u8; 32]);
+            self.rng.fill_bytes(&mut *fresh);
+            self.cookie_secret.previous = std::mem::replace(&mut self.cookie_secret.current, fresh);
+            self.cookie_secret.rotated = now;
+        }
+    }
+
+    fn send_cookie_reply(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        receiver_index: u32,
+        trigger_mac1: &[u8; MAC_LEN],
+        secret_idx: usize,
+    ) -> Result<(), Rejected> {
+        if !self.cookie_bucket.take(now) {
+            return Err(Rejected::RateLimited);
+        }
+        self.rotate_cookie_secret(now);
+        let cookie = make_cookie(&self.cookie_secret.current, &to);
+        let mut nonce = [0u8; COOKIE_NONCE_LEN];
+        self.rng.fill_bytes(&mut nonce);
+        let sealed = seal_cookie(
+            &self.secrets[secret_idx].cookie_ours,
+            &nonce,
+            trigger_mac1,
+            &cookie,
+        );
+        let msg = encode_cookie_reply(receiver_index, &nonce, &sealed);
+        self.push_transmit(to, msg.to_vec());
+        Err(Rejected::CookieSent)
+    }
+
+    /// (Re)sends the initiation to `peer`, with mac2 if we hold a fresh cookie from it.
+    fn send_initiation(&mut self, now: Instant, peer: &PublicKey, backoff: bool) {
+        let jitter_ms = u64::try_from(self.config.max_jitter.as_millis()).unwrap_or(0);
+        let jitter = Duration::from_millis(if jitter_ms == 0 {
+            0
+        } else {
+            self.rng.gen_range(0..=jitter_ms)
+        });
+        let max_rto = self.config.max_rto;
+        let Some(entry) = self.peers.get_mut(peer) else {
+            return;
+        };
+        let cookie = entry
+            .cookie
+            .filter(|(_, at)| now.saturating_duration_since(*at) < COOKIE_LIFETIME);
+        let PeerState::Initiating(st) = &mut entry.state else {
+            return;
+        };
+        let mut packet = st.packet;
+        if let Some((c, _)) = cookie {
+            put_mac2(&mut packet, INITIATION_MAC2_OFF, &c);
+        }
+        st.mac2_cookie = cookie.map(|(c, _)| c);
+        if backoff {
+            st.rto = (st.rto * 2).min(max_rto);
+        }
+        if backoff || st.next_retransmit <= now {
+            st.next_retransmit = now + st.rto + jitter;
+        }
+        let addr = st.peer_addr;
+        self.push_transmit(addr, packet.to_vec());
+    }
+
+    fn push_transmit(&mut self, to: SocketAddr, bytes: Vec<u8>) {
+        self.counters.sent += 1;
+        self.transmits.push_back((to, bytes));
+    }
+
+    fn fresh_index(&mut self) -> u32 {
+        if let Some(i) = self.fixed_indices.pop_front() {
+            return i;
+        }
+        loop {
+            let i: u32 = self.rng.gen();
+            if i != 0 && !self.indices.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    /// Strictly increasing wall-clock nanoseconds, derived from the anchor and `now`.
+    fn next_timestamp(&mut self, now: Instant) -> u64 {
+        let elapsed = u64::try_from(now.saturating_duration_since(self.anchor.0).as_nanos())
+            .unwrap_or(u64::MAX);
+        let wall = self.anchor.1.saturating_add(elapsed);
+        let ts = wall.max(self.last_timestamp.saturating_add(1));
+        self.last_timestamp = ts;
+        ts
+    }
+}
+
+fn session_id(hash: &[u8; 32]) -> u64 {
+    u64::from_be_bytes(hash[..8].try_into().expect("8-byte prefix"))
+}
+
+fn short(k: &PublicKey) -> String {
+    hex(&k[..4])
+}

@@ -1,0 +1,357 @@
+//! The node's long-term identity (static X25519 key pair) and the cluster
+//! secret files.
+//!
+//! Files holding secrets are created with mode 0600 and written atomically
+//! (temporary file + rename), so a crash never leaves a half-written key.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// File name of the node key inside the state directory.
+pub const NODE_KEY_FILE: &str = "node.key";
+
+/// Errors about key material, each naming the file and the flag that points at it.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A secret file is missing, unreadable or malformed.
+    #[error("--secret-file: {path}: {reason}")]
+    Secret {
+        /// The file.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// `meshsec init` would overwrite an existing file.
+    #[error("--out: {0} already exists; refusing to overwrite a cluster secret")]
+    Exists(PathBuf),
+    /// Writing a new secret failed.
+    #[error("--out: cannot write {path}: {reason}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// The state directory or node key cannot be used.
+    #[error("--state-dir: {path}: {reason}")]
+    State {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
+}
+
+/// A 32-byte cluster secret. Zeroed on drop.
+#[derive(Clone)]
+pub struct ClusterSecret(pub Zeroizing<[u8; 32]>);
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+/// Creates a new cluster secret file (32 random bytes, base64, mode 0600).
+/// Refuses to overwrite; creates nothing on failure.
+pub fn init_secret(out: &Path) -> Result<(), IdentityError> {
+    if out.exists() {
+        return Err(IdentityError::Exists(out.to_path_buf()));
+    }
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+    let text = Zeroizing::new(format!("{}\n", B64.encode(bytes.as_ref())));
+    let werr = |e: std::io::Error| IdentityError::Write { path: out.to_path_buf(), reason: e.to_string() };
+    // create_new: a racing writer loses instead of being overwritten.
+    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(out).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            IdentityError::Exists(out.to_path_buf())
+        } else {
+            werr(e)
+        }
+    })?;
+    if let Err(e) = f.write_all(text.as_bytes()).and_then(|_| f.sync_all()) {
+        let _ = fs::remove_file(out);
+        return Err(werr(e));
+    }
+    Ok(())
+}
+
+/// Reads a cluster secret file: base64 of exactly 32 bytes.
+pub fn load_secret(path: &Path) -> Result<ClusterSecret, IdentityError> {
+    let err = |reason: String| IdentityError::Secret { path: path.to_path_buf(), reason };
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+    let decoded = Zeroizing::new(
+        B64.decode(text.trim()).map_err(|_| err("not base64 (create one with `meshsec init`)".into()))?,
+    );
+    let bytes: [u8; 32] = decoded
+        .as_slice()
+        .try_into()
+        .map_err(|_| err(format!("holds {} bytes, a cluster secret is 32", decoded.len())))?;
+    Ok(ClusterSecret(Zeroizing::new(bytes)))
+}
+
+/// Loads every secret of a keyring, in order (the first seals).
+pub fn load_keyring(paths: &[PathBuf]) -> Result<Vec<ClusterSecret>, IdentityError> {
+    paths.iter().map(|p| load_secret(p)).collect()
+}
+
+/// The node's static X25519 key pair.
+#[derive(Clone)]
+pub struct NodeKey {
+    private: Zeroizing<[u8; 32]>,
+    public: [u8; 32],
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKey({})", fingerprint(&self.public))
+    }
+}
+
+/// Whether a node key was found on disk or freshly generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOrigin {
+    /// Read from the state directory.
+    Loaded,
+    /// Generated now; not yet on disk until [`NodeKey::persist`].
+    Generated,
+}
+
+impl NodeKey {
+    /// Builds a key pair from a private key.
+    pub fn from_private(private: [u8; 32]) -> NodeKey {
+        let secret = x25519_dalek::StaticSecret::from(private);
+        let public = x25519_dalek::PublicKey::from(&secret).to_bytes();
+        NodeKey { private: Zeroizing::new(secret.to_bytes()), public }
+    }
+
+    /// A fresh random key pair.
+    pub fn generate() -> NodeKey {
+        let mut private = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut private);
+        NodeKey::from_private(private)
+    }
+
+    /// The public half.
+    pub fn public(&self) -> &[u8; 32] {
+        &self.public
+    }
+
+    /// The private half.
+    pub fn private(&self) -> &[u8; 32] {
+        &self.private
+    }
+
+    /// Loads the node key from `state_dir`, or generates one without writing
+    /// anything. The directory is checked for writability (not created), so a
+    /// start that would fail later to persist the key fails here instead.
+    pub fn load_or_generate(state_dir: &Path) -> Result<(NodeKey, KeyOrigin), IdentityError> {
+        check_state_dir(state_dir)?;
+        let path = state_dir.join(NODE_KEY_FILE);
+        match read_key_file(&path) {
+            Ok(key) => Ok((key, KeyOrigin::Loaded)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((NodeKey::generate(), KeyOrigin::Generated)),
+            Err(e) => Err(IdentityError::State { path, reason: e.to_string() }),
+        }
+    }
+
+    /// Loads the node key; an absent key is an error (used by `meshsec pubkey`).
+    pub fn load(state_dir: &Path) -> Result<NodeKey, IdentityError> {
+        let path = state_dir.join(NODE_KEY_FILE);
+        read_key_file(&path).map_err(|e| {
+            let reason = if e.kind() == std::io::ErrorKind::NotFound {
+                "no node key yet (it is created when the agent first starts)".to_string()
+            } else {
+                e.to_string()
+            };
+            IdentityError::State { path, reason }
+        })
+    }
+
+    /// Writes the key to `state_dir/node.key` (0600) atomically.
+    pub fn persist(&self, state_dir: &Path) -> Result<(), IdentityError> {
+        let path = state_dir.join(NODE_KEY_FILE);
+        let tmp = state_dir.join(format!(".{NODE_KEY_FILE}.tmp{}", std::process::id()));
+        let serr = |e: std::io::Error| IdentityError::State { path: path.clone(), reason: e.to_string() };
+        let text = Zeroizing::new(format!("{}\n", B64.encode(self.private.as_ref())));
+        let result = (|| {
+            create_state_dir(state_dir)?;
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = result {
+            let _ = fs::remove_file(&tmp);
+            return Err(serr(e));
+        }
+        Ok(())
+    }
+}
+
+fn read_key_file(path: &Path) -> std::io::Result<NodeKey> {
+    let text = Zeroizing::new(fs::read_to_string(path)?);
+    let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
+    let bytes = Zeroizing::new(B64.decode(text.trim()).map_err(|_| invalid("node key is not base64"))?);
+    let private: [u8; 32] = bytes.as_slice().try_into().map_err(|_| invalid("node key is not 32 bytes"))?;
+    Ok(NodeKey::from_private(private))
+}
+
+/// Checks, without creating anything, that `dir` is (or can become) a
+/// writable directory, so a start that would later fail to persist the key
+/// fails before it binds sockets.
+fn check_state_dir(dir: &Path) -> Result<(), IdentityError> {
+    let serr = |reason: String| IdentityError::State { path: dir.to_path_buf(), reason };
+    let mut probe = dir;
+    loop {
+        if probe.exists() {
+            if !probe.is_dir() {
+                return Err(serr(format!("{} is not a directory", probe.display())));
+            }
+            let c = std::ffi::CString::new(probe.as_os_str().as_encoded_bytes())
+                .map_err(|_| serr("path contains a NUL byte".into()))?;
+            // SAFETY: c is a valid NUL-terminated path.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+                return Err(serr(format!("{} is not writable: {}", probe.display(), std::io::Error::last_os_error())));
+            }
+            return Ok(());
+        }
+        match probe.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe = p,
+            _ => return Ok(()), // relative path whose first component is missing: cwd decides
+        }
+    }
+}
+
+/// Creates the state directory (0700) if missing.
+fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    if !dir.exists() {
+        fs::create_dir_all(dir)?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// A short, stable fingerprint of a public key: the first 8 bytes of its
+/// SHA-256, as colon-separated hex pairs of bytes.
+pub fn fingerprint(public: &[u8; 32]) -> String {
+    let digest = Sha256::digest(public);
+    digest[..8]
+        .chunks(2)
+        .map(|c| format!("{:02x}{:02x}", c[0], c[1]))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Base64 text of a public key, as published in gossip.
+pub fn encode_public(public: &[u8; 32]) -> String {
+    B64.encode(public)
+}
+
+/// Parses a base64 public key from gossip.
+pub fn decode_public(text: &str) -> Option<[u8; 32]> {
+    B64.decode(text).ok()?.as_slice().try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_key_persists_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (k1, o1) = NodeKey::load_or_generate(&state).unwrap();
+        assert_eq!(o1, KeyOrigin::Generated);
+        assert!(!state.exists(), "generate must not create anything before persist");
+        k1.persist(&state).unwrap();
+        let mode = fs::metadata(state.join(NODE_KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dmode, 0o700);
+        let (k2, o2) = NodeKey::load_or_generate(&state).unwrap();
+        assert_eq!(o2, KeyOrigin::Loaded);
+        assert_eq!(k1.public(), k2.public());
+        assert_eq!(NodeKey::load(&state).unwrap().public(), k1.public());
+    }
+
+    #[test]
+    fn public_key_matches_x25519_derivation() {
+        // RFC 7748 section 6.1 test vector (Alice).
+        let private = hex32("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a");
+        let public = hex32("8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a");
+        assert_eq!(NodeKey::from_private(private).public(), &public);
+    }
+
+    #[test]
+    fn corrupt_node_key_is_an_error_not_a_new_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(NODE_KEY_FILE), "garbage").unwrap();
+        let err = NodeKey::load_or_generate(dir.path()).unwrap_err();
+        assert!(err.to_string().starts_with("--state-dir:"), "{err}");
+    }
+
+    #[test]
+    fn unwritable_state_dir_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        fs::write(&file, "x").unwrap();
+        let err = NodeKey::load_or_generate(&file.join("sub")).unwrap_err();
+        assert!(err.to_string().starts_with("--state-dir:"), "{err}");
+        let err = NodeKey::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no node key yet"), "{err}");
+    }
+
+    #[test]
+    fn init_secret_refuses_to_overwrite_and_is_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("s");
+        init_secret(&out).unwrap();
+        let mode = fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let before = fs::read(&out).unwrap();
+        assert!(matches!(init_secret(&out), Err(IdentityError::Exists(_))));
+        assert_eq!(fs::read(&out).unwrap(), before);
+        let s = load_secret(&out).unwrap();
+        assert_ne!(*s.0, [0u8; 32]);
+    }
+
+    #[test]
+    fn malformed_secrets_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing");
+        let e = load_secret(&missing).unwrap_err().to_string();
+        assert!(e.starts_with("--secret-file:") && e.contains("missing"), "{e}");
+        let short = dir.path().join("short");
+        fs::write(&short, B64.encode([1u8; 16])).unwrap();
+        assert!(load_secret(&short).unwrap_err().to_string().contains("16 bytes"));
+        let junk = dir.path().join("junk");
+        fs::write(&junk, "%%%").unwrap();
+        assert!(load_secret(&junk).unwrap_err().to_string().contains("not base64"));
+    }
+
+    #[test]
+    fn fingerprint_is_stable() {
+        let fp = fingerprint(&[0u8; 32]);
+        assert_eq!(fp.len(), 19);
+        assert_eq!(fp, fingerprint(&[0u8; 32]));
+        assert_ne!(fp, fingerprint(&[1u8; 32]));
+    }
+
+    fn hex32(s: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap();
+        }
+        out
+    }
+}

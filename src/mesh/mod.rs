@@ -1,0 +1,646 @@
+//! The mesh: which links this node wants (a pure function of membership),
+//! the handshakes that key them, and the reconciliation that makes the
+//! kernel's XFRM tables match the established sessions.
+//!
+//! A *link* is one (peer, address family) pair: a peer reachable over IPv4
+//! and IPv6 has two links, each with its own Noise session, SPIs and keys
+//! (two SAs must never share an AES-GCM key: their sequence numbers, hence
+//! IVs, would collide). [`Mesh`] holds no sockets and reads no clock: the
+//! agent feeds it datagrams, membership and `now`, and sends what it polls.
+//!
+//! Keys are never reinstalled: if an installed SA disappears from the kernel
+//! the link is re-handshaken for fresh keys, because re-adding an outbound
+//! SA under an old key would restart its sequence numbers and reuse nonces.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::datapath::{
+    diff, AddressFamily, Aead, Change, Datapath, Direction, ErrorKind, KernelState, Lifetimes, PolicySpec, Reqid,
+    SaCounters, SaId, SaSpec, MIN_INBOUND_REPLAY_WINDOW,
+};
+use crate::gossip::members::{Member, MemberState};
+use crate::handshake::{
+    Config as HsConfig, Endpoint, EspAlgorithm, Event, HandshakeContext, PublicKey, Session, SpiAllocError,
+    StaticKeypair,
+};
+use crate::identity::decode_public;
+
+/// Inbound anti-replay window for every SA meshsec installs.
+pub const REPLAY_WINDOW: u32 = 4096;
+
+/// One (peer, family) link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LinkId {
+    /// The peer's static public key.
+    pub peer: PublicKey,
+    /// Address family.
+    pub family: AddressFamily,
+}
+
+/// Where a link goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// Peer name (for logs and the listing).
+    pub name: String,
+    /// Our data address of this family.
+    pub local: IpAddr,
+    /// The peer's data address of this family.
+    pub remote: IpAddr,
+    /// The peer's handshake endpoint.
+    pub handshake: SocketAddr,
+}
+
+/// The links this node wants: every other member that is alive or suspect,
+/// or dead for less than `grace` (a short flap breaks nothing), that
+/// published a key, a handshake port and an address of a family we have.
+/// Left members are dropped at once.
+pub fn wanted_links(
+    self_key: &PublicKey,
+    self_addrs: &[IpAddr],
+    members: &[Member],
+    grace: Duration,
+) -> BTreeMap<LinkId, Target> {
+    let mut out = BTreeMap::new();
+    for m in members {
+        if m.is_self {
+            continue;
+        }
+        let keep = match m.state {
+            MemberState::Alive | MemberState::Suspect => true,
+            MemberState::Dead => Duration::from_millis(m.last_heard_ms) < grace,
+            MemberState::Left => false,
+        };
+        let (Some(key), Some(port)) = (m.public_key.as_deref().and_then(decode_public), m.handshake_port) else {
+            continue;
+        };
+        if !keep || &key == self_key {
+            continue;
+        }
+        for family in [AddressFamily::V4, AddressFamily::V6] {
+            let local = self_addrs.iter().find(|a| AddressFamily::of(**a) == family);
+            let remote = m.data_addrs.iter().find(|a| AddressFamily::of(**a) == family);
+            if let (Some(local), Some(remote)) = (local, remote) {
+                out.insert(
+                    LinkId { peer: key, family },
+                    Target {
+                        name: m.name.clone(),
+                        local: *local,
+                        remote: *remote,
+                        handshake: SocketAddr::new(*remote, port),
+                    },
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Maps the handshake's algorithm id to the datapath's transform.
+pub fn aead_of(alg: EspAlgorithm) -> Aead {
+    match alg {
+        EspAlgorithm::Aes128Gcm => Aead::Aes128Gcm,
+        EspAlgorithm::Aes256Gcm => Aead::Aes256Gcm,
+        EspAlgorithm::ChaCha20Poly1305 => Aead::ChaCha20Poly1305,
+    }
+}
+
+/// The SAs and policies of one established link.
+pub fn link_objects(target: &Target, session: &Session, lifetimes: Lifetimes) -> (SaSpec, SaSpec, [PolicySpec; 2]) {
+    let aead = aead_of(session.algorithm);
+    let inbound = SaSpec {
+        src: target.remote,
+        dst: target.local,
+        spi: session.local_spi,
+        direction: Direction::In,
+        reqid: Reqid::DEFAULT,
+        aead,
+        key: session.key_in.as_bytes().to_vec(),
+        replay_window: REPLAY_WINDOW.max(MIN_INBOUND_REPLAY_WINDOW),
+        lifetimes,
+    };
+    let outbound = SaSpec {
+        src: target.local,
+        dst: target.remote,
+        spi: session.peer_spi,
+        direction: Direction::Out,
+        reqid: Reqid::DEFAULT,
+        aead,
+        key: session.key_out.as_bytes().to_vec(),
+        replay_window: 0,
+        lifetimes,
+    };
+    (inbound, outbound, PolicySpec::pair(target.local, target.remote, Reqid::DEFAULT))
+}
+
+/// Per-link state shown in `meshsec members`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SaState {
+    /// No session and no handshake under way.
+    None,
+    /// A handshake is under way (or keys are being installed).
+    Handshaking,
+    /// Both SAs and both policies are in the kernel.
+    Established,
+}
+
+/// One link as the listing shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkStatus {
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Our address.
+    pub local: IpAddr,
+    /// Peer address.
+    pub remote: IpAddr,
+    /// SA state.
+    pub sa: SaState,
+    /// Inbound SPI (ours), hex.
+    pub spi_in: Option<String>,
+    /// Outbound SPI (the peer's), hex.
+    pub spi_out: Option<String>,
+    /// AEAD in use.
+    pub aead: Option<String>,
+    /// Unix time (s) the current SAs were installed.
+    pub established_at: Option<u64>,
+    /// Inbound SA counters from the kernel.
+    pub bytes_in: u64,
+    /// Inbound packets.
+    pub packets_in: u64,
+    /// Outbound bytes.
+    pub bytes_out: u64,
+    /// Outbound packets.
+    pub packets_out: u64,
+    /// Inbound packets dropped as replays.
+    pub replay_drops: u32,
+    /// Inbound packets that failed the integrity check.
+    pub integrity_failures: u32,
+}
+
+struct Link {
+    target: Target,
+    session: Option<Session>,
+    /// Both SAs confirmed in the kernel at least once.
+    installed: bool,
+    established_at: Option<u64>,
+    next_attempt: Instant,
+    failures: u32,
+}
+
+/// Counters of the mesh itself (handshake endpoints keep their own).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MeshCounters {
+    /// Sessions established.
+    pub sessions_established: u64,
+    /// Handshakes that failed or timed out.
+    pub handshakes_failed: u64,
+    /// Kernel changes applied.
+    pub changes_applied: u64,
+    /// Kernel changes that failed.
+    pub changes_failed: u64,
+    /// Installed SAs found missing from the kernel (links re-keyed).
+    pub sas_vanished: u64,
+    /// Datagrams the handshake layer rejected.
+    pub handshake_rejected: u64,
+}
+
+/// Mesh settings.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// Cluster-wide ESP algorithm.
+    pub algorithm: EspAlgorithm,
+    /// How long a dead member keeps its SAs.
+    pub dead_grace: Duration,
+    /// SA lifetimes.
+    pub lifetimes: Lifetimes,
+    /// Handshake protocol settings.
+    pub handshake: HsConfig,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            algorithm: EspAlgorithm::Aes128Gcm,
+            dead_grace: Duration::from_secs(60),
+            // A safety net only: nothing should live for a day without a rekey.
+            lifetimes: Lifetimes { soft_seconds: 23 * 3600, hard_seconds: 24 * 3600, ..Default::default() },
+            handshake: HsConfig::default(),
+        }
+    }
+}
+
+/// The mesh state machine.
+pub struct Mesh {
+    config: MeshConfig,
+    self_key: PublicKey,
+    self_addrs: Vec<IpAddr>,
+    endpoints: BTreeMap<AddressFamily, Endpoint>,
+    links: BTreeMap<LinkId, Link>,
+    counters: MeshCounters,
+    kernel_counters: HashMap<SaId, SaCounters>,
+    dirty: bool,
+    last_error_log: Option<Instant>,
+}
+
+struct Ctx<'a> {
+    family: AddressFamily,
+    links: &'a BTreeMap<LinkId, Link>,
+    dp: &'a mut dyn Datapath,
+}
+
+impl HandshakeContext for Ctx<'_> {
+    fn is_member(&self, peer: &PublicKey) -> bool {
+        self.links.contains_key(&LinkId { peer: *peer, family: self.family })
+    }
+
+    fn alloc_spi(&mut self, peer: &PublicKey) -> Result<u32, SpiAllocError> {
+        let link = self
+            .links
+            .get(&LinkId { peer: *peer, family: self.family })
+            .ok_or_else(|| SpiAllocError("not a member".into()))?;
+        self.dp
+            .alloc_spi(link.target.remote, link.target.local, Reqid::DEFAULT)
+            .map_err(|e| SpiAllocError(e.to_string()))
+    }
+}
+
+impl Mesh {
+    /// A mesh for this node. `self_addrs` are our data addresses (the first
+    /// of each family is used).
+    pub fn new(
+        config: MeshConfig,
+        keypair: StaticKeypair,
+        keyring: &[[u8; 32]],
+        self_addrs: Vec<IpAddr>,
+        now: Instant,
+    ) -> Result<Mesh, crate::handshake::ConfigError> {
+        let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let mut hs = config.handshake.clone();
+        hs.algorithm = config.algorithm;
+        let mut endpoints = BTreeMap::new();
+        for family in [AddressFamily::V4, AddressFamily::V6] {
+            if self_addrs.iter().any(|a| AddressFamily::of(*a) == family) {
+                endpoints.insert(family, Endpoint::new(hs.clone(), keypair.clone(), keyring, now, unix_now)?);
+            }
+        }
+        Ok(Mesh {
+            config,
+            self_key: *keypair.public(),
+            self_addrs,
+            endpoints,
+            links: BTreeMap::new(),
+            counters: MeshCounters::default(),
+            kernel_counters: HashMap::new(),
+            dirty: true,
+            last_error_log: None,
+        })
+    }
+
+    /// Families this node has data addresses in.
+    pub fn families(&self) -> Vec<AddressFamily> {
+        self.endpoints.keys().copied().collect()
+    }
+
+    /// Mesh counters.
+    pub fn counters(&self) -> &MeshCounters {
+        &self.counters
+    }
+
+    /// Handshake counters per family, summed into one name → value map.
+    pub fn handshake_counters(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for ep in self.endpoints.values() {
+            if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(ep.counters()) {
+                for (k, v) in map {
+                    *out.entry(k).or_insert(0) += v.as_u64().unwrap_or(0);
+                }
+            }
+        }
+        out
+    }
+
+    /// Updates the wanted links from a membership view.
+    pub fn set_members(&mut self, now: Instant, members: &[Member], dp: &mut dyn Datapath) {
+        let wanted = wanted_links(&self.self_key, &self.self_addrs, members, self.config.dead_grace);
+        let gone: Vec<LinkId> = self.links.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        for id in gone {
+            let link = self.links.remove(&id).expect("present");
+            info!(peer = %link.target.name, family = %id.family, "link removed");
+            if let Some(ep) = self.endpoints.get_mut(&id.family) {
+                if let Some(spi) = ep.forget(&id.peer) {
+                    let _ = dp.delete_sa(SaId { dst: link.target.local, spi });
+                }
+            }
+            self.dirty = true;
+        }
+        for (id, target) in wanted {
+            match self.links.get_mut(&id) {
+                Some(link) if link.target == target => {}
+                Some(link) => {
+                    // Addresses changed: the old session's SAs no longer fit.
+                    info!(peer = %target.name, family = %id.family, "link addresses changed; re-keying");
+                    link.target = target;
+                    link.session = None;
+                    link.installed = false;
+                    link.next_attempt = now;
+                    self.dirty = true;
+                }
+                None => {
+                    debug!(peer = %target.name, family = %id.family, "link wanted");
+                    self.links.insert(
+                        id,
+                        Link { target, session: None, installed: false, established_at: None, next_attempt: now, failures: 0 },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Handles one handshake datagram received on the socket of `family`.
+    pub fn handle_datagram(&mut self, now: Instant, family: AddressFamily, from: SocketAddr, datagram: &[u8], dp: &mut dyn Datapath) {
+        let Some(ep) = self.endpoints.get_mut(&family) else { return };
+        let mut ctx = Ctx { family, links: &self.links, dp };
+        if let Err(reason) = ep.handle(now, from, datagram, &mut ctx) {
+            self.counters.handshake_rejected += 1;
+            debug!(%from, %reason, "handshake datagram rejected");
+        }
+        self.drain_events(now, family, dp);
+    }
+
+    /// Drives timers: retransmits, new initiations, and (when something
+    /// changed or `resync` is set) reconciliation with the kernel.
+    pub fn handle_timeout(&mut self, now: Instant, dp: &mut dyn Datapath, resync: bool) {
+        for (family, ep) in self.endpoints.iter_mut() {
+            ep.handle_timeout(now);
+            let _ = family;
+        }
+        for family in self.families() {
+            self.drain_events(now, family, dp);
+        }
+        self.initiate_due(now, dp);
+        if self.dirty || resync {
+            self.reconcile(now, dp);
+        }
+    }
+
+    /// The next instant [`Mesh::handle_timeout`] is needed (without resync).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let eps = self.endpoints.values().filter_map(|e| e.poll_timeout()).min();
+        let attempts = self
+            .links
+            .iter()
+            .filter(|(id, l)| l.session.is_none() && !self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer)))
+            .map(|(_, l)| l.next_attempt)
+            .min();
+        [eps, attempts].into_iter().flatten().min()
+    }
+
+    /// The next datagram to send, with the family of the socket to use.
+    pub fn poll_transmit(&mut self) -> Option<(AddressFamily, SocketAddr, Vec<u8>)> {
+        for (family, ep) in self.endpoints.iter_mut() {
+            if let Some((to, bytes)) = ep.poll_transmit() {
+                return Some((*family, to, bytes));
+            }
+        }
+        None
+    }
+
+    fn initiate_due(&mut self, now: Instant, dp: &mut dyn Datapath) {
+        for (id, link) in self.links.iter_mut() {
+            if link.session.is_some() || now < link.next_attempt {
+                continue;
+            }
+            let Some(ep) = self.endpoints.get_mut(&id.family) else { continue };
+            if ep.is_initiating(&id.peer) {
+                continue;
+            }
+            link.next_attempt = now + backoff(link.failures);
+            let spi = match dp.alloc_spi(link.target.remote, link.target.local, Reqid::DEFAULT) {
+                Ok(spi) => spi,
+                Err(e) => {
+                    warn!(peer = %link.target.name, family = %id.family, error = %e, "cannot allocate an SPI");
+                    link.failures += 1;
+                    continue;
+                }
+            };
+            if let Err(e) = ep.initiate(now, id.peer, link.target.handshake, spi) {
+                debug!(peer = %link.target.name, error = %e, "initiate refused");
+                let _ = dp.delete_sa(SaId { dst: link.target.local, spi });
+            } else {
+                debug!(peer = %link.target.name, family = %id.family, spi = format_args!("0x{spi:08x}"), "handshake initiated");
+            }
+        }
+    }
+
+    fn drain_events(&mut self, now: Instant, family: AddressFamily, dp: &mut dyn Datapath) {
+        let Some(ep) = self.endpoints.get_mut(&family) else { return };
+        while let Some(ev) = ep.poll_event() {
+            match ev {
+                Event::Established(session) => {
+                    let id = LinkId { peer: session.peer, family };
+                    let Some(link) = self.links.get_mut(&id) else {
+                        // Raced with the member leaving: free the SPI.
+                        let _ = dp.delete_sa(SaId { dst: session.peer_addr.ip(), spi: session.local_spi });
+                        continue;
+                    };
+                    info!(
+                        peer = %link.target.name, family = %family, role = ?session.role,
+                        spi_in = format_args!("0x{:08x}", session.local_spi),
+                        spi_out = format_args!("0x{:08x}", session.peer_spi),
+                        "session established"
+                    );
+                    self.counters.sessions_established += 1;
+                    link.session = Some(session);
+                    link.installed = false;
+                    link.failures = 0;
+                    self.dirty = true;
+                }
+                Event::Failed { peer, local_spi, reason } => {
+                    self.counters.handshakes_failed += 1;
+                    let id = LinkId { peer, family };
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.failures += 1;
+                        link.next_attempt = now + backoff(link.failures);
+                        debug!(peer = %link.target.name, family = %family, ?reason, "handshake failed");
+                        let _ = dp.delete_sa(SaId { dst: link.target.local, spi: local_spi });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the kernel match the established sessions: a pure diff of
+    /// desired against dumped state, applied in order (SAs before policies,
+    /// additions before deletions).
+    pub fn reconcile(&mut self, now: Instant, dp: &mut dyn Datapath) {
+        let dumped = match (dp.dump_sas(), dp.dump_policies()) {
+            (Ok(s), Ok(p)) => (s, p),
+            (Err(e), _) | (_, Err(e)) => {
+                self.log_error(now, &format!("cannot read the kernel's XFRM state: {e}"));
+                return;
+            }
+        };
+        self.kernel_counters = dumped.0.iter().map(|s| (s.id(), s.counters)).collect();
+        let actual = KernelState::from_dumps(&dumped.0, &dumped.1);
+
+        // An installed link whose SA vanished gets fresh keys, never the old ones again.
+        for link in self.links.values_mut() {
+            let Some(session) = &link.session else { continue };
+            if !link.installed {
+                continue;
+            }
+            let (inb, outb, _) = link_objects(&link.target, session, self.config.lifetimes);
+            if !actual.sas.contains_key(&inb.id()) || !actual.sas.contains_key(&outb.id()) {
+                warn!(peer = %link.target.name, "installed SA missing from the kernel; re-keying the link");
+                self.counters.sas_vanished += 1;
+                link.session = None;
+                link.installed = false;
+                link.established_at = None;
+                link.next_attempt = now;
+            }
+        }
+
+        let mut desired = KernelState::default();
+        for link in self.links.values() {
+            let Some(session) = &link.session else { continue };
+            let (inb, outb, pols) = link_objects(&link.target, session, self.config.lifetimes);
+            desired.sas.insert(inb.id(), inb);
+            desired.sas.insert(outb.id(), outb);
+            for p in pols {
+                desired.policies.insert(p.id, p);
+            }
+        }
+        let changes = diff(&desired, &actual);
+        let mut failed_sas = Vec::new();
+        for change in &changes {
+            let result = match change {
+                // The inbound SPI came from ALLOCSPI: fill that larval SA.
+                Change::FillSa(sa) => match dp.update_sa(sa) {
+                    Err(e) if e.kind() == ErrorKind::NotFound => dp.install_sa(sa),
+                    other => other,
+                },
+                Change::AddSa(sa) => dp.install_sa(sa),
+                Change::DeleteSa(id) => match dp.delete_sa(*id) {
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                    other => other,
+                },
+                Change::AddPolicy(p) => dp.install_policy(p),
+                Change::DeletePolicy(id) => match dp.delete_policy(*id) {
+                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                    other => other,
+                },
+            };
+            match result {
+                Ok(()) => {
+                    self.counters.changes_applied += 1;
+                    debug!(change = %change, "applied");
+                }
+                Err(e) => {
+                    self.counters.changes_failed += 1;
+                    if let Change::AddSa(sa) | Change::FillSa(sa) = change {
+                        failed_sas.push(sa.id());
+                    }
+                    self.log_error(now, &format!("{change}: {e}"));
+                }
+            }
+        }
+        let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        for link in self.links.values_mut() {
+            let Some(session) = &link.session else { continue };
+            let (inb, outb, _) = link_objects(&link.target, session, self.config.lifetimes);
+            if failed_sas.contains(&inb.id()) || failed_sas.contains(&outb.id()) {
+                // Keys that did not go in are not retried: new handshake, new keys.
+                link.session = None;
+                link.failures += 1;
+                link.next_attempt = now + backoff(link.failures);
+                continue;
+            }
+            if !link.installed {
+                link.installed = true;
+                link.established_at = Some(unix_now);
+                info!(peer = %link.target.name, family = %inb.src.is_ipv4().then_some("ipv4").unwrap_or("ipv6"), "SAs and policies installed");
+            }
+        }
+        // Failed links leave desired state; the next pass removes their leftovers.
+        self.dirty = !failed_sas.is_empty();
+    }
+
+    /// Links per peer name, for the listing.
+    pub fn link_status(&self) -> BTreeMap<String, Vec<LinkStatus>> {
+        let mut out: BTreeMap<String, Vec<LinkStatus>> = BTreeMap::new();
+        for (id, link) in &self.links {
+            let ep_busy = self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer));
+            let mut st = LinkStatus {
+                family: match id.family {
+                    AddressFamily::V4 => "ipv4".into(),
+                    AddressFamily::V6 => "ipv6".into(),
+                },
+                local: link.target.local,
+                remote: link.target.remote,
+                sa: if link.installed {
+                    SaState::Established
+                } else if link.session.is_some() || ep_busy {
+                    SaState::Handshaking
+                } else {
+                    SaState::None
+                },
+                spi_in: None,
+                spi_out: None,
+                aead: None,
+                established_at: link.established_at,
+                bytes_in: 0,
+                packets_in: 0,
+                bytes_out: 0,
+                packets_out: 0,
+                replay_drops: 0,
+                integrity_failures: 0,
+            };
+            if let (Some(session), true) = (&link.session, link.installed) {
+                st.spi_in = Some(format!("0x{:08x}", session.local_spi));
+                st.spi_out = Some(format!("0x{:08x}", session.peer_spi));
+                st.aead = Some(aead_of(session.algorithm).to_string());
+                if let Some(c) = self.kernel_counters.get(&SaId { dst: link.target.local, spi: session.local_spi }) {
+                    st.bytes_in = c.bytes;
+                    st.packets_in = c.packets;
+                    st.replay_drops = c.replay;
+                    st.integrity_failures = c.integrity_failed;
+                }
+                if let Some(c) = self.kernel_counters.get(&SaId { dst: link.target.remote, spi: session.peer_spi }) {
+                    st.bytes_out = c.bytes;
+                    st.packets_out = c.packets;
+                }
+            }
+            out.entry(link.target.name.clone()).or_default().push(st);
+        }
+        out
+    }
+
+    /// Removes everything this mesh installed (graceful leave).
+    pub fn remove_all(&mut self, dp: &mut dyn Datapath) -> Result<(usize, usize), crate::datapath::DatapathError> {
+        self.links.clear();
+        let r = dp.flush_owned()?;
+        Ok((r.sas, r.policies))
+    }
+
+    fn log_error(&mut self, now: Instant, msg: &str) {
+        // One line per 5 s at most; the counters keep the full tally.
+        if self.last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5)) {
+            self.last_error_log = Some(now);
+            warn!("{msg}");
+        }
+    }
+}
+
+fn backoff(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))
+}
+
+pub mod driver;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,189 @@
+//! Meshes of in-memory nodes exchanging handshake datagrams directly, with
+//! a virtual clock: membership in, kernel state out.
+
+use super::*;
+use crate::datapath::MemoryDatapath;
+use crate::gossip::members::{Member, MemberState};
+use crate::identity::{encode_public, fingerprint};
+
+struct Node {
+    name: String,
+    key: StaticKeypair,
+    addrs: Vec<IpAddr>,
+    mesh: Mesh,
+    dp: MemoryDatapath,
+}
+
+fn node(name: &str, i: u8, secret: [u8; 32], now: Instant) -> Node {
+    let key = StaticKeypair::from_private([i; 32]);
+    let addrs: Vec<IpAddr> = vec![format!("192.0.2.{}", 10 + i).parse().unwrap(), format!("2001:db8::{}", 10 + i).parse().unwrap()];
+    let mesh = Mesh::new(MeshConfig::default(), key.clone(), &[secret], addrs.clone(), now).unwrap();
+    Node { name: name.into(), key, addrs, mesh, dp: MemoryDatapath::new() }
+}
+
+fn member(n: &Node, state: MemberState, is_self: bool) -> Member {
+    Member {
+        name: n.name.clone(),
+        gossip_addr: SocketAddr::new(n.addrs[0], 9340),
+        data_addrs: n.addrs.clone(),
+        state,
+        fingerprint: Some(fingerprint(n.key.public())),
+        public_key: Some(encode_public(n.key.public())),
+        generation: 1,
+        handshake_port: Some(9341),
+        protocol: Some(1),
+        last_heard_ms: 0,
+        is_self,
+        links: vec![],
+    }
+}
+
+fn view(nodes: &[Node], me: usize, state_of: impl Fn(usize) -> MemberState) -> Vec<Member> {
+    nodes.iter().enumerate().map(|(j, n)| member(n, if j == me { MemberState::Alive } else { state_of(j) }, j == me)).collect()
+}
+
+/// Runs the nodes until quiet: delivers every datagram (unless `drop` says
+/// so), advances the virtual clock by `step` per round.
+fn run(nodes: &mut [Node], now: &mut Instant, rounds: usize, step: Duration, drop: &mut dyn FnMut(usize) -> bool) {
+    let mut sent = 0usize;
+    for _ in 0..rounds {
+        for i in 0..nodes.len() {
+            let n = &mut nodes[i];
+            n.mesh.handle_timeout(*now, &mut n.dp, false);
+        }
+        let mut inflight = Vec::new();
+        for n in nodes.iter_mut() {
+            while let Some((family, to, bytes)) = n.mesh.poll_transmit() {
+                let from = SocketAddr::new(*n.addrs.iter().find(|a| AddressFamily::of(**a) == family).unwrap(), 9341);
+                inflight.push((family, from, to, bytes));
+            }
+        }
+        for (family, from, to, bytes) in inflight {
+            sent += 1;
+            if drop(sent) {
+                continue;
+            }
+            if let Some(dst) = nodes.iter_mut().find(|n| n.addrs.contains(&to.ip())) {
+                dst.mesh.handle_datagram(*now, family, from, &bytes, &mut dst.dp);
+            }
+        }
+        *now += step;
+    }
+}
+
+fn sa_specs(n: &mut Node) -> Vec<crate::datapath::SaState> {
+    n.dp.dump_sas().unwrap().into_iter().filter(|s| !s.larval).collect()
+}
+
+#[test]
+fn three_nodes_establish_crossed_sas_per_family() {
+    let mut now = Instant::now();
+    let secret = [7u8; 32];
+    let mut nodes: Vec<Node> = (0..3).map(|i| node(&format!("n{i}"), i as u8 + 1, secret, now)).collect();
+    for i in 0..3 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
+
+    for i in 0..3 {
+        let sas = sa_specs(&mut nodes[i]);
+        // 2 peers × 2 families × (in + out).
+        assert_eq!(sas.len(), 8, "node {i}: {sas:?}");
+        assert_eq!(nodes[i].dp.dump_policies().unwrap().len(), 8);
+        let st = nodes[i].mesh.link_status();
+        assert_eq!(st.len(), 2);
+        assert!(st.values().flatten().all(|l| l.sa == SaState::Established));
+    }
+    // Every outbound SA of a node is an inbound SA of its peer, with the same key.
+    for i in 0..3 {
+        for out in sa_specs(&mut nodes[i]).into_iter().filter(|s| s.direction == Some(Direction::Out)) {
+            let j = nodes.iter().position(|n| n.addrs.contains(&out.dst)).unwrap();
+            let key_here = nodes[i].dp.key_of(out.id()).unwrap().to_vec();
+            let peer_in = sa_specs(&mut nodes[j]).into_iter().find(|s| s.id() == out.id()).expect("peer has the inbound SA");
+            assert_eq!(peer_in.direction, Some(Direction::In));
+            assert_eq!(nodes[j].dp.key_of(peer_in.id()).unwrap(), key_here.as_slice());
+        }
+    }
+    // Keys of the two families and the two directions all differ.
+    let mut keys: Vec<Vec<u8>> = sa_specs(&mut nodes[0]).iter().map(|s| nodes[0].dp.key_of(s.id()).unwrap().to_vec()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys.len(), 8);
+}
+
+#[test]
+fn handshake_survives_loss_and_wrong_secret_installs_nothing() {
+    let mut now = Instant::now();
+    let mut nodes = vec![node("a", 1, [1; 32], now), node("b", 2, [1; 32], now), node("evil", 3, [2; 32], now)];
+    for i in 0..3 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    // Drop every third datagram.
+    run(&mut nodes, &mut now, 200, Duration::from_millis(100), &mut |k| k % 3 == 0);
+    assert_eq!(sa_specs(&mut nodes[0]).iter().filter(|s| s.dst == nodes[1].addrs[0] || s.src == nodes[1].addrs[0]).count(), 2);
+    assert_eq!(sa_specs(&mut nodes[2]).len(), 0, "wrong secret must install nothing");
+    assert!(sa_specs(&mut nodes[0]).iter().all(|s| !nodes[2].addrs.contains(&s.dst) && !nodes[2].addrs.contains(&s.src)));
+    assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4);
+}
+
+#[test]
+fn left_member_is_removed_and_vanished_sa_is_rekeyed_with_new_spis() {
+    let mut now = Instant::now();
+    let mut nodes = vec![node("a", 1, [1; 32], now), node("b", 2, [1; 32], now)];
+    for i in 0..2 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
+    let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(before.len(), 4);
+
+    // Someone deletes an SA by hand: the next resync re-keys that link (new SPIs).
+    let victim = before[0];
+    nodes[0].dp.delete_sa(victim).unwrap();
+    let n = &mut nodes[0];
+    n.mesh.handle_timeout(now, &mut n.dp, true);
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(after.len(), 4);
+    assert!(!after.contains(&victim), "the vanished SA's keys must not come back");
+    assert_eq!(nodes[0].mesh.counters().sas_vanished, 1);
+
+    // b leaves: a removes its SAs and policies at once.
+    let v = view(&nodes, 0, |_| MemberState::Left);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    n.mesh.handle_timeout(now, &mut n.dp, false);
+    assert!(sa_specs(&mut nodes[0]).is_empty());
+    assert!(nodes[0].dp.dump_policies().unwrap().is_empty());
+}
+
+#[test]
+fn dead_member_keeps_sas_for_the_grace_period() {
+    let now = Instant::now();
+    let a = node("a", 1, [1; 32], now);
+    let b = node("b", 2, [1; 32], now);
+    let mut dead = member(&b, MemberState::Dead, false);
+    dead.last_heard_ms = 30_000;
+    let links = wanted_links(a.key.public(), &a.addrs, &[member(&a, MemberState::Alive, true), dead.clone()], Duration::from_secs(60));
+    assert_eq!(links.len(), 2);
+    dead.last_heard_ms = 61_000;
+    let links = wanted_links(a.key.public(), &a.addrs, &[dead], Duration::from_secs(60));
+    assert!(links.is_empty());
+}
+
+#[test]
+fn families_only_where_both_sides_have_addresses() {
+    let now = Instant::now();
+    let a = node("a", 1, [1; 32], now);
+    let b = node("b", 2, [1; 32], now);
+    let mut mb = member(&b, MemberState::Alive, false);
+    mb.data_addrs.retain(|x| x.is_ipv4());
+    let links = wanted_links(a.key.public(), &a.addrs, &[mb], Duration::from_secs(60));
+    assert_eq!(links.keys().map(|k| k.family).collect::<Vec<_>>(), vec![AddressFamily::V4]);
+}

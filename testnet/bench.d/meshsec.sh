@@ -1,0 +1,21 @@
+# shellcheck shell=bash
+# bench-datapath plug-in: ESP SAs and policies installed by two meshsec agents
+# (kernel datapath, aes128-gcm), to compare with hand-installed ESP in the same
+# VM run. Goal: ratio ≥ 0.98, the agent adds nothing to the data path.
+BENCH_DATAPATHS+=(meshsec)
+
+dp_meshsec_up() {
+    "$MESHSEC_BIN" init --out "$WORK/bench-secret" 2>/dev/null
+    agent_start 1 --listen "$(host_ip4 1):9340" --secret-file "$WORK/bench-secret" --node-name b1 \
+        --data-address "$(host_ip4 1)" >/dev/null
+    agent_start 2 --listen "$(host_ip4 2):9340" --secret-file "$WORK/bench-secret" --node-name b2 \
+        --data-address "$(host_ip4 2)" --seed "$(host_ip4 1):9340" >/dev/null
+    dp_meshsec_ready() { [[ $(on 1 ip xfrm state count | awk '{print $NF}') == 2 && $(on 2 ip xfrm state count | awk '{print $NF}') == 2 ]]; }
+    wait_until 120 dp_meshsec_ready
+    DP_TARGET=$(host_ip4 2)
+}
+
+dp_meshsec_down() {
+    agent_stop 1 >/dev/null
+    agent_stop 2 >/dev/null
+}

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# needs: none
+# timeout: 180
+# Issue 2 acceptance: 5 agents in 5 namespaces bootstrapped from ONE seed all
+# list 5 alive members within 10 s; kill -9 of one is seen as dead within 15 s;
+# its restart is alive again with the same fingerprint, listed once; an agent
+# with a different secret never appears and its datagrams are dropped unparsed;
+# SIGTERM announces "left" and exits 0.
+. "$(dirname "$0")/../lib/bed.sh"
+
+N=5
+bed_up $((N + 1))
+"$MESHSEC_BIN" init --out "$WORK/secret" 2>/dev/null
+"$MESHSEC_BIN" init --out "$WORK/foreign" 2>/dev/null
+SEED="$(host_ip4 1):9340"
+
+start() { # start I SECRET [extra args]
+    local i=$1 secret=$2
+    shift 2
+    local seed=()
+    ((i != 1)) && seed=(--seed "$SEED")
+    agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$secret" --node-name "h$i" --datapath memory "${seed[@]}" "$@"
+}
+
+# members_field I EXPR: evaluates a Python expression over the JSON listing `m`.
+members_eval() {
+    agent_ctl "$1" members --json | python3 -c "import json,sys; m=json.load(sys.stdin); print($2)"
+}
+count_state() { members_eval "$1" "sum(1 for x in m if x['state']=='$2')"; }
+state_of() { members_eval "$1" "next((x['state'] for x in m if x['name']=='$2'), 'absent')"; }
+all_see() { # all_see STATE COUNT HOSTS...: every host lists COUNT members in STATE
+    local state=$1 want=$2 i
+    shift 2
+    for i in "$@"; do [[ $(count_state "$i" "$state") == "$want" ]] || return 1; done
+}
+all_say() { # all_say NAME STATE HOSTS...
+    local name=$1 state=$2 i
+    shift 2
+    for i in "$@"; do [[ $(state_of "$i" "$name") == "$state" ]] || return 1; done
+}
+
+t0=$SECONDS
+for i in $(seq 1 $N); do start "$i" "$WORK/secret"; done
+start $((N + 1)) "$WORK/foreign"
+wait_until 10 all_see alive $N $(seq 1 $N)
+log "all $N agents list $N alive members after $((SECONDS - t0)) s"
+
+fp5=$(members_eval 1 "next(x['fingerprint'] for x in m if x['name']=='h5')")
+gen5=$(members_eval 1 "next(x['generation'] for x in m if x['name']=='h5')")
+
+agent_kill9 5
+t1=$SECONDS
+wait_until 15 all_say h5 dead 1 2 3 4
+log "h5 listed dead by all after $((SECONDS - t1)) s"
+
+start 5 "$WORK/secret"
+wait_until 10 all_say h5 alive 1 2 3 4 5
+for i in 1 2 3 4 5; do
+    assert_eq "$(members_eval "$i" "sum(1 for x in m if x['name']=='h5')")" 1 "h5 rows on host $i"
+    assert_eq "$(members_eval "$i" "next(x['fingerprint'] for x in m if x['name']=='h5')")" "$fp5" "h5 fingerprint on host $i"
+done
+gen5b=$(members_eval 1 "next(x['generation'] for x in m if x['name']=='h5')")
+assert_cmp "$gen5b" -gt "$gen5" "restarted h5 has a newer generation"
+
+# The foreign agent: never listed anywhere, sees nobody, and its datagrams
+# were dropped by the sealing layer before any parser.
+for i in $(seq 1 $N); do
+    assert_eq "$(state_of "$i" h6)" absent "foreign agent in host $i's listing"
+done
+assert_eq "$(members_eval 6 "len(m)")" 1 "foreign agent's own listing"
+dropped=$(agent_ctl 1 status --json | python3 -c "import json,sys; g=json.load(sys.stdin)['gossip']; print(sum(v for k,v in g.items() if k.startswith('dropped')))")
+assert_cmp "$dropped" -gt 0 "datagrams dropped by the seed's sealing layer"
+
+# Graceful stop: exit status 0 and peers list it as left.
+agent_stop 4
+assert_eq "$AGENT_STATUS" 0 "agent 4 exit status"
+wait_until 10 all_say h4 left 1 2 3 5
+log "gossip-membership ok"

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# needs: esp
+# timeout: 600
+# Lifecycle behaviour that already holds (part of issue 5's acceptance):
+# - 3 hosts join a running 4-host mesh: the SPIs of existing pairs are
+#   identical before and after, and a continuous ping between two existing
+#   members loses nothing;
+# - `ip xfrm state deleteall` + `ip xfrm policy deleteall` on one host: the
+#   mesh is whole again within 10 s (fresh keys, never the old ones);
+# - graceful leave: the departed host's SAs are gone from every peer within 5 s;
+# - silent failure (kill -9): the SAs stay for the grace period, then go.
+. "$(dirname "$0")/../lib/bed.sh"
+
+GRACE=20
+bed_up 7
+"$MESHSEC_BIN" init --out "$WORK/secret" 2>/dev/null
+start() {
+    local i=$1 seed=()
+    ((i != 1)) && seed=(--seed "$(host_ip4 1):9340")
+    agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$WORK/secret" --node-name "h$i" \
+        --data-address "$(host_ip4 "$i")" --peer-grace-secs "$GRACE" "${seed[@]}"
+}
+sa_count() { on "$1" ip xfrm state count | awk '{print $NF}'; }
+spis() { on "$1" ip xfrm state | awk '/^src/ {p=$2" "$4} /proto esp spi/ {print p, $4}' | sort; }
+# mesh_whole N...: each listed host has 2 SAs per other listed host.
+mesh_whole() {
+    local want=$((($# - 1) * 2)) i
+    for i in "$@"; do [[ $(sa_count "$i") == "$want" ]] || return 1; done
+}
+sas_towards() { # sas_towards I J: SAs on host I that involve host J's address
+    on "$1" ip xfrm state | grep -c "^src.*\b$(host_ip4 "$2")\b" || true
+}
+
+for i in 1 2 3 4; do start "$i"; done
+wait_until 90 mesh_whole 1 2 3 4
+log "4-host mesh established"
+for i in 1 2 3 4; do spis "$i" >"$WORK/spis-before-$i"; done
+
+# Continuous ping 1 -> 2 across the join.
+on 1 ping -i 0.05 -W 1 -q "$(host_ip4 2)" >"$WORK/ping-join.txt" 2>&1 &
+pinger=$!
+ledger_add "$BED_LEDGER" pid "$pinger"
+sleep 2
+for i in 5 6 7; do start "$i"; done
+wait_until 120 mesh_whole 1 2 3 4 5 6 7
+sleep 2
+kill -INT "$pinger"
+wait "$pinger" || true
+log "join: $(grep -E 'packets transmitted' "$WORK/ping-join.txt")"
+for i in 1 2 3 4; do
+    spis "$i" | grep -vE "$(host_ip4 5)|$(host_ip4 6)|$(host_ip4 7)" >"$WORK/spis-after-$i" || true
+    cmp -s "$WORK/spis-before-$i" "$WORK/spis-after-$i" || fail "host $i: SPIs of existing pairs changed on join"
+done
+sent=$(awk '/packets transmitted/ {print $1}' "$WORK/ping-join.txt")
+recv=$(awk '/packets transmitted/ {print $4}' "$WORK/ping-join.txt")
+assert_cmp "$sent" -gt 20 "pings sent across the join"
+assert_eq "$recv" "$sent" "pings received across the join (lost $((sent - recv)))"
+
+# Drift: someone wipes host 3's tables; the agent rebuilds within 10 s.
+on 3 ip xfrm state deleteall
+on 3 ip xfrm policy deleteall
+t=$SECONDS
+wait_until 10 mesh_whole 1 2 3 4 5 6 7
+log "deleteall on host 3 repaired after $((SECONDS - t)) s"
+spis 3 >"$WORK/spis-repaired-3"
+if comm -12 "$WORK/spis-before-3" "$WORK/spis-repaired-3" | grep -q .; then
+    fail "host 3 reinstalled an SPI it had before the wipe (keys must be fresh)"
+fi
+assert on 3 ping -c1 -W3 -q "$(host_ip4 1)"
+
+# Graceful leave of host 7: gone from every peer within 5 s.
+agent_stop 7
+t=$SECONDS
+left_gone() { local i; for i in 1 2 3 4 5 6; do [[ $(sas_towards "$i" 7) == 0 ]] || return 1; done; }
+wait_until 5 left_gone
+log "graceful leave: SAs gone from all peers after $((SECONDS - t)) s"
+assert_eq "$(sa_count 7)" 0 "SAs left on the departed host"
+
+# Silent failure of host 6: SAs kept during the grace period, removed after it.
+agent_kill9 6
+t=$SECONDS
+sleep $((GRACE / 2))
+for i in 1 2 3 4 5; do assert_eq "$(sas_towards "$i" 6)" 2 "host $i SAs towards silent host 6 within the grace period"; done
+dead_gone() { local i; for i in 1 2 3 4 5; do [[ $(sas_towards "$i" 6) == 0 ]] || return 1; done; }
+wait_until $((GRACE + 30)) dead_gone
+log "silent failure: SAs removed $((SECONDS - t)) s after kill -9 (grace ${GRACE} s + failure detection)"
+assert_cmp $((SECONDS - t)) -ge "$GRACE" "removal not before the grace period"
+log "mesh-lifecycle ok"
