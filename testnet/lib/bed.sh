@@ -138,6 +138,35 @@ EOF
     log "bed: $n hosts up (ids ms$BED_ID-h1..h$n, bridge $BED_BRIDGE)"
 }
 
+# on_bg I CMD...: CMD in host I in the background; its PID in $BG_PID (and in
+# the ledger). Prefer this to "on I CMD &": bash starts a script's background
+# jobs with SIGINT ignored, so "kill -INT" would never stop such a job (ping
+# would neither print its summary nor exit, and "wait" would hang).
+on_bg() {
+    local i=$1
+    shift
+    ip netns exec "$(bed_ns "$i")" env --default-signal=INT,QUIT "$@" &
+    BG_PID=$!
+    ledger_add "$BED_LEDGER" pid "$BG_PID"
+}
+
+# bg_stop PID [SIGNAL]: signal (default INT) a background job, wait up to 5 s
+# for it to exit, then SIGKILL it. Returns its exit status.
+bg_stop() {
+    local pid=$1 sig=${2:-INT} t rc=0
+    kill -"$sig" "$pid" 2>/dev/null || true
+    for ((t = 0; t < 50; t++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        nap 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "bg_stop: $pid ignored SIG$sig for 5 s, killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || rc=$?
+    return "$rc"
+}
+
 # --- agents ------------------------------------------------------------------
 
 agent_socket() { echo "$BED_SOCK_DIR/h$1.sock"; }

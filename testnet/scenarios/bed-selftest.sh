@@ -37,6 +37,15 @@ assert on 1 ping -c1 -W2 -q "$(host_ip4 3)"
 refute on 3 ping -c1 -W1 -q "$(host_ip4 2)"
 heal
 
+# A background job started with on_bg stops on SIGINT (ping then prints its
+# summary), unlike "on I CMD &" whose SIGINT bash ignores.
+on_bg 1 ping -i 0.2 -q "$(host_ip4 3)" >"$WORK/ping-bg.txt" 2>&1
+pinger=$BG_PID
+nap 1
+bg_stop "$pinger" || true
+assert grep -q 'packets transmitted' "$WORK/ping-bg.txt"
+refute kill -0 "$pinger" 2>/dev/null
+
 capture_stop all
 assert_cmp "$(capture_count all icmp)" -gt 0 "ICMP packets captured on the bridge"
 assert_cmp "$(capture_count all icmp6)" -gt 0 "ICMPv6 packets captured on the bridge"
