@@ -5,7 +5,9 @@
 BENCH_DATAPATHS+=(meshsec)
 
 dp_meshsec_up() {
-    "$MESHSEC_BIN" init --out "$WORK/bench-secret" 2>/dev/null
+    # Once per bench run: with --repeat this runs every round, and init
+    # refuses to overwrite an existing secret.
+    [[ -e $WORK/bench-secret ]] || "$MESHSEC_BIN" init --out "$WORK/bench-secret" 2>/dev/null
     agent_start 1 --listen "$(host_ip4 1):9340" --secret-file "$WORK/bench-secret" --node-name b1 \
         --data-address "$(host_ip4 1)" >/dev/null
     agent_start 2 --listen "$(host_ip4 2):9340" --secret-file "$WORK/bench-secret" --node-name b2 \

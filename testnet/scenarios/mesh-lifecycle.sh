@@ -37,15 +37,14 @@ log "4-host mesh established"
 for i in 1 2 3 4; do spis "$i" >"$WORK/spis-before-$i"; done
 
 # Continuous ping 1 -> 2 across the join.
-on 1 ping -i 0.05 -W 1 -q "$(host_ip4 2)" >"$WORK/ping-join.txt" 2>&1 &
-pinger=$!
-ledger_add "$BED_LEDGER" pid "$pinger"
+# on_bg, not "on ... &": that $! is a subshell's and SIGINT would be ignored.
+on_bg 1 ping -i 0.05 -W 1 -q "$(host_ip4 2)" >"$WORK/ping-join.txt" 2>&1
+pinger=$BG_PID
 sleep 2
 for i in 5 6 7; do start "$i"; done
 wait_until 120 mesh_whole 1 2 3 4 5 6 7
 sleep 2
-kill -INT "$pinger"
-wait "$pinger" || true
+bg_stop "$pinger" INT || true
 log "join: $(grep -E 'packets transmitted' "$WORK/ping-join.txt")"
 for i in 1 2 3 4; do
     spis "$i" | grep -vE "$(host_ip4 5)|$(host_ip4 6)|$(host_ip4 7)" >"$WORK/spis-after-$i" || true
