@@ -189,10 +189,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         })
     };
 
+    let (mesh_cmd_tx, mesh_cmd_rx) = tokio::sync::mpsc::channel(16);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(control::serve(
         listener,
-        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx },
+        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx, mesh: mesh_cmd_tx },
         stop_rx.clone(),
     ));
     let leave = Arc::new(AtomicBool::new(false));
@@ -204,6 +205,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         report_tx,
         stop_rx.clone(),
         leave.clone(),
+        mesh_cmd_rx,
     ));
     // The listing's per-peer link columns follow the mesh's reports.
     {

@@ -49,6 +49,14 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Re-key every link now (make-before-break: no packet is lost), or only those to one peer.
+    Rekey {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only the links to this peer (node name).
+        #[arg(long, value_name = "NAME")]
+        peer: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -87,6 +95,7 @@ pub fn main() -> i32 {
         Cmd::Agent(flags) => run_agent(flags),
         Cmd::Members { client, watch } => client_cmd(client, if watch { Request::Watch } else { Request::Members }),
         Cmd::Status { client } => client_cmd(client, Request::Status),
+        Cmd::Rekey { client, peer } => client_cmd(client, Request::Rekey { peer }),
     }
 }
 
@@ -173,6 +182,7 @@ fn print_reply(reply: &Reply, json: bool) {
         let v = match reply {
             Reply::Members(m) => serde_json::to_string(m),
             Reply::Status(s) => serde_json::to_string(s),
+            Reply::Rekeying(n) => serde_json::to_string(&serde_json::json!({ "rekeying": n })),
             other => serde_json::to_string(other),
         };
         println!("{}", v.unwrap_or_default());
@@ -189,6 +199,7 @@ fn print_reply(reply: &Reply, json: bool) {
                 println!("{}  {}: {} -> {}{}", now_text(), c.name, from, to, restart);
             }
         }
+        Reply::Rekeying(n) => println!("re-keying {n} link(s)"),
         Reply::Error(e) => eprintln!("agent: {e}"),
     }
 }
