@@ -30,6 +30,8 @@ use crate::identity::{self, KeyOrigin, NodeKey};
 /// Chitchat cluster id; sealing already separates clusters, this only guards
 /// against a meshsec gossip port being pointed at another chitchat user.
 const CLUSTER_ID: &str = "meshsec-v1";
+/// File in the state directory holding the last generation used.
+const GENERATION_FILE: &str = "generation";
 /// How often the membership view is recomputed.
 const VIEW_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -51,7 +53,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
     let keyring = identity::load_keyring(&cfg.secret_files).map_err(|e| start(&e))?;
     let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(|e| start(&e))?;
-    let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    // Generations must grow across restarts even if the clock steps back,
+    // or the live node would hide behind its own dead record.
+    let last_generation = std::fs::read_to_string(cfg.state_dir.join(GENERATION_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        .max(last_generation.saturating_add(1));
 
     // The datapath is probed before anything is installed or bound: a kernel
     // without XFRM, ESP or the chosen AEAD stops the agent here, with the fix.
@@ -133,6 +145,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             return Err(start(&e));
         }
         info!(fingerprint = %identity::fingerprint(node_key.public()), dir = %cfg.state_dir.display(), "created node key");
+    }
+    if let Err(e) = std::fs::write(cfg.state_dir.join(GENERATION_FILE), format!("{generation}\n")) {
+        warn!(error = %e, "cannot record the generation in the state directory");
     }
     info!(
         node = %cfg.node_name, generation, listen = %cfg.listen, advertise = %cfg.advertise,

@@ -71,7 +71,21 @@ struct ClientArgs {
 
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return 0;
+        }
+        Err(e) => {
+            // One line, like every other usage error: clap's first line names the problem.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid usage").trim_start_matches("error: ");
+            eprintln!("meshsec: {first} (see meshsec --help)");
+            return 2;
+        }
+    };
     match cli.cmd {
         Cmd::Init { out } => match identity::init_secret(&out) {
             Ok(()) => {

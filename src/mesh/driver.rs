@@ -64,8 +64,13 @@ pub fn bind_handshake_sockets(addrs: &[IpAddr], port: u16, bypass: bool) -> Resu
     for family in [AddressFamily::V4, AddressFamily::V6] {
         let Some(ip) = addrs.iter().find(|a| AddressFamily::of(**a) == family) else { continue };
         let addr = SocketAddr::new(*ip, port);
-        let std_sock = std::net::UdpSocket::bind(addr)
-            .map_err(|e| format!("--handshake-port: cannot bind the handshake socket to {addr}: {e}"))?;
+        let std_sock = std::net::UdpSocket::bind(addr).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                format!("--data-address: {ip} is not an address of this host: {e}")
+            } else {
+                format!("--handshake-port: cannot bind the handshake socket to {addr}: {e}")
+            }
+        })?;
         if bypass {
             bypass_socket(std_sock.as_fd(), family)
                 .map_err(|e| format!("cannot exempt the handshake socket {addr} from XFRM policies: {e}"))?;

@@ -196,6 +196,31 @@ fn dead_member_keeps_sas_for_the_grace_period() {
 }
 
 #[test]
+fn hostile_addresses_and_duplicate_claims_are_not_linked() {
+    let now = Instant::now();
+    let a = node("a", 1, [1; 32], now);
+    let b = node("b", 2, [1; 32], now);
+    let c = node("c", 3, [1; 32], now);
+    let me = member(&a, MemberState::Alive, true);
+    let mut mb = member(&b, MemberState::Alive, false);
+    let mut mc = member(&c, MemberState::Alive, false);
+    // b claims c's IPv4 address; c claims our own IPv6 address.
+    mb.data_addrs = vec![c.addrs[0], b.addrs[1]];
+    mc.data_addrs = vec![c.addrs[0], a.addrs[1]];
+    let links = wanted_links(a.key.public(), &a.addrs, &[me.clone(), mb.clone(), mc.clone()], Duration::from_secs(60));
+    let remotes: Vec<IpAddr> = links.values().map(|t| t.remote).collect();
+    assert_eq!(remotes, vec![b.addrs[1]], "only b's own IPv6 address is usable");
+    // Unspecified, loopback and multicast addresses are never linked.
+    mb.data_addrs = vec!["0.0.0.0".parse().unwrap(), "::1".parse().unwrap(), "ff02::1".parse().unwrap()];
+    assert!(wanted_links(a.key.public(), &a.addrs, &[me.clone(), mb.clone()], Duration::from_secs(60)).is_empty());
+    // Two members with one key: neither is linked.
+    let mut mc2 = member(&c, MemberState::Alive, false);
+    mc2.public_key = member(&b, MemberState::Alive, false).public_key;
+    let mb2 = member(&b, MemberState::Alive, false);
+    assert!(wanted_links(a.key.public(), &a.addrs, &[me, mb2, mc2], Duration::from_secs(60)).is_empty());
+}
+
+#[test]
 fn families_only_where_both_sides_have_addresses() {
     let now = Instant::now();
     let a = node("a", 1, [1; 32], now);
