@@ -44,7 +44,8 @@ sleep 2
 for i in 5 6 7; do start "$i"; done
 wait_until 120 mesh_whole 1 2 3 4 5 6 7
 sleep 2
-kill -INT "$pinger"
+# $pinger is the subshell around `on`: signal ping itself, it prints its summary on SIGINT.
+pkill -INT -f "ping -i 0.05 -W 1 -q $(host_ip4 2)" || true
 wait "$pinger" || true
 log "join: $(grep -E 'packets transmitted' "$WORK/ping-join.txt")"
 for i in 1 2 3 4; do
