@@ -347,7 +347,7 @@ assert_eq() {
 }
 # assert_cmp A OP B [MSG]: numeric comparison, OP one of -eq -ne -lt -le -gt -ge.
 assert_cmp() {
-    [ "$1" "$2" "$3" ] || fail "${4:-comparison failed}: $1 $2 $3"
+    test "$1" "$2" "$3" || fail "${4:-comparison failed}: $1 $2 $3"
 }
 
 # --- ESP by hand ---------------------------------------------------------------

@@ -36,10 +36,19 @@ cached_kernel_version() {
     [[ -r $CACHE_DIR/current ]] && cat "$CACHE_DIR/current"
 }
 
+# Identifies what an initramfs is built from (init script, module list,
+# busybox). Part of its file name, so checkouts with different versions of
+# testnet/ share the cache without rebuilding each other's initramfs.
+initrd_stamp() {
+    { cat "$TESTNET_DIR/lib/guest-init"; printf '%s\n' "${GUEST_MODULES[@]}"; md5sum /bin/busybox; } \
+        | md5sum | cut -c1-12
+}
+initrd_path() { echo "$CACHE_DIR/initrd-$1-$(initrd_stamp).gz"; }
+
 kernel_ready() {
     local v
     v=$(cached_kernel_version) || return 1
-    [[ -n $v && -r $CACHE_DIR/kernel/$v/boot/vmlinuz-$v && -r $CACHE_DIR/initrd-$v.gz ]]
+    [[ -n $v && -r $CACHE_DIR/kernel/$v/boot/vmlinuz-$v && -r $(initrd_path "$v") ]]
 }
 
 # Tries a transport-mode rfc4106(gcm(aes)) SA in a throwaway namespace that
@@ -74,7 +83,7 @@ vm_boot() {
     timeout --kill-after=10 "$timeout_s" \
         qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$smp" -m "$mem" \
         -kernel "$CACHE_DIR/kernel/$v/boot/vmlinuz-$v" \
-        -initrd "$CACHE_DIR/initrd-$v.gz" \
+        -initrd "$(initrd_path "$v")" \
         -append "console=ttyS0 panic=-1 quiet loglevel=3" \
         -nographic -no-reboot -nic none -monitor none -serial stdio \
         -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap" \
