@@ -75,11 +75,22 @@ fi
 for j in 1 2 4 5 6 7; do assert on 3 ping -c1 -W3 -q "$(host_ip4 "$j")"; done
 
 # Graceful leave of host 7: gone from every peer within 5 s.
+t_stop=$(date +%s.%N)
 agent_stop 7
-t=$SECONDS
 left_gone() { local i; for i in 1 2 3 4 5 6; do [[ $(sas_towards "$i" 7) == 0 ]] || return 1; done; }
-wait_until 5 left_gone
-log "graceful leave: SAs gone from all peers after $((SECONDS - t)) s"
+wait_until 10 left_gone
+# Polling every host is slow in the emulated VM, so the time is taken from
+# the peers' own logs: SIGTERM to the last peer removing the link.
+last=0
+for i in 1 2 3 4 5 6; do
+    ts=$(grep -m1 'link removed peer=h7' "$(agent_log "$i")" | cut -d' ' -f1)
+    [[ -n $ts ]] || fail "host $i never logged removing h7"
+    s=$(date -d "$ts" +%s.%N)
+    last=$(awk -v a="$last" -v b="$s" 'BEGIN {print (b > a) ? b : a}')
+done
+took=$(awk -v a="$last" -v b="$t_stop" 'BEGIN {printf "%.1f", a - b}')
+log "graceful leave: every peer removed h7's SAs and policies $took s after SIGTERM"
+awk -v t="$took" 'BEGIN {exit !(t <= 5)}' || fail "graceful leave took $took s (> 5 s)"
 assert_eq "$(sa_count 7)" 0 "SAs left on the departed host"
 
 # Silent failure of host 6: SAs kept during the grace period, removed after it.
