@@ -205,10 +205,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
 
     let (mesh_cmd_tx, mesh_cmd_rx) = tokio::sync::mpsc::channel(16);
+    let (leave_tx, mut leave_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(control::serve(
         listener,
-        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx, mesh: mesh_cmd_tx },
+        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx, mesh: mesh_cmd_tx, leave: leave_tx },
         stop_rx.clone(),
     ));
     let leave = Arc::new(AtomicBool::new(false));
@@ -242,18 +243,29 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut gossip_died = Box::pin(gossip.termination_watcher());
     let outcome = tokio::select! {
         _ = shutdown => Ok(()),
+        _ = leave_rx.recv() => {
+            leave.store(true, Ordering::SeqCst);
+            Ok(())
+        }
         r = &mut gossip_died => Err(AgentError::Runtime(format!("gossip stopped: {}", r.err().map(|e| e.to_string()).unwrap_or_default()))),
     };
 
-    // The one shutdown path: announce leaving, give peers a few gossip rounds
-    // to hear it, then stop every task and wait for them.
-    info!("shutting down: announcing leave");
-    gossip
-        .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
-        .await;
-    tokio::time::sleep(cfg.gossip_interval * 3).await;
-    // Peers drop their side of our SAs when they hear we left; drop ours too.
-    leave.store(true, Ordering::SeqCst);
+    // The one shutdown path. A stop (SIGTERM/SIGINT, e.g. for an upgrade)
+    // leaves the SAs and policies in the kernel, where they keep carrying
+    // traffic until the agent is back and re-keys them; peers keep theirs
+    // for the grace period. A leave (`meshsec leave`, or `--leave-on-stop`)
+    // announces it, gives peers a few gossip rounds to hear it, and removes
+    // everything meshsec installed here, as the peers do on their side.
+    if leave.load(Ordering::SeqCst) || cfg.leave_on_stop {
+        leave.store(true, Ordering::SeqCst);
+        info!("leaving the cluster: announcing it");
+        gossip
+            .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
+            .await;
+        tokio::time::sleep(cfg.gossip_interval * 3).await;
+    } else {
+        info!("stopping; SAs and policies stay in the kernel (meshsec leave removes them)");
+    }
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     if let Err(e) = gossip.shutdown().await {

@@ -110,6 +110,8 @@ pub struct FileConfig {
     pub esp_algorithm: Option<EspChoice>,
     /// Seconds a silent (dead) peer keeps its SAs.
     pub peer_grace_secs: Option<u64>,
+    /// Treat SIGTERM/SIGINT as a leave (remove everything meshsec installed).
+    pub leave_on_stop: Option<bool>,
 }
 
 /// Flag values, as parsed by the CLI (all optional: flags win over the file).
@@ -161,6 +163,10 @@ pub struct AgentFlags {
     /// Seconds a silent peer keeps its SAs before they are removed (default 60).
     #[arg(long, value_name = "SECS")]
     pub peer_grace_secs: Option<u64>,
+    /// On SIGTERM/SIGINT leave the cluster and remove everything meshsec
+    /// installed, instead of stopping with the SAs left in place.
+    #[arg(long)]
+    pub leave_on_stop: bool,
 }
 
 /// A validated agent configuration.
@@ -196,6 +202,8 @@ pub struct AgentConfig {
     pub esp_algorithm: EspChoice,
     /// How long a silent peer keeps its SAs.
     pub peer_grace: Duration,
+    /// SIGTERM/SIGINT means leave.
+    pub leave_on_stop: bool,
 }
 
 /// Reads and parses a TOML config file.
@@ -450,6 +458,7 @@ impl AgentConfig {
             datapath: flags.datapath.or(file.datapath).unwrap_or(DatapathKind::Kernel),
             esp_algorithm: flags.esp_algorithm.or(file.esp_algorithm).unwrap_or(EspChoice::Aes128Gcm),
             peer_grace: Duration::from_secs(peer_secs),
+            leave_on_stop: flags.leave_on_stop || file.leave_on_stop.unwrap_or(false),
         })
     }
 }

@@ -29,6 +29,9 @@ pub enum Request {
     Status,
     /// The listing, then a line per membership change.
     Watch,
+    /// Leave the cluster: announce it, remove everything meshsec installed
+    /// here, stop the agent.
+    Leave,
     /// Re-key every link now (make-before-break), or only those to `peer`.
     Rekey {
         /// Peer name; all peers when absent.
@@ -54,6 +57,8 @@ pub enum Reply {
     },
     /// A re-key was started on this many links.
     Rekeying(usize),
+    /// The agent is leaving.
+    Leaving,
     /// The request could not be served.
     Error(String),
 }
@@ -124,6 +129,8 @@ pub struct ControlState {
     pub status: Arc<dyn Fn() -> Status + Send + Sync>,
     /// Commands to the mesh.
     pub mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
+    /// Asks the agent to leave the cluster.
+    pub leave: tokio::sync::mpsc::Sender<()>,
     /// Links per peer name, merged into the listing.
     pub links: watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
 }
@@ -235,6 +242,10 @@ async fn handle(stream: UnixStream, state: ControlState, mut shutdown: watch::Re
     match req {
         Request::Members => write_line(&mut w, &Reply::Members(snapshot(&state))).await,
         Request::Status => write_line(&mut w, &Reply::Status(Box::new((state.status)()))).await,
+        Request::Leave => {
+            let _ = state.leave.try_send(());
+            write_line(&mut w, &Reply::Leaving).await
+        }
         Request::Rekey { peer } => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let cmd = crate::mesh::driver::MeshCommand::Rekey { peer, reply: tx };
@@ -357,7 +368,8 @@ mod tests {
         let (ctx, _) = broadcast::channel(16);
         let (_ltx, lrx) = watch::channel(Arc::new(std::collections::BTreeMap::new()));
         let (mesh_tx, _mesh_rx) = tokio::sync::mpsc::channel(4);
-        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx, mesh: mesh_tx };
+        let (leave_tx, _leave_rx) = tokio::sync::mpsc::channel(1);
+        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx, mesh: mesh_tx, leave: leave_tx };
         let (stx, srx) = watch::channel(false);
         let server = tokio::spawn(serve(listener, state, srx));
 

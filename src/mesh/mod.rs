@@ -277,6 +277,9 @@ pub struct MeshConfig {
     pub confirm_timeout: Duration,
     /// How long replaced inbound SAs stay for packets in flight.
     pub retire_after: Duration,
+    /// How long SAs and policies found in the kernel at start-up (left by a
+    /// previous run of the agent) are kept while their links re-key.
+    pub adopt_grace: Duration,
 }
 
 impl Default for MeshConfig {
@@ -290,6 +293,7 @@ impl Default for MeshConfig {
             rekey_interval: Duration::from_secs(3600),
             confirm_timeout: Duration::from_secs(10),
             retire_after: Duration::from_secs(10),
+            adopt_grace: Duration::from_secs(120),
         }
     }
 }
@@ -310,6 +314,15 @@ pub struct Mesh {
     /// Confirmation probes to send through the new outbound SA: (family, peer handshake address).
     probes: std::collections::VecDeque<(AddressFamily, SocketAddr, SaId)>,
     last_reconcile: Instant,
+    /// What a previous run left in the kernel, read at the first reconcile:
+    /// kept (never re-added) until each link has fresh SAs, or the deadline.
+    adopted: Option<Adopted>,
+}
+
+struct Adopted {
+    sas: Vec<SaSpec>,
+    policies: Vec<PolicySpec>,
+    deadline: Instant,
 }
 
 struct Ctx<'a> {
@@ -366,6 +379,7 @@ impl Mesh {
             installed_by: HashMap::new(),
             probes: std::collections::VecDeque::new(),
             last_reconcile: now,
+            adopted: None,
         })
     }
 
@@ -508,6 +522,7 @@ impl Mesh {
 
     fn needs_kernel_poll(&self) -> bool {
         self.links.values().any(|l| l.pending.is_some() || !l.retiring.is_empty())
+            || self.adopted.as_ref().is_some_and(|a| !a.sas.is_empty() || !a.policies.is_empty())
     }
 
     /// The next confirmation probe to send *through ESP* (from a socket without
@@ -637,6 +652,7 @@ impl Mesh {
         };
         self.kernel_counters = dumped.0.iter().map(|s| (s.id(), s.counters)).collect();
         let actual = KernelState::from_dumps(&dumped.0, &dumped.1);
+        self.adopt(now, &actual);
 
         // Confirmation: the initiator's first ESP packet on a pending session's
         // inbound SA proves it holds the keys; the session then takes over.
@@ -686,6 +702,14 @@ impl Mesh {
         }
 
         let mut desired = KernelState::default();
+        if let Some(adopted) = &self.adopted {
+            for sa in adopted.sas.iter().filter(|sa| actual.sas.contains_key(&sa.id())) {
+                desired.sas.insert(sa.id(), sa.clone());
+            }
+            for p in &adopted.policies {
+                desired.policies.insert(p.id, *p);
+            }
+        }
         for link in self.links.values() {
             if link.protected {
                 for p in PolicySpec::pair(link.target.local, link.target.remote, Reqid::DEFAULT) {
@@ -802,6 +826,49 @@ impl Mesh {
         }
         // Failed links leave desired state; the next pass removes their leftovers.
         self.dirty = !failed_sas.is_empty();
+    }
+
+    /// Takes over what a previous run left (first call), and lets go of it
+    /// link by link as fresh SAs replace it: adopted outbound SAs go, adopted
+    /// inbound SAs retire like any replaced inbound SA.
+    fn adopt(&mut self, now: Instant, actual: &KernelState) {
+        if self.adopted.is_none() {
+            let sas: Vec<SaSpec> = actual.sas.values().cloned().collect();
+            let policies: Vec<PolicySpec> = actual.policies.values().copied().collect();
+            if !sas.is_empty() || !policies.is_empty() {
+                info!(sas = sas.len(), policies = policies.len(), "adopted SAs and policies left by a previous run; re-keying them");
+            }
+            self.adopted = Some(Adopted { sas, policies, deadline: now + self.config.adopt_grace });
+            return;
+        }
+        let retire_after = self.config.retire_after;
+        let Some(adopted) = self.adopted.as_mut() else { return };
+        if now >= adopted.deadline {
+            if !adopted.sas.is_empty() || !adopted.policies.is_empty() {
+                info!(sas = adopted.sas.len(), "adoption period over; removing what no link replaced");
+            }
+            adopted.sas.clear();
+            adopted.policies.clear();
+            return;
+        }
+        for link in self.links.values_mut() {
+            let (local, remote) = (link.target.local, link.target.remote);
+            if link.protected {
+                adopted.policies.retain(|p| {
+                    !((p.id.src == local && p.id.dst == remote) || (p.id.src == remote && p.id.dst == local))
+                });
+            }
+            if !link.installed {
+                continue;
+            }
+            adopted.sas.retain(|sa| {
+                let ours = (sa.src == local && sa.dst == remote) || (sa.src == remote && sa.dst == local);
+                if ours && sa.direction == Direction::In {
+                    link.retiring.push((sa.clone(), now + retire_after));
+                }
+                !ours
+            });
+        }
     }
 
     /// Links per peer name, for the listing.

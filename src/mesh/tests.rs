@@ -340,8 +340,47 @@ fn replayed_initiation_after_a_restart_installs_nothing_lasting() {
         let n = &mut nodes[0];
         n.mesh.handle_datagram(now, *family, *from, bytes, &mut n.dp);
     }
-    run(&mut nodes, &mut now, 150, Duration::from_millis(100), &mut |_| false);
-    assert_outbound_accepted(&mut nodes, "after replay");
+    // The replayed session is never confirmed (10 s), a's own handshake then
+    // replaces the adopted SAs, whose inbound half retires 10 s later.
+    for round in 0..260 {
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        assert_outbound_accepted(&mut nodes, &format!("round {round} after replay"));
+    }
+    assert!(nodes[0].mesh.counters().sessions_unconfirmed >= 1, "{:?}", nodes[0].mesh.counters());
     assert_eq!(sa_specs(&mut nodes[0]).len(), 4);
     assert!(nodes[0].mesh.link_status().values().flatten().all(|l| l.sa == SaState::Established));
+}
+
+#[test]
+fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(3, now);
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(before.len(), 8);
+    // Both ends of the 0-1 links restart (kill -9: the kernel keeps everything).
+    for i in [0, 1] {
+        let key = nodes[i].key.clone();
+        nodes[i].mesh = Mesh::new(MeshConfig::default(), key, &[[1; 32]], nodes[i].addrs.clone(), now).unwrap();
+    }
+    // Before it knows any member, the restarted agent must not touch what it found.
+    for i in [0, 1] {
+        let n = &mut nodes[i];
+        n.mesh.handle_timeout(now, &mut n.dp, true);
+    }
+    assert_eq!(sa_specs(&mut nodes[0]).len(), 8, "adopted, not flushed");
+    assert_outbound_accepted(&mut nodes, "right after restart");
+    for i in [0, 1] {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    for round in 0..200 {
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        assert_outbound_accepted(&mut nodes, &format!("round {round} after restart"));
+    }
+    let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(after.len(), 8, "{after:?}");
+    assert!(after.iter().all(|id| !before.contains(id)), "adopted SAs were re-keyed");
+    assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 8);
 }

@@ -39,7 +39,12 @@ t0=$SECONDS
 for i in $(seq 1 $N); do start "$i" "$WORK/secret"; done
 start $((N + 1)) "$WORK/foreign"
 wait_until 60 all_established
-log "every ordered pair established over IPv4 and IPv6 after $((SECONDS - t0)) s"
+log "every ordered pair established over IPv4 and IPv6 after $((SECONDS - t0)) s (polling included)"
+# The agents' own logs: from the last member's start to the last link installed.
+first=$(grep -m1 'agent started' "$(agent_log $N)" | cut -d' ' -f1)
+last=$(cat $(for i in $(seq 1 $N); do agent_log "$i"; done) | grep -E 'SAs and policies installed|responder session confirmed' | cut -d' ' -f1 | sort | tail -n1)
+took=$(awk -v a="$(date -d "$first" +%s.%N)" -v b="$(date -d "$last" +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+log "last member started -> every link installed on every host: $took s"
 agent_ctl 1 members >"$WORK/members-h1.txt"
 
 # Kernel state: exactly 2 SAs per peer and family, all with the chosen AEAD.
