@@ -9,9 +9,22 @@
   flow.py udp-client ADDR PORT SECONDS   sends one every 10 ms
       the server prints "received= lost= max_seq=" (lost = gaps in 1..max_seq).
 """
+import signal
 import socket
 import sys
 import time
+
+# SIGTERM ends a flow early, with its summary (SIGINT is ignored in
+# background jobs of a non-interactive shell, so it cannot be used).
+STOP = False
+
+
+def _stop(*_):
+    global STOP
+    STOP = True
+
+
+signal.signal(signal.SIGTERM, _stop)
 
 
 def family(addr):
@@ -45,7 +58,7 @@ def tcp_client(addr, port, seconds):
     buf = b""
     error = ""
     try:
-        while time.monotonic() < end:
+        while time.monotonic() < end and not STOP:
             s.sendall(b"%d\n" % sent)
             sent += 1
             try:
@@ -75,7 +88,7 @@ def udp_server(port, seconds):
     s.settimeout(0.5)
     seen = set()
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and not STOP:
         try:
             data, _ = s.recvfrom(64)
             seen.add(int(data))
@@ -90,7 +103,7 @@ def udp_client(addr, port, seconds):
     s = socket.socket(family(addr), socket.SOCK_DGRAM)
     end = time.monotonic() + seconds
     seq = 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and not STOP:
         seq += 1
         try:
             s.sendto(b"%d" % seq, (addr, port))
