@@ -30,6 +30,8 @@ use crate::identity::{self, KeyOrigin, NodeKey};
 /// Chitchat cluster id; sealing already separates clusters, this only guards
 /// against a meshsec gossip port being pointed at another chitchat user.
 const CLUSTER_ID: &str = "meshsec-v1";
+/// File in the state directory holding the last generation used.
+const GENERATION_FILE: &str = "generation";
 /// How often the membership view is recomputed.
 const VIEW_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -51,7 +53,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
     let keyring = identity::load_keyring(&cfg.secret_files).map_err(|e| start(&e))?;
     let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(|e| start(&e))?;
-    let generation = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    // Generations must grow across restarts even if the clock steps back,
+    // or the live node would hide behind its own dead record.
+    let last_generation = std::fs::read_to_string(cfg.state_dir.join(GENERATION_FILE))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let generation = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        .max(last_generation.saturating_add(1));
 
     // The datapath is probed before anything is installed or bound: a kernel
     // without XFRM, ESP or the chosen AEAD stops the agent here, with the fix.
@@ -134,6 +146,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
         info!(fingerprint = %identity::fingerprint(node_key.public()), dir = %cfg.state_dir.display(), "created node key");
     }
+    if let Err(e) = std::fs::write(cfg.state_dir.join(GENERATION_FILE), format!("{generation}\n")) {
+        warn!(error = %e, "cannot record the generation in the state directory");
+    }
     info!(
         node = %cfg.node_name, generation, listen = %cfg.listen, advertise = %cfg.advertise,
         fingerprint = %identity::fingerprint(node_key.public()), seeds = cfg.seeds.len(),
@@ -189,10 +204,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         })
     };
 
+    let (mesh_cmd_tx, mesh_cmd_rx) = tokio::sync::mpsc::channel(16);
+    let (leave_tx, mut leave_rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(control::serve(
         listener,
-        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx },
+        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx, mesh: mesh_cmd_tx, leave: leave_tx },
         stop_rx.clone(),
     ));
     let leave = Arc::new(AtomicBool::new(false));
@@ -204,6 +221,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         report_tx,
         stop_rx.clone(),
         leave.clone(),
+        mesh_cmd_rx,
     ));
     // The listing's per-peer link columns follow the mesh's reports.
     {
@@ -225,18 +243,29 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut gossip_died = Box::pin(gossip.termination_watcher());
     let outcome = tokio::select! {
         _ = shutdown => Ok(()),
+        _ = leave_rx.recv() => {
+            leave.store(true, Ordering::SeqCst);
+            Ok(())
+        }
         r = &mut gossip_died => Err(AgentError::Runtime(format!("gossip stopped: {}", r.err().map(|e| e.to_string()).unwrap_or_default()))),
     };
 
-    // The one shutdown path: announce leaving, give peers a few gossip rounds
-    // to hear it, then stop every task and wait for them.
-    info!("shutting down: announcing leave");
-    gossip
-        .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
-        .await;
-    tokio::time::sleep(cfg.gossip_interval * 3).await;
-    // Peers drop their side of our SAs when they hear we left; drop ours too.
-    leave.store(true, Ordering::SeqCst);
+    // The one shutdown path. A stop (SIGTERM/SIGINT, e.g. for an upgrade)
+    // leaves the SAs and policies in the kernel, where they keep carrying
+    // traffic until the agent is back and re-keys them; peers keep theirs
+    // for the grace period. A leave (`meshsec leave`, or `--leave-on-stop`)
+    // announces it, gives peers a few gossip rounds to hear it, and removes
+    // everything meshsec installed here, as the peers do on their side.
+    if leave.load(Ordering::SeqCst) || cfg.leave_on_stop {
+        leave.store(true, Ordering::SeqCst);
+        info!("leaving the cluster: announcing it");
+        gossip
+            .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
+            .await;
+        tokio::time::sleep(cfg.gossip_interval * 3).await;
+    } else {
+        info!("stopping; SAs and policies stay in the kernel (meshsec leave removes them)");
+    }
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     if let Err(e) = gossip.shutdown().await {

@@ -49,6 +49,28 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Leave the cluster: peers remove their SAs for this host, this host removes its own, the agent exits.
+    Leave {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Remove every SA and policy meshsec installed on this host (the agent must be stopped).
+    Flush {
+        /// Control socket of the agent, to make sure it is not running.
+        #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
+        control_socket: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-key every link now (make-before-break: no packet is lost), or only those to one peer.
+    Rekey {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// Only the links to this peer (node name).
+        #[arg(long, value_name = "NAME")]
+        peer: Option<String>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -63,7 +85,21 @@ struct ClientArgs {
 
 /// Runs the CLI and returns the process exit status.
 pub fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return 0;
+        }
+        Err(e) => {
+            // One line, like every other usage error: clap's first line names the problem.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("invalid usage").trim_start_matches("error: ");
+            eprintln!("meshsec: {first} (see meshsec --help)");
+            return 2;
+        }
+    };
     match cli.cmd {
         Cmd::Init { out } => match identity::init_secret(&out) {
             Ok(()) => {
@@ -87,6 +123,9 @@ pub fn main() -> i32 {
         Cmd::Agent(flags) => run_agent(flags),
         Cmd::Members { client, watch } => client_cmd(client, if watch { Request::Watch } else { Request::Members }),
         Cmd::Status { client } => client_cmd(client, Request::Status),
+        Cmd::Rekey { client, peer } => client_cmd(client, Request::Rekey { peer }),
+        Cmd::Leave { client } => client_cmd(client, Request::Leave),
+        Cmd::Flush { control_socket, json } => flush(&control_socket, json),
     }
 }
 
@@ -166,6 +205,31 @@ fn client_cmd(args: ClientArgs, req: Request) -> i32 {
     })
 }
 
+fn flush(control_socket: &std::path::Path, json: bool) -> i32 {
+    use crate::datapath::Datapath;
+    if std::os::unix::net::UnixStream::connect(control_socket).is_ok() {
+        return fail(
+            2,
+            format!("--control-socket: an agent is running at {}; it would re-install what flush removes (use `meshsec leave`)", control_socket.display()),
+        );
+    }
+    let mut dp = match crate::datapath::XfrmDatapath::open() {
+        Ok(d) => d,
+        Err(e) => return fail(1, e),
+    };
+    match dp.flush_owned() {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::json!({"sas": r.sas, "policies": r.policies}));
+            } else {
+                println!("removed {} SAs and {} policies owned by meshsec", r.sas, r.policies);
+            }
+            0
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
 fn print_reply(reply: &Reply, json: bool) {
     if json {
         // Stable machine formats: the listing is a JSON array, status an
@@ -173,6 +237,8 @@ fn print_reply(reply: &Reply, json: bool) {
         let v = match reply {
             Reply::Members(m) => serde_json::to_string(m),
             Reply::Status(s) => serde_json::to_string(s),
+            Reply::Rekeying(n) => serde_json::to_string(&serde_json::json!({ "rekeying": n })),
+            Reply::Leaving => serde_json::to_string(&serde_json::json!({ "leaving": true })),
             other => serde_json::to_string(other),
         };
         println!("{}", v.unwrap_or_default());
@@ -189,6 +255,8 @@ fn print_reply(reply: &Reply, json: bool) {
                 println!("{}  {}: {} -> {}{}", now_text(), c.name, from, to, restart);
             }
         }
+        Reply::Rekeying(n) => println!("re-keying {n} link(s)"),
+        Reply::Leaving => println!("leaving the cluster; the agent removes its SAs and policies and exits"),
         Reply::Error(e) => eprintln!("agent: {e}"),
     }
 }

@@ -110,6 +110,8 @@ pub struct FileConfig {
     pub esp_algorithm: Option<EspChoice>,
     /// Seconds a silent (dead) peer keeps its SAs.
     pub peer_grace_secs: Option<u64>,
+    /// Treat SIGTERM/SIGINT as a leave (remove everything meshsec installed).
+    pub leave_on_stop: Option<bool>,
 }
 
 /// Flag values, as parsed by the CLI (all optional: flags win over the file).
@@ -161,6 +163,10 @@ pub struct AgentFlags {
     /// Seconds a silent peer keeps its SAs before they are removed (default 60).
     #[arg(long, value_name = "SECS")]
     pub peer_grace_secs: Option<u64>,
+    /// On SIGTERM/SIGINT leave the cluster and remove everything meshsec
+    /// installed, instead of stopping with the SAs left in place.
+    #[arg(long)]
+    pub leave_on_stop: bool,
 }
 
 /// A validated agent configuration.
@@ -196,6 +202,8 @@ pub struct AgentConfig {
     pub esp_algorithm: EspChoice,
     /// How long a silent peer keeps its SAs.
     pub peer_grace: Duration,
+    /// SIGTERM/SIGINT means leave.
+    pub leave_on_stop: bool,
 }
 
 /// Reads and parses a TOML config file.
@@ -213,6 +221,15 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
         let key = msg
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split('`').next())
+            .map(|k| k.to_string())
+            .or_else(|| {
+                // A bad value: name the key written at the start of the offending line.
+                let span = e.span()?;
+                let start = text[..span.start.min(text.len())].rfind('\n').map(|i| i + 1).unwrap_or(0);
+                let line = &text[start..];
+                let k = line.split('=').next()?.trim();
+                (!k.is_empty() && !k.contains(['[', '"', ' '])).then(|| k.to_string())
+            })
             .map(|k| format!("config key \"{k}\""))
             .unwrap_or_else(|| "config file".to_string());
         let first_line = msg.lines().next().unwrap_or("invalid TOML").to_string();
@@ -229,7 +246,11 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
 
 /// Validates a `HOST:PORT` seed and resolves it.
 pub fn parse_seed(s: &str) -> Result<SocketAddr, ConfigError> {
-    let bad = |r: &str| ConfigError::new("--seed", format!("{s:?} {r}"));
+    parse_seed_as("--seed", s)
+}
+
+fn parse_seed_as(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    let bad = |r: &str| ConfigError::new(key, format!("{s:?} {r}"));
     if let Ok(addr) = s.parse::<SocketAddr>() {
         if addr.port() == 0 {
             return Err(bad("has port 0"));
@@ -251,13 +272,21 @@ pub fn parse_seed(s: &str) -> Result<SocketAddr, ConfigError> {
         .ok_or_else(|| bad("resolves to no address"))
 }
 
-fn parse_listen(s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse::<SocketAddr>().map_err(|_| {
-        ConfigError::new("--listen", format!("{s:?} is not ADDR:PORT (IPv6 as [ADDR]:PORT)"))
-    })
+fn parse_listen(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| ConfigError::new(key, format!("{s:?} is not ADDR:PORT (IPv6 as [ADDR]:PORT)")))
 }
 
-fn parse_advertise(s: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
+/// Names a setting by where its value came from: the flag, or the file's key.
+fn source(flag: &str, file_key: &str, from_flag: bool) -> String {
+    if from_flag {
+        flag.to_string()
+    } else {
+        format!("config key \"{file_key}\"")
+    }
+}
+
+fn parse_advertise(key: &str, s: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
     if let Ok(addr) = s.parse::<SocketAddr>() {
         return Ok(addr);
     }
@@ -265,7 +294,7 @@ fn parse_advertise(s: &str, default_port: u16) -> Result<SocketAddr, ConfigError
     ip_text
         .parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, default_port))
-        .map_err(|_| ConfigError::new("--advertise", format!("{s:?} is not ADDR or ADDR:PORT")))
+        .map_err(|_| ConfigError::new(key, format!("{s:?} is not ADDR or ADDR:PORT")))
 }
 
 fn parse_ip(key: &str, s: &str) -> Result<IpAddr, ConfigError> {
@@ -319,19 +348,22 @@ impl AgentConfig {
 
     /// Merges flags over an already-parsed file and validates the result.
     pub fn merge(flags: &AgentFlags, file: FileConfig) -> Result<AgentConfig, ConfigError> {
+        let seed_key = source("--seed", "seeds", !flags.seeds.is_empty());
         let seed_texts = if flags.seeds.is_empty() { file.seeds.unwrap_or_default() } else { flags.seeds.clone() };
-        let seeds = seed_texts.iter().map(|s| parse_seed(s)).collect::<Result<Vec<_>, _>>()?;
+        let seeds = seed_texts.iter().map(|s| parse_seed_as(&seed_key, s)).collect::<Result<Vec<_>, _>>()?;
 
+        let listen_key = source("--listen", "listen", flags.listen.is_some());
         let listen = match flags.listen.as_deref().or(file.listen.as_deref()) {
-            Some(s) => parse_listen(s)?,
+            Some(s) => parse_listen(&listen_key, s)?,
             None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_GOSSIP_PORT)),
         };
         if listen.port() == 0 {
-            return Err(ConfigError::new("--listen", "port 0 is not allowed: peers need a fixed port"));
+            return Err(ConfigError::new(listen_key, "port 0 is not allowed: peers need a fixed port"));
         }
 
+        let advertise_key = source("--advertise", "advertise", flags.advertise.is_some());
         let advertise = match flags.advertise.as_deref().or(file.advertise.as_deref()) {
-            Some(s) => parse_advertise(s, listen.port())?,
+            Some(s) => parse_advertise(&advertise_key, s, listen.port())?,
             None if !listen.ip().is_unspecified() => listen,
             None => match seeds.first() {
                 Some(seed) => {
@@ -348,8 +380,8 @@ impl AgentConfig {
                 }
             },
         };
-        if advertise.ip().is_unspecified() || advertise.port() == 0 {
-            return Err(ConfigError::new("--advertise", format!("{advertise} is not a reachable address")));
+        if advertise.ip().is_unspecified() || advertise.ip().is_multicast() || advertise.port() == 0 {
+            return Err(ConfigError::new(advertise_key, format!("{advertise} is not a reachable address")));
         }
 
         let secret_files = if !flags.secret_files.is_empty() {
@@ -361,16 +393,21 @@ impl AgentConfig {
             return Err(ConfigError::new("--secret-file", "at least one cluster secret is required"));
         }
 
+        let name_key = source("--node-name", "node_name", flags.node_name.is_some());
         let node_name = match flags.node_name.clone().or(file.node_name) {
             Some(n) => n,
             None => hostname().ok_or_else(|| ConfigError::new("--node-name", "not given and the hostname is unreadable"))?,
         };
-        validate_node_name(&node_name)?;
+        validate_node_name(&node_name).map_err(|e| ConfigError::new(name_key, e.reason))?;
 
+        let data_key = source("--data-address", "data_addresses", !flags.data_addresses.is_empty());
         let data_texts = if flags.data_addresses.is_empty() { file.data_addresses.unwrap_or_default() } else { flags.data_addresses.clone() };
-        let mut data_addresses = data_texts.iter().map(|s| parse_ip("--data-address", s)).collect::<Result<Vec<_>, _>>()?;
+        let mut data_addresses = data_texts.iter().map(|s| parse_ip(&data_key, s)).collect::<Result<Vec<_>, _>>()?;
         if data_addresses.is_empty() {
             data_addresses.push(advertise.ip());
+        }
+        if let Some(bad) = data_addresses.iter().find(|a| a.is_unspecified() || a.is_multicast()) {
+            return Err(ConfigError::new(data_key, format!("{bad} is not a unicast address")));
         }
 
         let gossip_interval = match file.gossip_interval_secs {
@@ -380,14 +417,25 @@ impl AgentConfig {
             Some(s) => Duration::from_secs_f64(s),
             None => Duration::from_millis(500),
         };
-        let dead_node_grace = Duration::from_secs(flags.dead_node_grace_secs.or(file.dead_node_grace_secs).unwrap_or(3600));
-        if dead_node_grace < Duration::from_secs(10) {
-            return Err(ConfigError::new("--dead-node-grace-secs", "must be at least 10"));
+        const MAX_GRACE: u64 = 30 * 24 * 3600;
+        let dead_key = source("--dead-node-grace-secs", "dead_node_grace_secs", flags.dead_node_grace_secs.is_some());
+        let dead_secs = flags.dead_node_grace_secs.or(file.dead_node_grace_secs).unwrap_or(3600);
+        if !(10..=MAX_GRACE).contains(&dead_secs) {
+            return Err(ConfigError::new(dead_key, format!("must be between 10 and {MAX_GRACE} (30 days)")));
+        }
+        let dead_node_grace = Duration::from_secs(dead_secs);
+        let peer_key = source("--peer-grace-secs", "peer_grace_secs", flags.peer_grace_secs.is_some());
+        let peer_secs = flags.peer_grace_secs.or(file.peer_grace_secs).unwrap_or(60);
+        if peer_secs > dead_secs {
+            return Err(ConfigError::new(
+                peer_key,
+                format!("{peer_secs} exceeds the dead-node grace ({dead_secs} s): a peer would be forgotten while its SAs are kept"),
+            ));
         }
 
         let handshake_port = flags.handshake_port.or(file.handshake_port).unwrap_or(DEFAULT_HANDSHAKE_PORT);
         if handshake_port == 0 {
-            return Err(ConfigError::new("--handshake-port", "port 0 is not allowed"));
+            return Err(ConfigError::new(source("--handshake-port", "handshake_port", flags.handshake_port.is_some()), "port 0 is not allowed"));
         }
 
         Ok(AgentConfig {
@@ -409,7 +457,8 @@ impl AgentConfig {
             dead_node_grace,
             datapath: flags.datapath.or(file.datapath).unwrap_or(DatapathKind::Kernel),
             esp_algorithm: flags.esp_algorithm.or(file.esp_algorithm).unwrap_or(EspChoice::Aes128Gcm),
-            peer_grace: Duration::from_secs(flags.peer_grace_secs.or(file.peer_grace_secs).unwrap_or(60)),
+            peer_grace: Duration::from_secs(peer_secs),
+            leave_on_stop: flags.leave_on_stop || file.leave_on_stop.unwrap_or(false),
         })
     }
 }
@@ -485,7 +534,8 @@ mod tests {
 
     #[test]
     fn wrong_types_and_bad_values_are_rejected() {
-        assert!(parse_file("handshake_port = \"x\"").is_err());
+        let e = parse_file("listen = \"192.0.2.1:1\"\nhandshake_port = \"x\"").unwrap_err();
+        assert_eq!(e.key, "config key \"handshake_port\"", "{e}");
         let file = parse_file("gossip_interval_secs = 0.0").unwrap();
         let mut f = flags();
         f.listen = Some("192.0.2.1:7000".into());
@@ -502,6 +552,23 @@ mod tests {
         f4.listen = Some("192.0.2.1:7000".into());
         f4.data_addresses = vec!["nope".into()];
         assert_eq!(AgentConfig::merge(&f4, FileConfig::default()).unwrap_err().key, "--data-address");
+    }
+
+    #[test]
+    fn values_from_the_file_are_named_by_their_file_key() {
+        let file = parse_file("seeds = [\"192.0.2.1\"]").unwrap();
+        let e = AgentConfig::merge(&flags(), file).unwrap_err();
+        assert_eq!(e.key, "config key \"seeds\"", "{e}");
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        f.peer_grace_secs = Some(7200);
+        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--peer-grace-secs");
+        f.peer_grace_secs = None;
+        f.dead_node_grace_secs = Some(u64::MAX);
+        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--dead-node-grace-secs");
+        f.dead_node_grace_secs = None;
+        f.data_addresses = vec!["0.0.0.0".into()];
+        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--data-address");
     }
 
     #[test]

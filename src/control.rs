@@ -29,6 +29,15 @@ pub enum Request {
     Status,
     /// The listing, then a line per membership change.
     Watch,
+    /// Leave the cluster: announce it, remove everything meshsec installed
+    /// here, stop the agent.
+    Leave,
+    /// Re-key every link now (make-before-break), or only those to `peer`.
+    Rekey {
+        /// Peer name; all peers when absent.
+        #[serde(default)]
+        peer: Option<String>,
+    },
 }
 
 /// A reply line.
@@ -46,6 +55,10 @@ pub enum Reply {
         /// The listing after the change.
         members: Vec<Member>,
     },
+    /// A re-key was started on this many links.
+    Rekeying(usize),
+    /// The agent is leaving.
+    Leaving,
     /// The request could not be served.
     Error(String),
 }
@@ -114,6 +127,10 @@ pub struct ControlState {
     pub changes: broadcast::Sender<Arc<(Vec<Change>, Vec<Member>)>>,
     /// Produces a fresh status.
     pub status: Arc<dyn Fn() -> Status + Send + Sync>,
+    /// Commands to the mesh.
+    pub mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
+    /// Asks the agent to leave the cluster.
+    pub leave: tokio::sync::mpsc::Sender<()>,
     /// Links per peer name, merged into the listing.
     pub links: watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
 }
@@ -139,7 +156,12 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
                 .map_err(|e| err(e.to_string()))?;
         }
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // Only ever remove a stale *socket*: a typo must not delete a file.
+        if !meta.file_type().is_socket() {
+            return Err(err("exists and is not a socket; refusing to replace it".into()));
+        }
         if UnixStream::connect(path).await.is_ok() {
             return Err(err("another agent is already serving this socket".into()));
         }
@@ -220,6 +242,22 @@ async fn handle(stream: UnixStream, state: ControlState, mut shutdown: watch::Re
     match req {
         Request::Members => write_line(&mut w, &Reply::Members(snapshot(&state))).await,
         Request::Status => write_line(&mut w, &Reply::Status(Box::new((state.status)()))).await,
+        Request::Leave => {
+            let _ = state.leave.try_send(());
+            write_line(&mut w, &Reply::Leaving).await
+        }
+        Request::Rekey { peer } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let cmd = crate::mesh::driver::MeshCommand::Rekey { peer, reply: tx };
+            let reply = match state.mesh.send(cmd).await {
+                Ok(()) => match rx.await {
+                    Ok(n) => Reply::Rekeying(n),
+                    Err(_) => Reply::Error("the mesh is shutting down".into()),
+                },
+                Err(_) => Reply::Error("the mesh is shutting down".into()),
+            };
+            write_line(&mut w, &reply).await
+        }
         Request::Watch => {
             let mut rx = state.changes.subscribe();
             write_line(&mut w, &Reply::Members(snapshot(&state))).await?;
@@ -329,7 +367,9 @@ mod tests {
         let (_mtx, mrx) = watch::channel(Arc::new(vec![]));
         let (ctx, _) = broadcast::channel(16);
         let (_ltx, lrx) = watch::channel(Arc::new(std::collections::BTreeMap::new()));
-        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx };
+        let (mesh_tx, _mesh_rx) = tokio::sync::mpsc::channel(4);
+        let (leave_tx, _leave_rx) = tokio::sync::mpsc::channel(1);
+        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx, mesh: mesh_tx, leave: leave_tx };
         let (stx, srx) = watch::channel(false);
         let server = tokio::spawn(serve(listener, state, srx));
 
@@ -364,6 +404,16 @@ mod tests {
 
         stx.send(true).unwrap();
         server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_regular_file_at_the_socket_path_is_never_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        std::fs::write(&path, "precious").unwrap();
+        let e = bind(&path).await.unwrap_err();
+        assert!(e.reason.contains("not a socket"), "{e}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     }
 
     #[tokio::test]

@@ -125,10 +125,14 @@ pub fn view(
     now: Instant,
     suspect_after: Duration,
 ) -> Vec<Member> {
+    // A restarted node's new generation can be known before its key-values
+    // arrive; until it has published its key, the previous generation (whose
+    // links carry traffic) stays the one shown.
+    let rank = |o: &Observed| (o.key_values.contains_key(super::schema::KEY_PUBKEY), o.generation);
     let mut newest: BTreeMap<&str, &Observed> = BTreeMap::new();
     for o in observed {
         match newest.get(o.name.as_str()) {
-            Some(prev) if prev.generation >= o.generation => {}
+            Some(prev) if rank(prev) >= rank(o) => {}
             _ => {
                 newest.insert(&o.name, o);
             }
@@ -263,6 +267,19 @@ mod tests {
         assert_eq!(v[1].generation, 2);
         assert_eq!(v[1].state, MemberState::Alive);
         assert!(v[0].is_self);
+    }
+
+    #[test]
+    fn new_generation_without_key_values_does_not_hide_the_old_one() {
+        let now = Instant::now();
+        let mut fresh = obs("b", 2, 1, true, false, false);
+        fresh.key_values.clear();
+        let o = vec![obs("b", 1, 10, true, false, false), fresh];
+        let heard = HeardTracker::default().observe(&o, now);
+        let v = view(&o, &heard, "a", now, Duration::from_secs(4));
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].generation, 1);
+        assert!(v[0].public_key.is_some());
     }
 
     #[test]

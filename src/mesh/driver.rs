@@ -31,31 +31,59 @@ pub struct MeshReport {
     pub handshake: BTreeMap<String, u64>,
 }
 
-/// The handshake sockets, one per family we have a data address in.
+/// Payload of a confirmation probe (see [`Mesh::poll_probe`]).
+pub const PROBE_PAYLOAD: &[u8] = b"meshsec-confirm";
+
+/// Commands from the control API.
+#[derive(Debug)]
+pub enum MeshCommand {
+    /// Re-key every link, or those to one peer; answers how many.
+    Rekey {
+        /// Peer name, or all.
+        peer: Option<String>,
+        /// Where the count goes.
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
+}
+
+/// The handshake sockets, one per family we have a data address in, plus
+/// one unbound-port socket per family *without* XFRM bypass, whose datagrams
+/// go through ESP (confirmation probes).
 pub struct HandshakeSockets {
     v4: Option<UdpSocket>,
     v6: Option<UdpSocket>,
+    probe_v4: Option<UdpSocket>,
+    probe_v6: Option<UdpSocket>,
 }
 
 /// Binds the handshake sockets on our first data address of each family.
 /// With `bypass`, each socket gets per-socket XFRM bypass policies so the
 /// control plane works even when SAs are broken.
 pub fn bind_handshake_sockets(addrs: &[IpAddr], port: u16, bypass: bool) -> Result<HandshakeSockets, String> {
-    let mut out = HandshakeSockets { v4: None, v6: None };
+    let mut out = HandshakeSockets { v4: None, v6: None, probe_v4: None, probe_v6: None };
     for family in [AddressFamily::V4, AddressFamily::V6] {
         let Some(ip) = addrs.iter().find(|a| AddressFamily::of(**a) == family) else { continue };
         let addr = SocketAddr::new(*ip, port);
-        let std_sock = std::net::UdpSocket::bind(addr)
-            .map_err(|e| format!("--handshake-port: cannot bind the handshake socket to {addr}: {e}"))?;
+        let std_sock = std::net::UdpSocket::bind(addr).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
+                format!("--data-address: {ip} is not an address of this host: {e}")
+            } else {
+                format!("--handshake-port: cannot bind the handshake socket to {addr}: {e}")
+            }
+        })?;
         if bypass {
             bypass_socket(std_sock.as_fd(), family)
                 .map_err(|e| format!("cannot exempt the handshake socket {addr} from XFRM policies: {e}"))?;
         }
         std_sock.set_nonblocking(true).map_err(|e| format!("handshake socket {addr}: {e}"))?;
         let sock = UdpSocket::from_std(std_sock).map_err(|e| format!("handshake socket {addr}: {e}"))?;
+        let probe = std::net::UdpSocket::bind(SocketAddr::new(*ip, 0))
+            .and_then(|p| p.set_nonblocking(true).map(|_| p))
+            .and_then(UdpSocket::from_std)
+            .map_err(|e| format!("probe socket on {ip}: {e}"))?;
         match family {
-            AddressFamily::V4 => out.v4 = Some(sock),
-            AddressFamily::V6 => out.v6 = Some(sock),
+            AddressFamily::V4 => (out.v4, out.probe_v4) = (Some(sock), Some(probe)),
+            AddressFamily::V6 => (out.v6, out.probe_v6) = (Some(sock), Some(probe)),
         }
     }
     Ok(out)
@@ -79,6 +107,7 @@ pub async fn run(
     report: watch::Sender<Arc<MeshReport>>,
     mut stop: watch::Receiver<bool>,
     leave: Arc<std::sync::atomic::AtomicBool>,
+    mut commands: tokio::sync::mpsc::Receiver<MeshCommand>,
 ) {
     let mut buf4 = vec![0u8; 2048];
     let mut buf6 = vec![0u8; 2048];
@@ -96,20 +125,43 @@ pub async fn run(
                 }
             }
         }
+        while let Some((family, to, _sa)) = mesh.poll_probe() {
+            let sock = match family {
+                AddressFamily::V4 => sockets.probe_v4.as_ref(),
+                AddressFamily::V6 => sockets.probe_v6.as_ref(),
+            };
+            if let Some(s) = sock {
+                // A few copies: one lost probe would cost the peer a confirm timeout.
+                for _ in 0..3 {
+                    let _ = s.send_to(PROBE_PAYLOAD, to).await;
+                }
+            }
+        }
         let now = Instant::now();
         let wake = mesh.poll_timeout().unwrap_or(next_resync).min(next_resync).max(now);
         tokio::select! {
             _ = stop.changed() => break,
             r = recv_on(&sockets.v4, &mut buf4) => {
                 if let Ok((n, from)) = r {
-                    mesh.handle_datagram(Instant::now(), AddressFamily::V4, from, &buf4[..n], dp.as_mut());
+                    // Probes did their work in the kernel (counted on the inbound SA).
+                    if &buf4[..n] != PROBE_PAYLOAD {
+                        mesh.handle_datagram(Instant::now(), AddressFamily::V4, from, &buf4[..n], dp.as_mut());
+                    }
                 }
             }
             r = recv_on(&sockets.v6, &mut buf6) => {
                 if let Ok((n, from)) = r {
-                    mesh.handle_datagram(Instant::now(), AddressFamily::V6, from, &buf6[..n], dp.as_mut());
+                    if &buf6[..n] != PROBE_PAYLOAD {
+                        mesh.handle_datagram(Instant::now(), AddressFamily::V6, from, &buf6[..n], dp.as_mut());
+                    }
                 }
             }
+            Some(cmd) = commands.recv() => match cmd {
+                MeshCommand::Rekey { peer, reply } => {
+                    let n = mesh.force_rekey(Instant::now(), peer.as_deref());
+                    let _ = reply.send(n);
+                }
+            },
             changed = members.changed() => {
                 if changed.is_err() { break; }
                 let view = members.borrow_and_update().clone();

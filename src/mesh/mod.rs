@@ -25,10 +25,13 @@ use crate::datapath::{
 };
 use crate::gossip::members::{Member, MemberState};
 use crate::handshake::{
-    Config as HsConfig, Endpoint, EspAlgorithm, Event, HandshakeContext, PublicKey, Session, SpiAllocError,
+    Config as HsConfig, Endpoint, EspAlgorithm, Event, HandshakeContext, PublicKey, Role, Session, SpiAllocError,
     StaticKeypair,
 };
 use crate::identity::decode_public;
+
+/// How often a pending responder session's inbound counters are checked.
+const CONFIRM_POLL: Duration = Duration::from_millis(100);
 
 /// Inbound anti-replay window for every SA meshsec installs.
 pub const REPLAY_WINDOW: u32 = 4096;
@@ -59,12 +62,30 @@ pub struct Target {
 /// or dead for less than `grace` (a short flap breaks nothing), that
 /// published a key, a handshake port and an address of a family we have.
 /// Left members are dropped at once.
+///
+/// Addresses are checked, since a member could publish anything: only
+/// unicast addresses that are not ours count, and an address (or a key)
+/// claimed by two members is used for neither, so one member can never make
+/// us require ESP towards somebody else.
 pub fn wanted_links(
     self_key: &PublicKey,
     self_addrs: &[IpAddr],
     members: &[Member],
     grace: Duration,
 ) -> BTreeMap<LinkId, Target> {
+    let mut claims: HashMap<IpAddr, usize> = HashMap::new();
+    let mut keys: HashMap<PublicKey, usize> = HashMap::new();
+    for m in members.iter().filter(|m| !m.is_self) {
+        for a in &m.data_addrs {
+            *claims.entry(*a).or_default() += 1;
+        }
+        if let Some(k) = m.public_key.as_deref().and_then(decode_public) {
+            *keys.entry(k).or_default() += 1;
+        }
+    }
+    let usable = |a: &IpAddr| {
+        usable_peer_address(a) && !self_addrs.contains(a) && claims.get(a).copied().unwrap_or(0) == 1
+    };
     let mut out = BTreeMap::new();
     for m in members {
         if m.is_self {
@@ -78,12 +99,12 @@ pub fn wanted_links(
         let (Some(key), Some(port)) = (m.public_key.as_deref().and_then(decode_public), m.handshake_port) else {
             continue;
         };
-        if !keep || &key == self_key {
+        if !keep || &key == self_key || keys.get(&key).copied().unwrap_or(0) != 1 || m.protocol != Some(1) {
             continue;
         }
         for family in [AddressFamily::V4, AddressFamily::V6] {
             let local = self_addrs.iter().find(|a| AddressFamily::of(**a) == family);
-            let remote = m.data_addrs.iter().find(|a| AddressFamily::of(**a) == family);
+            let remote = m.data_addrs.iter().find(|a| AddressFamily::of(**a) == family && usable(a));
             if let (Some(local), Some(remote)) = (local, remote) {
                 out.insert(
                     LinkId { peer: key, family },
@@ -98,6 +119,15 @@ pub fn wanted_links(
         }
     }
     out
+}
+
+/// Whether a peer may be protected under this address: unicast, not
+/// unspecified, loopback, multicast or broadcast.
+pub fn usable_peer_address(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
+    }
 }
 
 /// Maps the handshake's algorithm id to the datapath's transform.
@@ -184,9 +214,24 @@ pub struct LinkStatus {
 
 struct Link {
     target: Target,
+    /// The session whose SAs carry traffic (or are being installed).
     session: Option<Session>,
-    /// Both SAs confirmed in the kernel at least once.
+    /// A session we answered as responder, not yet confirmed: only its
+    /// inbound SA is installed until the initiator's first ESP packet arrives
+    /// on it (a replayed initiation can never produce one), then it replaces
+    /// `session` (make-before-break). Dropped at its deadline.
+    pending: Option<(Session, Instant)>,
+    /// Inbound SAs of replaced sessions, kept until the deadline for packets in flight.
+    retiring: Vec<(SaSpec, Instant)>,
+    /// When to re-key this link (time-based, with jitter; `meshsec rekey` sets it to now).
+    rekey_at: Option<Instant>,
+    /// Both SAs of the current session confirmed in the kernel.
     installed: bool,
+    /// The link's policies are in force: set once its first SAs went in,
+    /// cleared only when the link is removed or its addresses change. While
+    /// a link re-keys, its policies stay, so the kernel drops traffic
+    /// (never sends it in clear) until the new SAs are in.
+    protected: bool,
     established_at: Option<u64>,
     next_attempt: Instant,
     failures: u32,
@@ -207,6 +252,12 @@ pub struct MeshCounters {
     pub sas_vanished: u64,
     /// Datagrams the handshake layer rejected.
     pub handshake_rejected: u64,
+    /// Re-keys started (time-based or forced).
+    pub rekeys_started: u64,
+    /// Responder sessions confirmed by the initiator's first ESP packet.
+    pub sessions_confirmed: u64,
+    /// Responder sessions dropped unconfirmed (e.g. a replayed initiation).
+    pub sessions_unconfirmed: u64,
 }
 
 /// Mesh settings.
@@ -220,6 +271,15 @@ pub struct MeshConfig {
     pub lifetimes: Lifetimes,
     /// Handshake protocol settings.
     pub handshake: HsConfig,
+    /// Re-key every link this often (± 10 % jitter).
+    pub rekey_interval: Duration,
+    /// How long a responder session may wait for the initiator's first ESP packet.
+    pub confirm_timeout: Duration,
+    /// How long replaced inbound SAs stay for packets in flight.
+    pub retire_after: Duration,
+    /// How long SAs and policies found in the kernel at start-up (left by a
+    /// previous run of the agent) are kept while their links re-key.
+    pub adopt_grace: Duration,
 }
 
 impl Default for MeshConfig {
@@ -230,6 +290,10 @@ impl Default for MeshConfig {
             // A safety net only: nothing should live for a day without a rekey.
             lifetimes: Lifetimes { soft_seconds: 23 * 3600, hard_seconds: 24 * 3600, ..Default::default() },
             handshake: HsConfig::default(),
+            rekey_interval: Duration::from_secs(3600),
+            confirm_timeout: Duration::from_secs(10),
+            retire_after: Duration::from_secs(10),
+            adopt_grace: Duration::from_secs(120),
         }
     }
 }
@@ -245,6 +309,20 @@ pub struct Mesh {
     kernel_counters: HashMap<SaId, SaCounters>,
     dirty: bool,
     last_error_log: Option<Instant>,
+    /// Which session (by id) put each SA into the kernel.
+    installed_by: HashMap<SaId, u64>,
+    /// Confirmation probes to send through the new outbound SA: (family, peer handshake address).
+    probes: std::collections::VecDeque<(AddressFamily, SocketAddr, SaId)>,
+    last_reconcile: Instant,
+    /// What a previous run left in the kernel, read at the first reconcile:
+    /// kept (never re-added) until each link has fresh SAs, or the deadline.
+    adopted: Option<Adopted>,
+}
+
+struct Adopted {
+    sas: Vec<SaSpec>,
+    policies: Vec<PolicySpec>,
+    deadline: Instant,
 }
 
 struct Ctx<'a> {
@@ -298,6 +376,10 @@ impl Mesh {
             kernel_counters: HashMap::new(),
             dirty: true,
             last_error_log: None,
+            installed_by: HashMap::new(),
+            probes: std::collections::VecDeque::new(),
+            last_reconcile: now,
+            adopted: None,
         })
     }
 
@@ -347,14 +429,31 @@ impl Mesh {
                     link.target = target;
                     link.session = None;
                     link.installed = false;
+                    link.protected = false;
                     link.next_attempt = now;
+                    if let Some(ep) = self.endpoints.get_mut(&id.family) {
+                        if let Some(spi) = ep.cancel(&id.peer) {
+                            let _ = dp.delete_sa(SaId { dst: link.target.local, spi });
+                        }
+                    }
                     self.dirty = true;
                 }
                 None => {
                     debug!(peer = %target.name, family = %id.family, "link wanted");
                     self.links.insert(
                         id,
-                        Link { target, session: None, installed: false, established_at: None, next_attempt: now, failures: 0 },
+                        Link {
+                            target,
+                            session: None,
+                            pending: None,
+                            retiring: Vec::new(),
+                            rekey_at: None,
+                            installed: false,
+                            protected: false,
+                            established_at: None,
+                            next_attempt: now,
+                            failures: 0,
+                        },
                     );
                 }
             }
@@ -383,7 +482,8 @@ impl Mesh {
             self.drain_events(now, family, dp);
         }
         self.initiate_due(now, dp);
-        if self.dirty || resync {
+        let poll_due = self.needs_kernel_poll() && now >= self.last_reconcile + CONFIRM_POLL;
+        if self.dirty || resync || poll_due {
             self.reconcile(now, dp);
         }
     }
@@ -394,10 +494,20 @@ impl Mesh {
         let attempts = self
             .links
             .iter()
-            .filter(|(id, l)| l.session.is_none() && !self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer)))
+            .filter(|(id, l)| {
+                l.session.is_none() && l.pending.is_none() && !self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer))
+            })
             .map(|(_, l)| l.next_attempt)
             .min();
-        [eps, attempts].into_iter().flatten().min()
+        let rekeys = self
+            .links
+            .iter()
+            .filter(|(id, l)| l.pending.is_none() && !self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer)))
+            .filter_map(|(_, l)| l.rekey_at)
+            .min();
+        // Pending confirmations and retiring SAs need the kernel re-read soon.
+        let kernel = self.needs_kernel_poll().then_some(self.last_reconcile + CONFIRM_POLL);
+        [eps, attempts, rekeys, kernel].into_iter().flatten().min()
     }
 
     /// The next datagram to send, with the family of the socket to use.
@@ -410,14 +520,45 @@ impl Mesh {
         None
     }
 
+    fn needs_kernel_poll(&self) -> bool {
+        self.links.values().any(|l| l.pending.is_some() || !l.retiring.is_empty())
+            || self.adopted.as_ref().is_some_and(|a| !a.sas.is_empty() || !a.policies.is_empty())
+    }
+
+    /// The next confirmation probe to send *through ESP* (from a socket without
+    /// XFRM bypass, bound to our data address) to the peer's handshake port,
+    /// with the outbound SA it should travel on.
+    pub fn poll_probe(&mut self) -> Option<(AddressFamily, SocketAddr, SaId)> {
+        self.probes.pop_front()
+    }
+
+    /// Re-keys every link (or those to `peer_name`) now. Returns how many.
+    pub fn force_rekey(&mut self, now: Instant, peer_name: Option<&str>) -> usize {
+        let mut n = 0;
+        for link in self.links.values_mut() {
+            if link.session.is_some() && peer_name.is_none_or(|p| p == link.target.name) {
+                link.rekey_at = Some(now);
+                n += 1;
+            }
+        }
+        n
+    }
+
     fn initiate_due(&mut self, now: Instant, dp: &mut dyn Datapath) {
         for (id, link) in self.links.iter_mut() {
-            if link.session.is_some() || now < link.next_attempt {
+            let rekey = link.session.is_some() && link.pending.is_none() && link.rekey_at.is_some_and(|t| now >= t);
+            if !rekey && (link.session.is_some() || link.pending.is_some() || now < link.next_attempt) {
                 continue;
             }
             let Some(ep) = self.endpoints.get_mut(&id.family) else { continue };
             if ep.is_initiating(&id.peer) {
                 continue;
+            }
+            if rekey {
+                // Retried at the normal backoff if this attempt fails.
+                link.rekey_at = Some(now + backoff(link.failures));
+                self.counters.rekeys_started += 1;
+                info!(peer = %link.target.name, family = %id.family, "re-keying");
             }
             link.next_attempt = now + backoff(link.failures);
             let spi = match dp.alloc_spi(link.target.remote, link.target.local, Reqid::DEFAULT) {
@@ -444,8 +585,10 @@ impl Mesh {
                 Event::Established(session) => {
                     let id = LinkId { peer: session.peer, family };
                     let Some(link) = self.links.get_mut(&id) else {
-                        // Raced with the member leaving: free the SPI.
-                        let _ = dp.delete_sa(SaId { dst: session.peer_addr.ip(), spi: session.local_spi });
+                        // Raced with the member leaving: free the SPI (reserved on our address).
+                        if let Some(local) = self.self_addrs.iter().find(|a| AddressFamily::of(**a) == family) {
+                            let _ = dp.delete_sa(SaId { dst: *local, spi: session.local_spi });
+                        }
                         continue;
                     };
                     info!(
@@ -455,10 +598,29 @@ impl Mesh {
                         "session established"
                     );
                     self.counters.sessions_established += 1;
-                    link.session = Some(session);
-                    link.installed = false;
                     link.failures = 0;
                     self.dirty = true;
+                    match session.role {
+                        // The responder installed its inbound SA before it
+                        // answered, so we switch at once.
+                        Role::Initiator => {
+                            if let Some(old) = link.session.replace(session) {
+                                if link.installed {
+                                    let (old_in, _, _) = link_objects(&link.target, &old, self.config.lifetimes);
+                                    link.retiring.push((old_in, now + self.config.retire_after));
+                                }
+                            }
+                            link.installed = false;
+                        }
+                        Role::Responder => {
+                            if let Some((stale, _)) = link.pending.take() {
+                                if let Some(local) = self.self_addrs.iter().find(|a| AddressFamily::of(**a) == family) {
+                                    let _ = dp.delete_sa(SaId { dst: *local, spi: stale.local_spi });
+                                }
+                            }
+                            link.pending = Some((session, now + self.config.confirm_timeout));
+                        }
+                    }
                 }
                 Event::Failed { peer, local_spi, reason } => {
                     self.counters.handshakes_failed += 1;
@@ -467,7 +629,9 @@ impl Mesh {
                         link.failures += 1;
                         link.next_attempt = now + backoff(link.failures);
                         debug!(peer = %link.target.name, family = %family, ?reason, "handshake failed");
-                        let _ = dp.delete_sa(SaId { dst: link.target.local, spi: local_spi });
+                    }
+                    if let Some(local) = self.self_addrs.iter().find(|a| AddressFamily::of(**a) == family) {
+                        let _ = dp.delete_sa(SaId { dst: *local, spi: local_spi });
                     }
                 }
             }
@@ -478,6 +642,7 @@ impl Mesh {
     /// desired against dumped state, applied in order (SAs before policies,
     /// additions before deletions).
     pub fn reconcile(&mut self, now: Instant, dp: &mut dyn Datapath) {
+        self.last_reconcile = now;
         let dumped = match (dp.dump_sas(), dp.dump_policies()) {
             (Ok(s), Ok(p)) => (s, p),
             (Err(e), _) | (_, Err(e)) => {
@@ -487,6 +652,37 @@ impl Mesh {
         };
         self.kernel_counters = dumped.0.iter().map(|s| (s.id(), s.counters)).collect();
         let actual = KernelState::from_dumps(&dumped.0, &dumped.1);
+        self.adopt(now, &actual);
+
+        // Confirmation: the initiator's first ESP packet on a pending session's
+        // inbound SA proves it holds the keys; the session then takes over.
+        for (id, link) in self.links.iter_mut() {
+            let Some((pending, deadline)) = &link.pending else { continue };
+            let in_id = SaId { dst: link.target.local, spi: pending.local_spi };
+            let confirmed = self.kernel_counters.get(&in_id).is_some_and(|c| c.packets > 0);
+            if confirmed {
+                let (session, _) = link.pending.take().expect("checked");
+                info!(peer = %link.target.name, family = %id.family, "responder session confirmed by the peer's traffic");
+                self.counters.sessions_confirmed += 1;
+                if let Some(old) = link.session.replace(session) {
+                    if link.installed {
+                        let (old_in, _, _) = link_objects(&link.target, &old, self.config.lifetimes);
+                        link.retiring.push((old_in, now + self.config.retire_after));
+                    }
+                }
+                link.installed = false;
+            } else if now >= *deadline {
+                warn!(peer = %link.target.name, family = %id.family, "responder session never confirmed; dropping it");
+                self.counters.sessions_unconfirmed += 1;
+                link.pending = None;
+                if link.session.is_none() {
+                    link.next_attempt = now;
+                }
+            }
+        }
+        for link in self.links.values_mut() {
+            link.retiring.retain(|(_, deadline)| now < *deadline);
+        }
 
         // An installed link whose SA vanished gets fresh keys, never the old ones again.
         for link in self.links.values_mut() {
@@ -506,7 +702,30 @@ impl Mesh {
         }
 
         let mut desired = KernelState::default();
+        if let Some(adopted) = &self.adopted {
+            for sa in adopted.sas.iter().filter(|sa| actual.sas.contains_key(&sa.id())) {
+                desired.sas.insert(sa.id(), sa.clone());
+            }
+            for p in &adopted.policies {
+                desired.policies.insert(p.id, *p);
+            }
+        }
         for link in self.links.values() {
+            if link.protected {
+                for p in PolicySpec::pair(link.target.local, link.target.remote, Reqid::DEFAULT) {
+                    desired.policies.insert(p.id, p);
+                }
+            }
+            // Retiring inbound SAs stay while present; a vanished one is not re-added.
+            for (sa, _) in &link.retiring {
+                if actual.sas.contains_key(&sa.id()) {
+                    desired.sas.insert(sa.id(), sa.clone());
+                }
+            }
+            if let Some((pending, _)) = &link.pending {
+                let (inb, _, _) = link_objects(&link.target, pending, self.config.lifetimes);
+                desired.sas.insert(inb.id(), inb);
+            }
             let Some(session) = &link.session else { continue };
             let (inb, outb, pols) = link_objects(&link.target, session, self.config.lifetimes);
             desired.sas.insert(inb.id(), inb);
@@ -515,7 +734,27 @@ impl Mesh {
                 desired.policies.insert(p.id, p);
             }
         }
-        let changes = diff(&desired, &actual);
+        let mut changes = diff(&desired, &actual);
+        // The kernel identifies an SA by (dst, SPI) and the outbound SPI is the
+        // peer's choice: an SA already there under a desired id but put there
+        // by another session holds another key, so it is replaced.
+        let mut replaced = Vec::new();
+        for (id, sa) in &desired.sas {
+            if !actual.sas.contains_key(id) {
+                continue;
+            }
+            let wanted_by = self.session_of(id);
+            if let (Some(want), Some(had)) = (wanted_by, self.installed_by.get(id)) {
+                if want != *had {
+                    replaced.push(Change::DeleteSa(*id));
+                    replaced.push(Change::AddSa(sa.clone()));
+                }
+            }
+        }
+        if !replaced.is_empty() {
+            replaced.append(&mut changes);
+            changes = replaced;
+        }
         let mut failed_sas = Vec::new();
         for change in &changes {
             let result = match change {
@@ -538,6 +777,17 @@ impl Mesh {
             match result {
                 Ok(()) => {
                     self.counters.changes_applied += 1;
+                    match change {
+                        Change::AddSa(sa) | Change::FillSa(sa) => {
+                            if let Some(sid) = self.session_of(&sa.id()) {
+                                self.installed_by.insert(sa.id(), sid);
+                            }
+                        }
+                        Change::DeleteSa(id) => {
+                            self.installed_by.remove(id);
+                        }
+                        _ => {}
+                    }
                     debug!(change = %change, "applied");
                 }
                 Err(e) => {
@@ -562,12 +812,63 @@ impl Mesh {
             }
             if !link.installed {
                 link.installed = true;
+                link.protected = true;
+                link.rekey_at = Some(now + jittered(self.config.rekey_interval, session.session_id));
+                if session.role == Role::Initiator {
+                    // Prove to the responder that we hold the keys: a datagram
+                    // through the new outbound SA confirms its session.
+                    let family = AddressFamily::of(link.target.local);
+                    self.probes.push_back((family, link.target.handshake, outb.id()));
+                }
                 link.established_at = Some(unix_now);
                 info!(peer = %link.target.name, family = %inb.src.is_ipv4().then_some("ipv4").unwrap_or("ipv6"), "SAs and policies installed");
             }
         }
         // Failed links leave desired state; the next pass removes their leftovers.
         self.dirty = !failed_sas.is_empty();
+    }
+
+    /// Takes over what a previous run left (first call), and lets go of it
+    /// link by link as fresh SAs replace it: adopted outbound SAs go, adopted
+    /// inbound SAs retire like any replaced inbound SA.
+    fn adopt(&mut self, now: Instant, actual: &KernelState) {
+        if self.adopted.is_none() {
+            let sas: Vec<SaSpec> = actual.sas.values().cloned().collect();
+            let policies: Vec<PolicySpec> = actual.policies.values().copied().collect();
+            if !sas.is_empty() || !policies.is_empty() {
+                info!(sas = sas.len(), policies = policies.len(), "adopted SAs and policies left by a previous run; re-keying them");
+            }
+            self.adopted = Some(Adopted { sas, policies, deadline: now + self.config.adopt_grace });
+            return;
+        }
+        let retire_after = self.config.retire_after;
+        let Some(adopted) = self.adopted.as_mut() else { return };
+        if now >= adopted.deadline {
+            if !adopted.sas.is_empty() || !adopted.policies.is_empty() {
+                info!(sas = adopted.sas.len(), "adoption period over; removing what no link replaced");
+            }
+            adopted.sas.clear();
+            adopted.policies.clear();
+            return;
+        }
+        for link in self.links.values_mut() {
+            let (local, remote) = (link.target.local, link.target.remote);
+            if link.protected {
+                adopted.policies.retain(|p| {
+                    !((p.id.src == local && p.id.dst == remote) || (p.id.src == remote && p.id.dst == local))
+                });
+            }
+            if !link.installed {
+                continue;
+            }
+            adopted.sas.retain(|sa| {
+                let ours = (sa.src == local && sa.dst == remote) || (sa.src == remote && sa.dst == local);
+                if ours && sa.direction == Direction::In {
+                    link.retiring.push((sa.clone(), now + retire_after));
+                }
+                !ours
+            });
+        }
     }
 
     /// Links per peer name, for the listing.
@@ -627,6 +928,16 @@ impl Mesh {
         Ok((r.sas, r.policies))
     }
 
+    /// The session whose SA has this id, if any link's current session has it.
+    fn session_of(&self, id: &SaId) -> Option<u64> {
+        self.links.values().find_map(|l| {
+            let s = l.session.as_ref()?;
+            let local_in = SaId { dst: l.target.local, spi: s.local_spi };
+            let out = SaId { dst: l.target.remote, spi: s.peer_spi };
+            (*id == local_in || *id == out).then_some(s.session_id)
+        })
+    }
+
     fn log_error(&mut self, now: Instant, msg: &str) {
         // One line per 5 s at most; the counters keep the full tally.
         if self.last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5)) {
@@ -634,6 +945,12 @@ impl Mesh {
             warn!("{msg}");
         }
     }
+}
+
+/// `base` ± 10 %, spread deterministically by `seed` so pairs do not re-key in lockstep.
+fn jittered(base: Duration, seed: u64) -> Duration {
+    let permille = 900 + (seed % 201); // 900..=1100
+    base * permille as u32 / 1000
 }
 
 fn backoff(failures: u32) -> Duration {

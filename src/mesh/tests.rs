@@ -67,7 +67,25 @@ fn run(nodes: &mut [Node], now: &mut Instant, rounds: usize, step: Duration, dro
                 dst.mesh.handle_datagram(*now, family, from, &bytes, &mut dst.dp);
             }
         }
+        deliver_probes(nodes);
         *now += step;
+    }
+}
+
+/// Confirmation probes travel through the sender's outbound SA: the model
+/// counts one packet on the receiver's inbound SA with that id, as the
+/// kernel would (only if the receiver has that SA).
+fn deliver_probes(nodes: &mut [Node]) {
+    let mut probes = Vec::new();
+    for n in nodes.iter_mut() {
+        while let Some((_, to, sa)) = n.mesh.poll_probe() {
+            probes.push((to, sa));
+        }
+    }
+    for (to, sa) in probes {
+        if let Some(dst) = nodes.iter_mut().find(|n| n.addrs.contains(&to.ip())) {
+            dst.dp.record_traffic(sa, 64, 1);
+        }
     }
 }
 
@@ -178,6 +196,31 @@ fn dead_member_keeps_sas_for_the_grace_period() {
 }
 
 #[test]
+fn hostile_addresses_and_duplicate_claims_are_not_linked() {
+    let now = Instant::now();
+    let a = node("a", 1, [1; 32], now);
+    let b = node("b", 2, [1; 32], now);
+    let c = node("c", 3, [1; 32], now);
+    let me = member(&a, MemberState::Alive, true);
+    let mut mb = member(&b, MemberState::Alive, false);
+    let mut mc = member(&c, MemberState::Alive, false);
+    // b claims c's IPv4 address; c claims our own IPv6 address.
+    mb.data_addrs = vec![c.addrs[0], b.addrs[1]];
+    mc.data_addrs = vec![c.addrs[0], a.addrs[1]];
+    let links = wanted_links(a.key.public(), &a.addrs, &[me.clone(), mb.clone(), mc.clone()], Duration::from_secs(60));
+    let remotes: Vec<IpAddr> = links.values().map(|t| t.remote).collect();
+    assert_eq!(remotes, vec![b.addrs[1]], "only b's own IPv6 address is usable");
+    // Unspecified, loopback and multicast addresses are never linked.
+    mb.data_addrs = vec!["0.0.0.0".parse().unwrap(), "::1".parse().unwrap(), "ff02::1".parse().unwrap()];
+    assert!(wanted_links(a.key.public(), &a.addrs, &[me.clone(), mb.clone()], Duration::from_secs(60)).is_empty());
+    // Two members with one key: neither is linked.
+    let mut mc2 = member(&c, MemberState::Alive, false);
+    mc2.public_key = member(&b, MemberState::Alive, false).public_key;
+    let mb2 = member(&b, MemberState::Alive, false);
+    assert!(wanted_links(a.key.public(), &a.addrs, &[me, mb2, mc2], Duration::from_secs(60)).is_empty());
+}
+
+#[test]
 fn families_only_where_both_sides_have_addresses() {
     let now = Instant::now();
     let a = node("a", 1, [1; 32], now);
@@ -186,4 +229,158 @@ fn families_only_where_both_sides_have_addresses() {
     mb.data_addrs.retain(|x| x.is_ipv4());
     let links = wanted_links(a.key.public(), &a.addrs, &[mb], Duration::from_secs(60));
     assert_eq!(links.keys().map(|k| k.family).collect::<Vec<_>>(), vec![AddressFamily::V4]);
+}
+
+fn mesh_of(n: usize, now: Instant) -> Vec<Node> {
+    let mut nodes: Vec<Node> = (0..n).map(|i| node(&format!("n{i}"), i as u8 + 1, [1; 32], now)).collect();
+    for i in 0..n {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let nd = &mut nodes[i];
+        nd.mesh.set_members(now, &v, &mut nd.dp);
+    }
+    nodes
+}
+
+/// Every outbound SA a node has is an inbound SA of its peer with the same
+/// key: traffic sent right now would be accepted (nothing is lost).
+fn assert_outbound_accepted(nodes: &mut [Node], when: &str) {
+    for i in 0..nodes.len() {
+        let outs: Vec<_> = sa_specs(&mut nodes[i]).into_iter().filter(|s| s.direction == Some(Direction::Out)).collect();
+        for out in outs {
+            let j = nodes.iter().position(|n| n.addrs.contains(&out.dst)).expect("peer");
+            let key = nodes[i].dp.key_of(out.id()).unwrap().to_vec();
+            assert_eq!(
+                nodes[j].dp.key_of(out.id()).map(|k| k.to_vec()).as_deref(),
+                Some(key.as_slice()),
+                "{when}: {}'s outbound {:?} has no matching inbound SA on {}",
+                nodes[i].name,
+                out.id(),
+                nodes[j].name
+            );
+        }
+    }
+}
+
+#[test]
+fn policies_stay_while_a_link_rekeys() {
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(2, now);
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
+    assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4);
+    let victim = sa_specs(&mut nodes[0])[0].id();
+    nodes[0].dp.delete_sa(victim).unwrap();
+    let n = &mut nodes[0];
+    n.mesh.handle_timeout(now, &mut n.dp, true);
+    // Nothing delivered yet: the link is re-handshaking, and must not fall back to plaintext.
+    assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4, "fail closed while re-keying");
+}
+
+#[test]
+fn ten_forced_rekeys_in_30s_never_leave_an_unmatched_outbound_sa() {
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(3, now);
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(before.len(), 8);
+    for k in 0..10 {
+        // Alternate which side starts the re-key, so both roles are exercised.
+        let who = k % 3;
+        let n = &mut nodes[who];
+        assert!(n.mesh.force_rekey(now, None) > 0);
+        for _ in 0..30 {
+            run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+            assert_outbound_accepted(&mut nodes, &format!("rekey {k}"));
+        }
+    }
+    run(&mut nodes, &mut now, 150, Duration::from_millis(100), &mut |_| false);
+    let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(after.len(), 8, "old inbound SAs retired, nothing leaked: {after:?}");
+    assert!(after.iter().all(|id| !before.contains(id)), "every SA was replaced");
+    assert!(nodes.iter().all(|n| n.mesh.counters().rekeys_started > 0));
+    assert!(nodes.iter().map(|n| n.mesh.counters().sessions_confirmed).sum::<u64>() >= 10);
+}
+
+#[test]
+fn replayed_initiation_after_a_restart_installs_nothing_lasting() {
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(2, now);
+    // An on-path observer records everything b sends.
+    let mut captured = Vec::new();
+    for _ in 0..20 {
+        for n in nodes.iter_mut() {
+            n.mesh.handle_timeout(now, &mut n.dp, false);
+        }
+        let mut inflight = Vec::new();
+        for (k, n) in nodes.iter_mut().enumerate() {
+            while let Some((family, to, bytes)) = n.mesh.poll_transmit() {
+                let from = SocketAddr::new(*n.addrs.iter().find(|a| AddressFamily::of(**a) == family).unwrap(), 9341);
+                if k == 1 {
+                    captured.push((family, from, bytes.clone()));
+                }
+                inflight.push((family, from, to, bytes));
+            }
+        }
+        for (family, from, to, bytes) in inflight {
+            if let Some(dst) = nodes.iter_mut().find(|n| n.addrs.contains(&to.ip())) {
+                dst.mesh.handle_datagram(now, family, from, &bytes, &mut dst.dp);
+            }
+        }
+        deliver_probes(&mut nodes);
+        now += Duration::from_millis(100);
+    }
+    assert!(nodes[0].mesh.link_status().values().flatten().all(|l| l.sa == SaState::Established));
+    // a's agent restarts (same key, same kernel); the attacker replays b's old datagrams at once.
+    now += Duration::from_secs(5);
+    let key = nodes[0].key.clone();
+    nodes[0].mesh = Mesh::new(MeshConfig::default(), key, &[[1; 32]], nodes[0].addrs.clone(), now).unwrap();
+    let v = view(&nodes, 0, |_| MemberState::Alive);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    for (family, from, bytes) in &captured {
+        let n = &mut nodes[0];
+        n.mesh.handle_datagram(now, *family, *from, bytes, &mut n.dp);
+    }
+    // The replayed session is never confirmed (10 s), a's own handshake then
+    // replaces the adopted SAs, whose inbound half retires 10 s later.
+    for round in 0..260 {
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        assert_outbound_accepted(&mut nodes, &format!("round {round} after replay"));
+    }
+    assert!(nodes[0].mesh.counters().sessions_unconfirmed >= 1, "{:?}", nodes[0].mesh.counters());
+    assert_eq!(sa_specs(&mut nodes[0]).len(), 4);
+    assert!(nodes[0].mesh.link_status().values().flatten().all(|l| l.sa == SaState::Established));
+}
+
+#[test]
+fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(3, now);
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(before.len(), 8);
+    // Both ends of the 0-1 links restart (kill -9: the kernel keeps everything).
+    for i in [0, 1] {
+        let key = nodes[i].key.clone();
+        nodes[i].mesh = Mesh::new(MeshConfig::default(), key, &[[1; 32]], nodes[i].addrs.clone(), now).unwrap();
+    }
+    // Before it knows any member, the restarted agent must not touch what it found.
+    for i in [0, 1] {
+        let n = &mut nodes[i];
+        n.mesh.handle_timeout(now, &mut n.dp, true);
+    }
+    assert_eq!(sa_specs(&mut nodes[0]).len(), 8, "adopted, not flushed");
+    assert_outbound_accepted(&mut nodes, "right after restart");
+    for i in [0, 1] {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    for round in 0..200 {
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        assert_outbound_accepted(&mut nodes, &format!("round {round} after restart"));
+    }
+    let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(after.len(), 8, "{after:?}");
+    assert!(after.iter().all(|id| !before.contains(id)), "adopted SAs were re-keyed");
+    assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 8);
 }

@@ -18,6 +18,9 @@ dp_meshsec_up() {
 }
 
 dp_meshsec_down() {
+    # A stop leaves the SAs in the kernel (by design); flush removes them.
     agent_stop 1 >/dev/null
     agent_stop 2 >/dev/null
+    on 1 "$MESHSEC_BIN" flush --control-socket "$(agent_socket 1)" >/dev/null
+    on 2 "$MESHSEC_BIN" flush --control-socket "$(agent_socket 2)" >/dev/null
 }

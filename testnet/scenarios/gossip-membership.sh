@@ -5,7 +5,7 @@
 # list 5 alive members within 10 s; kill -9 of one is seen as dead within 15 s;
 # its restart is alive again with the same fingerprint, listed once; an agent
 # with a different secret never appears and its datagrams are dropped unparsed;
-# SIGTERM announces "left" and exits 0.
+# `meshsec leave` announces "left" and exits 0; SIGTERM stops with exit 0.
 . "$(dirname "$0")/../lib/bed.sh"
 
 N=5
@@ -68,11 +68,20 @@ for i in $(seq 1 $N); do
     assert_eq "$(state_of "$i" h6)" absent "foreign agent in host $i's listing"
 done
 assert_eq "$(members_eval 6 "len(m)")" 1 "foreign agent's own listing"
-dropped=$(agent_ctl 1 status --json | python3 -c "import json,sys; g=json.load(sys.stdin)['gossip']; print(sum(v for k,v in g.items() if k.startswith('dropped')))")
-assert_cmp "$dropped" -gt 0 "datagrams dropped by the seed's sealing layer"
+dropped=$(agent_ctl 1 status --json | python3 -c "import json,sys; print(json.load(sys.stdin)['gossip']['dropped_unknown_key'])")
+assert_cmp "$dropped" -gt 0 "foreign datagrams dropped by the seed's sealing layer (unknown key)"
 
-# Graceful stop: exit status 0 and peers list it as left.
-agent_stop 4
-assert_eq "$AGENT_STATUS" 0 "agent 4 exit status"
+# Graceful leave (`meshsec leave`): the agent exits 0 and peers list it as left.
+agent_ctl 4 leave >/dev/null
+leave_pid=${AGENT_PID[4]}
+wait_until 10 bash -c "! kill -0 $leave_pid 2>/dev/null"
+wait "$leave_pid"
+leave_rc=$?
+assert_eq "$leave_rc" 0 "agent 4 exit status after leave"
+AGENT_PID[4]=
 wait_until 10 all_say h4 left 1 2 3 5
+# A plain stop (SIGTERM) also exits 0; it is not a leave.
+agent_stop 3
+assert_eq "$AGENT_STATUS" 0 "agent 3 exit status after SIGTERM"
+assert_eq "$(state_of 1 h3)" alive "h3 right after a stop (not announced as left)"
 log "gossip-membership ok"

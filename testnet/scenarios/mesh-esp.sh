@@ -39,7 +39,12 @@ t0=$SECONDS
 for i in $(seq 1 $N); do start "$i" "$WORK/secret"; done
 start $((N + 1)) "$WORK/foreign"
 wait_until 60 all_established
-log "every ordered pair established over IPv4 and IPv6 after $((SECONDS - t0)) s"
+log "every ordered pair established over IPv4 and IPv6 after $((SECONDS - t0)) s (polling included)"
+# The agents' own logs: from the last member's start to the last link installed.
+first=$(grep -m1 'agent started' "$(agent_log $N)" | cut -d' ' -f1)
+last=$(cat $(for i in $(seq 1 $N); do agent_log "$i"; done) | grep -E 'SAs and policies installed|responder session confirmed' | cut -d' ' -f1 | sort | tail -n1)
+took=$(awk -v a="$(date -d "$first" +%s.%N)" -v b="$(date -d "$last" +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+log "last member started -> every link installed on every host: $took s"
 agent_ctl 1 members >"$WORK/members-h1.txt"
 
 # Kernel state: exactly 2 SAs per peer and family, all with the chosen AEAD.
@@ -114,20 +119,29 @@ assert_eq "$plain_icmp6" 0 "plaintext ICMPv6 echo between members"
 if grep -aqF MESHSEC-MARKER "$(capture_file wire)"; then fail "TCP payload readable on the wire"; fi
 
 # Fail closed: plaintext UDP from a member is dropped by the receiver's
-# required inbound policy. Host 1's outbound policy to host 2 is removed for
-# the moment of the send so the datagram really leaves in clear.
+# required inbound policy. The sender's socket carries an outbound bypass
+# policy (IP_XFRM_POLICY, as meshsec's own control sockets do), so the
+# datagram really leaves host 1 in clear.
 rx=$WORK/udp-rx
 on 2 socat -u "UDP4-RECV:7001" "CREATE:$rx" &
 udp_srv=$!
 ledger_add "$BED_LEDGER" pid "$udp_srv"
 wait_until 10 udp_bound 2 7001
-before=$(on 2 awk '/XfrmInNoStates|XfrmInTmplMismatch/ {s+=$2} END {print s+0}' /proc/net/xfrm_stat)
+before=$(on 2 awk '/XfrmInNoStates|XfrmInTmplMismatch|XfrmInNoPols/ {s+=$2} END {print s+0}' /proc/net/xfrm_stat)
 capture_start plain "udp port 7001"
-on 1 ip xfrm policy delete src "$(host_ip4 1)/32" dst "$(host_ip4 2)/32" dir out
-on 1 sh -c "echo MESHSEC-PLAINTEXT | socat -u - UDP4-SENDTO:$(host_ip4 2):7001"
+on 1 python3 -c '
+import socket, sys
+info = bytearray(168)              # struct xfrm_userpolicy_info, all zero:
+info[40] = socket.AF_INET          #   selector.family
+info[160] = 1                      #   dir = XFRM_POLICY_OUT (offset 160), action 0 = ALLOW
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, 17, bytes(info))   # IP_XFRM_POLICY
+for _ in range(3):
+    s.sendto(b"MESHSEC-PLAINTEXT", (sys.argv[1], 7001))
+' "$(host_ip4 2)"
 sleep 1
 capture_stop plain
-after=$(on 2 awk '/XfrmInNoStates|XfrmInTmplMismatch/ {s+=$2} END {print s+0}' /proc/net/xfrm_stat)
+after=$(on 2 awk '/XfrmInNoStates|XfrmInTmplMismatch|XfrmInNoPols/ {s+=$2} END {print s+0}' /proc/net/xfrm_stat)
 assert_cmp "$(capture_count plain udp)" -ge 1 "plaintext UDP seen on the wire"
 assert_cmp "$(stat -c %s "$rx" 2>/dev/null || echo 0)" -eq 0 "bytes delivered to host 2"
 assert_cmp "$after" -gt "$before" "host 2 XFRM inbound policy drops"
@@ -140,7 +154,8 @@ wait_until 10 udp_bound 2 7002
 on $((N + 1)) sh -c "echo CONTROL | socat -u - UDP4-SENDTO:$(host_ip4 2):7002"
 wait_until 5 test -s "$rx.control"
 kill "$udp_srv" 2>/dev/null || true
-# The agent repairs the policy deleted by hand.
+# The agent repairs a policy deleted by hand.
+on 1 ip xfrm policy delete src "$(host_ip4 1)/32" dst "$(host_ip4 2)/32" dir out
 repaired() { on 1 ip xfrm policy get src "$(host_ip4 1)/32" dst "$(host_ip4 2)/32" dir out; }
 wait_until 10 repaired
 assert on 1 ping -c1 -W3 -q "$(host_ip4 2)"

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""Traffic probes for lifecycle scenarios (run inside a bed host).
+
+  flow.py tcp-server PORT
+  flow.py tcp-client ADDR PORT SECONDS   one long-lived TCP connection: a line
+      every 20 ms, echoed back; prints "sent= received= max_stall_ms= error="
+      and exits 1 on a reset or a stall (no echo) longer than 1 s.
+  flow.py udp-server PORT SECONDS        counts sequence-numbered datagrams
+  flow.py udp-client ADDR PORT SECONDS   sends one every 10 ms
+      the server prints "received= lost= max_seq=" (lost = gaps in 1..max_seq).
+"""
+import signal
+import socket
+import sys
+import time
+
+# SIGTERM ends a flow early, with its summary (SIGINT is ignored in
+# background jobs of a non-interactive shell, so it cannot be used).
+STOP = False
+
+
+def _stop(*_):
+    global STOP
+    STOP = True
+
+
+signal.signal(signal.SIGTERM, _stop)
+
+
+def family(addr):
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+
+
+def tcp_server(port):
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("::", port))
+    srv.listen(1)
+    conn, _ = srv.accept()
+    with conn:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return 0
+            conn.sendall(data)
+
+
+def tcp_client(addr, port, seconds):
+    s = socket.socket(family(addr), socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect((addr, port))
+    s.settimeout(0.02)
+    end = time.monotonic() + seconds
+    sent = received = 0
+    last_echo = time.monotonic()
+    max_stall = 0.0
+    buf = b""
+    error = ""
+    try:
+        while time.monotonic() < end and not STOP:
+            s.sendall(b"%d\n" % sent)
+            sent += 1
+            try:
+                data = s.recv(65536)
+                if not data:
+                    error = "closed"
+                    break
+                buf += data
+                n = buf.count(b"\n")
+                if n:
+                    received += n
+                    buf = buf[buf.rfind(b"\n") + 1:]
+                    last_echo = time.monotonic()
+            except socket.timeout:
+                pass
+            max_stall = max(max_stall, time.monotonic() - last_echo)
+    except OSError as e:
+        error = type(e).__name__
+    print(f"sent={sent} received={received} max_stall_ms={int(max_stall * 1000)} error={error or 'none'}")
+    return 1 if error or max_stall > 1.0 else 0
+
+
+def udp_server(port, seconds):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port))
+    s.settimeout(0.5)
+    seen = set()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not STOP:
+        try:
+            data, _ = s.recvfrom(64)
+            seen.add(int(data))
+        except (socket.timeout, ValueError):
+            pass
+    top = max(seen) if seen else 0
+    print(f"received={len(seen)} lost={top - len(seen)} max_seq={top}")
+    return 0
+
+
+def udp_client(addr, port, seconds):
+    s = socket.socket(family(addr), socket.SOCK_DGRAM)
+    end = time.monotonic() + seconds
+    seq = 0
+    while time.monotonic() < end and not STOP:
+        seq += 1
+        try:
+            s.sendto(b"%d" % seq, (addr, port))
+        except OSError:
+            pass  # counted as lost by the server
+        time.sleep(0.01)
+    return 0
+
+
+def main(argv):
+    cmd = argv[1]
+    if cmd == "tcp-server":
+        return tcp_server(int(argv[2]))
+    if cmd == "tcp-client":
+        return tcp_client(argv[2], int(argv[3]), float(argv[4]))
+    if cmd == "udp-server":
+        return udp_server(int(argv[2]), float(argv[3]))
+    if cmd == "udp-client":
+        return udp_client(argv[2], int(argv[3]), float(argv[4]))
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
