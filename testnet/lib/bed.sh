@@ -139,9 +139,10 @@ EOF
 }
 
 # on_bg I CMD...: CMD in host I in the background; its PID in $BG_PID (and in
-# the ledger). Prefer this to "on I CMD &": bash starts a script's background
-# jobs with SIGINT ignored, so "kill -INT" would never stop such a job (ping
-# would neither print its summary nor exit, and "wait" would hang).
+# the ledger). Prefer this to "on I CMD &", whose $! is a bash subshell that
+# ignores SIGINT (bash starts a script's background jobs so) and passes no
+# signal on: "kill -INT $!" would do nothing and "wait" would hang. CMD also
+# gets the default SIGINT/SIGQUIT disposition back.
 on_bg() {
     local i=$1
     shift
