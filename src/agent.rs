@@ -243,7 +243,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let mut gossip_died = Box::pin(gossip.termination_watcher());
     let outcome = tokio::select! {
         _ = shutdown => Ok(()),
-        _ = leave_rx.recv() => {
+        Some(()) = leave_rx.recv() => {
             leave.store(true, Ordering::SeqCst);
             Ok(())
         }
