@@ -306,8 +306,11 @@ heal() {
 capture_start() {
     local name=$1 pid t
     shift
+    # Created before tcpdump starts: reading a log the background job has not
+    # created yet would fail the scenario (a race seen under load).
+    : >"$WORK/$name.tcpdump.log"
     tcpdump -i "$BED_BRIDGE" -n -s 0 -U -Z root -w "$WORK/$name.pcap" "$@" \
-        >"$WORK/$name.tcpdump.log" 2>&1 &
+        >>"$WORK/$name.tcpdump.log" 2>&1 &
     pid=$!
     CAPTURE_PID[$name]=$pid
     ledger_add "$BED_LEDGER" pid "$pid"
