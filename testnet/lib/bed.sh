@@ -43,6 +43,9 @@ BED_HUB=${BED_HUB:-1}
 declare -A AGENT_PID=() AGENT_ARGS=() CAPTURE_PID=()
 BED_PARTITIONS=()
 BED_CLEANED=0
+# Only the scenario's own shell cleans up: an EXIT trap inherited by a
+# subshell (a command substitution that failed) must not tear the bed down.
+BED_MAIN_PID=$BASHPID
 
 mkdir -p "$BED_SOCK_DIR"
 ledger_add "$BED_LEDGER" dir "$BED_SOCK_DIR"
@@ -428,6 +431,7 @@ xfrm_policy_pair() {
 bed_cleanup() {
     local rc=$? i name pid
     trap - ERR
+    [[ $BASHPID == "$BED_MAIN_PID" ]] || return "$rc"
     [[ $BED_CLEANED == 1 ]] && return
     BED_CLEANED=1
     set +e
