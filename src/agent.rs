@@ -22,7 +22,7 @@ use crate::datapath::{bypass_socket, AddressFamily, Datapath, MemoryDatapath, Xf
 use crate::handshake::{EspAlgorithm, StaticKeypair};
 use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
 use crate::mesh::{Mesh, MeshConfig};
-use crate::control::{self, ControlState, MemberCounts, Status};
+use crate::control::{self, counter_map, ControlState, MemberCounts, Status};
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
 use crate::gossip::schema::{NodeInfo, KEY_STATUS, PROTOCOL_VERSION};
 use crate::identity::{self, KeyOrigin, NodeKey};
@@ -346,13 +346,6 @@ fn esp_algorithm(c: EspChoice) -> EspAlgorithm {
         EspChoice::Aes128Gcm => EspAlgorithm::Aes128Gcm,
         EspChoice::Aes256Gcm => EspAlgorithm::Aes256Gcm,
         EspChoice::ChaCha20Poly1305 => EspAlgorithm::ChaCha20Poly1305,
-    }
-}
-
-fn counter_map<T: serde::Serialize>(v: &T) -> BTreeMap<String, u64> {
-    match serde_json::to_value(v) {
-        Ok(serde_json::Value::Object(m)) => m.into_iter().filter_map(|(k, v)| v.as_u64().map(|n| (k, n))).collect(),
-        _ => BTreeMap::new(),
     }
 }
 

@@ -105,6 +105,14 @@ pub struct Status {
 /// A name → counter map, serialised as a JSON object.
 pub type BTreeMapU64 = std::collections::BTreeMap<String, u64>;
 
+/// The integer fields of a counters struct, by name (what `status` shows).
+pub fn counter_map<T: Serialize>(counters: &T) -> BTreeMapU64 {
+    match serde_json::to_value(counters) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().filter_map(|(k, v)| v.as_u64().map(|n| (k, n))).collect(),
+        _ => BTreeMapU64::new(),
+    }
+}
+
 /// Members per state.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MemberCounts {

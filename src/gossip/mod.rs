@@ -38,15 +38,7 @@ impl GossipTransport {
     /// A function reading the transport's counters.
     pub fn counters(&self) -> CounterFn {
         let counters = self.inner.counters();
-        Arc::new(move || {
-            let snapshot = counters.snapshot();
-            match serde_json::to_value(&snapshot) {
-                Ok(serde_json::Value::Object(map)) => {
-                    map.into_iter().filter_map(|(k, v)| v.as_u64().map(|n| (k, n))).collect()
-                }
-                _ => BTreeMap::new(),
-            }
-        })
+        Arc::new(move || crate::control::counter_map(&counters.snapshot()))
     }
 }
 

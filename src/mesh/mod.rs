@@ -397,10 +397,8 @@ impl Mesh {
     pub fn handshake_counters(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for ep in self.endpoints.values() {
-            if let Ok(serde_json::Value::Object(map)) = serde_json::to_value(ep.counters()) {
-                for (k, v) in map {
-                    *out.entry(k).or_insert(0) += v.as_u64().unwrap_or(0);
-                }
+            for (k, v) in crate::control::counter_map(ep.counters()) {
+                *out.entry(k).or_insert(0) += v;
             }
         }
         out
@@ -586,9 +584,7 @@ impl Mesh {
                     let id = LinkId { peer: session.peer, family };
                     let Some(link) = self.links.get_mut(&id) else {
                         // Raced with the member leaving: free the SPI (reserved on our address).
-                        if let Some(local) = self.self_addrs.iter().find(|a| AddressFamily::of(**a) == family) {
-                            let _ = dp.delete_sa(SaId { dst: *local, spi: session.local_spi });
-                        }
+                        free_spi(&self.self_addrs, family, session.local_spi, dp);
                         continue;
                     };
                     info!(
@@ -604,19 +600,11 @@ impl Mesh {
                         // The responder installed its inbound SA before it
                         // answered, so we switch at once.
                         Role::Initiator => {
-                            if let Some(old) = link.session.replace(session) {
-                                if link.installed {
-                                    let (old_in, _, _) = link_objects(&link.target, &old, self.config.lifetimes);
-                                    link.retiring.push((old_in, now + self.config.retire_after));
-                                }
-                            }
-                            link.installed = false;
+                            link.switch_to(session, now, &self.config);
                         }
                         Role::Responder => {
                             if let Some((stale, _)) = link.pending.take() {
-                                if let Some(local) = self.self_addrs.iter().find(|a| AddressFamily::of(**a) == family) {
-                                    let _ = dp.delete_sa(SaId { dst: *local, spi: stale.local_spi });
-                                }
+                                free_spi(&self.self_addrs, family, stale.local_spi, dp);
                             }
                             link.pending = Some((session, now + self.config.confirm_timeout));
                         }
@@ -630,9 +618,7 @@ impl Mesh {
                         link.next_attempt = now + backoff(link.failures);
                         debug!(peer = %link.target.name, family = %family, ?reason, "handshake failed");
                     }
-                    if let Some(local) = self.self_addrs.iter().find(|a| AddressFamily::of(**a) == family) {
-                        let _ = dp.delete_sa(SaId { dst: *local, spi: local_spi });
-                    }
+                    free_spi(&self.self_addrs, family, local_spi, dp);
                 }
             }
         }
@@ -664,13 +650,7 @@ impl Mesh {
                 let (session, _) = link.pending.take().expect("checked");
                 info!(peer = %link.target.name, family = %id.family, "responder session confirmed by the peer's traffic");
                 self.counters.sessions_confirmed += 1;
-                if let Some(old) = link.session.replace(session) {
-                    if link.installed {
-                        let (old_in, _, _) = link_objects(&link.target, &old, self.config.lifetimes);
-                        link.retiring.push((old_in, now + self.config.retire_after));
-                    }
-                }
-                link.installed = false;
+                link.switch_to(session, now, &self.config);
             } else if now >= *deadline {
                 warn!(peer = %link.target.name, family = %id.family, "responder session never confirmed; dropping it");
                 self.counters.sessions_unconfirmed += 1;
@@ -951,6 +931,27 @@ impl Mesh {
 fn jittered(base: Duration, seed: u64) -> Duration {
     let permille = 900 + (seed % 201); // 900..=1100
     base * permille as u32 / 1000
+}
+
+impl Link {
+    /// Makes `session` the one whose SAs carry traffic; the replaced
+    /// session's inbound SA, if it was installed, retires for packets in flight.
+    fn switch_to(&mut self, session: Session, now: Instant, config: &MeshConfig) {
+        if let Some(old) = self.session.replace(session) {
+            if self.installed {
+                let (old_in, _, _) = link_objects(&self.target, &old, config.lifetimes);
+                self.retiring.push((old_in, now + config.retire_after));
+            }
+        }
+        self.installed = false;
+    }
+}
+
+/// Frees an SPI reserved (ALLOCSPI) on our data address of `family`.
+fn free_spi(self_addrs: &[IpAddr], family: AddressFamily, spi: u32, dp: &mut dyn Datapath) {
+    if let Some(local) = self_addrs.iter().find(|a| AddressFamily::of(**a) == family) {
+        let _ = dp.delete_sa(SaId { dst: *local, spi });
+    }
 }
 
 fn backoff(failures: u32) -> Duration {
