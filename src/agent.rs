@@ -18,7 +18,7 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::{AgentConfig, DatapathKind, EspChoice};
-use crate::datapath::{bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath};
+use crate::datapath::{bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor};
 use crate::handshake::{EspAlgorithm, StaticKeypair};
 use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
 use crate::mesh::{Mesh, MeshConfig};
@@ -74,15 +74,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         f.dedup();
         f
     };
-    let (datapath, bypass): (Box<dyn Datapath>, bool) = match cfg.datapath {
+    let (datapath, bypass, monitor): (Box<dyn Datapath>, bool, Option<XfrmMonitor>) = match cfg.datapath {
         DatapathKind::Kernel => {
             let mut x = XfrmDatapath::open().map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
             x.probe(aead, &families).map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
-            (Box::new(x), true)
+            // Subscribed before the first reconcile, so no expiry goes unseen.
+            let monitor = XfrmMonitor::open()
+                .map_err(|e| AgentError::Start(format!("kernel datapath: cannot subscribe to XFRM events: {e}")))?;
+            (Box::new(x), true, Some(monitor))
         }
         DatapathKind::Memory => {
             warn!("--datapath memory: handshakes run but NOTHING is installed in the kernel and no traffic is protected (tests only)");
-            (Box::new(MemoryDatapath::new()), false)
+            (Box::new(MemoryDatapath::new()), false, None)
         }
     };
     let on_bind: Option<Arc<dyn Fn(RawFd) -> std::io::Result<()> + Send + Sync>> = if bypass {
@@ -98,7 +101,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass).map_err(AgentError::Start)?;
     let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
     let mesh = Mesh::new(
-        MeshConfig { algorithm: esp_algorithm(cfg.esp_algorithm), dead_grace: cfg.peer_grace, ..MeshConfig::default() },
+        MeshConfig {
+            algorithm: esp_algorithm(cfg.esp_algorithm),
+            dead_grace: cfg.peer_grace,
+            rekey_interval: cfg.rekey.interval,
+            lifetimes: cfg.rekey.lifetimes(),
+            ..MeshConfig::default()
+        },
         StaticKeypair::from_private(*node_key.private()),
         &secrets,
         cfg.data_addresses.clone(),
@@ -222,6 +231,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         stop_rx.clone(),
         leave.clone(),
         mesh_cmd_rx,
+        monitor,
     ));
     // The listing's per-peer link columns follow the mesh's reports.
     {

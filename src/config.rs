@@ -112,6 +112,12 @@ pub struct FileConfig {
     pub peer_grace_secs: Option<u64>,
     /// Treat SIGTERM/SIGINT as a leave (remove everything meshsec installed).
     pub leave_on_stop: Option<bool>,
+    /// Seconds between time-based re-keys of a link (± 10 %).
+    pub rekey_interval_secs: Option<u64>,
+    /// Re-key a link once one of its SAs has carried this many bytes.
+    pub rekey_after_bytes: Option<u64>,
+    /// Re-key a link once one of its SAs has carried this many packets.
+    pub rekey_after_packets: Option<u64>,
 }
 
 /// Flag values, as parsed by the CLI (all optional: flags win over the file).
@@ -167,6 +173,58 @@ pub struct AgentFlags {
     /// installed, instead of stopping with the SAs left in place.
     #[arg(long)]
     pub leave_on_stop: bool,
+    /// Re-key every link this often, in seconds, ± 10 % (default 3600).
+    #[arg(long, value_name = "SECS")]
+    pub rekey_interval_secs: Option<u64>,
+    /// Also re-key a link once one of its SAs has carried this many bytes
+    /// (kernel soft limit; default: no limit).
+    #[arg(long, value_name = "BYTES")]
+    pub rekey_after_bytes: Option<u64>,
+    /// Also re-key a link once one of its SAs has carried this many packets
+    /// (kernel soft limit; default: no limit).
+    #[arg(long, value_name = "PACKETS")]
+    pub rekey_after_packets: Option<u64>,
+}
+
+/// When links re-key. Byte and packet limits become the SAs' kernel soft
+/// limits (the kernel announces reaching them); the hard limits, at which
+/// the kernel deletes an SA, are a safety net at twice the soft ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RekeyPolicy {
+    /// Time-based re-key interval (± 10 % jitter).
+    pub interval: Duration,
+    /// Soft byte limit, if any.
+    pub after_bytes: Option<u64>,
+    /// Soft packet limit, if any.
+    pub after_packets: Option<u64>,
+}
+
+/// Hard time limit of every SA: nothing lives a day without a re-key.
+pub const SA_HARD_SECONDS: u64 = 24 * 3600;
+/// Soft time limit of every SA (the kernel announces it; the agent's own
+/// timer normally re-keys long before).
+pub const SA_SOFT_SECONDS: u64 = 23 * 3600;
+
+impl RekeyPolicy {
+    /// The SA lifetimes this policy installs.
+    pub fn lifetimes(&self) -> crate::datapath::Lifetimes {
+        let soft_bytes = self.after_bytes.unwrap_or(0);
+        let soft_packets = self.after_packets.unwrap_or(0);
+        crate::datapath::Lifetimes {
+            soft_bytes,
+            hard_bytes: soft_bytes.saturating_mul(2),
+            soft_packets,
+            hard_packets: soft_packets.saturating_mul(2),
+            soft_seconds: SA_SOFT_SECONDS,
+            hard_seconds: SA_HARD_SECONDS,
+        }
+    }
+}
+
+impl Default for RekeyPolicy {
+    fn default() -> Self {
+        RekeyPolicy { interval: Duration::from_secs(3600), after_bytes: None, after_packets: None }
+    }
 }
 
 /// A validated agent configuration.
@@ -204,6 +262,8 @@ pub struct AgentConfig {
     pub peer_grace: Duration,
     /// SIGTERM/SIGINT means leave.
     pub leave_on_stop: bool,
+    /// When links re-key.
+    pub rekey: RekeyPolicy,
 }
 
 /// Reads and parses a TOML config file.
@@ -433,6 +493,25 @@ impl AgentConfig {
             ));
         }
 
+        let interval_key = source("--rekey-interval-secs", "rekey_interval_secs", flags.rekey_interval_secs.is_some());
+        let interval = flags.rekey_interval_secs.or(file.rekey_interval_secs).unwrap_or(3600);
+        // Time-based re-keys must come well before the SAs' own soft (23 h)
+        // and hard (24 h) limits.
+        if !(10..=12 * 3600).contains(&interval) {
+            return Err(ConfigError::new(interval_key, "must be between 10 and 43200 (12 hours)"));
+        }
+        let bytes_key = source("--rekey-after-bytes", "rekey_after_bytes", flags.rekey_after_bytes.is_some());
+        let after_bytes = flags.rekey_after_bytes.or(file.rekey_after_bytes);
+        if after_bytes.is_some_and(|b| b < 1 << 20) {
+            return Err(ConfigError::new(bytes_key, "must be at least 1048576 (1 MiB); leave it unset for no byte limit"));
+        }
+        let packets_key = source("--rekey-after-packets", "rekey_after_packets", flags.rekey_after_packets.is_some());
+        let after_packets = flags.rekey_after_packets.or(file.rekey_after_packets);
+        if after_packets.is_some_and(|p| p < 1000) {
+            return Err(ConfigError::new(packets_key, "must be at least 1000; leave it unset for no packet limit"));
+        }
+        let rekey = RekeyPolicy { interval: Duration::from_secs(interval), after_bytes, after_packets };
+
         let handshake_port = flags.handshake_port.or(file.handshake_port).unwrap_or(DEFAULT_HANDSHAKE_PORT);
         if handshake_port == 0 {
             return Err(ConfigError::new(source("--handshake-port", "handshake_port", flags.handshake_port.is_some()), "port 0 is not allowed"));
@@ -459,6 +538,7 @@ impl AgentConfig {
             esp_algorithm: flags.esp_algorithm.or(file.esp_algorithm).unwrap_or(EspChoice::Aes128Gcm),
             peer_grace: Duration::from_secs(peer_secs),
             leave_on_stop: flags.leave_on_stop || file.leave_on_stop.unwrap_or(false),
+            rekey,
         })
     }
 }
@@ -569,6 +649,34 @@ mod tests {
         f.dead_node_grace_secs = None;
         f.data_addresses = vec!["0.0.0.0".into()];
         assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--data-address");
+    }
+
+    #[test]
+    fn rekey_limits_are_validated_and_become_sa_lifetimes() {
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        assert_eq!(cfg.rekey, RekeyPolicy::default());
+        let l = cfg.rekey.lifetimes();
+        assert_eq!((l.soft_packets, l.hard_packets, l.soft_bytes, l.hard_bytes), (0, 0, 0, 0), "no count limits by default");
+        assert_eq!((l.soft_seconds, l.hard_seconds), (SA_SOFT_SECONDS, SA_HARD_SECONDS));
+
+        f.rekey_after_packets = Some(999);
+        let e = AgentConfig::merge(&f, FileConfig::default()).unwrap_err();
+        assert_eq!(e.key, "--rekey-after-packets", "{e}");
+        f.rekey_after_packets = None;
+        let e = AgentConfig::merge(&f, parse_file("rekey_after_bytes = 1000").unwrap()).unwrap_err();
+        assert_eq!(e.key, "config key \"rekey_after_bytes\"", "{e}");
+        f.rekey_interval_secs = Some(5);
+        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--rekey-interval-secs");
+
+        f.rekey_interval_secs = Some(600);
+        let file = parse_file("rekey_after_packets = 5000\nrekey_after_bytes = 1073741824").unwrap();
+        let cfg = AgentConfig::merge(&f, file).unwrap();
+        assert_eq!(cfg.rekey.interval, Duration::from_secs(600));
+        let l = cfg.rekey.lifetimes();
+        assert_eq!((l.soft_packets, l.hard_packets), (5000, 10000));
+        assert_eq!((l.soft_bytes, l.hard_bytes), (1 << 30, 2 << 30));
     }
 
     #[test]

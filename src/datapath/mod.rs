@@ -24,6 +24,7 @@ mod bypass;
 mod diff;
 mod error;
 mod memory;
+mod monitor;
 mod netlink;
 pub mod ownership;
 mod xfrm;
@@ -35,6 +36,7 @@ pub use bypass::{bypass_socket, AddressFamily};
 pub use diff::{diff, Change, KernelState};
 pub use error::{DatapathError, ErrorKind, Op};
 pub use memory::MemoryDatapath;
+pub use monitor::{parse_event, KernelEvent, XfrmMonitor};
 pub use ownership::{Reqid, POLICY_PRIORITY};
 pub use xfrm::{KernelFlavor, XfrmDatapath};
 

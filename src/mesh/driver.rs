@@ -8,12 +8,13 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{LinkStatus, Mesh, MeshCounters};
-use crate::datapath::{bypass_socket, AddressFamily, Datapath};
+use crate::datapath::{bypass_socket, AddressFamily, Datapath, KernelEvent, XfrmMonitor};
 use crate::gossip::members::Member;
 
 /// How often the kernel state is re-read even when nothing happened
@@ -89,6 +90,24 @@ pub fn bind_handshake_sockets(addrs: &[IpAddr], port: u16, bypass: bool) -> Resu
     Ok(out)
 }
 
+/// Waits for kernel events; never resolves without a monitor. A monitor that
+/// fails is dropped (the resync's counter check still catches soft limits).
+async fn kernel_events(monitor: &mut Option<AsyncFd<XfrmMonitor>>, out: &mut Vec<KernelEvent>) {
+    let Some(fd) = monitor.as_mut() else { return std::future::pending().await };
+    let result = match fd.readable_mut().await {
+        Ok(mut guard) => {
+            let r = guard.get_inner_mut().read_events(out);
+            guard.clear_ready();
+            r
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        warn!(error = %e, "kernel XFRM event socket failed; soft limits are now only checked at resync");
+        *monitor = None;
+    }
+}
+
 async fn recv_on(sock: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
     match sock {
         Some(s) => s.recv_from(buf).await,
@@ -108,7 +127,16 @@ pub async fn run(
     mut stop: watch::Receiver<bool>,
     leave: Arc<std::sync::atomic::AtomicBool>,
     mut commands: tokio::sync::mpsc::Receiver<MeshCommand>,
+    monitor: Option<XfrmMonitor>,
 ) {
+    let mut monitor = monitor.and_then(|m| {
+        // SAFETY: the monitor owns its netlink socket, which stays open (and
+        // the same descriptor) until the monitor, hence the AsyncFd, is dropped.
+        unsafe { AsyncFd::register_with_interest(m, tokio::io::Interest::READABLE) }
+            .map_err(|e| warn!(error = %e, "cannot watch kernel XFRM events"))
+            .ok()
+    });
+    let mut events = Vec::new();
     let mut buf4 = vec![0u8; 2048];
     let mut buf6 = vec![0u8; 2048];
     let mut next_resync = Instant::now();
@@ -154,6 +182,11 @@ pub async fn run(
                     if &buf6[..n] != PROBE_PAYLOAD {
                         mesh.handle_datagram(Instant::now(), AddressFamily::V6, from, &buf6[..n], dp.as_mut());
                     }
+                }
+            }
+            _ = kernel_events(&mut monitor, &mut events) => {
+                for ev in events.drain(..) {
+                    mesh.handle_kernel_event(Instant::now(), ev);
                 }
             }
             Some(cmd) = commands.recv() => match cmd {

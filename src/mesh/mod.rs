@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::datapath::{
-    diff, AddressFamily, Aead, Change, Datapath, Direction, ErrorKind, KernelState, Lifetimes, PolicySpec, Reqid,
-    SaCounters, SaId, SaSpec, MIN_INBOUND_REPLAY_WINDOW,
+    diff, AddressFamily, Aead, Change, Datapath, Direction, ErrorKind, KernelEvent, KernelState, Lifetimes, PolicySpec,
+    Reqid, SaCounters, SaId, SaSpec, MIN_INBOUND_REPLAY_WINDOW,
 };
 use crate::gossip::members::{Member, MemberState};
 use crate::handshake::{
@@ -32,6 +32,14 @@ use crate::identity::decode_public;
 
 /// How often a pending responder session's inbound counters are checked.
 const CONFIRM_POLL: Duration = Duration::from_millis(100);
+
+/// When an inbound SA reaches its soft limit, the peer (whose outbound SA
+/// reached it at the same moment) is expected to re-key; we step in only if
+/// it has not within this delay. Keeps the two ends from racing.
+pub const INBOUND_LIMIT_DELAY: Duration = Duration::from_secs(2);
+
+/// Kernel table changes are coalesced for this long before a resync.
+const KERNEL_EVENT_DELAY: Duration = Duration::from_millis(200);
 
 /// Inbound anti-replay window for every SA meshsec installs.
 pub const REPLAY_WINDOW: u32 = 4096;
@@ -258,6 +266,17 @@ pub struct MeshCounters {
     pub sessions_confirmed: u64,
     /// Responder sessions dropped unconfirmed (e.g. a replayed initiation).
     pub sessions_unconfirmed: u64,
+    /// Soft-expire notifications from the kernel for current SAs (byte,
+    /// packet or time limit reached).
+    pub kernel_soft_expires: u64,
+    /// Hard-expire notifications from the kernel (the SA was deleted).
+    pub kernel_hard_expires: u64,
+    /// Current SAs found at a soft limit, by notification or by the
+    /// counter check at resync (which covers lost notifications); each
+    /// schedules a re-key of its link.
+    pub soft_limits_reached: u64,
+    /// Kernel event notifications lost to a full socket buffer.
+    pub kernel_event_overruns: u64,
 }
 
 /// Mesh settings.
@@ -287,8 +306,7 @@ impl Default for MeshConfig {
         MeshConfig {
             algorithm: EspAlgorithm::Aes128Gcm,
             dead_grace: Duration::from_secs(60),
-            // A safety net only: nothing should live for a day without a rekey.
-            lifetimes: Lifetimes { soft_seconds: 23 * 3600, hard_seconds: 24 * 3600, ..Default::default() },
+            lifetimes: crate::config::RekeyPolicy::default().lifetimes(),
             handshake: HsConfig::default(),
             rekey_interval: Duration::from_secs(3600),
             confirm_timeout: Duration::from_secs(10),
@@ -317,6 +335,10 @@ pub struct Mesh {
     /// What a previous run left in the kernel, read at the first reconcile:
     /// kept (never re-added) until each link has fresh SAs, or the deadline.
     adopted: Option<Adopted>,
+    /// Current SAs already found at their soft limit (each acts once).
+    limits_seen: std::collections::HashSet<SaId>,
+    /// A kernel table change was announced: resync at this instant.
+    kernel_resync_at: Option<Instant>,
 }
 
 struct Adopted {
@@ -380,6 +402,8 @@ impl Mesh {
             probes: std::collections::VecDeque::new(),
             last_reconcile: now,
             adopted: None,
+            limits_seen: Default::default(),
+            kernel_resync_at: None,
         })
     }
 
@@ -481,9 +505,67 @@ impl Mesh {
         }
         self.initiate_due(now, dp);
         let poll_due = self.needs_kernel_poll() && now >= self.last_reconcile + CONFIRM_POLL;
-        if self.dirty || resync || poll_due {
+        let kernel_due = self.kernel_resync_at.is_some_and(|t| now >= t);
+        if self.dirty || resync || poll_due || kernel_due {
+            self.kernel_resync_at = None;
             self.reconcile(now, dp);
         }
+    }
+
+    /// Acts on an event the kernel announced (see [`crate::datapath::XfrmMonitor`]):
+    /// a soft expire re-keys the link the SA belongs to, a hard expire or a
+    /// change to the tables makes the mesh re-read the kernel.
+    pub fn handle_kernel_event(&mut self, now: Instant, event: KernelEvent) {
+        match event {
+            KernelEvent::Expire { sa, hard: false } => {
+                if self.soft_limit_reached(now, sa, "kernel soft-expire notification") {
+                    self.counters.kernel_soft_expires += 1;
+                }
+            }
+            KernelEvent::Expire { sa, hard: true } => {
+                self.counters.kernel_hard_expires += 1;
+                if self.session_of(&sa).is_some() {
+                    warn!(sa = %sa, "SA reached its hard lifetime limit and was deleted by the kernel; re-keying");
+                }
+                self.dirty = true;
+            }
+            KernelEvent::TablesChanged => {
+                let at = now + KERNEL_EVENT_DELAY;
+                self.kernel_resync_at.get_or_insert(at);
+            }
+            KernelEvent::Overrun => {
+                self.counters.kernel_event_overruns += 1;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Schedules a re-key of the link whose current session owns `sa`: at
+    /// once for our outbound SA, after [`INBOUND_LIMIT_DELAY`] for our inbound
+    /// SA (the peer's outbound). Each SA acts once. Returns whether `sa` is a
+    /// current SA of some link.
+    fn soft_limit_reached(&mut self, now: Instant, sa: SaId, via: &str) -> bool {
+        for (id, link) in self.links.iter_mut() {
+            let Some(session) = &link.session else { continue };
+            let outbound = SaId { dst: link.target.remote, spi: session.peer_spi };
+            let inbound = SaId { dst: link.target.local, spi: session.local_spi };
+            let delay = if sa == outbound {
+                Duration::ZERO
+            } else if sa == inbound {
+                INBOUND_LIMIT_DELAY
+            } else {
+                continue;
+            };
+            if !self.limits_seen.insert(sa) {
+                return true;
+            }
+            self.counters.soft_limits_reached += 1;
+            let at = now + delay;
+            link.rekey_at = Some(link.rekey_at.map_or(at, |t| t.min(at)));
+            info!(peer = %link.target.name, family = %id.family, sa = %sa, via, "SA reached its soft lifetime limit; re-keying");
+            return true;
+        }
+        false
     }
 
     /// The next instant [`Mesh::handle_timeout`] is needed (without resync).
@@ -505,7 +587,7 @@ impl Mesh {
             .min();
         // Pending confirmations and retiring SAs need the kernel re-read soon.
         let kernel = self.needs_kernel_poll().then_some(self.last_reconcile + CONFIRM_POLL);
-        [eps, attempts, rekeys, kernel].into_iter().flatten().min()
+        [eps, attempts, rekeys, kernel, self.kernel_resync_at].into_iter().flatten().min()
     }
 
     /// The next datagram to send, with the family of the socket to use.
@@ -639,6 +721,7 @@ impl Mesh {
         self.kernel_counters = dumped.0.iter().map(|s| (s.id(), s.counters)).collect();
         let actual = KernelState::from_dumps(&dumped.0, &dumped.1);
         self.adopt(now, &actual);
+        self.check_soft_limits(now);
 
         // Confirmation: the initiator's first ESP packet on a pending session's
         // inbound SA proves it holds the keys; the session then takes over.
@@ -806,6 +889,27 @@ impl Mesh {
         }
         // Failed links leave desired state; the next pass removes their leftovers.
         self.dirty = !failed_sas.is_empty();
+    }
+
+    /// The counters' view of soft limits: catches what a lost (or never
+    /// received) kernel notification would have reported.
+    fn check_soft_limits(&mut self, now: Instant) {
+        let kernel_counters = &self.kernel_counters;
+        self.limits_seen.retain(|id| kernel_counters.contains_key(id));
+        let l = self.config.lifetimes;
+        let over = |c: &SaCounters| (l.soft_packets > 0 && c.packets >= l.soft_packets) || (l.soft_bytes > 0 && c.bytes >= l.soft_bytes);
+        let mut reached = Vec::new();
+        for link in self.links.values().filter(|l| l.installed) {
+            let Some(session) = &link.session else { continue };
+            for sa in [SaId { dst: link.target.remote, spi: session.peer_spi }, SaId { dst: link.target.local, spi: session.local_spi }] {
+                if !self.limits_seen.contains(&sa) && self.kernel_counters.get(&sa).is_some_and(over) {
+                    reached.push(sa);
+                }
+            }
+        }
+        for sa in reached {
+            self.soft_limit_reached(now, sa, "counter check");
+        }
     }
 
     /// Takes over what a previous run left (first call), and lets go of it

@@ -15,9 +15,13 @@ struct Node {
 }
 
 fn node(name: &str, i: u8, secret: [u8; 32], now: Instant) -> Node {
+    node_with(name, i, secret, now, MeshConfig::default())
+}
+
+fn node_with(name: &str, i: u8, secret: [u8; 32], now: Instant, config: MeshConfig) -> Node {
     let key = StaticKeypair::from_private([i; 32]);
     let addrs: Vec<IpAddr> = vec![format!("192.0.2.{}", 10 + i).parse().unwrap(), format!("2001:db8::{}", 10 + i).parse().unwrap()];
-    let mesh = Mesh::new(MeshConfig::default(), key.clone(), &[secret], addrs.clone(), now).unwrap();
+    let mesh = Mesh::new(config, key.clone(), &[secret], addrs.clone(), now).unwrap();
     Node { name: name.into(), key, addrs, mesh, dp: MemoryDatapath::new() }
 }
 
@@ -383,4 +387,119 @@ fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
     assert_eq!(after.len(), 8, "{after:?}");
     assert!(after.iter().all(|id| !before.contains(id)), "adopted SAs were re-keyed");
     assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 8);
+}
+
+/// Two established nodes whose SAs carry a 1000-packet soft limit.
+fn limited_pair(now: &mut Instant) -> Vec<Node> {
+    let config = MeshConfig {
+        lifetimes: crate::config::RekeyPolicy { after_packets: Some(1000), ..Default::default() }.lifetimes(),
+        ..MeshConfig::default()
+    };
+    let mut nodes: Vec<Node> = (0..2).map(|i| node_with(&format!("n{i}"), i as u8 + 1, [1; 32], *now, config.clone())).collect();
+    for i in 0..2 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let nd = &mut nodes[i];
+        nd.mesh.set_members(*now, &v, &mut nd.dp);
+    }
+    run(&mut nodes, now, 30, Duration::from_millis(100), &mut |_| false);
+    for n in nodes.iter_mut() {
+        let sas = sa_specs(n);
+        assert_eq!(sas.len(), 4);
+        assert!(sas.iter().all(|s| s.lifetimes.soft_packets == 1000 && s.lifetimes.hard_packets == 2000), "{sas:?}");
+    }
+    nodes
+}
+
+/// Node `i`'s outbound SA of the IPv4 link, i.e. the peer's inbound one.
+fn outbound_v4(n: &mut Node) -> SaId {
+    sa_specs(n).into_iter().find(|s| s.direction == Some(Direction::Out) && s.dst.is_ipv4()).expect("outbound v4 SA").id()
+}
+
+#[test]
+fn soft_expire_of_an_outbound_sa_rekeys_its_link_at_once_and_only_once() {
+    let mut now = Instant::now();
+    let mut nodes = limited_pair(&mut now);
+    let out = outbound_v4(&mut nodes[0]);
+    // The kernel reports both ends at the same moment: n0's outbound, n1's inbound.
+    nodes[0].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: out, hard: false });
+    nodes[1].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: out, hard: false });
+    // A repeated notification acts no more.
+    nodes[0].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: out, hard: false });
+    run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+    assert_eq!(nodes[0].mesh.counters().rekeys_started, 1, "the sender re-keys at once");
+    for _ in 0..60 {
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        assert_outbound_accepted(&mut nodes, "during the limit re-key");
+    }
+    assert!(!sa_specs(&mut nodes[0]).iter().any(|s| s.id() == out), "the expired SA is gone");
+    assert_ne!(outbound_v4(&mut nodes[0]), out);
+    assert_eq!(nodes[1].mesh.counters().rekeys_started, 0, "the receiver's fallback was not needed");
+    let c0 = nodes[0].mesh.counters();
+    assert_eq!((c0.kernel_soft_expires, c0.soft_limits_reached), (2, 1));
+    assert_eq!(nodes[1].mesh.counters().soft_limits_reached, 1);
+    // The IPv6 link was not touched.
+    assert_eq!(nodes[0].mesh.counters().sessions_established, 3);
+}
+
+#[test]
+fn soft_expire_of_an_inbound_sa_rekeys_after_a_delay_if_the_peer_does_not() {
+    let mut now = Instant::now();
+    let mut nodes = limited_pair(&mut now);
+    let inbound = outbound_v4(&mut nodes[0]);
+    nodes[1].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: inbound, hard: false });
+    let t0 = now;
+    while now < t0 + INBOUND_LIMIT_DELAY - Duration::from_millis(100) {
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+    }
+    assert_eq!(nodes[1].mesh.counters().rekeys_started, 0, "not before the delay");
+    run(&mut nodes, &mut now, 40, Duration::from_millis(100), &mut |_| false);
+    assert_eq!(nodes[1].mesh.counters().rekeys_started, 1);
+    assert_ne!(outbound_v4(&mut nodes[0]), inbound, "the link has new SAs");
+}
+
+#[test]
+fn counters_at_the_soft_limit_rekey_even_without_a_notification() {
+    let mut now = Instant::now();
+    let mut nodes = limited_pair(&mut now);
+    let out = outbound_v4(&mut nodes[0]);
+    assert!(nodes[0].dp.record_traffic(out, 999 * 100, 999));
+    let n = &mut nodes[0];
+    n.mesh.handle_timeout(now, &mut n.dp, true);
+    assert_eq!(n.mesh.counters().soft_limits_reached, 0, "999 packets: below the limit");
+    assert!(n.dp.record_traffic(out, 100, 1));
+    n.mesh.handle_timeout(now, &mut n.dp, true);
+    assert_eq!(n.mesh.counters().soft_limits_reached, 1);
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    assert_eq!(nodes[0].mesh.counters().rekeys_started, 1);
+    assert_eq!(nodes[0].mesh.counters().kernel_soft_expires, 0);
+    assert_ne!(outbound_v4(&mut nodes[0]), out);
+}
+
+#[test]
+fn expiry_of_unknown_sas_and_table_changes_rekey_nothing() {
+    let mut now = Instant::now();
+    let mut nodes = limited_pair(&mut now);
+    let before = sa_specs(&mut nodes[0]);
+    let stranger = SaId { dst: "192.0.2.99".parse().unwrap(), spi: 0xdead };
+    nodes[0].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: stranger, hard: false });
+    nodes[0].mesh.handle_kernel_event(now, KernelEvent::TablesChanged);
+    nodes[0].mesh.handle_kernel_event(now, KernelEvent::Overrun);
+    run(&mut nodes, &mut now, 40, Duration::from_millis(100), &mut |_| false);
+    let c = nodes[0].mesh.counters();
+    assert_eq!((c.rekeys_started, c.kernel_soft_expires, c.soft_limits_reached, c.kernel_event_overruns), (0, 0, 0, 1));
+    assert_eq!(sa_specs(&mut nodes[0]), before);
+}
+
+#[test]
+fn a_table_change_event_repairs_drift_before_the_periodic_resync() {
+    let mut now = Instant::now();
+    let mut nodes = limited_pair(&mut now);
+    let victim = outbound_v4(&mut nodes[0]);
+    nodes[0].dp.delete_sa(victim).unwrap();
+    nodes[0].mesh.handle_kernel_event(now, KernelEvent::TablesChanged);
+    // `run` never asks for the periodic resync: only the event can notice.
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    assert_eq!(nodes[0].mesh.counters().sas_vanished, 1);
+    assert_ne!(outbound_v4(&mut nodes[0]), victim);
+    assert_outbound_accepted(&mut nodes, "after the repair");
 }

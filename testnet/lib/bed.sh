@@ -386,6 +386,45 @@ assert_cmp() {
     test "$1" "$2" "$3" || fail "${4:-comparison failed}: $1 $2 $3"
 }
 
+# --- traffic under test ---------------------------------------------------------
+
+# flows_start FROM TO SECONDS: from host FROM to host TO, a UDP flow with
+# sequence numbers (one datagram per 10 ms, UDP port 7100) and one long-lived
+# TCP connection (a line every 20 ms, echoed; TCP port 7101), both for
+# SECONDS (lib/flow.py). Results go to $WORK/udp.txt and $WORK/tcp.txt.
+flows_start() {
+    local from=$1 to=$2 dur=$3 addr
+    addr=$(host_ip4 "$to")
+    on_bg "$to" python3 "$BED_LIB_DIR/flow.py" udp-server 7100 $((dur + 8)) >"$WORK/udp.txt" 2>&1
+    FLOW_PIDS=("$BG_PID")
+    on_bg "$to" python3 "$BED_LIB_DIR/flow.py" tcp-server 7101 >/dev/null 2>&1
+    FLOW_TCP_SERVER=$BG_PID
+    wait_until 10 udp_bound "$to" 7100
+    wait_until 10 tcp_listening "$to" 7101
+    on_bg "$from" python3 "$BED_LIB_DIR/flow.py" udp-client "$addr" 7100 "$dur"
+    FLOW_PIDS+=("$BG_PID")
+    on_bg "$from" python3 "$BED_LIB_DIR/flow.py" tcp-client "$addr" 7101 "$dur" >"$WORK/tcp.txt" 2>&1
+    FLOW_PIDS+=("$BG_PID")
+}
+
+# flows_check MIN_RECEIVED: waits for the flows of flows_start to end, logs
+# their figures and fails unless at least MIN_RECEIVED datagrams arrived, none
+# was lost, and the TCP connection neither reset nor stalled for more than 1 s.
+flows_check() {
+    local min=$1 pid lost received stall
+    for pid in "${FLOW_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    bg_stop "$FLOW_TCP_SERVER" TERM || true
+    log "UDP: $(cat "$WORK/udp.txt")"
+    log "TCP: $(cat "$WORK/tcp.txt")"
+    lost=$(sed -n 's/.*lost=\([0-9-]*\).*/\1/p' "$WORK/udp.txt")
+    received=$(sed -n 's/.*received=\([0-9]*\).*/\1/p' "$WORK/udp.txt")
+    assert_cmp "${received:-0}" -ge "$min" "UDP datagrams received"
+    assert_eq "$lost" 0 "UDP datagrams lost"
+    grep -q "error=none" "$WORK/tcp.txt" || fail "TCP connection broke: $(cat "$WORK/tcp.txt")"
+    stall=$(sed -n 's/.*max_stall_ms=\([0-9]*\).*/\1/p' "$WORK/tcp.txt")
+    assert_cmp "${stall:-99999}" -le 1000 "longest TCP stall (ms)"
+}
+
 # --- ESP by hand ---------------------------------------------------------------
 
 bed_hexkey() { od -An -tx1 -N "$1" /dev/urandom | tr -d ' \n'; }

@@ -4,7 +4,8 @@
 # The datapath's kernel tests on a real ESP kernel: SAs for all three AEADs,
 # the probe passing and leaving nothing behind, two namespaces pinging through
 # SAs and policies installed by meshsec's netlink code (ESP on the wire), fail
-# closed + socket bypass, ownership, ALLOCSPI, replay/integrity counters.
+# closed + socket bypass, ownership, ALLOCSPI, replay/integrity counters, and
+# the kernel's soft/hard expiry notifications reaching the XFRM event monitor.
 # Each test unshares its own network namespace. MESHSEC_UNIT_TEST_BIN is the
 # library's unit-test executable (testnet/run finds it with cargo).
 . "$(dirname "$0")/../lib/bed.sh"
@@ -17,6 +18,7 @@ tests=(
     datapath::xfrm::tests::esp_probe_passes_and_leaves_nothing
     datapath::xfrm::tests::esp_two_namespaces_ping
     datapath::xfrm::tests::esp_replay_and_integrity_counters
+    datapath::xfrm::tests::esp_expire_notifications
     datapath::xfrm::tests::kernel_policies
     datapath::xfrm::tests::kernel_ownership
     datapath::xfrm::tests::kernel_alloc_spi

@@ -11,7 +11,6 @@
 # stalls for more than 1 s, and after the restart the pair runs on new SPIs.
 . "$(dirname "$0")/../lib/bed.sh"
 
-FLOW=$BED_LIB_DIR/flow.py
 bed_up 3
 "$MESHSEC_BIN" init --out "$WORK/secret" 2>/dev/null
 start() {
@@ -37,20 +36,7 @@ wait_until 120 whole
 log "3-host mesh established"
 
 DUR=110
-on 2 python3 "$FLOW" udp-server 7100 $((DUR + 8)) >"$WORK/udp.txt" 2>&1 &
-udp_srv=$!
-on 2 python3 "$FLOW" tcp-server 7101 >/dev/null 2>&1 &
-tcp_srv=$!
-ledger_add "$BED_LEDGER" pid "$udp_srv"
-ledger_add "$BED_LEDGER" pid "$tcp_srv"
-wait_until 10 udp_bound 2 7100
-wait_until 10 tcp_listening 2 7101
-on 1 python3 "$FLOW" udp-client "$(host_ip4 2)" 7100 "$DUR" &
-udp_cli=$!
-on 1 python3 "$FLOW" tcp-client "$(host_ip4 2)" 7101 "$DUR" >"$WORK/tcp.txt" 2>&1 &
-tcp_cli=$!
-ledger_add "$BED_LEDGER" pid "$udp_cli"
-ledger_add "$BED_LEDGER" pid "$tcp_cli"
+flows_start 1 2 "$DUR"
 t0=$SECONDS
 sleep 3
 
@@ -84,16 +70,5 @@ rekeyed() { ! comm -12 "$WORK/spis-before-kill" <(pair_spis) | grep -q . && [[ -
 wait_until 60 rekeyed
 log "both agents restarted and re-keyed the pair at t=$((SECONDS - t0)) s"
 
-wait "$tcp_cli" || true
-wait "$udp_cli" || true
-wait "$udp_srv" || true
-log "UDP: $(cat "$WORK/udp.txt")"
-log "TCP: $(cat "$WORK/tcp.txt")"
-lost=$(sed -n 's/.*lost=\([0-9-]*\).*/\1/p' "$WORK/udp.txt")
-received=$(sed -n 's/.*received=\([0-9]*\).*/\1/p' "$WORK/udp.txt")
-assert_cmp "${received:-0}" -gt 5000 "UDP datagrams received"
-assert_eq "$lost" 0 "UDP datagrams lost"
-grep -q "error=none" "$WORK/tcp.txt" || fail "TCP connection broke: $(cat "$WORK/tcp.txt")"
-stall=$(sed -n 's/.*max_stall_ms=\([0-9]*\).*/\1/p' "$WORK/tcp.txt")
-assert_cmp "${stall:-99999}" -le 1000 "longest TCP stall (ms)"
+flows_check 5000
 log "mesh-restart ok"

@@ -1,0 +1,177 @@
+//! Kernel XFRM events: SA expiry notifications and changes to the tables.
+//!
+//! The kernel announces on netlink multicast groups what happens to its XFRM
+//! tables. meshsec listens to three:
+//! - `XFRMNLGRP_EXPIRE`: an SA reached its soft limit (time to re-key) or
+//!   its hard limit (the kernel deleted it);
+//! - `XFRMNLGRP_SA` / `XFRMNLGRP_POLICY`: SAs or policies were deleted or
+//!   flushed, by anyone; the mesh re-reads the kernel soon after.
+//!
+//! Parsing ([`parse_event`]) is pure and never panics on short or odd input;
+//! [`XfrmMonitor`] only moves bytes. Multicast delivery is lossy: when the
+//! socket's buffer overflows the kernel drops events and reports `ENOBUFS`,
+//! which becomes [`KernelEvent::Overrun`] (the mesh then re-reads
+//! everything, and checks SA counters against the limits itself).
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use netlink_packet_xfrm::{
+    UserSaInfo, AF_INET, AF_INET6, IPPROTO_ESP, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA,
+    XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA, XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA,
+    XFRM_USER_SA_INFO_LEN,
+};
+use netlink_sys::{protocols::NETLINK_XFRM, Socket};
+
+use super::netlink::frames;
+use super::ownership::is_owned_reqid;
+use super::SaId;
+
+/// Something the kernel announced that the mesh acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelEvent {
+    /// A meshsec SA reached a lifetime limit: soft (`hard == false`: re-key
+    /// now, the SA still works) or hard (the kernel has deleted it).
+    Expire {
+        /// The SA.
+        sa: SaId,
+        /// Hard limit (SA gone) rather than soft.
+        hard: bool,
+    },
+    /// SAs or policies were deleted or flushed (not necessarily meshsec's,
+    /// and possibly by meshsec itself).
+    TablesChanged,
+    /// Events were lost (receive buffer overflow).
+    Overrun,
+}
+
+/// Decodes one multicast message; `None` for anything the mesh ignores
+/// (other message types, SAs that are not meshsec's, short payloads).
+pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
+    match ty {
+        XFRM_MSG_EXPIRE => {
+            // struct xfrm_user_expire: xfrm_usersa_info, then `hard` (u8).
+            let hard = *payload.get(XFRM_USER_SA_INFO_LEN)?;
+            let info = UserSaInfo::parse(payload.get(..XFRM_USER_SA_INFO_LEN)?).ok()?;
+            if info.id.proto != IPPROTO_ESP || !is_owned_reqid(info.reqid) {
+                return None;
+            }
+            let dst = match info.family {
+                AF_INET => std::net::IpAddr::V4(info.id.daddr.to_ipv4()),
+                AF_INET6 => std::net::IpAddr::V6(info.id.daddr.to_ipv6()),
+                _ => return None,
+            };
+            Some(KernelEvent::Expire { sa: SaId { dst, spi: info.id.spi }, hard: hard != 0 })
+        }
+        XFRM_MSG_DELSA | XFRM_MSG_FLUSHSA | XFRM_MSG_DELPOLICY | XFRM_MSG_FLUSHPOLICY => Some(KernelEvent::TablesChanged),
+        _ => None,
+    }
+}
+
+/// A netlink socket subscribed to the XFRM expire, SA and policy groups.
+pub struct XfrmMonitor {
+    sock: Socket,
+    buf: Vec<u8>,
+}
+
+impl XfrmMonitor {
+    /// Opens a non-blocking socket subscribed to the three groups.
+    pub fn open() -> io::Result<XfrmMonitor> {
+        let mut sock = Socket::new(NETLINK_XFRM)?;
+        sock.bind_auto()?;
+        for group in [XFRMNLGRP_EXPIRE, XFRMNLGRP_SA, XFRMNLGRP_POLICY] {
+            sock.add_membership(group)?;
+        }
+        // A flush of a big table announces every object; a large buffer makes
+        // overruns rare (and they are handled anyway).
+        let _ = sock.set_rx_buf_sz(4 << 20);
+        sock.set_non_blocking(true)?;
+        Ok(XfrmMonitor { sock, buf: Vec::with_capacity(1 << 16) })
+    }
+
+    /// Reads every queued datagram, appending what it decodes to `out`.
+    /// Returns once the socket would block.
+    pub fn read_events(&mut self, out: &mut Vec<KernelEvent>) -> io::Result<()> {
+        loop {
+            self.buf.clear();
+            match self.sock.recv(&mut self.buf, 0) {
+                Ok(_) => {
+                    for (ty, _flags, _seq, payload) in frames(&self.buf) {
+                        if let Some(ev) = parse_event(ty, payload) {
+                            out.push(ev);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => out.push(KernelEvent::Overrun),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl AsRawFd for XfrmMonitor {
+    fn as_raw_fd(&self) -> RawFd {
+        self.sock.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::{Aead, Direction, Lifetimes, Reqid, SaSpec};
+    use netlink_packet_core::Emitable;
+
+    /// A `struct xfrm_user_expire` as the kernel sends it, built from the
+    /// same SA message meshsec installs.
+    fn expire_payload(spi: u32, dst: std::net::IpAddr, reqid: Reqid, hard: bool) -> Vec<u8> {
+        let sa = SaSpec {
+            src: "192.0.2.1".parse().unwrap(),
+            dst,
+            spi,
+            direction: Direction::Out,
+            reqid,
+            aead: Aead::Aes128Gcm,
+            key: vec![7; 20],
+            replay_window: 0,
+            lifetimes: Lifetimes::default(),
+        };
+        let msg = crate::datapath::xfrm::sa_message(&sa, crate::datapath::KernelFlavor { sa_dir: false });
+        let mut info = vec![0u8; msg.user_sa_info.buffer_len()];
+        msg.user_sa_info.emit(&mut info);
+        assert_eq!(info.len(), XFRM_USER_SA_INFO_LEN);
+        info.push(hard as u8);
+        info.extend_from_slice(&[0; 7]);
+        info
+    }
+
+    #[test]
+    fn decodes_soft_and_hard_expire_of_owned_sas() {
+        let dst = "192.0.2.2".parse().unwrap();
+        let soft = expire_payload(0xc0ffee01, dst, Reqid::DEFAULT, false);
+        assert_eq!(
+            parse_event(XFRM_MSG_EXPIRE, &soft),
+            Some(KernelEvent::Expire { sa: SaId { dst, spi: 0xc0ffee01 }, hard: false })
+        );
+        let v6 = "2001:db8::2".parse().unwrap();
+        let hard = expire_payload(0x1234, v6, Reqid::DEFAULT, true);
+        assert_eq!(parse_event(XFRM_MSG_EXPIRE, &hard), Some(KernelEvent::Expire { sa: SaId { dst: v6, spi: 0x1234 }, hard: true }));
+    }
+
+    #[test]
+    fn ignores_foreign_short_and_other_messages() {
+        let dst = "192.0.2.2".parse().unwrap();
+        let mut foreign = expire_payload(5, dst, Reqid::DEFAULT, false);
+        // reqid lives at offset 208 of xfrm_usersa_info (after sel, id, saddr, lft, curlft, stats, seq).
+        foreign[208..212].copy_from_slice(&42u32.to_ne_bytes());
+        assert_eq!(parse_event(XFRM_MSG_EXPIRE, &foreign), None);
+        let owned = expire_payload(5, dst, Reqid::DEFAULT, false);
+        for n in 0..owned.len().min(XFRM_USER_SA_INFO_LEN + 1) {
+            assert_eq!(parse_event(XFRM_MSG_EXPIRE, &owned[..n]), None, "prefix of {n} bytes");
+        }
+        assert_eq!(parse_event(XFRM_MSG_FLUSHSA, &[]), Some(KernelEvent::TablesChanged));
+        assert_eq!(parse_event(XFRM_MSG_DELPOLICY, &[1, 2]), Some(KernelEvent::TablesChanged));
+        assert_eq!(parse_event(0x10 /* NEWSA */, &owned), None);
+    }
+}
