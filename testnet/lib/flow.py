@@ -6,8 +6,9 @@
       every 20 ms, echoed back; prints "sent= received= max_stall_ms= error="
       and exits 1 on a reset or a stall (no echo) longer than 1 s.
   flow.py udp-server PORT SECONDS        counts sequence-numbered datagrams
-  flow.py udp-client ADDR PORT SECONDS   sends one every 10 ms
-      the server prints "received= lost= max_seq=" (lost = gaps in 1..max_seq).
+  flow.py udp-client ADDR PORT SECONDS   sends one every 10 ms, prints "sent="
+      the server prints "received= lost= max_seq=" (lost = gaps in 1..max_seq;
+      datagrams lost after max_seq show as max_seq < the client's sent).
 """
 import signal
 import socket
@@ -50,17 +51,23 @@ def tcp_client(addr, port, seconds):
     s = socket.socket(family(addr), socket.SOCK_STREAM)
     s.settimeout(5)
     s.connect((addr, port))
-    s.settimeout(0.02)
     end = time.monotonic() + seconds
     sent = received = 0
-    last_echo = time.monotonic()
+    last_echo = next_send = time.monotonic()
     max_stall = 0.0
     buf = b""
     error = ""
     try:
         while time.monotonic() < end and not STOP:
-            s.sendall(b"%d\n" % sent)
-            sent += 1
+            now = time.monotonic()
+            if now >= next_send:
+                s.sendall(b"%d\n" % sent)
+                sent += 1
+                # Paced, not as fast as echoes return: a busy loop would
+                # starve the agents of CPU in the emulated VM.
+                next_send = now + 0.02
+            # Wait for echoes until the next line is due.
+            s.settimeout(max(0.001, next_send - time.monotonic()))
             try:
                 data = s.recv(65536)
                 if not data:
@@ -110,6 +117,7 @@ def udp_client(addr, port, seconds):
         except OSError:
             pass  # counted as lost by the server
         time.sleep(0.01)
+    print(f"sent={seq}")
     return 0
 
 

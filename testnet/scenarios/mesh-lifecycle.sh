@@ -9,6 +9,12 @@
 #   mesh is whole again within 10 s (fresh keys, never the old ones);
 # - graceful leave: the departed host's SAs are gone from every peer within 5 s;
 # - silent failure (kill -9): the SAs stay for the grace period, then go.
+# From before the join until after the silent failure, host 1 sends host 2 a
+# sequence-numbered UDP flow and holds one long-lived TCP connection to it
+# (flow_start/flow_check): not one datagram lost, the connection neither
+# resets nor stalls for more than 1 s. Hosts 1 and 2 stay members throughout;
+# the wipe is on host 3 (a wiped host's traffic is cut until its agent has
+# repaired the tables, so it cannot carry the flows).
 . "$(dirname "$0")/../lib/bed.sh"
 
 GRACE=20
@@ -40,6 +46,8 @@ for i in 1 2 3 4; do start "$i"; done
 wait_until 90 mesh_whole 1 2 3 4
 log "4-host mesh established"
 for i in 1 2 3 4; do spis "$i" >"$WORK/spis-before-$i"; done
+
+flow_start 1 2
 
 # Continuous ping 1 -> 2 across the join.
 # on_bg, not "on ... &": that $! is a subshell's and SIGINT would be ignored.
@@ -102,4 +110,8 @@ dead_gone() { local i; for i in 1 2 3 4 5; do [[ $(sas_towards "$i" 6) == 0 ]] |
 wait_until $((GRACE + 30)) dead_gone
 log "silent failure: SAs removed $((SECONDS - t)) s after kill -9 (grace ${GRACE} s + failure detection)"
 assert_cmp $((SECONDS - t)) -ge "$GRACE" "removal not before the grace period"
+
+# Join, wipe elsewhere, leave and silent failure: the traffic between two
+# members that stayed saw none of it.
+flow_check
 log "mesh-lifecycle ok"
