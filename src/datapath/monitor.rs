@@ -18,7 +18,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use netlink_packet_xfrm::{
     UserSaInfo, AF_INET, AF_INET6, IPPROTO_ESP, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA,
-    XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA, XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA,
+    XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA, XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA,
     XFRM_USER_SA_INFO_LEN,
 };
 use netlink_sys::{protocols::NETLINK_XFRM, Socket};
@@ -53,7 +53,7 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
             // struct xfrm_user_expire: xfrm_usersa_info, then `hard` (u8).
             let hard = *payload.get(XFRM_USER_SA_INFO_LEN)?;
             let info = UserSaInfo::parse(payload.get(..XFRM_USER_SA_INFO_LEN)?).ok()?;
-            if info.id.proto != IPPROTO_ESP || !is_owned_reqid(info.reqid) {
+            if info.id.proto != IPPROTO_ESP || info.mode != XFRM_MODE_TRANSPORT || !is_owned_reqid(info.reqid) {
                 return None;
             }
             let dst = match info.family {

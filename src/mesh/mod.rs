@@ -269,7 +269,8 @@ pub struct MeshCounters {
     /// Soft-expire notifications from the kernel for current SAs (byte,
     /// packet or time limit reached).
     pub kernel_soft_expires: u64,
-    /// Hard-expire notifications from the kernel (the SA was deleted).
+    /// Hard-expire notifications from the kernel for current SAs (the
+    /// kernel deleted one in use: its link re-keyed too late).
     pub kernel_hard_expires: u64,
     /// Current SAs found at a soft limit, by notification or by the
     /// counter check at resync (which covers lost notifications); each
@@ -523,8 +524,10 @@ impl Mesh {
                 }
             }
             KernelEvent::Expire { sa, hard: true } => {
-                self.counters.kernel_hard_expires += 1;
+                // Larval SAs of abandoned handshakes expire too (after
+                // net.core.xfrm_acq_expires); only a current SA's matters.
                 if self.session_of(&sa).is_some() {
+                    self.counters.kernel_hard_expires += 1;
                     warn!(sa = %sa, "SA reached its hard lifetime limit and was deleted by the kernel; re-keying");
                 }
                 self.dirty = true;
@@ -1041,6 +1044,9 @@ impl Link {
     /// Makes `session` the one whose SAs carry traffic; the replaced
     /// session's inbound SA, if it was installed, retires for packets in flight.
     fn switch_to(&mut self, session: Session, now: Instant, config: &MeshConfig) {
+        // The re-key deadline belonged to the replaced session; the new one
+        // gets its own once installed (a stale one would re-key again at once).
+        self.rekey_at = None;
         if let Some(old) = self.session.replace(session) {
             if self.installed {
                 let (old_in, _, _) = link_objects(&self.target, &old, config.lifetimes);

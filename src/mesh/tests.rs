@@ -503,3 +503,25 @@ fn a_table_change_event_repairs_drift_before_the_periodic_resync() {
     assert_ne!(outbound_v4(&mut nodes[0]), victim);
     assert_outbound_accepted(&mut nodes, "after the repair");
 }
+
+#[test]
+fn a_slow_rekey_handshake_rekeys_each_link_once() {
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(2, now);
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    let (started, established) = (nodes[0].mesh.counters().rekeys_started, nodes[0].mesh.counters().sessions_established);
+    assert_eq!(nodes[0].mesh.force_rekey(now, None), 2);
+    // The first 1.5 s of handshake datagrams are lost: retransmits finish the
+    // re-keys after the 1 s retry deadline has passed.
+    let t0 = now;
+    let clock = std::cell::Cell::new(now);
+    for _ in 0..100 {
+        let cut = clock.get() < t0 + Duration::from_millis(1500);
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| cut);
+        clock.set(now);
+    }
+    let c = nodes[0].mesh.counters();
+    assert_eq!(c.rekeys_started - started, 2, "one re-key per link, not a second one after the switch");
+    assert_eq!(c.sessions_established - established, 2);
+    assert_outbound_accepted(&mut nodes, "after the slow re-keys");
+}
