@@ -4,8 +4,10 @@
 //! tables. meshsec listens to three:
 //! - `XFRMNLGRP_EXPIRE`: an SA reached its soft limit (time to re-key) or
 //!   its hard limit (the kernel deleted it);
-//! - `XFRMNLGRP_SA` / `XFRMNLGRP_POLICY`: SAs or policies were deleted or
-//!   flushed, by anyone; the mesh re-reads the kernel soon after.
+//! - `XFRMNLGRP_SA` / `XFRMNLGRP_POLICY`: meshsec's SAs or policies were
+//!   deleted, or a table was flushed; the mesh re-reads the kernel soon
+//!   after. Deletions of other daemons' objects are ignored, so a busy IKE
+//!   daemon next to meshsec costs it no table dumps.
 //!
 //! Parsing ([`parse_event`]) is pure and never panics on short or odd input;
 //! [`XfrmMonitor`] only moves bytes. Multicast delivery is lossy: when the
@@ -19,12 +21,12 @@ use std::os::fd::{AsRawFd, RawFd};
 use netlink_packet_xfrm::{
     UserSaInfo, AF_INET, AF_INET6, IPPROTO_ESP, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA,
     XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA, XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA,
-    XFRM_USER_SA_INFO_LEN,
+    XFRMA_POLICY, XFRMA_SA, XFRM_USER_POLICY_ID_LEN, XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_ID_LEN, XFRM_USER_SA_INFO_LEN,
 };
 use netlink_sys::{protocols::NETLINK_XFRM, Socket};
 
 use super::netlink::frames;
-use super::ownership::is_owned_reqid;
+use super::ownership::{is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY};
 use super::SaId;
 
 /// Something the kernel announced that the mesh acts on.
@@ -38,8 +40,8 @@ pub enum KernelEvent {
         /// Hard limit (SA gone) rather than soft.
         hard: bool,
     },
-    /// SAs or policies were deleted or flushed (not necessarily meshsec's,
-    /// and possibly by meshsec itself).
+    /// A meshsec SA or policy was deleted (possibly by meshsec itself), or a
+    /// table was flushed.
     TablesChanged,
     /// Events were lost (receive buffer overflow).
     Overrun,
@@ -63,9 +65,53 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
             };
             Some(KernelEvent::Expire { sa: SaId { dst, spi: info.id.spi }, hard: hard != 0 })
         }
-        XFRM_MSG_DELSA | XFRM_MSG_FLUSHSA | XFRM_MSG_DELPOLICY | XFRM_MSG_FLUSHPOLICY => Some(KernelEvent::TablesChanged),
+        // struct xfrm_usersa_id, then XFRMA_SA: the deleted SA's xfrm_usersa_info.
+        XFRM_MSG_DELSA => match attr(payload, XFRM_USER_SA_ID_LEN, XFRMA_SA) {
+            Some(info) if info.len() >= XFRM_USER_SA_INFO_LEN => {
+                is_owned_reqid(u32_at(info, SA_INFO_REQID)?).then_some(KernelEvent::TablesChanged)
+            }
+            // Not the layout we know: when in doubt, re-read.
+            _ => Some(KernelEvent::TablesChanged),
+        },
+        // struct xfrm_userpolicy_id, then XFRMA_POLICY: the deleted policy's xfrm_userpolicy_info.
+        XFRM_MSG_DELPOLICY => match attr(payload, XFRM_USER_POLICY_ID_LEN, XFRMA_POLICY) {
+            Some(info) if info.len() >= XFRM_USER_POLICY_INFO_LEN => {
+                let priority = u32_at(info, POLICY_INFO_PRIORITY)?;
+                (priority == POLICY_PRIORITY || priority == ND_BYPASS_PRIORITY).then_some(KernelEvent::TablesChanged)
+            }
+            _ => Some(KernelEvent::TablesChanged),
+        },
+        XFRM_MSG_FLUSHSA | XFRM_MSG_FLUSHPOLICY => Some(KernelEvent::TablesChanged),
         _ => None,
     }
+}
+
+/// Offset of `reqid` in `struct xfrm_usersa_info` (after sel, id, saddr,
+/// lft, curlft, stats, seq).
+const SA_INFO_REQID: usize = 208;
+/// Offset of `priority` in `struct xfrm_userpolicy_info` (after sel, lft, curlft).
+const POLICY_INFO_PRIORITY: usize = 152;
+
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    b.get(off..off + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// The value of the first attribute of type `kind` after a fixed header of
+/// `header` bytes; `None` if absent or the framing is broken.
+fn attr(payload: &[u8], header: usize, kind: u16) -> Option<&[u8]> {
+    let mut off = header;
+    while off + 4 <= payload.len() {
+        let len = usize::from(u16::from_ne_bytes([payload[off], payload[off + 1]]));
+        let ty = u16::from_ne_bytes([payload[off + 2], payload[off + 3]]) & 0x3fff;
+        if len < 4 || off + len > payload.len() {
+            return None;
+        }
+        if ty == kind {
+            return Some(&payload[off + 4..off + len]);
+        }
+        off += (len + 3) & !3;
+    }
+    None
 }
 
 /// A netlink socket subscribed to the XFRM expire, SA and policy groups.
@@ -171,7 +217,66 @@ mod tests {
             assert_eq!(parse_event(XFRM_MSG_EXPIRE, &owned[..n]), None, "prefix of {n} bytes");
         }
         assert_eq!(parse_event(XFRM_MSG_FLUSHSA, &[]), Some(KernelEvent::TablesChanged));
+        // Deletions in an unknown layout count, to be safe.
         assert_eq!(parse_event(XFRM_MSG_DELPOLICY, &[1, 2]), Some(KernelEvent::TablesChanged));
+        assert_eq!(parse_event(XFRM_MSG_DELSA, &[0; 30]), Some(KernelEvent::TablesChanged));
         assert_eq!(parse_event(0x10 /* NEWSA */, &owned), None);
+    }
+}
+
+#[cfg(test)]
+mod deletion_tests {
+    use super::*;
+    use crate::datapath::{Direction, PolicySpec, Reqid};
+    use netlink_packet_core::Emitable;
+
+    /// A deletion notification as the kernel lays it out: the id header,
+    /// then one attribute holding the deleted object's full info.
+    fn notification(header: usize, kind: u16, info: &[u8]) -> Vec<u8> {
+        let mut p = vec![0u8; header];
+        p.extend_from_slice(&((4 + info.len()) as u16).to_ne_bytes());
+        p.extend_from_slice(&kind.to_ne_bytes());
+        p.extend_from_slice(info);
+        p
+    }
+
+    fn sa_info(reqid: u32) -> Vec<u8> {
+        let sa = crate::datapath::suite::sa("192.0.2.1", "192.0.2.2", 9, Direction::Out, crate::datapath::Aead::Aes128Gcm);
+        let msg = crate::datapath::xfrm::sa_message(&sa, crate::datapath::KernelFlavor { sa_dir: false });
+        let mut info = vec![0u8; msg.user_sa_info.buffer_len()];
+        msg.user_sa_info.emit(&mut info);
+        info[SA_INFO_REQID..SA_INFO_REQID + 4].copy_from_slice(&reqid.to_ne_bytes());
+        info
+    }
+
+    fn policy_info(priority: u32) -> Vec<u8> {
+        let [p, _] = PolicySpec::pair("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), Reqid::DEFAULT);
+        let msg = crate::datapath::xfrm::policy_message(&p);
+        let mut info = vec![0u8; msg.user_policy_info.buffer_len()];
+        msg.user_policy_info.emit(&mut info);
+        assert_eq!(u32_at(&info, POLICY_INFO_PRIORITY), Some(POLICY_PRIORITY));
+        info[POLICY_INFO_PRIORITY..POLICY_INFO_PRIORITY + 4].copy_from_slice(&priority.to_ne_bytes());
+        info
+    }
+
+    #[test]
+    fn only_deletions_of_meshsec_objects_count() {
+        let ours = Reqid::DEFAULT.get();
+        let del_sa = |reqid| parse_event(XFRM_MSG_DELSA, &notification(XFRM_USER_SA_ID_LEN, XFRMA_SA, &sa_info(reqid)));
+        assert_eq!(del_sa(ours), Some(KernelEvent::TablesChanged));
+        assert_eq!(del_sa(7), None, "another daemon's SA");
+        let del_pol = |prio| parse_event(XFRM_MSG_DELPOLICY, &notification(XFRM_USER_POLICY_ID_LEN, XFRMA_POLICY, &policy_info(prio)));
+        assert_eq!(del_pol(POLICY_PRIORITY), Some(KernelEvent::TablesChanged));
+        assert_eq!(del_pol(ND_BYPASS_PRIORITY), Some(KernelEvent::TablesChanged));
+        assert_eq!(del_pol(0), None, "another daemon's policy");
+        // Another attribute first (e.g. a mark) is skipped over.
+        let mut p = notification(XFRM_USER_SA_ID_LEN, 21, &[0; 8]);
+        p.extend_from_slice(&notification(0, XFRMA_SA, &sa_info(7)));
+        assert_eq!(parse_event(XFRM_MSG_DELSA, &p), None);
+        // Truncated anywhere: never a panic.
+        let full = notification(XFRM_USER_SA_ID_LEN, XFRMA_SA, &sa_info(7));
+        for n in 0..full.len() {
+            let _ = parse_event(XFRM_MSG_DELSA, &full[..n]);
+        }
     }
 }

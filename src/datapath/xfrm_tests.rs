@@ -1140,8 +1140,37 @@ fn esp_expire_notifications() {
     );
     assert!(dp.dump_sas().unwrap().iter().all(|s| s.spi != sa.spi), "the hard limit deleted the SA");
     events.clear();
+    sh_ok("ip xfrm state add src 10.40.0.1 dst 10.40.0.2 proto esp spi 0x40000004 reqid 7 mode transport \
+           aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128");
+    sh_ok("ip xfrm state delete src 10.40.0.1 dst 10.40.0.2 proto esp spi 0x40000004");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    monitor.read_events(&mut events).unwrap();
+    assert_eq!(events, vec![], "another daemon's SA deleted");
     dp.delete_sa(other.id()).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     monitor.read_events(&mut events).unwrap();
-    assert!(events.contains(&KernelEvent::TablesChanged), "{events:?}");
+    assert_eq!(events, vec![KernelEvent::TablesChanged], "meshsec's SA deleted");
+}
+
+/// Deleting meshsec's policies is announced to the monitor; deleting
+/// another daemon's is not (no ESP needed: policies only).
+#[test]
+#[ignore = "needs root; run with --ignored"]
+fn kernel_policy_deletion_events() {
+    use super::super::{KernelEvent, XfrmMonitor};
+    fresh_netns();
+    let mut monitor = XfrmMonitor::open().unwrap();
+    let mut dp = XfrmDatapath::open().unwrap();
+    sh_ok("ip xfrm policy add src 10.41.0.1 dst 10.41.0.2 dir out priority 100 tmpl proto esp reqid 7 mode transport");
+    sh_ok("ip xfrm policy delete src 10.41.0.1 dst 10.41.0.2 dir out");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut events = Vec::new();
+    monitor.read_events(&mut events).unwrap();
+    assert_eq!(events, vec![], "another daemon's policy");
+    let [out, _] = PolicySpec::pair(suite::ip("10.41.0.1"), suite::ip("10.41.0.2"), Reqid::DEFAULT);
+    dp.install_policy(&out).unwrap();
+    dp.delete_policy(out.id).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    monitor.read_events(&mut events).unwrap();
+    assert_eq!(events, vec![KernelEvent::TablesChanged]);
 }

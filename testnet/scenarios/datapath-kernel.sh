@@ -20,6 +20,7 @@ tests=(
     datapath::xfrm::tests::esp_replay_and_integrity_counters
     datapath::xfrm::tests::esp_expire_notifications
     datapath::xfrm::tests::kernel_policies
+    datapath::xfrm::tests::kernel_policy_deletion_events
     datapath::xfrm::tests::kernel_ownership
     datapath::xfrm::tests::kernel_alloc_spi
     datapath::xfrm::tests::kernel_fail_closed_and_bypass
