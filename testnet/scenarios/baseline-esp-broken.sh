@@ -14,6 +14,6 @@ for brk in no-xfrm no-sa; do
     ((rc != 0)) || fail "baseline-esp passed with MESHSEC_TESTNET_BREAK=$brk"
     grep -q "FAIL" "$WORK/$brk.log" || fail "baseline-esp with $brk failed without naming a failed check"
     log "baseline-esp with $brk fails as it must: $(grep -m1 FAIL "$WORK/$brk.log")"
-    if ip netns list | grep -q "^ms$((BED_ID + 7000))-"; then fail "the broken run left namespaces behind"; fi
+    if grep -q "^ms$((BED_ID + 7000))-" <<<"$(ip netns list)"; then fail "the broken run left namespaces behind"; fi
 done
 log "baseline-esp-broken ok"

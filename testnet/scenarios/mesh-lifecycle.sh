@@ -114,7 +114,7 @@ took=$(awk -v a="$(latest "${times[@]}")" -v b="$t_wipe" 'BEGIN {printf "%.1f", 
 log "deleteall on host 3 repaired on all 7 hosts $took s after the wipe began"
 awk -v t="$took" 'BEGIN {exit !(t <= 10)}' || fail "repair took $took s (> 10 s)"
 spis 3 >"$WORK/spis-repaired-3"
-if comm -12 "$WORK/spis-before-3" "$WORK/spis-repaired-3" | grep -q .; then
+if [[ -n $(comm -12 "$WORK/spis-before-3" "$WORK/spis-repaired-3") ]]; then
     fail "host 3 reinstalled an SPI it had before the wipe (keys must be fresh)"
 fi
 for j in 1 2 4 5 6 7; do assert on 3 ping -c1 -W3 -q "$(host_ip4 "$j")"; done

@@ -53,7 +53,7 @@ for j in "${rekey_jobs[@]}"; do wait "$j" || fail "a meshsec rekey command faile
 assert_cmp $((SECONDS - t_rekey)) -le 35 "seconds for the 10 re-keys"
 sleep 3
 pair_spis >"$WORK/spis-rekeyed"
-if comm -12 "$WORK/spis-0" "$WORK/spis-rekeyed" | grep -q .; then fail "SPIs unchanged after 10 re-keys"; fi
+if [[ -n $(comm -12 "$WORK/spis-0" "$WORK/spis-rekeyed") ]]; then fail "SPIs unchanged after 10 re-keys"; fi
 rekeys=$(agent_ctl 1 status --json | python3 -c "import json,sys; print(json.load(sys.stdin)['mesh']['rekeys_started'])")
 log "10 forced re-keys done at t=$((SECONDS - t0)) s (host 1 started $rekeys of them)"
 
@@ -65,7 +65,7 @@ sleep 30
 assert_eq "$(pair_spis)" "$(cat "$WORK/spis-before-kill")" "SAs while both agents are down"
 start 1
 start 2
-rekeyed() { ! comm -12 "$WORK/spis-before-kill" <(pair_spis) | grep -q . && [[ -n $(pair_spis) ]]; }
+rekeyed() { [[ -z $(comm -12 "$WORK/spis-before-kill" <(pair_spis)) && -n $(pair_spis) ]]; }
 wait_until 60 rekeyed
 log "both agents restarted and re-keyed the pair at t=$((SECONDS - t0)) s"
 

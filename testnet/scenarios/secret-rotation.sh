@@ -84,6 +84,6 @@ done
 
 log "listing samples: $(wc -l <"$WORK/listing.txt"), smallest row count: $(sort -n "$WORK/listing.txt" | head -n1 | cut -d' ' -f1)"
 assert_cmp "$(wc -l <"$WORK/listing.txt")" -gt 10 "listing samples"
-if awk '$1 != 5' "$WORK/listing.txt" | grep -q .; then fail "a member was missing from a listing: $(awk '$1 != 5' "$WORK/listing.txt" | head -n3)"; fi
+if [[ -n $(awk '$1 != 5' "$WORK/listing.txt") ]]; then fail "a member was missing from a listing: $(awk '$1 != 5' "$WORK/listing.txt" | head -n3)"; fi
 if grep -q ':left' "$WORK/listing.txt"; then fail "a member was listed as left during the rotation"; fi
 log "secret-rotation ok"
