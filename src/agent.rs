@@ -215,10 +215,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
     let (mesh_cmd_tx, mesh_cmd_rx) = tokio::sync::mpsc::channel(16);
     let (leave_tx, mut leave_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel::<control::ReloadRequest>(4);
+    let gossip_keyring = transport.keyring();
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(control::serve(
         listener,
-        ControlState { members: members_rx.clone(), changes: changes_tx.clone(), status: status_fn, links: links_rx, mesh: mesh_cmd_tx, leave: leave_tx },
+        ControlState {
+            members: members_rx.clone(),
+            changes: changes_tx.clone(),
+            status: status_fn,
+            links: links_rx,
+            mesh: mesh_cmd_tx.clone(),
+            leave: leave_tx,
+            reload: reload_tx,
+        },
         stop_rx.clone(),
     ));
     let leave = Arc::new(AtomicBool::new(false));
@@ -248,6 +258,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             }
         });
     }
+    tasks.spawn(serve_reloads(cfg.secret_files.clone(), gossip_keyring, mesh_cmd_tx.clone(), reload_rx, stop_rx.clone()));
     tasks.spawn(track_members(gossip.chitchat(), cfg.node_name.clone(), members_tx, changes_tx, stop_rx.clone()));
 
     let mut gossip_died = Box::pin(gossip.termination_watcher());
@@ -378,4 +389,57 @@ fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
             dead: dead.contains(id),
         })
         .collect()
+}
+
+/// Reloads the keyring on `meshsec reload` and on SIGHUP: the secret files
+/// are read again (same paths); if any cannot be read nothing changes, else
+/// the handshakes, then gossip, use the new keyring. Sessions and SAs stay.
+async fn serve_reloads(
+    files: Vec<std::path::PathBuf>,
+    gossip_keyring: Arc<crate::gossip::seal::Keyring>,
+    mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
+    mut requests: tokio::sync::mpsc::Receiver<control::ReloadRequest>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| warn!(error = %e, "cannot watch SIGHUP; use meshsec reload"))
+        .ok();
+    loop {
+        let reply = tokio::select! {
+            _ = stop.changed() => return,
+            r = requests.recv() => match r {
+                Some(tx) => Some(tx),
+                None => return,
+            },
+            _ = async {
+                match hangup.as_mut() {
+                    Some(h) => { h.recv().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => None,
+        };
+        let result = reload_keyring(&files, &gossip_keyring, &mesh).await;
+        match &result {
+            Ok(r) => info!(secrets = r.secrets, key_ids = %r.key_ids.join(","), "cluster secret keyring reloaded"),
+            Err(e) => warn!(error = %e, "keyring reload refused; the previous keyring stays in use"),
+        }
+        if let Some(tx) = reply {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+async fn reload_keyring(
+    files: &[std::path::PathBuf],
+    gossip_keyring: &crate::gossip::seal::Keyring,
+    mesh: &tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
+) -> Result<control::Reloaded, String> {
+    let secrets: Vec<[u8; 32]> = identity::load_keyring(files).map_err(|e| e.to_string())?.iter().map(|s| *s.0).collect();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    mesh.send(crate::mesh::driver::MeshCommand::SetKeyring { secrets: secrets.clone(), reply: tx })
+        .await
+        .map_err(|_| "the mesh is shutting down".to_string())?;
+    rx.await.map_err(|_| "the mesh is shutting down".to_string())??;
+    gossip_keyring.replace(&secrets).map_err(|e| e.to_string())?;
+    Ok(control::Reloaded { secrets: secrets.len(), key_ids: gossip_keyring.key_ids().iter().map(|k| k.to_string()).collect() })
 }

@@ -71,6 +71,12 @@ enum Cmd {
         #[arg(long, value_name = "NAME")]
         peer: Option<String>,
     },
+    /// Re-read the cluster secret files (the agent's --secret-file paths) and
+    /// use them from now on, without a restart (SIGHUP does the same).
+    Reload {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -125,6 +131,7 @@ pub fn main() -> i32 {
         Cmd::Status { client } => client_cmd(client, Request::Status),
         Cmd::Rekey { client, peer } => client_cmd(client, Request::Rekey { peer }),
         Cmd::Leave { client } => client_cmd(client, Request::Leave),
+        Cmd::Reload { client } => client_cmd(client, Request::Reload),
         Cmd::Flush { control_socket, json } => flush(&control_socket, json),
     }
 }
@@ -239,6 +246,7 @@ fn print_reply(reply: &Reply, json: bool) {
             Reply::Status(s) => serde_json::to_string(s),
             Reply::Rekeying(n) => serde_json::to_string(&serde_json::json!({ "rekeying": n })),
             Reply::Leaving => serde_json::to_string(&serde_json::json!({ "leaving": true })),
+            Reply::Reloaded(r) => serde_json::to_string(r),
             other => serde_json::to_string(other),
         };
         println!("{}", v.unwrap_or_default());
@@ -257,6 +265,7 @@ fn print_reply(reply: &Reply, json: bool) {
         }
         Reply::Rekeying(n) => println!("re-keying {n} link(s)"),
         Reply::Leaving => println!("leaving the cluster; the agent removes its SAs and policies and exits"),
+        Reply::Reloaded(r) => println!("keyring reloaded: {} secret(s), gossip key ids {} (the first seals)", r.secrets, r.key_ids.join(", ")),
         Reply::Error(e) => eprintln!("agent: {e}"),
     }
 }

@@ -38,7 +38,22 @@ pub enum Request {
         #[serde(default)]
         peer: Option<String>,
     },
+    /// Re-read the cluster secret files (same paths as at start) and use
+    /// them for gossip and handshakes from now on.
+    Reload,
 }
+
+/// What a keyring reload did.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reloaded {
+    /// Secrets in the keyring now.
+    pub secrets: usize,
+    /// Gossip key ids, sealing key first (not secret).
+    pub key_ids: Vec<String>,
+}
+
+/// A keyring reload request: the agent answers on the channel.
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<Reloaded, String>>;
 
 /// A reply line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -59,6 +74,8 @@ pub enum Reply {
     Rekeying(usize),
     /// The agent is leaving.
     Leaving,
+    /// The keyring was reloaded.
+    Reloaded(Reloaded),
     /// The request could not be served.
     Error(String),
 }
@@ -139,6 +156,8 @@ pub struct ControlState {
     pub mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
     /// Asks the agent to leave the cluster.
     pub leave: tokio::sync::mpsc::Sender<()>,
+    /// Asks the agent to reload its keyring.
+    pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     /// Links per peer name, merged into the listing.
     pub links: watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
 }
@@ -266,6 +285,18 @@ async fn handle(stream: UnixStream, state: ControlState, mut shutdown: watch::Re
             };
             write_line(&mut w, &reply).await
         }
+        Request::Reload => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let reply = match state.reload.send(tx).await {
+                Ok(()) => match rx.await {
+                    Ok(Ok(r)) => Reply::Reloaded(r),
+                    Ok(Err(e)) => Reply::Error(e),
+                    Err(_) => Reply::Error("the agent is shutting down".into()),
+                },
+                Err(_) => Reply::Error("the agent is shutting down".into()),
+            };
+            write_line(&mut w, &reply).await
+        }
         Request::Watch => {
             let mut rx = state.changes.subscribe();
             write_line(&mut w, &Reply::Members(snapshot(&state))).await?;
@@ -377,7 +408,17 @@ mod tests {
         let (_ltx, lrx) = watch::channel(Arc::new(std::collections::BTreeMap::new()));
         let (mesh_tx, _mesh_rx) = tokio::sync::mpsc::channel(4);
         let (leave_tx, _leave_rx) = tokio::sync::mpsc::channel(1);
-        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx, mesh: mesh_tx, leave: leave_tx };
+        let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(1);
+        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx, mesh: mesh_tx, leave: leave_tx, reload: reload_tx };
+        // The agent's side of reloads: refuse the first, accept the second.
+        tokio::spawn(async move {
+            if let Some(tx) = reload_rx.recv().await {
+                let _ = tx.send(Err("--secret-file: /x: line 2: not base64".into()));
+            }
+            if let Some(tx) = reload_rx.recv().await {
+                let _ = tx.send(Ok(Reloaded { secrets: 2, key_ids: vec!["aa".into(), "bb".into()] }));
+            }
+        });
         let (stx, srx) = watch::channel(false);
         let server = tokio::spawn(serve(listener, state, srx));
 
@@ -402,6 +443,13 @@ mod tests {
         }
         ctx.send(Arc::new((vec![], vec![]))).unwrap();
         assert!(matches!(w.next().await.unwrap(), Some(Reply::Changes { .. })));
+
+        let mut r = Client::request(&path, &Request::Reload).await.unwrap();
+        // An agent's refusal reaches the client as an error (the CLI exits 1).
+        let e = r.next().await.unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+        let mut r = Client::request(&path, &Request::Reload).await.unwrap();
+        assert!(matches!(r.next().await.unwrap(), Some(Reply::Reloaded(Reloaded { secrets: 2, .. }))));
 
         // Garbage gets an error reply, not a crash.
         let mut raw = UnixStream::connect(&path).await.unwrap();

@@ -87,21 +87,47 @@ pub fn init_secret(out: &Path) -> Result<(), IdentityError> {
 
 /// Reads a cluster secret file: base64 of exactly 32 bytes.
 pub fn load_secret(path: &Path) -> Result<ClusterSecret, IdentityError> {
-    let err = |reason: String| IdentityError::Secret { path: path.to_path_buf(), reason };
-    let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
-    let decoded = Zeroizing::new(
-        B64.decode(text.trim()).map_err(|_| err("not base64 (create one with `meshsec init`)".into()))?,
-    );
-    let bytes: [u8; 32] = decoded
-        .as_slice()
-        .try_into()
-        .map_err(|_| err(format!("holds {} bytes, a cluster secret is 32", decoded.len())))?;
-    Ok(ClusterSecret(Zeroizing::new(bytes)))
+    let mut secrets = load_secrets(path)?;
+    if secrets.len() > 1 {
+        return Err(IdentityError::Secret { path: path.to_path_buf(), reason: format!("holds {} secrets, one expected", secrets.len()) });
+    }
+    Ok(secrets.remove(0))
 }
 
-/// Loads every secret of a keyring, in order (the first seals).
+/// Loads a secret file: one base64 secret per line, the first sealing, so
+/// that one file can hold a keyring during a rotation. Blank lines and lines
+/// starting with `#` are skipped; a file without any secret is an error.
+pub fn load_secrets(path: &Path) -> Result<Vec<ClusterSecret>, IdentityError> {
+    let err = |reason: String| IdentityError::Secret { path: path.to_path_buf(), reason };
+    let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |r: &str| err(format!("line {}: {r}", n + 1));
+        let decoded = Zeroizing::new(B64.decode(line).map_err(|_| at("not base64 (create one with `meshsec init`)"))?);
+        let bytes: [u8; 32] = decoded
+            .as_slice()
+            .try_into()
+            .map_err(|_| at(&format!("holds {} bytes, a cluster secret is 32", decoded.len())))?;
+        out.push(ClusterSecret(Zeroizing::new(bytes)));
+    }
+    if out.is_empty() {
+        return Err(err("holds no secret (create one with `meshsec init`)".into()));
+    }
+    Ok(out)
+}
+
+/// Loads every secret of a keyring: the files in order, each file's secrets
+/// in order (the first seals).
 pub fn load_keyring(paths: &[PathBuf]) -> Result<Vec<ClusterSecret>, IdentityError> {
-    paths.iter().map(|p| load_secret(p)).collect()
+    let mut out = Vec::new();
+    for p in paths {
+        out.extend(load_secrets(p)?);
+    }
+    Ok(out)
 }
 
 /// The node's static X25519 key pair.
@@ -337,6 +363,28 @@ mod tests {
         let junk = dir.path().join("junk");
         fs::write(&junk, "%%%").unwrap();
         assert!(load_secret(&junk).unwrap_err().to_string().contains("not base64"));
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "# nothing yet\n\n").unwrap();
+        assert!(load_keyring(std::slice::from_ref(&empty)).unwrap_err().to_string().contains("holds no secret"));
+    }
+
+    #[test]
+    fn a_secret_file_can_hold_a_keyring() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        init_secret(&a).unwrap();
+        init_secret(&b).unwrap();
+        let (ta, tb) = (std::fs::read_to_string(&a).unwrap(), std::fs::read_to_string(&b).unwrap());
+        let ring = dir.path().join("ring");
+        std::fs::write(&ring, format!("# rotating\n{}\n\n{}\n", tb.trim(), ta.trim())).unwrap();
+        let got = load_keyring(std::slice::from_ref(&ring)).unwrap();
+        let want = load_keyring(&[b.clone(), a.clone()]).unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(got.iter().zip(&want).all(|(x, y)| *x.0 == *y.0), "file order is keyring order");
+        assert!(load_secret(&ring).unwrap_err().to_string().contains("holds 2 secrets"));
+        std::fs::write(&ring, format!("{}\nnot-base64\n", ta.trim())).unwrap();
+        let e = load_keyring(&[ring]).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("not base64"), "{e}");
     }
 
     #[test]

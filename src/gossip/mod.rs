@@ -27,12 +27,18 @@ pub type CounterFn = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
 /// The transport the agent hands to chitchat, plus its counters.
 pub struct GossipTransport {
     inner: SealedTransport,
+    keyring: Arc<Keyring>,
 }
 
 impl GossipTransport {
     /// The chitchat transport.
     pub fn as_transport(&self) -> &dyn Transport {
         &self.inner
+    }
+
+    /// The live keyring ([`Keyring::replace`] takes effect on the next datagram).
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.clone()
     }
 
     /// A function reading the transport's counters.
@@ -57,9 +63,10 @@ pub fn transport_for(
     on_bind: Option<Arc<dyn Fn(RawFd) -> std::io::Result<()> + Send + Sync>>,
 ) -> Result<GossipTransport, GossipError> {
     let ring = Keyring::new(keyring.iter().map(|s| *s.0)).map_err(|_| GossipError::EmptyKeyring)?;
-    let mut inner = SealedTransport::new(Arc::new(ring));
+    let keyring = Arc::new(ring);
+    let mut inner = SealedTransport::new(keyring.clone());
     if let Some(hook) = on_bind {
         inner = inner.with_on_bind(move |fd| hook(fd));
     }
-    Ok(GossipTransport { inner })
+    Ok(GossipTransport { inner, keyring })
 }

@@ -26,6 +26,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::time::Duration;
+use std::sync::Arc;
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
@@ -154,9 +155,11 @@ impl GossipKey {
 
 /// Gossip keys derived from one or more cluster secrets. The first secret seals; every secret
 /// opens, so a new secret can be rolled out (added second, then moved first, then the old one
-/// removed) without a flag day.
+/// removed) without a flag day. [`Keyring::replace`] swaps the secrets of a
+/// live keyring (`meshsec reload`): datagrams sealed or opened after it use
+/// the new ones.
 pub struct Keyring {
-    keys: Vec<GossipKey>,
+    keys: std::sync::RwLock<Arc<Vec<GossipKey>>>,
 }
 
 impl fmt::Debug for Keyring {
@@ -175,6 +178,14 @@ impl Keyring {
         I: IntoIterator,
         I::Item: std::borrow::Borrow<[u8; SECRET_LEN]>,
     {
+        Ok(Keyring { keys: std::sync::RwLock::new(Arc::new(Self::derive(secrets)?)) })
+    }
+
+    fn derive<I>(secrets: I) -> Result<Vec<GossipKey>, KeyringError>
+    where
+        I: IntoIterator,
+        I::Item: std::borrow::Borrow<[u8; SECRET_LEN]>,
+    {
         let keys: Vec<GossipKey> = secrets
             .into_iter()
             .map(|s| GossipKey::derive(std::borrow::Borrow::borrow(&s)))
@@ -182,17 +193,33 @@ impl Keyring {
         if keys.is_empty() {
             return Err(KeyringError::Empty);
         }
-        Ok(Keyring { keys })
+        Ok(keys)
+    }
+
+    /// Replaces the secrets (the first seals). An empty list changes nothing.
+    pub fn replace<I>(&self, secrets: I) -> Result<(), KeyringError>
+    where
+        I: IntoIterator,
+        I::Item: std::borrow::Borrow<[u8; SECRET_LEN]>,
+    {
+        let keys = Arc::new(Self::derive(secrets)?);
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+        Ok(())
+    }
+
+    /// The current keys; a snapshot, so a concurrent replace never tears a seal or an open.
+    fn keys(&self) -> Arc<Vec<GossipKey>> {
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Ids of the keys, sealing key first (for `status` output; not secret).
     pub fn key_ids(&self) -> Vec<KeyId> {
-        self.keys.iter().map(|k| k.id).collect()
+        self.keys().iter().map(|k| k.id).collect()
     }
 
     /// Id of the key that seals.
     pub fn sealing_key_id(&self) -> KeyId {
-        self.keys[0].id
+        self.keys()[0].id
     }
 
     /// Seals `payload` under the first key, stamped with the sender clock `now_unix_ms`.
@@ -203,7 +230,8 @@ impl Keyring {
     }
 
     fn seal_with_nonce(&self, now_unix_ms: u64, nonce: [u8; NONCE_LEN], payload: &[u8]) -> Vec<u8> {
-        let key = &self.keys[0];
+        let keys = self.keys();
+        let key = &keys[0];
         let mut out = Vec::with_capacity(OVERHEAD + payload.len());
         out.push(VERSION);
         out.extend_from_slice(&key.id.0);
@@ -236,7 +264,8 @@ impl Keyring {
         let tag = Tag::from_slice(tag);
         // Ids are 32-bit, so two keys of one keyring may share an id; try each that matches.
         let mut matched = false;
-        for key in self.keys.iter().filter(|k| k.id.0 == id) {
+        let keys = self.keys();
+        for key in keys.iter().filter(|k| k.id.0 == id) {
             matched = true;
             let mut plain = body.to_vec();
             if key
@@ -399,6 +428,29 @@ mod tests {
             assert_eq!(sealed.len(), payload.len() + OVERHEAD);
             assert_eq!(o.open(NOW, &sealed).unwrap(), payload);
         }
+    }
+
+    #[test]
+    fn a_live_keyring_is_replaced_in_place() {
+        let (old, new) = ([1u8; 32], [2u8; 32]);
+        let k = ring(&[old]);
+        // The opener shares the keyring, as the transport's do.
+        let mut o = Opener::new(k.clone(), ReplayConfig::default());
+        let by_old = k.seal(NOW, b"a");
+        let new_id = Keyring::new([new]).unwrap().sealing_key_id();
+        k.replace([old, new]).unwrap();
+        assert_eq!(k.key_ids().len(), 2);
+        assert_ne!(k.sealing_key_id(), new_id, "the old secret still seals");
+        assert_eq!(o.open(NOW, &by_old).unwrap(), b"a");
+        k.replace([new, old]).unwrap();
+        assert_eq!(k.sealing_key_id(), new_id);
+        let by_new = k.seal(NOW, b"b");
+        assert_eq!(o.open(NOW, &by_new).unwrap(), b"b");
+        k.replace([new]).unwrap();
+        let late_old = ring(&[old]).seal(NOW, b"c");
+        assert!(matches!(o.open(NOW, &late_old), Err(OpenError::UnknownKey)));
+        assert!(matches!(k.replace(Vec::<[u8; 32]>::new()), Err(KeyringError::Empty)));
+        assert_eq!(k.sealing_key_id(), new_id, "a refused replace changes nothing");
     }
 
     #[test]

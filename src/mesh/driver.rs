@@ -45,6 +45,13 @@ pub enum MeshCommand {
         /// Where the count goes.
         reply: tokio::sync::oneshot::Sender<usize>,
     },
+    /// Replace the handshake keyring (cluster secrets, the first initiates).
+    SetKeyring {
+        /// The secrets.
+        secrets: Vec<[u8; 32]>,
+        /// The outcome.
+        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The handshake sockets, one per family we have a data address in, plus
@@ -193,6 +200,9 @@ pub async fn run(
                 MeshCommand::Rekey { peer, reply } => {
                     let n = mesh.force_rekey(Instant::now(), peer.as_deref());
                     let _ = reply.send(n);
+                }
+                MeshCommand::SetKeyring { secrets, reply } => {
+                    let _ = reply.send(mesh.set_keyring(&secrets).map_err(|e| e.to_string()));
                 }
             },
             changed = members.changed() => {

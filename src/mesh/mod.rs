@@ -615,6 +615,16 @@ impl Mesh {
         self.probes.pop_front()
     }
 
+    /// Replaces the cluster secret keyring of every handshake endpoint (the
+    /// first secret initiates, all are accepted). Established sessions and
+    /// their SAs are untouched.
+    pub fn set_keyring(&mut self, keyring: &[[u8; 32]]) -> Result<(), crate::handshake::ConfigError> {
+        for ep in self.endpoints.values_mut() {
+            ep.set_keyring(keyring)?;
+        }
+        Ok(())
+    }
+
     /// Re-keys every link (or those to `peer_name`) now. Returns how many.
     pub fn force_rekey(&mut self, now: Instant, peer_name: Option<&str>) -> usize {
         let mut n = 0;

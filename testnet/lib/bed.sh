@@ -452,6 +452,46 @@ flow_check() {
     assert_cmp "${echoes:-0}" -ge $((10 * secs)) "TCP echoes received in $secs s"
 }
 
+# listings_start N: samples the membership listing of hosts 1..N in a loop
+# until listings_stop, one line per sample in $WORK/listing.txt: "COUNT hI
+# name:state,...". A host whose agent has been up less than 10 s is skipped (a
+# fresh agent knows only itself until gossip reaches it).
+listings_start() {
+    local n=$1
+    (
+        while :; do
+            for i in $(seq 1 "$n"); do
+                up=$(agent_ctl "$i" status --json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['uptime_secs'])" 2>/dev/null) || continue
+                ((up >= 10)) || continue
+                agent_ctl "$i" members --json 2>/dev/null | python3 -c "
+import json, sys
+m = json.load(sys.stdin)
+print(len(m), 'h$i', ','.join(x['name'] + ':' + x['state'] for x in m))
+" >>"$WORK/listing.txt" 2>/dev/null || true
+            done
+        done
+    ) &
+    LISTINGS_PID=$!
+    ledger_add "$BED_LEDGER" pid "$LISTINGS_PID"
+}
+
+# listings_stop N [STATES]: ends listings_start and fails unless there were
+# more than 10 samples, each listing all N members, none of them in a state
+# matched by the grep pattern STATES (default 'left').
+listings_stop() {
+    local n=$1 states=${2:-left}
+    kill "$LISTINGS_PID" 2>/dev/null || true
+    wait "$LISTINGS_PID" 2>/dev/null || true
+    log "listing samples: $(wc -l <"$WORK/listing.txt")"
+    assert_cmp "$(wc -l <"$WORK/listing.txt")" -gt 10 "listing samples"
+    if [[ -n $(awk -v n="$n" '$1 != n' "$WORK/listing.txt") ]]; then
+        fail "a member was missing from a listing: $(awk -v n="$n" '$1 != n' "$WORK/listing.txt" | head -n3)"
+    fi
+    if grep -qE ":($states)(,|$)" "$WORK/listing.txt"; then
+        fail "a member was listed as $states: $(grep -m3 -E ":($states)(,|$)" "$WORK/listing.txt")"
+    fi
+}
+
 # --- ESP by hand ---------------------------------------------------------------
 
 bed_hexkey() { od -An -tx1 -N "$1" /dev/urandom | tr -d ' \n'; }
