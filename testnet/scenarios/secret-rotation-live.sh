@@ -64,10 +64,13 @@ ring 3 old
 
 rotate old new
 log "round 1 done: every host opens both, seals with the old"
+sleep 5 # gossip and traffic under this keyring before the next round
 rotate new old
 log "round 2 done: every host seals with the new"
+sleep 5 # gossip and traffic under this keyring before the next round
 rotate new
 log "round 3 done: the old secret is gone everywhere"
+sleep 5 # gossip and traffic under this keyring before the next round
 cat "$WORK/reloads.txt" | sort | uniq -c | while read -r line; do log "reload replies: $line"; done
 
 # Handshakes under the new secret alone: a forced re-key of every link of host 1.
