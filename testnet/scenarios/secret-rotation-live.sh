@@ -9,8 +9,8 @@
 # no member ever missing from any listing, no gossip datagram dropped for an
 # unknown key or a bad tag during the rotation, handshakes work under the new
 # secret alone (a forced re-key completes), a reload of a broken file fails
-# with a message naming the line and changes nothing, and a host holding only
-# the old secret can no longer join.
+# with a message naming the line and changes nothing, SIGHUP reloads too, and
+# a host holding only the old secret can no longer join.
 . "$(dirname "$0")/../lib/bed.sh"
 
 N=5
@@ -71,7 +71,14 @@ sleep 5 # gossip and traffic under this keyring before the next round
 rotate new
 log "round 3 done: the old secret is gone everywhere"
 sleep 5 # gossip and traffic under this keyring before the next round
-cat "$WORK/reloads.txt" | sort | uniq -c | while read -r line; do log "reload replies: $line"; done
+sort "$WORK/reloads.txt" | uniq -c | while read -r line; do log "reload replies: $line"; done
+# SIGHUP does the same as meshsec reload.
+hups() { grep -c 'cluster secret keyring reloaded' "$(agent_log 2)" || true; }
+n_before=$(hups)
+kill -HUP "${AGENT_PID[2]}"
+wait_until 10 eval '(($(hups) > n_before))'
+agent_running 2 || fail "SIGHUP stopped host 2's agent"
+log "SIGHUP reloaded host 2's keyring: $(grep 'cluster secret keyring reloaded' "$(agent_log 2)" | tail -n1 | cut -c1-160)"
 
 # Handshakes under the new secret alone: a forced re-key of every link of host 1.
 before=$(status_field 1 mesh sessions_established)
