@@ -51,6 +51,11 @@ pub enum AgentError {
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let start = |e: &dyn std::fmt::Display| AgentError::Start(e.to_string());
 
+    // SIGHUP means reload; registered first so that an early one (say a
+    // service manager's reload during start-up) cannot kill the agent.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| warn!(error = %e, "cannot watch SIGHUP; use meshsec reload"))
+        .ok();
     let keyring = identity::load_keyring(&cfg.secret_files).map_err(|e| start(&e))?;
     let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(|e| start(&e))?;
     // Generations must grow across restarts even if the clock steps back,
@@ -258,7 +263,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             }
         });
     }
-    tasks.spawn(serve_reloads(cfg.secret_files.clone(), gossip_keyring, mesh_cmd_tx.clone(), reload_rx, stop_rx.clone()));
+    tasks.spawn(serve_reloads(cfg.secret_files.clone(), gossip_keyring, mesh_cmd_tx.clone(), reload_rx, hangup, stop_rx.clone()));
     tasks.spawn(track_members(gossip.chitchat(), cfg.node_name.clone(), members_tx, changes_tx, stop_rx.clone()));
 
     let mut gossip_died = Box::pin(gossip.termination_watcher());
@@ -399,11 +404,9 @@ async fn serve_reloads(
     gossip_keyring: Arc<crate::gossip::seal::Keyring>,
     mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
     mut requests: tokio::sync::mpsc::Receiver<control::ReloadRequest>,
+    mut hangup: Option<tokio::signal::unix::Signal>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| warn!(error = %e, "cannot watch SIGHUP; use meshsec reload"))
-        .ok();
     loop {
         let reply = tokio::select! {
             _ = stop.changed() => return,
@@ -434,12 +437,13 @@ async fn reload_keyring(
     gossip_keyring: &crate::gossip::seal::Keyring,
     mesh: &tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
 ) -> Result<control::Reloaded, String> {
-    let secrets: Vec<[u8; 32]> = identity::load_keyring(files).map_err(|e| e.to_string())?.iter().map(|s| *s.0).collect();
+    let secrets = zeroize::Zeroizing::new(identity::load_keyring(files).map_err(|e| e.to_string())?.iter().map(|s| *s.0).collect::<Vec<[u8; 32]>>());
     let (tx, rx) = tokio::sync::oneshot::channel();
-    mesh.send(crate::mesh::driver::MeshCommand::SetKeyring { secrets: secrets.clone(), reply: tx })
+    let for_mesh = crate::mesh::driver::Secrets(secrets.clone());
+    mesh.send(crate::mesh::driver::MeshCommand::SetKeyring { secrets: for_mesh, reply: tx })
         .await
         .map_err(|_| "the mesh is shutting down".to_string())?;
     rx.await.map_err(|_| "the mesh is shutting down".to_string())??;
-    gossip_keyring.replace(&secrets).map_err(|e| e.to_string())?;
+    gossip_keyring.replace(secrets.iter()).map_err(|e| e.to_string())?;
     Ok(control::Reloaded { secrets: secrets.len(), key_ids: gossip_keyring.key_ids().iter().map(|k| k.to_string()).collect() })
 }

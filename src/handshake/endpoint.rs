@@ -428,7 +428,7 @@ fn secret_keys(secret: &[u8; 32], our_pub: &PublicKey) -> SecretKeys {
 impl Endpoint {
     /// Creates an endpoint.
     ///
-    /// `keyring` holds the cluster secrets, newest first: we initiate with the first and accept
+    /// `keyring` holds the cluster secrets: we initiate with the first and accept
     /// initiations made with any of them. `now` and `unix_now` (time since the Unix epoch, from
     /// the wall clock) anchor the initiation timestamps, which must keep increasing across
     /// restarts.
@@ -526,17 +526,29 @@ impl Endpoint {
         })
     }
 
-    /// Replaces the cluster secret keyring (rotation). Outstanding initiations keep the keys
-    /// they started with.
-    pub fn set_keyring(&mut self, keyring: &[[u8; 32]]) -> Result<(), ConfigError> {
+    /// Replaces the cluster secret keyring (rotation). If the initiating (first) secret changed,
+    /// outstanding initiations are cancelled, since their retransmissions would carry the old
+    /// secret a peer may already have dropped; returns them (peer, SPI to free) so the caller
+    /// can start again at once under the new secret.
+    pub fn set_keyring(&mut self, keyring: &[[u8; 32]]) -> Result<Vec<(PublicKey, u32)>, ConfigError> {
         if keyring.is_empty() {
             return Err(ConfigError::EmptyKeyring);
         }
+        let first_changed = self.secrets.first().is_none_or(|s| *s.secret != keyring[0]);
         self.secrets = keyring
             .iter()
             .map(|s| secret_keys(s, self.keypair.public()))
             .collect();
-        Ok(())
+        let mut cancelled = Vec::new();
+        if first_changed {
+            let initiating: Vec<PublicKey> = self.peers.iter().filter(|(_, e)| matches!(e.state, PeerState::Initiating(_))).map(|(p, _)| *p).collect();
+            for peer in initiating {
+                if let Some(spi) = self.cancel(&peer) {
+                    cancelled.push((peer, spi));
+                }
+            }
+        }
+        Ok(cancelled)
     }
 
     /// Our static public key.

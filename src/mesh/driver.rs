@@ -35,6 +35,15 @@ pub struct MeshReport {
 /// Payload of a confirmation probe (see [`Mesh::poll_probe`]).
 pub const PROBE_PAYLOAD: &[u8] = b"meshsec-confirm";
 
+/// Cluster secrets in transit to the mesh: wiped on drop, never printed.
+pub struct Secrets(pub zeroize::Zeroizing<Vec<[u8; 32]>>);
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secrets(<{} redacted>)", self.0.len())
+    }
+}
+
 /// Commands from the control API.
 #[derive(Debug)]
 pub enum MeshCommand {
@@ -48,7 +57,7 @@ pub enum MeshCommand {
     /// Replace the handshake keyring (cluster secrets, the first initiates).
     SetKeyring {
         /// The secrets.
-        secrets: Vec<[u8; 32]>,
+        secrets: Secrets,
         /// The outcome.
         reply: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
@@ -202,7 +211,7 @@ pub async fn run(
                     let _ = reply.send(n);
                 }
                 MeshCommand::SetKeyring { secrets, reply } => {
-                    let _ = reply.send(mesh.set_keyring(&secrets).map_err(|e| e.to_string()));
+                    let _ = reply.send(mesh.set_keyring(Instant::now(), &secrets.0, dp.as_mut()).map_err(|e| e.to_string()));
                 }
             },
             changed = members.changed() => {

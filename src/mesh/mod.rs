@@ -617,10 +617,19 @@ impl Mesh {
 
     /// Replaces the cluster secret keyring of every handshake endpoint (the
     /// first secret initiates, all are accepted). Established sessions and
-    /// their SAs are untouched.
-    pub fn set_keyring(&mut self, keyring: &[[u8; 32]]) -> Result<(), crate::handshake::ConfigError> {
-        for ep in self.endpoints.values_mut() {
-            ep.set_keyring(keyring)?;
+    /// their SAs are untouched; handshakes in flight under a replaced
+    /// initiating secret start again at once under the new one.
+    pub fn set_keyring(&mut self, now: Instant, keyring: &[[u8; 32]], dp: &mut dyn Datapath) -> Result<(), crate::handshake::ConfigError> {
+        for (family, ep) in self.endpoints.iter_mut() {
+            for (peer, spi) in ep.set_keyring(keyring)? {
+                free_spi(&self.self_addrs, *family, spi, dp);
+                if let Some(link) = self.links.get_mut(&LinkId { peer, family: *family }) {
+                    link.next_attempt = now;
+                    if link.session.is_some() {
+                        link.rekey_at = Some(now);
+                    }
+                }
+            }
         }
         Ok(())
     }
