@@ -525,3 +525,27 @@ fn a_slow_rekey_handshake_rekeys_each_link_once() {
     assert_eq!(c.sessions_established - established, 2);
     assert_outbound_accepted(&mut nodes, "after the slow re-keys");
 }
+
+#[test]
+fn a_new_initiating_secret_restarts_handshakes_in_flight() {
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(2, now);
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    let established = nodes[0].mesh.counters().sessions_established;
+    assert_eq!(nodes[0].mesh.force_rekey(now, None), 2);
+    // The initiations (old secret) go out and are lost.
+    run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| true);
+    // Both ends move on: n1 already knows only the new secret, n0 initiates with it.
+    let new = [9u8; 32];
+    let n = &mut nodes[1];
+    n.mesh.set_keyring(now, &[new], &mut n.dp).unwrap();
+    let n = &mut nodes[0];
+    n.mesh.set_keyring(now, &[new, [1; 32]], &mut n.dp).unwrap();
+    // Well within the 20 s handshake timeout the links have new sessions.
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
+    assert_eq!(nodes[0].mesh.counters().sessions_established - established, 2);
+    assert_eq!(nodes[1].mesh.handshake_counters().get("bad_mac").copied().unwrap_or(0), 0);
+    assert_outbound_accepted(&mut nodes, "after the re-keys under the new secret");
+    // No SPI reservation of the abandoned initiations is left behind.
+    assert_eq!(nodes[0].dp.dump_sas().unwrap().iter().filter(|s| s.larval).count(), 0);
+}
