@@ -45,7 +45,7 @@ rotate() { # rotate SECRET-FILES...: every host, one after the other (host 5 by 
         if ((i == N)); then
             n=$(reloads_logged "$i")
             kill -HUP "${AGENT_PID[$i]}"
-            wait_until 10 eval "(( \$(reloads_logged $i) > n ))"
+            wait_until 30 eval "(( \$(reloads_logged $i) > n ))"
             [[ $(grep 'cluster secret keyring reloaded' "$(agent_log "$i")" | tail -n1) == *"secrets=$# "* ]] ||
                 fail "host $i's SIGHUP reload did not load $# secret(s)"
         else
