@@ -175,6 +175,11 @@ pub fn link_objects(target: &Target, session: &Session, lifetimes: Lifetimes) ->
     (inbound, outbound, PolicySpec::pair(target.local, target.remote, Reqid::DEFAULT))
 }
 
+/// The kernel ids of a session's (inbound, outbound) SAs on a link.
+fn sa_ids(target: &Target, session: &Session) -> (SaId, SaId) {
+    (SaId { dst: target.local, spi: session.local_spi }, SaId { dst: target.remote, spi: session.peer_spi })
+}
+
 /// Per-link state shown in `meshsec members`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -550,8 +555,7 @@ impl Mesh {
     fn soft_limit_reached(&mut self, now: Instant, sa: SaId, via: &str) -> bool {
         for (id, link) in self.links.iter_mut() {
             let Some(session) = &link.session else { continue };
-            let outbound = SaId { dst: link.target.remote, spi: session.peer_spi };
-            let inbound = SaId { dst: link.target.local, spi: session.local_spi };
+            let (inbound, outbound) = sa_ids(&link.target, session);
             let delay = if sa == outbound {
                 Duration::ZERO
             } else if sa == inbound {
@@ -749,7 +753,7 @@ impl Mesh {
         // inbound SA proves it holds the keys; the session then takes over.
         for (id, link) in self.links.iter_mut() {
             let Some((pending, deadline)) = &link.pending else { continue };
-            let in_id = SaId { dst: link.target.local, spi: pending.local_spi };
+            let (in_id, _) = sa_ids(&link.target, pending);
             let confirmed = self.kernel_counters.get(&in_id).is_some_and(|c| c.packets > 0);
             if confirmed {
                 let (session, _) = link.pending.take().expect("checked");
@@ -775,8 +779,8 @@ impl Mesh {
             if !link.installed {
                 continue;
             }
-            let (inb, outb, _) = link_objects(&link.target, session, self.config.lifetimes);
-            if !actual.sas.contains_key(&inb.id()) || !actual.sas.contains_key(&outb.id()) {
+            let (inb, outb) = sa_ids(&link.target, session);
+            if !actual.sas.contains_key(&inb) || !actual.sas.contains_key(&outb) {
                 warn!(peer = %link.target.name, "installed SA missing from the kernel; re-keying the link");
                 self.counters.sas_vanished += 1;
                 link.session = None;
@@ -887,8 +891,8 @@ impl Mesh {
         let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         for link in self.links.values_mut() {
             let Some(session) = &link.session else { continue };
-            let (inb, outb, _) = link_objects(&link.target, session, self.config.lifetimes);
-            if failed_sas.contains(&inb.id()) || failed_sas.contains(&outb.id()) {
+            let (inb, outb) = sa_ids(&link.target, session);
+            if failed_sas.contains(&inb) || failed_sas.contains(&outb) {
                 // Keys that did not go in are not retried: new handshake, new keys.
                 link.session = None;
                 link.failures += 1;
@@ -903,10 +907,10 @@ impl Mesh {
                     // Prove to the responder that we hold the keys: a datagram
                     // through the new outbound SA confirms its session.
                     let family = AddressFamily::of(link.target.local);
-                    self.probes.push_back((family, link.target.handshake, outb.id()));
+                    self.probes.push_back((family, link.target.handshake, outb));
                 }
                 link.established_at = Some(unix_now);
-                info!(peer = %link.target.name, family = %inb.src.is_ipv4().then_some("ipv4").unwrap_or("ipv6"), "SAs and policies installed");
+                info!(peer = %link.target.name, family = if link.target.local.is_ipv4() { "ipv4" } else { "ipv6" }, "SAs and policies installed");
             }
         }
         // Failed links leave desired state; the next pass removes their leftovers.
@@ -923,7 +927,8 @@ impl Mesh {
         let mut reached = Vec::new();
         for link in self.links.values().filter(|l| l.installed) {
             let Some(session) = &link.session else { continue };
-            for sa in [SaId { dst: link.target.remote, spi: session.peer_spi }, SaId { dst: link.target.local, spi: session.local_spi }] {
+            let (inbound, outbound) = sa_ids(&link.target, session);
+            for sa in [outbound, inbound] {
                 if !self.limits_seen.contains(&sa) && self.kernel_counters.get(&sa).is_some_and(over) {
                     reached.push(sa);
                 }
@@ -1011,13 +1016,14 @@ impl Mesh {
                 st.spi_in = Some(format!("0x{:08x}", session.local_spi));
                 st.spi_out = Some(format!("0x{:08x}", session.peer_spi));
                 st.aead = Some(aead_of(session.algorithm).to_string());
-                if let Some(c) = self.kernel_counters.get(&SaId { dst: link.target.local, spi: session.local_spi }) {
+                let (inbound, outbound) = sa_ids(&link.target, session);
+                if let Some(c) = self.kernel_counters.get(&inbound) {
                     st.bytes_in = c.bytes;
                     st.packets_in = c.packets;
                     st.replay_drops = c.replay;
                     st.integrity_failures = c.integrity_failed;
                 }
-                if let Some(c) = self.kernel_counters.get(&SaId { dst: link.target.remote, spi: session.peer_spi }) {
+                if let Some(c) = self.kernel_counters.get(&outbound) {
                     st.bytes_out = c.bytes;
                     st.packets_out = c.packets;
                 }
@@ -1038,8 +1044,7 @@ impl Mesh {
     fn session_of(&self, id: &SaId) -> Option<u64> {
         self.links.values().find_map(|l| {
             let s = l.session.as_ref()?;
-            let local_in = SaId { dst: l.target.local, spi: s.local_spi };
-            let out = SaId { dst: l.target.remote, spi: s.peer_spi };
+            let (local_in, out) = sa_ids(&l.target, s);
             (*id == local_in || *id == out).then_some(s.session_id)
         })
     }
