@@ -254,6 +254,29 @@ agent_ctl() {
     on "$i" "$MESHSEC_BIN" "$@" --control-socket "$(agent_socket "$i")"
 }
 
+# agent_status I KEY...: one value of host I's `meshsec status --json`, e.g.
+# agent_status 1 mesh rekeys_started.
+agent_status() {
+    local i=$1
+    shift
+    agent_ctl "$i" status --json | python3 -c 'import json, sys
+v = json.load(sys.stdin)
+for k in sys.argv[1:]:
+    v = v[k]
+print(v)' "$@"
+}
+
+# established_links I: how many links host I's listing shows established.
+established_links() {
+    agent_ctl "$1" members --json |
+        python3 -c "import json,sys; print(sum(1 for m in json.load(sys.stdin) for l in m['links'] if l['sa']=='established'))"
+}
+
+# listed I NAME: how many members named NAME host I's listing shows.
+listed() {
+    agent_ctl "$1" members --json | python3 -c "import json,sys; print(sum(1 for x in json.load(sys.stdin) if x['name']==sys.argv[1]))" "$2"
+}
+
 # --- network conditions -----------------------------------------------------
 
 # netem I "SPEC": e.g. netem 2 "delay 50ms loss 1%" (SPEC is split on spaces).
@@ -461,7 +484,7 @@ listings_start() {
     (
         while :; do
             for i in $(seq 1 "$n"); do
-                up=$(agent_ctl "$i" status --json 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['uptime_secs'])" 2>/dev/null) || continue
+                up=$(agent_status "$i" uptime_secs 2>/dev/null) || continue
                 ((up >= 10)) || continue
                 agent_ctl "$i" members --json 2>/dev/null | python3 -c "
 import json, sys

@@ -17,7 +17,7 @@ for i in $(seq 1 "$N"); do
         --data-address "$(host_ip4 "$i")" --data-address "$(host_ip6 "$i")" "${seed[@]}"
 done
 established() {
-    [[ $(agent_ctl "$N" members --json | python3 -c "import json,sys; print(sum(1 for m in json.load(sys.stdin) for l in m['links'] if l['sa']=='established'))") == $(((N - 1) * 2)) ]]
+    [[ $(established_links "$N") == $(((N - 1) * 2)) ]]
 }
 wait_until 120 established
 capture_start demo "not arp"

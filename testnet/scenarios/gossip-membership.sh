@@ -68,7 +68,7 @@ for i in $(seq 1 $N); do
     assert_eq "$(state_of "$i" h6)" absent "foreign agent in host $i's listing"
 done
 assert_eq "$(members_eval 6 "len(m)")" 1 "foreign agent's own listing"
-dropped=$(agent_ctl 1 status --json | python3 -c "import json,sys; print(json.load(sys.stdin)['gossip']['dropped_unknown_key'])")
+dropped=$(agent_status 1 gossip dropped_unknown_key)
 assert_cmp "$dropped" -gt 0 "foreign datagrams dropped by the seed's sealing layer (unknown key)"
 
 # Graceful leave (`meshsec leave`): the agent exits 0 and peers list it as left.

@@ -27,9 +27,6 @@ start() { # start I SECRET
     agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$secret" --node-name "h$i" \
         --data-address "$(host_ip4 "$i")" --data-address "$(host_ip6 "$i")" --esp-algorithm "$ESP_ALG" "${seed[@]}"
 }
-established_links() { # established_links I: number of established links host I lists
-    agent_ctl "$1" members --json | python3 -c "import json,sys; print(sum(1 for m in json.load(sys.stdin) for l in m['links'] if l['sa']=='established'))"
-}
 all_established() {
     local i
     for i in $(seq 1 $N); do [[ $(established_links "$i") == $(((N - 1) * 2)) ]] || return 1; done

@@ -30,9 +30,6 @@ whole() {
         [[ $(on "$i" ip xfrm state | awk -v me="$(host_ip4 "$i")" '/^src/ && $2 == me {o++} END {print o+0}') == 1 ]] || return 1
     done
 }
-counter() { # counter I NAME: a mesh counter from host I's status
-    agent_ctl "$1" status --json | python3 -c "import json,sys; print(json.load(sys.stdin)['mesh']['$2'])"
-}
 
 for i in 1 2; do start "$i"; done
 wait_until 120 whole
@@ -54,17 +51,17 @@ sets=$(grep -c . <(sort -u "$WORK/out-spis"))
 
 flow_check
 for i in 1 2; do
-    log "host $i: soft-expire notifications $(counter "$i" kernel_soft_expires), soft limits reached $(counter "$i" soft_limits_reached)," \
-        "re-keys started $(counter "$i" rekeys_started), hard expiries $(counter "$i" kernel_hard_expires), SAs vanished $(counter "$i" sas_vanished)"
+    log "host $i: soft-expire notifications $(agent_status "$i" mesh kernel_soft_expires), soft limits reached $(agent_status "$i" mesh soft_limits_reached)," \
+        "re-keys started $(agent_status "$i" mesh rekeys_started), hard expiries $(agent_status "$i" mesh kernel_hard_expires), SAs vanished $(agent_status "$i" mesh sas_vanished)"
 done
 log "host 1 sent on $sets different outbound SAs in $DUR s"
-notified=$(($(counter 1 kernel_soft_expires) + $(counter 2 kernel_soft_expires)))
-rekeys=$(($(counter 1 rekeys_started) + $(counter 2 rekeys_started)))
+notified=$(($(agent_status 1 mesh kernel_soft_expires) + $(agent_status 2 mesh kernel_soft_expires)))
+rekeys=$(($(agent_status 1 mesh rekeys_started) + $(agent_status 2 mesh rekeys_started)))
 assert_cmp "$notified" -ge 3 "soft-expire notifications received (both hosts)"
 assert_cmp "$rekeys" -ge 3 "re-keys started (both hosts)"
 assert_cmp "$sets" -ge 4 "outbound SAs host 1 used"
 for i in 1 2; do
-    assert_eq "$(counter "$i" kernel_hard_expires)" 0 "host $i SAs that reached the hard limit"
-    assert_eq "$(counter "$i" sas_vanished)" 0 "host $i SAs that vanished"
+    assert_eq "$(agent_status "$i" mesh kernel_hard_expires)" 0 "host $i SAs that reached the hard limit"
+    assert_eq "$(agent_status "$i" mesh sas_vanished)" 0 "host $i SAs that vanished"
 done
 log "mesh-rekey-limits ok"

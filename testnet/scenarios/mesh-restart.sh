@@ -54,7 +54,7 @@ assert_cmp $((SECONDS - t_rekey)) -le 35 "seconds for the 10 re-keys"
 sleep 3
 pair_spis >"$WORK/spis-rekeyed"
 if [[ -n $(comm -12 "$WORK/spis-0" "$WORK/spis-rekeyed") ]]; then fail "SPIs unchanged after 10 re-keys"; fi
-rekeys=$(agent_ctl 1 status --json | python3 -c "import json,sys; print(json.load(sys.stdin)['mesh']['rekeys_started'])")
+rekeys=$(agent_status 1 mesh rekeys_started)
 log "10 forced re-keys done at t=$((SECONDS - t0)) s (host 1 started $rekeys of them)"
 
 # 2. kill -9 both ends, 30 s down, restart.

@@ -30,11 +30,8 @@ start() {
     agent_start "$i" --listen "$(host_ip4 "$i"):9340" --node-name "h$i" --data-address "$(host_ip4 "$i")" \
         --secret-file "$WORK/h$i.ring" "${seed[@]}"
 }
-status_field() { # status_field I SECTION KEY
-    agent_ctl "$1" status --json | python3 -c "import json,sys; print(json.load(sys.stdin)['$2']['$3'])"
-}
 established_on() {
-    [[ $(agent_ctl "$1" members --json | python3 -c "import json,sys; print(sum(1 for m in json.load(sys.stdin) for l in m['links'] if l['sa']=='established'))") == $((N - 1)) ]]
+    [[ $(established_links "$1") == $((N - 1)) ]]
 }
 all_established() { local i; for i in $(seq 1 $N); do established_on "$i" || return 1; done; }
 reloads_logged() { grep -c 'cluster secret keyring reloaded' "$(agent_log "$1")" || true; }
@@ -84,9 +81,9 @@ log "round 3 done: the old secret is gone everywhere"
 sleep 5 # gossip and traffic under this keyring before the next round
 sort "$WORK/reloads.txt" | uniq -c | while read -r line; do log "reload replies: $line"; done
 # Handshakes under the new secret alone: a forced re-key of every link of host 1.
-before=$(status_field 1 mesh sessions_established)
+before=$(agent_status 1 mesh sessions_established)
 agent_ctl 1 rekey >/dev/null
-more() { (($(status_field 1 mesh sessions_established) >= before + N - 1)); }
+more() { (($(agent_status 1 mesh sessions_established) >= before + N - 1)); }
 wait_until 60 more
 wait_until 60 all_established
 log "host 1 re-keyed its $((N - 1)) links under the new secret"
@@ -97,9 +94,9 @@ listings_stop $N 'left|dead'
 for i in $(seq 1 $N); do
     assert_eq "${AGENT_PID[$i]}" "${pid_before[$i]}" "host $i agent pid (no restart)"
     agent_running "$i" || fail "host $i's agent is not running"
-    assert_eq "$(status_field "$i" gossip dropped_unknown_key)" 0 "host $i gossip datagrams dropped for an unknown key"
-    assert_eq "$(status_field "$i" gossip dropped_bad_tag)" 0 "host $i gossip datagrams dropped for a bad tag"
-    assert_eq "$(status_field "$i" handshake bad_mac)" 0 "host $i handshakes rejected for a bad mac1"
+    assert_eq "$(agent_status "$i" gossip dropped_unknown_key)" 0 "host $i gossip datagrams dropped for an unknown key"
+    assert_eq "$(agent_status "$i" gossip dropped_bad_tag)" 0 "host $i gossip datagrams dropped for a bad tag"
+    assert_eq "$(agent_status "$i" handshake bad_mac)" 0 "host $i handshakes rejected for a bad mac1"
 done
 
 # A host with only the old secret cannot join any more.
@@ -107,6 +104,6 @@ ring 6 old
 start 6
 sleep 8
 for i in $(seq 1 $N); do
-    assert_eq "$(agent_ctl "$i" members --json | python3 -c "import json,sys; print(sum(1 for x in json.load(sys.stdin) if x['name']=='h6'))")" 0 "h6 (old secret) in host $i's listing"
+    assert_eq "$(listed "$i" h6)" 0 "h6 (old secret) in host $i's listing"
 done
 log "secret-rotation-live ok"

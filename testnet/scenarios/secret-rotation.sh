@@ -32,7 +32,7 @@ restart() { # restart I SECRET-FILES...: SIGTERM (SAs stay), start again
     wait_until 60 established_on "$i"
 }
 established_on() { # all N-1 links of host I established
-    [[ $(agent_ctl "$1" members --json | python3 -c "import json,sys; print(sum(1 for m in json.load(sys.stdin) for l in m['links'] if l['sa']=='established'))") == $((N - 1)) ]]
+    [[ $(established_links "$1") == $((N - 1)) ]]
 }
 all_established() { local i; for i in $(seq 1 $N); do established_on "$i" || return 1; done; }
 
@@ -62,7 +62,7 @@ listings_stop $N
 start 6 old
 sleep 8
 for i in $(seq 1 $N); do
-    assert_eq "$(agent_ctl "$i" members --json | python3 -c "import json,sys; print(sum(1 for x in json.load(sys.stdin) if x['name']=='h6'))")" 0 "h6 (old secret) in host $i's listing"
+    assert_eq "$(listed "$i" h6)" 0 "h6 (old secret) in host $i's listing"
 done
 
 log "secret-rotation ok"
