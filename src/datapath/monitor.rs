@@ -25,7 +25,7 @@ use netlink_packet_xfrm::{
 };
 use netlink_sys::{protocols::NETLINK_XFRM, Socket};
 
-use super::netlink::frames;
+use super::netlink::{attr, frames, u32_at};
 use super::ownership::{is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY};
 use super::SaId;
 
@@ -91,28 +91,6 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
 const SA_INFO_REQID: usize = 208;
 /// Offset of `priority` in `struct xfrm_userpolicy_info` (after sel, lft, curlft).
 const POLICY_INFO_PRIORITY: usize = 152;
-
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    b.get(off..off + 4).map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-/// The value of the first attribute of type `kind` after a fixed header of
-/// `header` bytes; `None` if absent or the framing is broken.
-fn attr(payload: &[u8], header: usize, kind: u16) -> Option<&[u8]> {
-    let mut off = header;
-    while off + 4 <= payload.len() {
-        let len = usize::from(u16::from_ne_bytes([payload[off], payload[off + 1]]));
-        let ty = u16::from_ne_bytes([payload[off + 2], payload[off + 3]]) & 0x3fff;
-        if len < 4 || off + len > payload.len() {
-            return None;
-        }
-        if ty == kind {
-            return Some(&payload[off + 4..off + len]);
-        }
-        off += (len + 3) & !3;
-    }
-    None
-}
 
 /// A netlink socket subscribed to the XFRM expire, SA and policy groups.
 pub struct XfrmMonitor {

@@ -79,7 +79,7 @@ pub(crate) fn encode(msg: &XfrmMessage, flags: u16, seq: u32, out: &mut Vec<u8>)
     out.resize(start + align4(len), 0);
 }
 
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+pub(crate) fn u32_at(b: &[u8], off: usize) -> Option<u32> {
     b.get(off..off + 4)
         .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
 }
@@ -87,6 +87,24 @@ fn u32_at(b: &[u8], off: usize) -> Option<u32> {
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
     b.get(off..off + 2)
         .map(|s| u16::from_ne_bytes([s[0], s[1]]))
+}
+
+/// The value of the first attribute of type `kind` (flag bits masked off)
+/// after a fixed header of `header` bytes; `None` if absent or if the
+/// framing breaks before it.
+pub(crate) fn attr(payload: &[u8], header: usize, kind: u16) -> Option<&[u8]> {
+    let mut off = header;
+    while off + 4 <= payload.len() {
+        let (len, ty) = (usize::from(u16_at(payload, off)?), u16_at(payload, off + 2)? & 0x3fff);
+        if len < 4 || off + len > payload.len() {
+            return None;
+        }
+        if ty == kind {
+            return Some(&payload[off + 4..off + len]);
+        }
+        off += align4(len);
+    }
+    None
 }
 
 /// Split a datagram into (type, flags, seq, payload) frames. Malformed
@@ -135,23 +153,10 @@ pub(crate) fn parse_error(ty: u16, flags: u16, payload: &[u8]) -> (i32, Option<S
     } else {
         4
     };
-    let mut off = tlv_start;
-    let mut message = None;
-    while off + 4 <= payload.len() {
-        let (Some(len), Some(kind)) = (u16_at(payload, off), u16_at(payload, off + 2)) else {
-            break;
-        };
-        let len = len as usize;
-        if len < 4 || off + len > payload.len() {
-            break;
-        }
-        if kind & 0x3fff == NLMSGERR_ATTR_MSG {
-            let v = &payload[off + 4..off + len];
-            let v = v.split(|b| *b == 0).next().unwrap_or(&[]);
-            message = Some(String::from_utf8_lossy(v).into_owned());
-        }
-        off += align4(len);
-    }
+    let message = attr(payload, tlv_start, NLMSGERR_ATTR_MSG).map(|v| {
+        let v = v.split(|b| *b == 0).next().unwrap_or(&[]);
+        String::from_utf8_lossy(v).into_owned()
+    });
     (errno, message)
 }
 
