@@ -32,8 +32,10 @@ on 1 ip xfrm state >"$WORK/xfrm-state.txt"
     agent_ctl 1 members
     echo
     echo "\$ ip xfrm state | head   # on host1 (meshsec's SAs: reqid 0x6d73....)"
-    # Key material masked: it is secret even in a demo.
-    sed -E 's/(aead [^ ]+) 0x[0-9a-f]+/\1 <key>/' "$WORK/xfrm-state.txt" | head -n 12
+    # Key material masked: it is secret even in a demo. (sed stops itself
+    # after 12 lines: a "| head" would SIGPIPE sed under pipefail once the
+    # listing outgrows one write.)
+    sed -E 's/(aead [^ ]+) 0x[0-9a-f]+/\1 <key>/; 12q' "$WORK/xfrm-state.txt"
     echo
     echo "\$ tcpdump (bridge) while host1 pings host2 over IPv4 and IPv6:"
     tcpdump -r "$(capture_file demo)" -n "(host $(host_ip4 1) or host $(host_ip6 1)) and not udp" >"$WORK/tcpdump.txt" 2>/dev/null
