@@ -10,7 +10,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion};
+use chitchat::{
+    spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion,
+};
 use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
@@ -18,14 +20,16 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::{AgentConfig, DatapathKind, EspChoice};
-use crate::datapath::{bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor};
-use crate::handshake::{EspAlgorithm, StaticKeypair};
-use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
-use crate::mesh::{Mesh, MeshConfig};
 use crate::control::{self, counter_map, ControlState, MemberCounts, Status};
+use crate::datapath::{
+    bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor,
+};
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
 use crate::gossip::schema::{NodeInfo, KEY_STATUS, PROTOCOL_VERSION};
+use crate::handshake::{EspAlgorithm, StaticKeypair};
 use crate::identity::{self, KeyOrigin, NodeKey};
+use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
+use crate::mesh::{Mesh, MeshConfig};
 
 /// Chitchat cluster id; sealing already separates clusters, this only guards
 /// against a meshsec gossip port being pointed at another chitchat user.
@@ -74,18 +78,29 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // without XFRM, ESP or the chosen AEAD stops the agent here, with the fix.
     let aead = crate::mesh::aead_of(esp_algorithm(cfg.esp_algorithm));
     let families: Vec<AddressFamily> = {
-        let mut f: Vec<AddressFamily> = cfg.data_addresses.iter().map(|a| AddressFamily::of(*a)).collect();
+        let mut f: Vec<AddressFamily> = cfg
+            .data_addresses
+            .iter()
+            .map(|a| AddressFamily::of(*a))
+            .collect();
         f.sort();
         f.dedup();
         f
     };
-    let (datapath, bypass, monitor): (Box<dyn Datapath>, bool, Option<XfrmMonitor>) = match cfg.datapath {
+    let (datapath, bypass, monitor): (Box<dyn Datapath>, bool, Option<XfrmMonitor>) = match cfg
+        .datapath
+    {
         DatapathKind::Kernel => {
-            let mut x = XfrmDatapath::open().map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
-            x.probe(aead, &families).map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
+            let mut x = XfrmDatapath::open()
+                .map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
+            x.probe(aead, &families)
+                .map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
             // Subscribed before the first reconcile, so no expiry goes unseen.
-            let monitor = XfrmMonitor::open()
-                .map_err(|e| AgentError::Start(format!("kernel datapath: cannot subscribe to XFRM events: {e}")))?;
+            let monitor = XfrmMonitor::open().map_err(|e| {
+                AgentError::Start(format!(
+                    "kernel datapath: cannot subscribe to XFRM events: {e}"
+                ))
+            })?;
             (Box::new(x), true, Some(monitor))
         }
         DatapathKind::Memory => {
@@ -103,7 +118,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     } else {
         None
     };
-    let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass).map_err(AgentError::Start)?;
+    let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass)
+        .map_err(AgentError::Start)?;
     let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
     let mesh = Mesh::new(
         MeshConfig {
@@ -141,9 +157,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         extra_liveness_predicate: None,
         protocol_version: ProtocolVersion::V1,
     };
-    let gossip = spawn_chitchat(chitchat_config, info.to_key_values(), transport.as_transport())
-        .await
-        .map_err(|e| AgentError::Start(gossip_open_error(&cfg, &e)))?;
+    let gossip = spawn_chitchat(
+        chitchat_config,
+        info.to_key_values(),
+        transport.as_transport(),
+    )
+    .await
+    .map_err(|e| AgentError::Start(gossip_open_error(&cfg, &e)))?;
 
     let listener = match control::bind(&cfg.control_socket).await {
         Ok(l) => l,
@@ -160,7 +180,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
         info!(fingerprint = %identity::fingerprint(node_key.public()), dir = %cfg.state_dir.display(), "created node key");
     }
-    if let Err(e) = std::fs::write(cfg.state_dir.join(GENERATION_FILE), format!("{generation}\n")) {
+    if let Err(e) = std::fs::write(
+        cfg.state_dir.join(GENERATION_FILE),
+        format!("{generation}\n"),
+    ) {
         warn!(error = %e, "cannot record the generation in the state directory");
     }
     info!(
@@ -263,8 +286,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             }
         });
     }
-    tasks.spawn(serve_reloads(cfg.secret_files.clone(), gossip_keyring, mesh_cmd_tx.clone(), reload_rx, hangup, stop_rx.clone()));
-    tasks.spawn(track_members(gossip.chitchat(), cfg.node_name.clone(), members_tx, changes_tx, stop_rx.clone()));
+    tasks.spawn(serve_reloads(
+        cfg.secret_files.clone(),
+        gossip_keyring,
+        mesh_cmd_tx.clone(),
+        reload_rx,
+        hangup,
+        stop_rx.clone(),
+    ));
+    tasks.spawn(track_members(
+        gossip.chitchat(),
+        cfg.node_name.clone(),
+        members_tx,
+        changes_tx,
+        stop_rx.clone(),
+    ));
 
     let mut gossip_died = Box::pin(gossip.termination_watcher());
     let outcome = tokio::select! {
@@ -321,9 +357,18 @@ fn failure_detector(cfg: &AgentConfig) -> FailureDetectorConfig {
 fn gossip_open_error(cfg: &AgentConfig, e: &anyhow::Error) -> String {
     use crate::gossip::transport::TransportError;
     match e.downcast_ref::<TransportError>() {
-        Some(TransportError::Bind { error, .. }) => format!("--listen: cannot bind the gossip socket to {}: {error}", cfg.listen),
+        Some(TransportError::Bind { error, .. }) => format!(
+            "--listen: cannot bind the gossip socket to {}: {error}",
+            cfg.listen
+        ),
         Some(other) => other.to_string(),
-        None => format!("gossip: {}", e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")),
+        None => format!(
+            "gossip: {}",
+            e.chain()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(": ")
+        ),
     }
 }
 
@@ -350,10 +395,18 @@ async fn track_members(
         let heard = tracker.observe(&observed, now);
         let next = members::view(&observed, &heard, &self_name, now, suspect_after());
         let changes = members::diff(&current, &next);
-        let heard_changed = next.iter().zip(current.iter()).any(|(a, b)| a.last_heard_ms != b.last_heard_ms);
+        let heard_changed = next
+            .iter()
+            .zip(current.iter())
+            .any(|(a, b)| a.last_heard_ms != b.last_heard_ms);
         for c in &changes {
-            let from = c.from.map(|s| s.to_string()).unwrap_or_else(|| "new".into());
-            let to = c.to.map(|s| s.to_string()).unwrap_or_else(|| "forgotten".into());
+            let from = c
+                .from
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "new".into());
+            let to =
+                c.to.map(|s| s.to_string())
+                    .unwrap_or_else(|| "forgotten".into());
             info!(peer = %c.name, from = %from, to = %to, generation = c.generation, restarted = c.restarted, "membership changed");
         }
         if !changes.is_empty() || heard_changed || next.len() != current.len() {
@@ -388,7 +441,10 @@ fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
             name: id.node_id.to_string(),
             generation: id.generation_id,
             gossip_addr: id.gossip_advertise_addr,
-            key_values: state.key_values().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>(),
+            key_values: state
+                .key_values()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
             heartbeat: u64::from(state.heartbeat()),
             live: live.contains(id),
             dead: dead.contains(id),
@@ -423,8 +479,12 @@ async fn serve_reloads(
         };
         let result = reload_keyring(&files, &gossip_keyring, &mesh).await;
         match &result {
-            Ok(r) => info!(secrets = r.secrets, key_ids = %r.key_ids.join(","), "cluster secret keyring reloaded"),
-            Err(e) => warn!(error = %e, "keyring reload refused; the previous keyring stays in use"),
+            Ok(r) => {
+                info!(secrets = r.secrets, key_ids = %r.key_ids.join(","), "cluster secret keyring reloaded")
+            }
+            Err(e) => {
+                warn!(error = %e, "keyring reload refused; the previous keyring stays in use")
+            }
         }
         if let Some(tx) = reply {
             let _ = tx.send(result);
@@ -437,13 +497,32 @@ async fn reload_keyring(
     gossip_keyring: &crate::gossip::seal::Keyring,
     mesh: &tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
 ) -> Result<control::Reloaded, String> {
-    let secrets = zeroize::Zeroizing::new(identity::load_keyring(files).map_err(|e| e.to_string())?.iter().map(|s| *s.0).collect::<Vec<[u8; 32]>>());
+    let secrets = zeroize::Zeroizing::new(
+        identity::load_keyring(files)
+            .map_err(|e| e.to_string())?
+            .iter()
+            .map(|s| *s.0)
+            .collect::<Vec<[u8; 32]>>(),
+    );
     let (tx, rx) = tokio::sync::oneshot::channel();
     let for_mesh = crate::mesh::driver::Secrets(secrets.clone());
-    mesh.send(crate::mesh::driver::MeshCommand::SetKeyring { secrets: for_mesh, reply: tx })
-        .await
-        .map_err(|_| "the mesh is shutting down".to_string())?;
-    rx.await.map_err(|_| "the mesh is shutting down".to_string())??;
-    gossip_keyring.replace(secrets.iter()).map_err(|e| e.to_string())?;
-    Ok(control::Reloaded { secrets: secrets.len(), key_ids: gossip_keyring.key_ids().iter().map(|k| k.to_string()).collect() })
+    mesh.send(crate::mesh::driver::MeshCommand::SetKeyring {
+        secrets: for_mesh,
+        reply: tx,
+    })
+    .await
+    .map_err(|_| "the mesh is shutting down".to_string())?;
+    rx.await
+        .map_err(|_| "the mesh is shutting down".to_string())??;
+    gossip_keyring
+        .replace(secrets.iter())
+        .map_err(|e| e.to_string())?;
+    Ok(control::Reloaded {
+        secrets: secrets.len(),
+        key_ids: gossip_keyring
+            .key_ids()
+            .iter()
+            .map(|k| k.to_string())
+            .collect(),
+    })
 }

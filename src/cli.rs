@@ -5,13 +5,20 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{AgentConfig, AgentFlags, LogFormat, DEFAULT_CONTROL_SOCKET, DEFAULT_SECRET_FILE, DEFAULT_STATE_DIR};
+use crate::config::{
+    AgentConfig, AgentFlags, LogFormat, DEFAULT_CONTROL_SOCKET, DEFAULT_SECRET_FILE,
+    DEFAULT_STATE_DIR,
+};
 use crate::control::{Client, Reply, Request, Status};
 use crate::gossip::members::Member;
 use crate::identity;
 
 #[derive(Parser)]
-#[command(name = "meshsec", version, about = "Kernel ESP between every pair of hosts, keyed by Noise, found by gossip")]
+#[command(
+    name = "meshsec",
+    version,
+    about = "Kernel ESP between every pair of hosts, keyed by Noise, found by gossip"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,7 +42,7 @@ enum Cmd {
         json: bool,
     },
     /// Run the agent.
-    Agent(AgentFlags),
+    Agent(Box<AgentFlags>),
     /// List cluster members.
     Members {
         #[command(flatten)]
@@ -101,7 +108,11 @@ pub fn main() -> i32 {
         Err(e) => {
             // One line, like every other usage error: clap's first line names the problem.
             let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid usage").trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or("invalid usage")
+                .trim_start_matches("error: ");
             eprintln!("meshsec: {first} (see meshsec --help)");
             return 2;
         }
@@ -109,7 +120,10 @@ pub fn main() -> i32 {
     match cli.cmd {
         Cmd::Init { out } => match identity::init_secret(&out) {
             Ok(()) => {
-                eprintln!("wrote a new cluster secret to {}; copy it to every host (mode 0600)", out.display());
+                eprintln!(
+                    "wrote a new cluster secret to {}; copy it to every host (mode 0600)",
+                    out.display()
+                );
                 0
             }
             Err(e) => fail(2, e),
@@ -118,7 +132,10 @@ pub fn main() -> i32 {
             Ok(k) => {
                 let pk = identity::encode_public(k.public());
                 if json {
-                    println!("{}", serde_json::json!({"public_key": pk, "fingerprint": identity::fingerprint(k.public())}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"public_key": pk, "fingerprint": identity::fingerprint(k.public())})
+                    );
                 } else {
                     println!("{pk}");
                 }
@@ -126,13 +143,23 @@ pub fn main() -> i32 {
             }
             Err(e) => fail(2, e),
         },
-        Cmd::Agent(flags) => run_agent(flags),
-        Cmd::Members { client, watch } => client_cmd(client, if watch { Request::Watch } else { Request::Members }),
+        Cmd::Agent(flags) => run_agent(*flags),
+        Cmd::Members { client, watch } => client_cmd(
+            client,
+            if watch {
+                Request::Watch
+            } else {
+                Request::Members
+            },
+        ),
         Cmd::Status { client } => client_cmd(client, Request::Status),
         Cmd::Rekey { client, peer } => client_cmd(client, Request::Rekey { peer }),
         Cmd::Leave { client } => client_cmd(client, Request::Leave),
         Cmd::Reload { client } => client_cmd(client, Request::Reload),
-        Cmd::Flush { control_socket, json } => flush(&control_socket, json),
+        Cmd::Flush {
+            control_socket,
+            json,
+        } => flush(&control_socket, json),
     }
 }
 
@@ -152,7 +179,9 @@ fn runtime() -> tokio::runtime::Runtime {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,chitchat=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
@@ -227,9 +256,15 @@ fn flush(control_socket: &std::path::Path, json: bool) -> i32 {
     match dp.flush_owned() {
         Ok(r) => {
             if json {
-                println!("{}", serde_json::json!({"sas": r.sas, "policies": r.policies}));
+                println!(
+                    "{}",
+                    serde_json::json!({"sas": r.sas, "policies": r.policies})
+                );
             } else {
-                println!("removed {} SAs and {} policies owned by meshsec", r.sas, r.policies);
+                println!(
+                    "removed {} SAs and {} policies owned by meshsec",
+                    r.sas, r.policies
+                );
             }
             0
         }
@@ -257,22 +292,41 @@ fn print_reply(reply: &Reply, json: bool) {
         Reply::Status(s) => print!("{}", render_status(s)),
         Reply::Changes { changes, .. } => {
             for c in changes {
-                let from = c.from.map(|s| s.to_string()).unwrap_or_else(|| "new".into());
-                let to = c.to.map(|s| s.to_string()).unwrap_or_else(|| "forgotten".into());
+                let from = c
+                    .from
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "new".into());
+                let to =
+                    c.to.map(|s| s.to_string())
+                        .unwrap_or_else(|| "forgotten".into());
                 let restart = if c.restarted { " (restarted)" } else { "" };
                 println!("{}  {}: {} -> {}{}", now_text(), c.name, from, to, restart);
             }
         }
         Reply::Rekeying(n) => println!("re-keying {n} link(s)"),
-        Reply::Leaving => println!("leaving the cluster; the agent removes its SAs and policies and exits"),
-        Reply::Reloaded(r) => println!("keyring reloaded: {} secret(s), gossip key ids {} (the first seals)", r.secrets, r.key_ids.join(", ")),
+        Reply::Leaving => {
+            println!("leaving the cluster; the agent removes its SAs and policies and exits")
+        }
+        Reply::Reloaded(r) => println!(
+            "keyring reloaded: {} secret(s), gossip key ids {} (the first seals)",
+            r.secrets,
+            r.key_ids.join(", ")
+        ),
         Reply::Error(e) => eprintln!("agent: {e}"),
     }
 }
 
 fn now_text() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    format!("{:02}:{:02}:{:02}", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!(
+        "{:02}:{:02}:{:02}",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }
 
 fn heard_text(ms: u64) -> String {
@@ -293,7 +347,12 @@ fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
         }
     }
     let line = |cells: Vec<&str>| {
-        let mut s = cells.iter().zip(widths.iter()).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ");
+        let mut s = cells
+            .iter()
+            .zip(widths.iter())
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
         s.truncate(s.trim_end().len());
         s.push('\n');
         s
@@ -312,10 +371,18 @@ fn sa_summary(m: &Member) -> String {
     if m.links.is_empty() {
         return "none".into();
     }
-    let est = m.links.iter().filter(|l| l.sa == crate::mesh::SaState::Established).count();
+    let est = m
+        .links
+        .iter()
+        .filter(|l| l.sa == crate::mesh::SaState::Established)
+        .count();
     if est == m.links.len() {
         format!("established ({est})")
-    } else if m.links.iter().any(|l| l.sa == crate::mesh::SaState::Handshaking) {
+    } else if m
+        .links
+        .iter()
+        .any(|l| l.sa == crate::mesh::SaState::Handshaking)
+    {
         format!("handshaking ({est}/{})", m.links.len())
     } else {
         format!("none ({est}/{})", m.links.len())
@@ -329,12 +396,20 @@ pub fn render_members(members: &[Member]) -> String {
         .iter()
         .map(|m| {
             [
-                if m.is_self { format!("{}*", m.name) } else { m.name.clone() },
+                if m.is_self {
+                    format!("{}*", m.name)
+                } else {
+                    m.name.clone()
+                },
                 m.gossip_addr.to_string(),
                 if m.data_addrs.is_empty() {
                     "-".into()
                 } else {
-                    m.data_addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",")
+                    m.data_addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
                 },
                 m.state.to_string(),
                 m.fingerprint.clone().unwrap_or_else(|| "-".into()),
@@ -344,8 +419,23 @@ pub fn render_members(members: &[Member]) -> String {
             ]
         })
         .collect();
-    let mut out = table(["NAME", "GOSSIP", "DATA", "STATE", "FINGERPRINT", "GENERATION", "LAST HEARD", "SA"], &rows);
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut out = table(
+        [
+            "NAME",
+            "GOSSIP",
+            "DATA",
+            "STATE",
+            "FINGERPRINT",
+            "GENERATION",
+            "LAST HEARD",
+            "SA",
+        ],
+        &rows,
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let links: Vec<[String; 10]> = members
         .iter()
         .flat_map(|m| m.links.iter().map(move |l| (m, l)))
@@ -357,7 +447,9 @@ pub fn render_members(members: &[Member]) -> String {
                 l.spi_in.clone().unwrap_or_else(|| "-".into()),
                 l.spi_out.clone().unwrap_or_else(|| "-".into()),
                 l.aead.clone().unwrap_or_else(|| "-".into()),
-                l.established_at.map(|t| heard_text(now.saturating_sub(t) * 1000).replace(" ago", "")).unwrap_or_else(|| "-".into()),
+                l.established_at
+                    .map(|t| heard_text(now.saturating_sub(t) * 1000).replace(" ago", ""))
+                    .unwrap_or_else(|| "-".into()),
                 format!("{}/{}", l.bytes_in, l.bytes_out),
                 format!("{}/{}", l.packets_in, l.packets_out),
                 format!("{}/{}", l.replay_drops, l.integrity_failures),
@@ -367,7 +459,18 @@ pub fn render_members(members: &[Member]) -> String {
     if !links.is_empty() {
         out.push('\n');
         out.push_str(&table(
-            ["PEER", "LINK", "SA", "SPI IN", "SPI OUT", "AEAD", "SINCE", "BYTES IN/OUT", "PKTS IN/OUT", "REPLAY/INTEGRITY"],
+            [
+                "PEER",
+                "LINK",
+                "SA",
+                "SPI IN",
+                "SPI OUT",
+                "AEAD",
+                "SINCE",
+                "BYTES IN/OUT",
+                "PKTS IN/OUT",
+                "REPLAY/INTEGRITY",
+            ],
             &links,
         ));
     }
@@ -375,7 +478,11 @@ pub fn render_members(members: &[Member]) -> String {
 }
 
 fn kv(m: &crate::control::BTreeMapU64) -> String {
-    let nonzero: Vec<String> = m.iter().filter(|(_, v)| **v != 0).map(|(k, v)| format!("{k}={v}")).collect();
+    let nonzero: Vec<String> = m
+        .iter()
+        .filter(|(_, v)| **v != 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
     if nonzero.is_empty() {
         "-".into()
     } else {
@@ -430,7 +537,10 @@ mod tests {
             is_self: false,
             links: vec![],
         };
-        let out = render_members(&[m("a", MemberState::Alive), m("longer-name", MemberState::Dead)]);
+        let out = render_members(&[
+            m("a", MemberState::Alive),
+            m("longer-name", MemberState::Dead),
+        ]);
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 3);
         let col = lines[0].find("GOSSIP").unwrap();

@@ -33,7 +33,10 @@ pub struct ConfigError {
 impl ConfigError {
     /// A new error for `key`.
     pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError { key: key.into(), reason: reason.into() }
+        ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -223,7 +226,11 @@ impl RekeyPolicy {
 
 impl Default for RekeyPolicy {
     fn default() -> Self {
-        RekeyPolicy { interval: Duration::from_secs(3600), after_bytes: None, after_packets: None }
+        RekeyPolicy {
+            interval: Duration::from_secs(3600),
+            after_bytes: None,
+            after_packets: None,
+        }
     }
 }
 
@@ -268,9 +275,11 @@ pub struct AgentConfig {
 
 /// Reads and parses a TOML config file.
 pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
-    parse_file(&text).map_err(|e| ConfigError::new(e.key, format!("{} (in {})", e.reason, path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+    })?;
+    parse_file(&text)
+        .map_err(|e| ConfigError::new(e.key, format!("{} (in {})", e.reason, path.display())))
 }
 
 /// Parses the TOML text of a config file.
@@ -285,7 +294,10 @@ pub fn parse_file(text: &str) -> Result<FileConfig, ConfigError> {
             .or_else(|| {
                 // A bad value: name the key written at the start of the offending line.
                 let span = e.span()?;
-                let start = text[..span.start.min(text.len())].rfind('\n').map(|i| i + 1).unwrap_or(0);
+                let start = text[..span.start.min(text.len())]
+                    .rfind('\n')
+                    .map(|i| i + 1)
+                    .unwrap_or(0);
                 let line = &text[start..];
                 let k = line.split('=').next()?.trim();
                 (!k.is_empty() && !k.contains(['[', '"', ' '])).then(|| k.to_string())
@@ -317,7 +329,9 @@ fn parse_seed_as(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
         }
         return Ok(addr);
     }
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| bad("is not HOST:PORT (port missing)"))?;
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| bad("is not HOST:PORT (port missing)"))?;
     if host.is_empty() || host.contains(':') {
         return Err(bad("is not HOST:PORT (IPv6 needs brackets: [ADDR]:PORT)"));
     }
@@ -358,13 +372,18 @@ fn parse_advertise(key: &str, s: &str, default_port: u16) -> Result<SocketAddr, 
 }
 
 fn parse_ip(key: &str, s: &str) -> Result<IpAddr, ConfigError> {
-    s.parse::<IpAddr>().map_err(|_| ConfigError::new(key, format!("{s:?} is not an IP address")))
+    s.parse::<IpAddr>()
+        .map_err(|_| ConfigError::new(key, format!("{s:?} is not an IP address")))
 }
 
 /// The local source address the kernel would use to reach `dest`, found by
 /// connecting a UDP socket (no packet is sent).
 pub fn route_source_towards(dest: SocketAddr) -> std::io::Result<IpAddr> {
-    let bind: SocketAddr = if dest.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let bind: SocketAddr = if dest.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
     let sock = UdpSocket::bind(bind)?;
     sock.connect(dest)?;
     Ok(sock.local_addr()?.ip())
@@ -379,13 +398,17 @@ pub fn hostname() -> Option<String> {
         return None;
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    String::from_utf8(buf[..end].to_vec()).ok().filter(|s| !s.is_empty())
+    String::from_utf8(buf[..end].to_vec())
+        .ok()
+        .filter(|s| !s.is_empty())
 }
 
 fn validate_node_name(name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if ok {
         Ok(())
     } else {
@@ -409,8 +432,15 @@ impl AgentConfig {
     /// Merges flags over an already-parsed file and validates the result.
     pub fn merge(flags: &AgentFlags, file: FileConfig) -> Result<AgentConfig, ConfigError> {
         let seed_key = source("--seed", "seeds", !flags.seeds.is_empty());
-        let seed_texts = if flags.seeds.is_empty() { file.seeds.unwrap_or_default() } else { flags.seeds.clone() };
-        let seeds = seed_texts.iter().map(|s| parse_seed_as(&seed_key, s)).collect::<Result<Vec<_>, _>>()?;
+        let seed_texts = if flags.seeds.is_empty() {
+            file.seeds.unwrap_or_default()
+        } else {
+            flags.seeds.clone()
+        };
+        let seeds = seed_texts
+            .iter()
+            .map(|s| parse_seed_as(&seed_key, s))
+            .collect::<Result<Vec<_>, _>>()?;
 
         let listen_key = source("--listen", "listen", flags.listen.is_some());
         let listen = match flags.listen.as_deref().or(file.listen.as_deref()) {
@@ -418,7 +448,10 @@ impl AgentConfig {
             None => SocketAddr::from(([0, 0, 0, 0], DEFAULT_GOSSIP_PORT)),
         };
         if listen.port() == 0 {
-            return Err(ConfigError::new(listen_key, "port 0 is not allowed: peers need a fixed port"));
+            return Err(ConfigError::new(
+                listen_key,
+                "port 0 is not allowed: peers need a fixed port",
+            ));
         }
 
         let advertise_key = source("--advertise", "advertise", flags.advertise.is_some());
@@ -428,7 +461,10 @@ impl AgentConfig {
             None => match seeds.first() {
                 Some(seed) => {
                     let ip = route_source_towards(*seed).map_err(|e| {
-                        ConfigError::new("--advertise", format!("not given and no route towards seed {seed}: {e}"))
+                        ConfigError::new(
+                            "--advertise",
+                            format!("not given and no route towards seed {seed}: {e}"),
+                        )
                     })?;
                     SocketAddr::new(ip, listen.port())
                 }
@@ -440,51 +476,95 @@ impl AgentConfig {
                 }
             },
         };
-        if advertise.ip().is_unspecified() || advertise.ip().is_multicast() || advertise.port() == 0 {
-            return Err(ConfigError::new(advertise_key, format!("{advertise} is not a reachable address")));
+        if advertise.ip().is_unspecified() || advertise.ip().is_multicast() || advertise.port() == 0
+        {
+            return Err(ConfigError::new(
+                advertise_key,
+                format!("{advertise} is not a reachable address"),
+            ));
         }
 
         let secret_files = if !flags.secret_files.is_empty() {
             flags.secret_files.clone()
         } else {
-            file.secret_files.unwrap_or_else(|| vec![PathBuf::from(DEFAULT_SECRET_FILE)])
+            file.secret_files
+                .unwrap_or_else(|| vec![PathBuf::from(DEFAULT_SECRET_FILE)])
         };
         if secret_files.is_empty() {
-            return Err(ConfigError::new("--secret-file", "at least one cluster secret is required"));
+            return Err(ConfigError::new(
+                "--secret-file",
+                "at least one cluster secret is required",
+            ));
         }
 
         let name_key = source("--node-name", "node_name", flags.node_name.is_some());
         let node_name = match flags.node_name.clone().or(file.node_name) {
             Some(n) => n,
-            None => hostname().ok_or_else(|| ConfigError::new("--node-name", "not given and the hostname is unreadable"))?,
+            None => hostname().ok_or_else(|| {
+                ConfigError::new("--node-name", "not given and the hostname is unreadable")
+            })?,
         };
         validate_node_name(&node_name).map_err(|e| ConfigError::new(name_key, e.reason))?;
 
-        let data_key = source("--data-address", "data_addresses", !flags.data_addresses.is_empty());
-        let data_texts = if flags.data_addresses.is_empty() { file.data_addresses.unwrap_or_default() } else { flags.data_addresses.clone() };
-        let mut data_addresses = data_texts.iter().map(|s| parse_ip(&data_key, s)).collect::<Result<Vec<_>, _>>()?;
+        let data_key = source(
+            "--data-address",
+            "data_addresses",
+            !flags.data_addresses.is_empty(),
+        );
+        let data_texts = if flags.data_addresses.is_empty() {
+            file.data_addresses.unwrap_or_default()
+        } else {
+            flags.data_addresses.clone()
+        };
+        let mut data_addresses = data_texts
+            .iter()
+            .map(|s| parse_ip(&data_key, s))
+            .collect::<Result<Vec<_>, _>>()?;
         if data_addresses.is_empty() {
             data_addresses.push(advertise.ip());
         }
-        if let Some(bad) = data_addresses.iter().find(|a| a.is_unspecified() || a.is_multicast()) {
-            return Err(ConfigError::new(data_key, format!("{bad} is not a unicast address")));
+        if let Some(bad) = data_addresses
+            .iter()
+            .find(|a| a.is_unspecified() || a.is_multicast())
+        {
+            return Err(ConfigError::new(
+                data_key,
+                format!("{bad} is not a unicast address"),
+            ));
         }
 
         let gossip_interval = match file.gossip_interval_secs {
             Some(s) if !(0.05..=10.0).contains(&s) => {
-                return Err(ConfigError::new("config key \"gossip_interval_secs\"", "must be between 0.05 and 10"))
+                return Err(ConfigError::new(
+                    "config key \"gossip_interval_secs\"",
+                    "must be between 0.05 and 10",
+                ))
             }
             Some(s) => Duration::from_secs_f64(s),
             None => Duration::from_millis(500),
         };
         const MAX_GRACE: u64 = 30 * 24 * 3600;
-        let dead_key = source("--dead-node-grace-secs", "dead_node_grace_secs", flags.dead_node_grace_secs.is_some());
-        let dead_secs = flags.dead_node_grace_secs.or(file.dead_node_grace_secs).unwrap_or(3600);
+        let dead_key = source(
+            "--dead-node-grace-secs",
+            "dead_node_grace_secs",
+            flags.dead_node_grace_secs.is_some(),
+        );
+        let dead_secs = flags
+            .dead_node_grace_secs
+            .or(file.dead_node_grace_secs)
+            .unwrap_or(3600);
         if !(10..=MAX_GRACE).contains(&dead_secs) {
-            return Err(ConfigError::new(dead_key, format!("must be between 10 and {MAX_GRACE} (30 days)")));
+            return Err(ConfigError::new(
+                dead_key,
+                format!("must be between 10 and {MAX_GRACE} (30 days)"),
+            ));
         }
         let dead_node_grace = Duration::from_secs(dead_secs);
-        let peer_key = source("--peer-grace-secs", "peer_grace_secs", flags.peer_grace_secs.is_some());
+        let peer_key = source(
+            "--peer-grace-secs",
+            "peer_grace_secs",
+            flags.peer_grace_secs.is_some(),
+        );
         let peer_secs = flags.peer_grace_secs.or(file.peer_grace_secs).unwrap_or(60);
         if peer_secs > dead_secs {
             return Err(ConfigError::new(
@@ -493,28 +573,66 @@ impl AgentConfig {
             ));
         }
 
-        let interval_key = source("--rekey-interval-secs", "rekey_interval_secs", flags.rekey_interval_secs.is_some());
-        let interval = flags.rekey_interval_secs.or(file.rekey_interval_secs).unwrap_or(3600);
+        let interval_key = source(
+            "--rekey-interval-secs",
+            "rekey_interval_secs",
+            flags.rekey_interval_secs.is_some(),
+        );
+        let interval = flags
+            .rekey_interval_secs
+            .or(file.rekey_interval_secs)
+            .unwrap_or(3600);
         // Time-based re-keys must come well before the SAs' own soft (23 h)
         // and hard (24 h) limits.
         if !(10..=12 * 3600).contains(&interval) {
-            return Err(ConfigError::new(interval_key, "must be between 10 and 43200 (12 hours)"));
+            return Err(ConfigError::new(
+                interval_key,
+                "must be between 10 and 43200 (12 hours)",
+            ));
         }
-        let bytes_key = source("--rekey-after-bytes", "rekey_after_bytes", flags.rekey_after_bytes.is_some());
+        let bytes_key = source(
+            "--rekey-after-bytes",
+            "rekey_after_bytes",
+            flags.rekey_after_bytes.is_some(),
+        );
         let after_bytes = flags.rekey_after_bytes.or(file.rekey_after_bytes);
         if after_bytes.is_some_and(|b| b < 1 << 20) {
-            return Err(ConfigError::new(bytes_key, "must be at least 1048576 (1 MiB); leave it unset for no byte limit"));
+            return Err(ConfigError::new(
+                bytes_key,
+                "must be at least 1048576 (1 MiB); leave it unset for no byte limit",
+            ));
         }
-        let packets_key = source("--rekey-after-packets", "rekey_after_packets", flags.rekey_after_packets.is_some());
+        let packets_key = source(
+            "--rekey-after-packets",
+            "rekey_after_packets",
+            flags.rekey_after_packets.is_some(),
+        );
         let after_packets = flags.rekey_after_packets.or(file.rekey_after_packets);
         if after_packets.is_some_and(|p| p < 1000) {
-            return Err(ConfigError::new(packets_key, "must be at least 1000; leave it unset for no packet limit"));
+            return Err(ConfigError::new(
+                packets_key,
+                "must be at least 1000; leave it unset for no packet limit",
+            ));
         }
-        let rekey = RekeyPolicy { interval: Duration::from_secs(interval), after_bytes, after_packets };
+        let rekey = RekeyPolicy {
+            interval: Duration::from_secs(interval),
+            after_bytes,
+            after_packets,
+        };
 
-        let handshake_port = flags.handshake_port.or(file.handshake_port).unwrap_or(DEFAULT_HANDSHAKE_PORT);
+        let handshake_port = flags
+            .handshake_port
+            .or(file.handshake_port)
+            .unwrap_or(DEFAULT_HANDSHAKE_PORT);
         if handshake_port == 0 {
-            return Err(ConfigError::new(source("--handshake-port", "handshake_port", flags.handshake_port.is_some()), "port 0 is not allowed"));
+            return Err(ConfigError::new(
+                source(
+                    "--handshake-port",
+                    "handshake_port",
+                    flags.handshake_port.is_some(),
+                ),
+                "port 0 is not allowed",
+            ));
         }
 
         Ok(AgentConfig {
@@ -522,20 +640,33 @@ impl AgentConfig {
             listen,
             advertise,
             secret_files,
-            state_dir: flags.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            state_dir: flags
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             node_name,
             control_socket: flags
                 .control_socket
                 .clone()
                 .or(file.control_socket)
                 .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into()),
-            log_format: flags.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_format: flags
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             handshake_port,
             data_addresses,
             gossip_interval,
             dead_node_grace,
-            datapath: flags.datapath.or(file.datapath).unwrap_or(DatapathKind::Kernel),
-            esp_algorithm: flags.esp_algorithm.or(file.esp_algorithm).unwrap_or(EspChoice::Aes128Gcm),
+            datapath: flags
+                .datapath
+                .or(file.datapath)
+                .unwrap_or(DatapathKind::Kernel),
+            esp_algorithm: flags
+                .esp_algorithm
+                .or(file.esp_algorithm)
+                .unwrap_or(EspChoice::Aes128Gcm),
             peer_grace: Duration::from_secs(peer_secs),
             leave_on_stop: flags.leave_on_stop || file.leave_on_stop.unwrap_or(false),
             rekey,
@@ -548,7 +679,10 @@ mod tests {
     use super::*;
 
     fn flags() -> AgentFlags {
-        AgentFlags { node_name: Some("n1".into()), ..Default::default() }
+        AgentFlags {
+            node_name: Some("n1".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -559,7 +693,10 @@ mod tests {
         f.listen = Some("192.0.2.1:7000".into());
         let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
         assert_eq!(cfg.advertise, "192.0.2.1:7000".parse().unwrap());
-        assert_eq!(cfg.data_addresses, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            cfg.data_addresses,
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(cfg.handshake_port, DEFAULT_HANDSHAKE_PORT);
     }
 
@@ -582,12 +719,21 @@ mod tests {
 
     #[test]
     fn malformed_seeds_name_the_flag() {
-        for bad in ["192.0.2.1", "192.0.2.1:notaport", "192.0.2.1:0", "2001:db8::1:9340", ":9340"] {
+        for bad in [
+            "192.0.2.1",
+            "192.0.2.1:notaport",
+            "192.0.2.1:0",
+            "2001:db8::1:9340",
+            ":9340",
+        ] {
             let err = parse_seed(bad).unwrap_err();
             assert_eq!(err.key, "--seed", "{bad}");
             assert!(err.to_string().contains(bad), "{err}");
         }
-        assert_eq!(parse_seed("[2001:db8::1]:9340").unwrap(), "[2001:db8::1]:9340".parse().unwrap());
+        assert_eq!(
+            parse_seed("[2001:db8::1]:9340").unwrap(),
+            "[2001:db8::1]:9340".parse().unwrap()
+        );
     }
 
     #[test]
@@ -596,8 +742,10 @@ mod tests {
             "listen = \"192.0.2.1:7000\"\nnode_name = \"from-file\"\nhandshake_port = 7777\nlog_format = \"json\"\n",
         )
         .unwrap();
-        let mut f = AgentFlags::default();
-        f.listen = Some("192.0.2.2:7000".into());
+        let f = AgentFlags {
+            listen: Some("192.0.2.2:7000".into()),
+            ..Default::default()
+        };
         let cfg = AgentConfig::merge(&f, file).unwrap();
         assert_eq!(cfg.listen, "192.0.2.2:7000".parse().unwrap());
         assert_eq!(cfg.node_name, "from-file");
@@ -623,15 +771,30 @@ mod tests {
         assert!(err.key.contains("gossip_interval_secs"));
         let mut f2 = flags();
         f2.listen = Some("192.0.2.1".into());
-        assert_eq!(AgentConfig::merge(&f2, FileConfig::default()).unwrap_err().key, "--listen");
+        assert_eq!(
+            AgentConfig::merge(&f2, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--listen"
+        );
         let mut f3 = flags();
         f3.listen = Some("192.0.2.1:7000".into());
         f3.node_name = Some("bad name".into());
-        assert_eq!(AgentConfig::merge(&f3, FileConfig::default()).unwrap_err().key, "--node-name");
+        assert_eq!(
+            AgentConfig::merge(&f3, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--node-name"
+        );
         let mut f4 = flags();
         f4.listen = Some("192.0.2.1:7000".into());
         f4.data_addresses = vec!["nope".into()];
-        assert_eq!(AgentConfig::merge(&f4, FileConfig::default()).unwrap_err().key, "--data-address");
+        assert_eq!(
+            AgentConfig::merge(&f4, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--data-address"
+        );
     }
 
     #[test]
@@ -642,13 +805,28 @@ mod tests {
         let mut f = flags();
         f.listen = Some("192.0.2.1:7000".into());
         f.peer_grace_secs = Some(7200);
-        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--peer-grace-secs");
+        assert_eq!(
+            AgentConfig::merge(&f, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--peer-grace-secs"
+        );
         f.peer_grace_secs = None;
         f.dead_node_grace_secs = Some(u64::MAX);
-        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--dead-node-grace-secs");
+        assert_eq!(
+            AgentConfig::merge(&f, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--dead-node-grace-secs"
+        );
         f.dead_node_grace_secs = None;
         f.data_addresses = vec!["0.0.0.0".into()];
-        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--data-address");
+        assert_eq!(
+            AgentConfig::merge(&f, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--data-address"
+        );
     }
 
     #[test]
@@ -658,20 +836,34 @@ mod tests {
         let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
         assert_eq!(cfg.rekey, RekeyPolicy::default());
         let l = cfg.rekey.lifetimes();
-        assert_eq!((l.soft_packets, l.hard_packets, l.soft_bytes, l.hard_bytes), (0, 0, 0, 0), "no count limits by default");
-        assert_eq!((l.soft_seconds, l.hard_seconds), (SA_SOFT_SECONDS, SA_HARD_SECONDS));
+        assert_eq!(
+            (l.soft_packets, l.hard_packets, l.soft_bytes, l.hard_bytes),
+            (0, 0, 0, 0),
+            "no count limits by default"
+        );
+        assert_eq!(
+            (l.soft_seconds, l.hard_seconds),
+            (SA_SOFT_SECONDS, SA_HARD_SECONDS)
+        );
 
         f.rekey_after_packets = Some(999);
         let e = AgentConfig::merge(&f, FileConfig::default()).unwrap_err();
         assert_eq!(e.key, "--rekey-after-packets", "{e}");
         f.rekey_after_packets = None;
-        let e = AgentConfig::merge(&f, parse_file("rekey_after_bytes = 1000").unwrap()).unwrap_err();
+        let e =
+            AgentConfig::merge(&f, parse_file("rekey_after_bytes = 1000").unwrap()).unwrap_err();
         assert_eq!(e.key, "config key \"rekey_after_bytes\"", "{e}");
         f.rekey_interval_secs = Some(5);
-        assert_eq!(AgentConfig::merge(&f, FileConfig::default()).unwrap_err().key, "--rekey-interval-secs");
+        assert_eq!(
+            AgentConfig::merge(&f, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--rekey-interval-secs"
+        );
 
         f.rekey_interval_secs = Some(600);
-        let file = parse_file("rekey_after_packets = 5000\nrekey_after_bytes = 1073741824").unwrap();
+        let file =
+            parse_file("rekey_after_packets = 5000\nrekey_after_bytes = 1073741824").unwrap();
         let cfg = AgentConfig::merge(&f, file).unwrap();
         assert_eq!(cfg.rekey.interval, Duration::from_secs(600));
         let l = cfg.rekey.lifetimes();

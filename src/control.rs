@@ -125,7 +125,10 @@ pub type BTreeMapU64 = std::collections::BTreeMap<String, u64>;
 /// The integer fields of a counters struct, by name (what `status` shows).
 pub fn counter_map<T: Serialize>(counters: &T) -> BTreeMapU64 {
     match serde_json::to_value(counters) {
-        Ok(serde_json::Value::Object(m)) => m.into_iter().filter_map(|(k, v)| v.as_u64().map(|n| (k, n))).collect(),
+        Ok(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| v.as_u64().map(|n| (k, n)))
+            .collect(),
         _ => BTreeMapU64::new(),
     }
 }
@@ -159,7 +162,8 @@ pub struct ControlState {
     /// Asks the agent to reload its keyring.
     pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     /// Links per peer name, merged into the listing.
-    pub links: watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
+    pub links:
+        watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
 }
 
 /// Errors preparing the control socket.
@@ -175,10 +179,14 @@ pub struct ControlSocketError {
 /// Binds the control socket with owner-only permissions. A stale socket file
 /// (no agent answering) is replaced; a live one is an error.
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
-    let err = |reason: String| ControlSocketError { path: path.to_path_buf(), reason };
+    let err = |reason: String| ControlSocketError {
+        path: path.to_path_buf(),
+        reason,
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         if !dir.exists() {
-            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create directory: {e}")))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| err(format!("cannot create directory: {e}")))?;
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| err(e.to_string()))?;
         }
@@ -187,7 +195,9 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
         use std::os::unix::fs::FileTypeExt;
         // Only ever remove a stale *socket*: a typo must not delete a file.
         if !meta.file_type().is_socket() {
-            return Err(err("exists and is not a socket; refusing to replace it".into()));
+            return Err(err(
+                "exists and is not a socket; refusing to replace it".into()
+            ));
         }
         if UnixStream::connect(path).await.is_ok() {
             return Err(err("another agent is already serving this socket".into()));
@@ -200,13 +210,18 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
     let listener = UnixListener::bind(path);
     unsafe { libc::umask(old) };
     let listener = listener.map_err(|e| err(e.to_string()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| err(e.to_string()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| err(e.to_string()))?;
     Ok(listener)
 }
 
 /// Serves clients until `shutdown` fires. Each connection gets its own task;
 /// all of them stop on shutdown.
-pub async fn serve(listener: UnixListener, state: ControlState, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    state: ControlState,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -257,7 +272,11 @@ pub fn merge_links(
     members
 }
 
-async fn handle(stream: UnixStream, state: ControlState, mut shutdown: watch::Receiver<bool>) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    state: ControlState,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
     let mut line = String::new();
@@ -349,17 +368,29 @@ impl Client {
     pub async fn request(path: &Path, req: &Request) -> Result<Client, ClientError> {
         let stream = UnixStream::connect(path)
             .await
-            .map_err(|e| ClientError::Connect { path: path.to_path_buf(), reason: e.to_string() })?;
+            .map_err(|e| ClientError::Connect {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
         let (r, mut w) = stream.into_split();
         let mut line = serde_json::to_vec(req).map_err(|e| ClientError::Protocol(e.to_string()))?;
         line.push(b'\n');
-        w.write_all(&line).await.map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(Client { lines: BufReader::new(r).lines() })
+        w.write_all(&line)
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Client {
+            lines: BufReader::new(r).lines(),
+        })
     }
 
     /// The next reply line; `None` when the agent closed the connection.
     pub async fn next(&mut self) -> Result<Option<Reply>, ClientError> {
-        match self.lines.next_line().await.map_err(|e| ClientError::Protocol(e.to_string()))? {
+        match self
+            .lines
+            .next_line()
+            .await
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
             None => Ok(None),
             Some(l) => match serde_json::from_str::<Reply>(&l) {
                 Ok(Reply::Error(e)) => Err(ClientError::Agent(e)),
@@ -409,14 +440,25 @@ mod tests {
         let (mesh_tx, _mesh_rx) = tokio::sync::mpsc::channel(4);
         let (leave_tx, _leave_rx) = tokio::sync::mpsc::channel(1);
         let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<ReloadRequest>(1);
-        let state = ControlState { members: mrx, changes: ctx.clone(), status: Arc::new(status), links: lrx, mesh: mesh_tx, leave: leave_tx, reload: reload_tx };
+        let state = ControlState {
+            members: mrx,
+            changes: ctx.clone(),
+            status: Arc::new(status),
+            links: lrx,
+            mesh: mesh_tx,
+            leave: leave_tx,
+            reload: reload_tx,
+        };
         // The agent's side of reloads: refuse the first, accept the second.
         tokio::spawn(async move {
             if let Some(tx) = reload_rx.recv().await {
                 let _ = tx.send(Err("--secret-file: /x: line 2: not base64".into()));
             }
             if let Some(tx) = reload_rx.recv().await {
-                let _ = tx.send(Ok(Reloaded { secrets: 2, key_ids: vec!["aa".into(), "bb".into()] }));
+                let _ = tx.send(Ok(Reloaded {
+                    secrets: 2,
+                    key_ids: vec!["aa".into(), "bb".into()],
+                }));
             }
         });
         let (stx, srx) = watch::channel(false);
@@ -442,14 +484,20 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         ctx.send(Arc::new((vec![], vec![]))).unwrap();
-        assert!(matches!(w.next().await.unwrap(), Some(Reply::Changes { .. })));
+        assert!(matches!(
+            w.next().await.unwrap(),
+            Some(Reply::Changes { .. })
+        ));
 
         let mut r = Client::request(&path, &Request::Reload).await.unwrap();
         // An agent's refusal reaches the client as an error (the CLI exits 1).
         let e = r.next().await.unwrap_err().to_string();
         assert!(e.contains("line 2"), "{e}");
         let mut r = Client::request(&path, &Request::Reload).await.unwrap();
-        assert!(matches!(r.next().await.unwrap(), Some(Reply::Reloaded(Reloaded { secrets: 2, .. }))));
+        assert!(matches!(
+            r.next().await.unwrap(),
+            Some(Reply::Reloaded(Reloaded { secrets: 2, .. }))
+        ));
 
         // Garbage gets an error reply, not a crash.
         let mut raw = UnixStream::connect(&path).await.unwrap();

@@ -69,15 +69,23 @@ pub fn init_secret(out: &Path) -> Result<(), IdentityError> {
     let mut bytes = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(bytes.as_mut());
     let text = Zeroizing::new(format!("{}\n", B64.encode(bytes.as_ref())));
-    let werr = |e: std::io::Error| IdentityError::Write { path: out.to_path_buf(), reason: e.to_string() };
+    let werr = |e: std::io::Error| IdentityError::Write {
+        path: out.to_path_buf(),
+        reason: e.to_string(),
+    };
     // create_new: a racing writer loses instead of being overwritten.
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(out).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            IdentityError::Exists(out.to_path_buf())
-        } else {
-            werr(e)
-        }
-    })?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                IdentityError::Exists(out.to_path_buf())
+            } else {
+                werr(e)
+            }
+        })?;
     if let Err(e) = f.write_all(text.as_bytes()).and_then(|_| f.sync_all()) {
         let _ = fs::remove_file(out);
         return Err(werr(e));
@@ -89,7 +97,10 @@ pub fn init_secret(out: &Path) -> Result<(), IdentityError> {
 pub fn load_secret(path: &Path) -> Result<ClusterSecret, IdentityError> {
     let mut secrets = load_secrets(path)?;
     if secrets.len() > 1 {
-        return Err(IdentityError::Secret { path: path.to_path_buf(), reason: format!("holds {} secrets, one expected", secrets.len()) });
+        return Err(IdentityError::Secret {
+            path: path.to_path_buf(),
+            reason: format!("holds {} secrets, one expected", secrets.len()),
+        });
     }
     Ok(secrets.remove(0))
 }
@@ -98,7 +109,10 @@ pub fn load_secret(path: &Path) -> Result<ClusterSecret, IdentityError> {
 /// that one file can hold a keyring during a rotation. Blank lines and lines
 /// starting with `#` are skipped; a file without any secret is an error.
 pub fn load_secrets(path: &Path) -> Result<Vec<ClusterSecret>, IdentityError> {
-    let err = |reason: String| IdentityError::Secret { path: path.to_path_buf(), reason };
+    let err = |reason: String| IdentityError::Secret {
+        path: path.to_path_buf(),
+        reason,
+    };
     let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
@@ -107,15 +121,22 @@ pub fn load_secrets(path: &Path) -> Result<Vec<ClusterSecret>, IdentityError> {
             continue;
         }
         let at = |r: &str| err(format!("line {}: {r}", n + 1));
-        let decoded = Zeroizing::new(B64.decode(line).map_err(|_| at("not base64 (create one with `meshsec init`)"))?);
-        let bytes: [u8; 32] = decoded
-            .as_slice()
-            .try_into()
-            .map_err(|_| at(&format!("holds {} bytes, a cluster secret is 32", decoded.len())))?;
+        let decoded = Zeroizing::new(
+            B64.decode(line)
+                .map_err(|_| at("not base64 (create one with `meshsec init`)"))?,
+        );
+        let bytes: [u8; 32] = decoded.as_slice().try_into().map_err(|_| {
+            at(&format!(
+                "holds {} bytes, a cluster secret is 32",
+                decoded.len()
+            ))
+        })?;
         out.push(ClusterSecret(Zeroizing::new(bytes)));
     }
     if out.is_empty() {
-        return Err(err("holds no secret (create one with `meshsec init`)".into()));
+        return Err(err(
+            "holds no secret (create one with `meshsec init`)".into()
+        ));
     }
     Ok(out)
 }
@@ -157,7 +178,10 @@ impl NodeKey {
     pub fn from_private(private: [u8; 32]) -> NodeKey {
         let secret = x25519_dalek::StaticSecret::from(private);
         let public = x25519_dalek::PublicKey::from(&secret).to_bytes();
-        NodeKey { private: Zeroizing::new(secret.to_bytes()), public }
+        NodeKey {
+            private: Zeroizing::new(secret.to_bytes()),
+            public,
+        }
     }
 
     /// A fresh random key pair.
@@ -185,8 +209,13 @@ impl NodeKey {
         let path = state_dir.join(NODE_KEY_FILE);
         match read_key_file(&path) {
             Ok(key) => Ok((key, KeyOrigin::Loaded)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((NodeKey::generate(), KeyOrigin::Generated)),
-            Err(e) => Err(IdentityError::State { path, reason: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok((NodeKey::generate(), KeyOrigin::Generated))
+            }
+            Err(e) => Err(IdentityError::State {
+                path,
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -207,11 +236,19 @@ impl NodeKey {
     pub fn persist(&self, state_dir: &Path) -> Result<(), IdentityError> {
         let path = state_dir.join(NODE_KEY_FILE);
         let tmp = state_dir.join(format!(".{NODE_KEY_FILE}.tmp{}", std::process::id()));
-        let serr = |e: std::io::Error| IdentityError::State { path: path.clone(), reason: e.to_string() };
+        let serr = |e: std::io::Error| IdentityError::State {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
         let text = Zeroizing::new(format!("{}\n", B64.encode(self.private.as_ref())));
         let result = (|| {
             create_state_dir(state_dir)?;
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(text.as_bytes())?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
@@ -227,8 +264,14 @@ impl NodeKey {
 fn read_key_file(path: &Path) -> std::io::Result<NodeKey> {
     let text = Zeroizing::new(fs::read_to_string(path)?);
     let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
-    let bytes = Zeroizing::new(B64.decode(text.trim()).map_err(|_| invalid("node key is not base64"))?);
-    let private: [u8; 32] = bytes.as_slice().try_into().map_err(|_| invalid("node key is not 32 bytes"))?;
+    let bytes = Zeroizing::new(
+        B64.decode(text.trim())
+            .map_err(|_| invalid("node key is not base64"))?,
+    );
+    let private: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid("node key is not 32 bytes"))?;
     Ok(NodeKey::from_private(private))
 }
 
@@ -236,7 +279,10 @@ fn read_key_file(path: &Path) -> std::io::Result<NodeKey> {
 /// writable directory, so a start that would later fail to persist the key
 /// fails before it binds sockets.
 fn check_state_dir(dir: &Path) -> Result<(), IdentityError> {
-    let serr = |reason: String| IdentityError::State { path: dir.to_path_buf(), reason };
+    let serr = |reason: String| IdentityError::State {
+        path: dir.to_path_buf(),
+        reason,
+    };
     let mut probe = dir;
     loop {
         if probe.exists() {
@@ -247,7 +293,11 @@ fn check_state_dir(dir: &Path) -> Result<(), IdentityError> {
                 .map_err(|_| serr("path contains a NUL byte".into()))?;
             // SAFETY: c is a valid NUL-terminated path.
             if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
-                return Err(serr(format!("{} is not writable: {}", probe.display(), std::io::Error::last_os_error())));
+                return Err(serr(format!(
+                    "{} is not writable: {}",
+                    probe.display(),
+                    std::io::Error::last_os_error()
+                )));
             }
             return Ok(());
         }
@@ -298,9 +348,16 @@ mod tests {
         let state = dir.path().join("state");
         let (k1, o1) = NodeKey::load_or_generate(&state).unwrap();
         assert_eq!(o1, KeyOrigin::Generated);
-        assert!(!state.exists(), "generate must not create anything before persist");
+        assert!(
+            !state.exists(),
+            "generate must not create anything before persist"
+        );
         k1.persist(&state).unwrap();
-        let mode = fs::metadata(state.join(NODE_KEY_FILE)).unwrap().permissions().mode() & 0o777;
+        let mode = fs::metadata(state.join(NODE_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let dmode = fs::metadata(&state).unwrap().permissions().mode() & 0o777;
         assert_eq!(dmode, 0o700);
@@ -356,16 +413,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("missing");
         let e = load_secret(&missing).unwrap_err().to_string();
-        assert!(e.starts_with("--secret-file:") && e.contains("missing"), "{e}");
+        assert!(
+            e.starts_with("--secret-file:") && e.contains("missing"),
+            "{e}"
+        );
         let short = dir.path().join("short");
         fs::write(&short, B64.encode([1u8; 16])).unwrap();
-        assert!(load_secret(&short).unwrap_err().to_string().contains("16 bytes"));
+        assert!(load_secret(&short)
+            .unwrap_err()
+            .to_string()
+            .contains("16 bytes"));
         let junk = dir.path().join("junk");
         fs::write(&junk, "%%%").unwrap();
-        assert!(load_secret(&junk).unwrap_err().to_string().contains("not base64"));
+        assert!(load_secret(&junk)
+            .unwrap_err()
+            .to_string()
+            .contains("not base64"));
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "# nothing yet\n\n").unwrap();
-        assert!(load_keyring(std::slice::from_ref(&empty)).unwrap_err().to_string().contains("holds no secret"));
+        assert!(load_keyring(std::slice::from_ref(&empty))
+            .unwrap_err()
+            .to_string()
+            .contains("holds no secret"));
     }
 
     #[test]
@@ -374,14 +443,27 @@ mod tests {
         let (a, b) = (dir.path().join("a"), dir.path().join("b"));
         init_secret(&a).unwrap();
         init_secret(&b).unwrap();
-        let (ta, tb) = (std::fs::read_to_string(&a).unwrap(), std::fs::read_to_string(&b).unwrap());
+        let (ta, tb) = (
+            std::fs::read_to_string(&a).unwrap(),
+            std::fs::read_to_string(&b).unwrap(),
+        );
         let ring = dir.path().join("ring");
-        std::fs::write(&ring, format!("# rotating\n{}\n\n{}\n", tb.trim(), ta.trim())).unwrap();
+        std::fs::write(
+            &ring,
+            format!("# rotating\n{}\n\n{}\n", tb.trim(), ta.trim()),
+        )
+        .unwrap();
         let got = load_keyring(std::slice::from_ref(&ring)).unwrap();
         let want = load_keyring(&[b.clone(), a.clone()]).unwrap();
         assert_eq!(got.len(), 2);
-        assert!(got.iter().zip(&want).all(|(x, y)| *x.0 == *y.0), "file order is keyring order");
-        assert!(load_secret(&ring).unwrap_err().to_string().contains("holds 2 secrets"));
+        assert!(
+            got.iter().zip(&want).all(|(x, y)| *x.0 == *y.0),
+            "file order is keyring order"
+        );
+        assert!(load_secret(&ring)
+            .unwrap_err()
+            .to_string()
+            .contains("holds 2 secrets"));
         std::fs::write(&ring, format!("{}\nnot-base64\n", ta.trim())).unwrap();
         let e = load_keyring(&[ring]).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("not base64"), "{e}");

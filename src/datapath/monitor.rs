@@ -19,9 +19,10 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use netlink_packet_xfrm::{
-    UserSaInfo, AF_INET, AF_INET6, IPPROTO_ESP, XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA,
-    XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA, XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA,
-    XFRMA_POLICY, XFRMA_SA, XFRM_USER_POLICY_ID_LEN, XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_ID_LEN, XFRM_USER_SA_INFO_LEN,
+    UserSaInfo, AF_INET, AF_INET6, IPPROTO_ESP, XFRMA_POLICY, XFRMA_SA, XFRMNLGRP_EXPIRE,
+    XFRMNLGRP_POLICY, XFRMNLGRP_SA, XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA,
+    XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA, XFRM_USER_POLICY_ID_LEN,
+    XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_ID_LEN, XFRM_USER_SA_INFO_LEN,
 };
 use netlink_sys::{protocols::NETLINK_XFRM, Socket};
 
@@ -55,7 +56,10 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
             // struct xfrm_user_expire: xfrm_usersa_info, then `hard` (u8).
             let hard = *payload.get(XFRM_USER_SA_INFO_LEN)?;
             let info = UserSaInfo::parse(payload.get(..XFRM_USER_SA_INFO_LEN)?).ok()?;
-            if info.id.proto != IPPROTO_ESP || info.mode != XFRM_MODE_TRANSPORT || !is_owned_reqid(info.reqid) {
+            if info.id.proto != IPPROTO_ESP
+                || info.mode != XFRM_MODE_TRANSPORT
+                || !is_owned_reqid(info.reqid)
+            {
                 return None;
             }
             let dst = match info.family {
@@ -63,7 +67,13 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
                 AF_INET6 => std::net::IpAddr::V6(info.id.daddr.to_ipv6()),
                 _ => return None,
             };
-            Some(KernelEvent::Expire { sa: SaId { dst, spi: info.id.spi }, hard: hard != 0 })
+            Some(KernelEvent::Expire {
+                sa: SaId {
+                    dst,
+                    spi: info.id.spi,
+                },
+                hard: hard != 0,
+            })
         }
         // struct xfrm_usersa_id, then XFRMA_SA: the deleted SA's xfrm_usersa_info.
         XFRM_MSG_DELSA => match attr(payload, XFRM_USER_SA_ID_LEN, XFRMA_SA) {
@@ -77,7 +87,8 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
         XFRM_MSG_DELPOLICY => match attr(payload, XFRM_USER_POLICY_ID_LEN, XFRMA_POLICY) {
             Some(info) if info.len() >= XFRM_USER_POLICY_INFO_LEN => {
                 let priority = u32_at(info, POLICY_INFO_PRIORITY)?;
-                (priority == POLICY_PRIORITY || priority == ND_BYPASS_PRIORITY).then_some(KernelEvent::TablesChanged)
+                (priority == POLICY_PRIORITY || priority == ND_BYPASS_PRIORITY)
+                    .then_some(KernelEvent::TablesChanged)
             }
             _ => Some(KernelEvent::TablesChanged),
         },
@@ -110,7 +121,10 @@ impl XfrmMonitor {
         // overruns rare (and they are handled anyway).
         let _ = sock.set_rx_buf_sz(4 << 20);
         sock.set_non_blocking(true)?;
-        Ok(XfrmMonitor { sock, buf: Vec::with_capacity(1 << 16) })
+        Ok(XfrmMonitor {
+            sock,
+            buf: Vec::with_capacity(1 << 16),
+        })
     }
 
     /// Reads every queued datagram, appending what it decodes to `out`.
@@ -161,7 +175,8 @@ mod tests {
             replay_window: 0,
             lifetimes: Lifetimes::default(),
         };
-        let msg = crate::datapath::xfrm::sa_message(&sa, crate::datapath::KernelFlavor { sa_dir: false });
+        let msg =
+            crate::datapath::xfrm::sa_message(&sa, crate::datapath::KernelFlavor { sa_dir: false });
         let mut info = vec![0u8; msg.user_sa_info.buffer_len()];
         msg.user_sa_info.emit(&mut info);
         assert_eq!(info.len(), XFRM_USER_SA_INFO_LEN);
@@ -176,11 +191,26 @@ mod tests {
         let soft = expire_payload(0xc0ffee01, dst, Reqid::DEFAULT, false);
         assert_eq!(
             parse_event(XFRM_MSG_EXPIRE, &soft),
-            Some(KernelEvent::Expire { sa: SaId { dst, spi: 0xc0ffee01 }, hard: false })
+            Some(KernelEvent::Expire {
+                sa: SaId {
+                    dst,
+                    spi: 0xc0ffee01
+                },
+                hard: false
+            })
         );
         let v6 = "2001:db8::2".parse().unwrap();
         let hard = expire_payload(0x1234, v6, Reqid::DEFAULT, true);
-        assert_eq!(parse_event(XFRM_MSG_EXPIRE, &hard), Some(KernelEvent::Expire { sa: SaId { dst: v6, spi: 0x1234 }, hard: true }));
+        assert_eq!(
+            parse_event(XFRM_MSG_EXPIRE, &hard),
+            Some(KernelEvent::Expire {
+                sa: SaId {
+                    dst: v6,
+                    spi: 0x1234
+                },
+                hard: true
+            })
+        );
     }
 
     #[test]
@@ -192,12 +222,25 @@ mod tests {
         assert_eq!(parse_event(XFRM_MSG_EXPIRE, &foreign), None);
         let owned = expire_payload(5, dst, Reqid::DEFAULT, false);
         for n in 0..owned.len().min(XFRM_USER_SA_INFO_LEN + 1) {
-            assert_eq!(parse_event(XFRM_MSG_EXPIRE, &owned[..n]), None, "prefix of {n} bytes");
+            assert_eq!(
+                parse_event(XFRM_MSG_EXPIRE, &owned[..n]),
+                None,
+                "prefix of {n} bytes"
+            );
         }
-        assert_eq!(parse_event(XFRM_MSG_FLUSHSA, &[]), Some(KernelEvent::TablesChanged));
+        assert_eq!(
+            parse_event(XFRM_MSG_FLUSHSA, &[]),
+            Some(KernelEvent::TablesChanged)
+        );
         // Deletions in an unknown layout count, to be safe.
-        assert_eq!(parse_event(XFRM_MSG_DELPOLICY, &[1, 2]), Some(KernelEvent::TablesChanged));
-        assert_eq!(parse_event(XFRM_MSG_DELSA, &[0; 30]), Some(KernelEvent::TablesChanged));
+        assert_eq!(
+            parse_event(XFRM_MSG_DELPOLICY, &[1, 2]),
+            Some(KernelEvent::TablesChanged)
+        );
+        assert_eq!(
+            parse_event(XFRM_MSG_DELSA, &[0; 30]),
+            Some(KernelEvent::TablesChanged)
+        );
         assert_eq!(parse_event(0x10 /* NEWSA */, &owned), None);
     }
 }
@@ -219,8 +262,15 @@ mod deletion_tests {
     }
 
     fn sa_info(reqid: u32) -> Vec<u8> {
-        let sa = crate::datapath::suite::sa("192.0.2.1", "192.0.2.2", 9, Direction::Out, crate::datapath::Aead::Aes128Gcm);
-        let msg = crate::datapath::xfrm::sa_message(&sa, crate::datapath::KernelFlavor { sa_dir: false });
+        let sa = crate::datapath::suite::sa(
+            "192.0.2.1",
+            "192.0.2.2",
+            9,
+            Direction::Out,
+            crate::datapath::Aead::Aes128Gcm,
+        );
+        let msg =
+            crate::datapath::xfrm::sa_message(&sa, crate::datapath::KernelFlavor { sa_dir: false });
         let mut info = vec![0u8; msg.user_sa_info.buffer_len()];
         msg.user_sa_info.emit(&mut info);
         info[SA_INFO_REQID..SA_INFO_REQID + 4].copy_from_slice(&reqid.to_ne_bytes());
@@ -228,24 +278,42 @@ mod deletion_tests {
     }
 
     fn policy_info(priority: u32) -> Vec<u8> {
-        let [p, _] = PolicySpec::pair("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap(), Reqid::DEFAULT);
+        let [p, _] = PolicySpec::pair(
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            Reqid::DEFAULT,
+        );
         let msg = crate::datapath::xfrm::policy_message(&p);
         let mut info = vec![0u8; msg.user_policy_info.buffer_len()];
         msg.user_policy_info.emit(&mut info);
         assert_eq!(u32_at(&info, POLICY_INFO_PRIORITY), Some(POLICY_PRIORITY));
-        info[POLICY_INFO_PRIORITY..POLICY_INFO_PRIORITY + 4].copy_from_slice(&priority.to_ne_bytes());
+        info[POLICY_INFO_PRIORITY..POLICY_INFO_PRIORITY + 4]
+            .copy_from_slice(&priority.to_ne_bytes());
         info
     }
 
     #[test]
     fn only_deletions_of_meshsec_objects_count() {
         let ours = Reqid::DEFAULT.get();
-        let del_sa = |reqid| parse_event(XFRM_MSG_DELSA, &notification(XFRM_USER_SA_ID_LEN, XFRMA_SA, &sa_info(reqid)));
+        let del_sa = |reqid| {
+            parse_event(
+                XFRM_MSG_DELSA,
+                &notification(XFRM_USER_SA_ID_LEN, XFRMA_SA, &sa_info(reqid)),
+            )
+        };
         assert_eq!(del_sa(ours), Some(KernelEvent::TablesChanged));
         assert_eq!(del_sa(7), None, "another daemon's SA");
-        let del_pol = |prio| parse_event(XFRM_MSG_DELPOLICY, &notification(XFRM_USER_POLICY_ID_LEN, XFRMA_POLICY, &policy_info(prio)));
+        let del_pol = |prio| {
+            parse_event(
+                XFRM_MSG_DELPOLICY,
+                &notification(XFRM_USER_POLICY_ID_LEN, XFRMA_POLICY, &policy_info(prio)),
+            )
+        };
         assert_eq!(del_pol(POLICY_PRIORITY), Some(KernelEvent::TablesChanged));
-        assert_eq!(del_pol(ND_BYPASS_PRIORITY), Some(KernelEvent::TablesChanged));
+        assert_eq!(
+            del_pol(ND_BYPASS_PRIORITY),
+            Some(KernelEvent::TablesChanged)
+        );
         assert_eq!(del_pol(0), None, "another daemon's policy");
         // Another attribute first (e.g. a mark) is skipped over.
         let mut p = notification(XFRM_USER_SA_ID_LEN, 21, &[0; 8]);

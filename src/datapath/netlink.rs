@@ -95,7 +95,10 @@ fn u16_at(b: &[u8], off: usize) -> Option<u16> {
 pub(crate) fn attr(payload: &[u8], header: usize, kind: u16) -> Option<&[u8]> {
     let mut off = header;
     while off + 4 <= payload.len() {
-        let (len, ty) = (usize::from(u16_at(payload, off)?), u16_at(payload, off + 2)? & 0x3fff);
+        let (len, ty) = (
+            usize::from(u16_at(payload, off)?),
+            u16_at(payload, off + 2)? & 0x3fff,
+        );
         if len < 4 || off + len > payload.len() {
             return None;
         }

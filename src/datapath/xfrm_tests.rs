@@ -1115,30 +1115,65 @@ fn esp_expire_notifications() {
     fresh_netns();
     let mut monitor = XfrmMonitor::open().unwrap();
     let mut dp = XfrmDatapath::open().unwrap();
-    let mut sa = suite::sa("10.40.0.1", "10.40.0.2", 0x4000_0001, Direction::Out, Aead::Aes128Gcm);
+    let mut sa = suite::sa(
+        "10.40.0.1",
+        "10.40.0.2",
+        0x4000_0001,
+        Direction::Out,
+        Aead::Aes128Gcm,
+    );
     sa.lifetimes.soft_seconds = 1;
     sa.lifetimes.hard_seconds = 3;
     dp.install_sa(&sa).unwrap();
-    let other = suite::sa("10.40.0.1", "10.40.0.2", 0x4000_0002, Direction::Out, Aead::Aes128Gcm);
+    let other = suite::sa(
+        "10.40.0.1",
+        "10.40.0.2",
+        0x4000_0002,
+        Direction::Out,
+        Aead::Aes128Gcm,
+    );
     dp.install_sa(&other).unwrap();
     sh_ok("ip xfrm state add src 10.40.0.1 dst 10.40.0.2 proto esp spi 0x40000003 reqid 7 mode transport \
            aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128 \
            limit time-soft 1 limit time-hard 2");
     let mut events = Vec::new();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while std::time::Instant::now() < deadline && !events.contains(&KernelEvent::Expire { sa: sa.id(), hard: true }) {
+    while std::time::Instant::now() < deadline
+        && !events.contains(&KernelEvent::Expire {
+            sa: sa.id(),
+            hard: true,
+        })
+    {
         monitor.read_events(&mut events).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     eprintln!("{events:?}");
-    let soft = events.iter().position(|e| *e == KernelEvent::Expire { sa: sa.id(), hard: false });
-    let hard = events.iter().position(|e| *e == KernelEvent::Expire { sa: sa.id(), hard: true });
-    assert!(soft.is_some() && hard.is_some() && soft < hard, "soft then hard expiry: {events:?}");
+    let soft = events.iter().position(|e| {
+        *e == KernelEvent::Expire {
+            sa: sa.id(),
+            hard: false,
+        }
+    });
+    let hard = events.iter().position(|e| {
+        *e == KernelEvent::Expire {
+            sa: sa.id(),
+            hard: true,
+        }
+    });
     assert!(
-        !events.iter().any(|e| matches!(e, KernelEvent::Expire { sa: s, .. } if s.spi == 0x4000_0003)),
+        soft.is_some() && hard.is_some() && soft < hard,
+        "soft then hard expiry: {events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, KernelEvent::Expire { sa: s, .. } if s.spi == 0x4000_0003)),
         "another daemon's SA is not meshsec's business: {events:?}"
     );
-    assert!(dp.dump_sas().unwrap().iter().all(|s| s.spi != sa.spi), "the hard limit deleted the SA");
+    assert!(
+        dp.dump_sas().unwrap().iter().all(|s| s.spi != sa.spi),
+        "the hard limit deleted the SA"
+    );
     events.clear();
     sh_ok("ip xfrm state add src 10.40.0.1 dst 10.40.0.2 proto esp spi 0x40000004 reqid 7 mode transport \
            aead 'rfc4106(gcm(aes))' 0x0102030405060708090a0b0c0d0e0f1011121314 128");
@@ -1149,7 +1184,11 @@ fn esp_expire_notifications() {
     dp.delete_sa(other.id()).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     monitor.read_events(&mut events).unwrap();
-    assert_eq!(events, vec![KernelEvent::TablesChanged], "meshsec's SA deleted");
+    assert_eq!(
+        events,
+        vec![KernelEvent::TablesChanged],
+        "meshsec's SA deleted"
+    );
 }
 
 /// Deleting meshsec's policies is announced to the monitor; deleting
@@ -1167,7 +1206,11 @@ fn kernel_policy_deletion_events() {
     let mut events = Vec::new();
     monitor.read_events(&mut events).unwrap();
     assert_eq!(events, vec![], "another daemon's policy");
-    let [out, _] = PolicySpec::pair(suite::ip("10.41.0.1"), suite::ip("10.41.0.2"), Reqid::DEFAULT);
+    let [out, _] = PolicySpec::pair(
+        suite::ip("10.41.0.1"),
+        suite::ip("10.41.0.2"),
+        Reqid::DEFAULT,
+    );
     dp.install_policy(&out).unwrap();
     dp.delete_policy(out.id).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));

@@ -99,7 +99,11 @@ pub struct HeardTracker {
 impl HeardTracker {
     /// Records this round's heartbeats and returns, per (name, generation),
     /// the instant the heartbeat last advanced.
-    pub fn observe(&mut self, observed: &[Observed], now: Instant) -> HashMap<(String, u64), Instant> {
+    pub fn observe(
+        &mut self,
+        observed: &[Observed],
+        now: Instant,
+    ) -> HashMap<(String, u64), Instant> {
         let mut out = HashMap::new();
         let mut next = HashMap::new();
         for o in observed {
@@ -128,7 +132,12 @@ pub fn view(
     // A restarted node's new generation can be known before its key-values
     // arrive; until it has published its key, the previous generation (whose
     // links carry traffic) stays the one shown.
-    let rank = |o: &Observed| (o.key_values.contains_key(super::schema::KEY_PUBKEY), o.generation);
+    let rank = |o: &Observed| {
+        (
+            o.key_values.contains_key(super::schema::KEY_PUBKEY),
+            o.generation,
+        )
+    };
     let mut newest: BTreeMap<&str, &Observed> = BTreeMap::new();
     for o in observed {
         match newest.get(o.name.as_str()) {
@@ -207,13 +216,15 @@ pub fn diff(old: &[Member], new: &[Member]) -> Vec<Change> {
                 generation: m.generation,
                 restarted: false,
             }),
-            Some(prev) if prev.state != m.state || prev.generation != m.generation => changes.push(Change {
-                name: m.name.clone(),
-                from: Some(prev.state),
-                to: Some(m.state),
-                generation: m.generation,
-                restarted: m.generation > prev.generation,
-            }),
+            Some(prev) if prev.state != m.state || prev.generation != m.generation => {
+                changes.push(Change {
+                    name: m.name.clone(),
+                    from: Some(prev.state),
+                    to: Some(m.state),
+                    generation: m.generation,
+                    restarted: m.generation > prev.generation,
+                })
+            }
             Some(_) => {}
         }
     }
@@ -258,7 +269,11 @@ mod tests {
     #[test]
     fn restarted_node_is_listed_once_with_newest_generation() {
         let now = Instant::now();
-        let o = vec![obs("b", 1, 10, false, true, false), obs("b", 2, 3, true, false, false), obs("a", 5, 1, true, false, false)];
+        let o = vec![
+            obs("b", 1, 10, false, true, false),
+            obs("b", 2, 3, true, false, false),
+            obs("a", 5, 1, true, false, false),
+        ];
         let mut t = HeardTracker::default();
         let heard = t.observe(&o, now);
         let v = view(&o, &heard, "a", now, Duration::from_secs(4));
@@ -288,7 +303,10 @@ mod tests {
         let mut t = HeardTracker::default();
         let o = vec![obs("b", 1, 10, true, false, false)];
         let heard = t.observe(&o, t0);
-        assert_eq!(view(&o, &heard, "a", t0, Duration::from_secs(4))[0].state, MemberState::Alive);
+        assert_eq!(
+            view(&o, &heard, "a", t0, Duration::from_secs(4))[0].state,
+            MemberState::Alive
+        );
         // Same heartbeat 5 s later: last heard does not move.
         let t1 = t0 + Duration::from_secs(5);
         let heard = t.observe(&o, t1);
@@ -298,14 +316,23 @@ mod tests {
         // Freshly discovered nodes are reported dead by chitchat: not dead to us yet.
         let fresh = vec![obs("c", 1, 1, false, true, false)];
         let heard_fresh = HeardTracker::default().observe(&fresh, t1);
-        assert_eq!(view(&fresh, &heard_fresh, "a", t1, Duration::from_secs(4))[0].state, MemberState::Suspect);
+        assert_eq!(
+            view(&fresh, &heard_fresh, "a", t1, Duration::from_secs(4))[0].state,
+            MemberState::Suspect
+        );
         let o_dead = vec![obs("b", 1, 10, false, true, false)];
         let heard = t.observe(&o_dead, t1);
-        assert_eq!(view(&o_dead, &heard, "a", t1, Duration::from_secs(4))[0].state, MemberState::Dead);
+        assert_eq!(
+            view(&o_dead, &heard, "a", t1, Duration::from_secs(4))[0].state,
+            MemberState::Dead
+        );
         // A heartbeat that advances resets last heard.
         let o2 = vec![obs("b", 1, 11, true, false, false)];
         let heard = t.observe(&o2, t1);
-        assert_eq!(view(&o2, &heard, "a", t1, Duration::from_secs(4))[0].last_heard_ms, 0);
+        assert_eq!(
+            view(&o2, &heard, "a", t1, Duration::from_secs(4))[0].last_heard_ms,
+            0
+        );
     }
 
     #[test]
@@ -313,22 +340,48 @@ mod tests {
         let now = Instant::now();
         let o = vec![obs("b", 1, 10, true, false, true)];
         let heard = HeardTracker::default().observe(&o, now);
-        assert_eq!(view(&o, &heard, "a", now, Duration::from_secs(4))[0].state, MemberState::Left);
+        assert_eq!(
+            view(&o, &heard, "a", now, Duration::from_secs(4))[0].state,
+            MemberState::Left
+        );
     }
 
     #[test]
     fn diff_reports_joins_state_changes_restarts_and_forgets() {
         let now = Instant::now();
         let heard = HashMap::new();
-        let v1 = view(&[obs("b", 1, 1, true, false, false)], &heard, "a", now, Duration::from_secs(99));
-        let v2 = view(&[obs("b", 1, 1, false, true, false), obs("c", 1, 1, true, false, false)], &heard, "a", now, Duration::from_secs(99));
+        let v1 = view(
+            &[obs("b", 1, 1, true, false, false)],
+            &heard,
+            "a",
+            now,
+            Duration::from_secs(99),
+        );
+        let v2 = view(
+            &[
+                obs("b", 1, 1, false, true, false),
+                obs("c", 1, 1, true, false, false),
+            ],
+            &heard,
+            "a",
+            now,
+            Duration::from_secs(99),
+        );
         let d = diff(&v1, &v2);
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].to, Some(MemberState::Suspect));
         assert_eq!(d[1].from, None);
-        let v3 = view(&[obs("b", 2, 1, true, false, false)], &heard, "a", now, Duration::from_secs(99));
+        let v3 = view(
+            &[obs("b", 2, 1, true, false, false)],
+            &heard,
+            "a",
+            now,
+            Duration::from_secs(99),
+        );
         let d = diff(&v2, &v3);
-        assert!(d.iter().any(|c| c.name == "b" && c.restarted && c.to == Some(MemberState::Alive)));
+        assert!(d
+            .iter()
+            .any(|c| c.name == "b" && c.restarted && c.to == Some(MemberState::Alive)));
         assert!(d.iter().any(|c| c.name == "c" && c.to.is_none()));
         assert!(diff(&v3, &v3).is_empty());
     }

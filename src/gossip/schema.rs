@@ -55,7 +55,10 @@ impl NodeInfo {
         if let Some(p) = self.protocol {
             kv.push((KEY_PROTOCOL.to_string(), p.to_string()));
         }
-        kv.push((KEY_STATUS.to_string(), if self.left { "left" } else { "up" }.to_string()));
+        kv.push((
+            KEY_STATUS.to_string(),
+            if self.left { "left" } else { "up" }.to_string(),
+        ));
         kv
     }
 
@@ -65,9 +68,17 @@ impl NodeInfo {
             public_key: kv.get(KEY_PUBKEY).and_then(|v| decode_public(v)),
             data_addrs: kv
                 .get(KEY_DATA_ADDRS)
-                .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).take(MAX_DATA_ADDRS).collect())
+                .map(|v| {
+                    v.split(',')
+                        .filter_map(|s| s.trim().parse().ok())
+                        .take(MAX_DATA_ADDRS)
+                        .collect()
+                })
                 .unwrap_or_default(),
-            handshake_port: kv.get(KEY_HANDSHAKE_PORT).and_then(|v| v.parse().ok()).filter(|p| *p != 0),
+            handshake_port: kv
+                .get(KEY_HANDSHAKE_PORT)
+                .and_then(|v| v.parse().ok())
+                .filter(|p| *p != 0),
             protocol: kv.get(KEY_PROTOCOL).and_then(|v| v.parse().ok()),
             left: kv.get(KEY_STATUS).map(|v| v == "left").unwrap_or(false),
         }

@@ -25,8 +25,8 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
@@ -178,7 +178,9 @@ impl Keyring {
         I: IntoIterator,
         I::Item: std::borrow::Borrow<[u8; SECRET_LEN]>,
     {
-        Ok(Keyring { keys: std::sync::RwLock::new(Arc::new(Self::derive(secrets)?)) })
+        Ok(Keyring {
+            keys: std::sync::RwLock::new(Arc::new(Self::derive(secrets)?)),
+        })
     }
 
     fn derive<I>(secrets: I) -> Result<Vec<GossipKey>, KeyringError>
@@ -449,8 +451,15 @@ mod tests {
         k.replace([new]).unwrap();
         let late_old = ring(&[old]).seal(NOW, b"c");
         assert!(matches!(o.open(NOW, &late_old), Err(OpenError::UnknownKey)));
-        assert!(matches!(k.replace(Vec::<[u8; 32]>::new()), Err(KeyringError::Empty)));
-        assert_eq!(k.sealing_key_id(), new_id, "a refused replace changes nothing");
+        assert!(matches!(
+            k.replace(Vec::<[u8; 32]>::new()),
+            Err(KeyringError::Empty)
+        ));
+        assert_eq!(
+            k.sealing_key_id(),
+            new_id,
+            "a refused replace changes nothing"
+        );
     }
 
     #[test]
@@ -500,7 +509,10 @@ mod tests {
         let doc: serde_json::Value = serde_json::from_str(text).unwrap();
         let hexd = |v: &serde_json::Value| -> Vec<u8> {
             let s = v.as_str().unwrap();
-            (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
         };
         let vectors = doc["vectors"].as_array().unwrap();
         assert!(!vectors.is_empty());

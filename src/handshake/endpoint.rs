@@ -530,7 +530,10 @@ impl Endpoint {
     /// outstanding initiations are cancelled, since their retransmissions would carry the old
     /// secret a peer may already have dropped; returns them (peer, SPI to free) so the caller
     /// can start again at once under the new secret.
-    pub fn set_keyring(&mut self, keyring: &[[u8; 32]]) -> Result<Vec<(PublicKey, u32)>, ConfigError> {
+    pub fn set_keyring(
+        &mut self,
+        keyring: &[[u8; 32]],
+    ) -> Result<Vec<(PublicKey, u32)>, ConfigError> {
         if keyring.is_empty() {
             return Err(ConfigError::EmptyKeyring);
         }
@@ -541,7 +544,12 @@ impl Endpoint {
             .collect();
         let mut cancelled = Vec::new();
         if first_changed {
-            let initiating: Vec<PublicKey> = self.peers.iter().filter(|(_, e)| matches!(e.state, PeerState::Initiating(_))).map(|(p, _)| *p).collect();
+            let initiating: Vec<PublicKey> = self
+                .peers
+                .iter()
+                .filter(|(_, e)| matches!(e.state, PeerState::Initiating(_)))
+                .map(|(p, _)| *p)
+                .collect();
             for peer in initiating {
                 if let Some(spi) = self.cancel(&peer) {
                     cancelled.push((peer, spi));

@@ -752,14 +752,23 @@ fn keyring_rotation_both_orders() {
 #[test]
 fn a_new_initiating_secret_cancels_outstanding_initiations() {
     let new = [0x42u8; 32];
-    let mut p = Pair::with(Net::perfect(), fast_config(), fast_config(), &[SECRET], &[SECRET]);
+    let mut p = Pair::with(
+        Net::perfect(),
+        fast_config(),
+        fast_config(),
+        &[SECRET],
+        &[SECRET],
+    );
     let (pb, baddr) = (p.pb(), p.b.addr);
     p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     // Same first secret (one added behind it): the initiation goes on.
     assert_eq!(p.a.ep.set_keyring(&[SECRET, new]).unwrap(), vec![]);
     assert!(p.a.ep.is_initiating(&pb));
     // A new first secret: the initiation (old secret) is handed back.
-    assert_eq!(p.a.ep.set_keyring(&[new, SECRET]).unwrap(), vec![(pb, 0x1111)]);
+    assert_eq!(
+        p.a.ep.set_keyring(&[new, SECRET]).unwrap(),
+        vec![(pb, 0x1111)]
+    );
     assert!(!p.a.ep.is_initiating(&pb));
     // Started again under the new secret, it completes with a peer that knows it.
     p.b.ep.set_keyring(&[new]).unwrap();

@@ -76,10 +76,21 @@ pub struct HandshakeSockets {
 /// Binds the handshake sockets on our first data address of each family.
 /// With `bypass`, each socket gets per-socket XFRM bypass policies so the
 /// control plane works even when SAs are broken.
-pub fn bind_handshake_sockets(addrs: &[IpAddr], port: u16, bypass: bool) -> Result<HandshakeSockets, String> {
-    let mut out = HandshakeSockets { v4: None, v6: None, probe_v4: None, probe_v6: None };
+pub fn bind_handshake_sockets(
+    addrs: &[IpAddr],
+    port: u16,
+    bypass: bool,
+) -> Result<HandshakeSockets, String> {
+    let mut out = HandshakeSockets {
+        v4: None,
+        v6: None,
+        probe_v4: None,
+        probe_v6: None,
+    };
     for family in [AddressFamily::V4, AddressFamily::V6] {
-        let Some(ip) = addrs.iter().find(|a| AddressFamily::of(**a) == family) else { continue };
+        let Some(ip) = addrs.iter().find(|a| AddressFamily::of(**a) == family) else {
+            continue;
+        };
         let addr = SocketAddr::new(*ip, port);
         let std_sock = std::net::UdpSocket::bind(addr).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AddrNotAvailable {
@@ -89,11 +100,15 @@ pub fn bind_handshake_sockets(addrs: &[IpAddr], port: u16, bypass: bool) -> Resu
             }
         })?;
         if bypass {
-            bypass_socket(std_sock.as_fd(), family)
-                .map_err(|e| format!("cannot exempt the handshake socket {addr} from XFRM policies: {e}"))?;
+            bypass_socket(std_sock.as_fd(), family).map_err(|e| {
+                format!("cannot exempt the handshake socket {addr} from XFRM policies: {e}")
+            })?;
         }
-        std_sock.set_nonblocking(true).map_err(|e| format!("handshake socket {addr}: {e}"))?;
-        let sock = UdpSocket::from_std(std_sock).map_err(|e| format!("handshake socket {addr}: {e}"))?;
+        std_sock
+            .set_nonblocking(true)
+            .map_err(|e| format!("handshake socket {addr}: {e}"))?;
+        let sock =
+            UdpSocket::from_std(std_sock).map_err(|e| format!("handshake socket {addr}: {e}"))?;
         let probe = std::net::UdpSocket::bind(SocketAddr::new(*ip, 0))
             .and_then(|p| p.set_nonblocking(true).map(|_| p))
             .and_then(UdpSocket::from_std)
@@ -109,7 +124,9 @@ pub fn bind_handshake_sockets(addrs: &[IpAddr], port: u16, bypass: bool) -> Resu
 /// Waits for kernel events; never resolves without a monitor. A monitor that
 /// fails is dropped (the resync's counter check still catches soft limits).
 async fn kernel_events(monitor: &mut Option<AsyncFd<XfrmMonitor>>, out: &mut Vec<KernelEvent>) {
-    let Some(fd) = monitor.as_mut() else { return std::future::pending().await };
+    let Some(fd) = monitor.as_mut() else {
+        return std::future::pending().await;
+    };
     let result = match fd.readable_mut().await {
         Ok(mut guard) => {
             let r = guard.get_inner_mut().read_events(out);
@@ -134,6 +151,7 @@ async fn recv_on(sock: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(u
 /// Runs the mesh until `stop` fires. With `leave`, everything meshsec
 /// installed is removed before returning (the node announced leaving, so
 /// its peers are removing their side too).
+#[allow(clippy::too_many_arguments)] // one argument per channel; bundled when the leave flag joins the stop channel
 pub async fn run(
     mut mesh: Mesh,
     mut dp: Box<dyn Datapath>,
@@ -182,7 +200,11 @@ pub async fn run(
             }
         }
         let now = Instant::now();
-        let wake = mesh.poll_timeout().unwrap_or(next_resync).min(next_resync).max(now);
+        let wake = mesh
+            .poll_timeout()
+            .unwrap_or(next_resync)
+            .min(next_resync)
+            .max(now);
         tokio::select! {
             _ = stop.changed() => break,
             r = recv_on(&sockets.v4, &mut buf4) => {
@@ -238,7 +260,10 @@ pub async fn run(
     }
     if leave.load(std::sync::atomic::Ordering::SeqCst) {
         match mesh.remove_all(dp.as_mut()) {
-            Ok((sas, policies)) => info!(sas, policies, "left the mesh: removed meshsec's SAs and policies"),
+            Ok((sas, policies)) => info!(
+                sas,
+                policies, "left the mesh: removed meshsec's SAs and policies"
+            ),
             Err(e) => warn!(error = %e, "could not remove meshsec's SAs and policies"),
         }
     }

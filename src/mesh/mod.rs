@@ -20,13 +20,13 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::datapath::{
-    diff, AddressFamily, Aead, Change, Datapath, Direction, ErrorKind, KernelEvent, KernelState, Lifetimes, PolicySpec,
-    Reqid, SaCounters, SaId, SaSpec, MIN_INBOUND_REPLAY_WINDOW,
+    diff, AddressFamily, Aead, Change, Datapath, Direction, ErrorKind, KernelEvent, KernelState,
+    Lifetimes, PolicySpec, Reqid, SaCounters, SaId, SaSpec, MIN_INBOUND_REPLAY_WINDOW,
 };
 use crate::gossip::members::{Member, MemberState};
 use crate::handshake::{
-    Config as HsConfig, Endpoint, EspAlgorithm, Event, HandshakeContext, PublicKey, Role, Session, SpiAllocError,
-    StaticKeypair,
+    Config as HsConfig, Endpoint, EspAlgorithm, Event, HandshakeContext, PublicKey, Role, Session,
+    SpiAllocError, StaticKeypair,
 };
 use crate::identity::decode_public;
 
@@ -92,7 +92,9 @@ pub fn wanted_links(
         }
     }
     let usable = |a: &IpAddr| {
-        usable_peer_address(a) && !self_addrs.contains(a) && claims.get(a).copied().unwrap_or(0) == 1
+        usable_peer_address(a)
+            && !self_addrs.contains(a)
+            && claims.get(a).copied().unwrap_or(0) == 1
     };
     let mut out = BTreeMap::new();
     for m in members {
@@ -104,15 +106,25 @@ pub fn wanted_links(
             MemberState::Dead => Duration::from_millis(m.last_heard_ms) < grace,
             MemberState::Left => false,
         };
-        let (Some(key), Some(port)) = (m.public_key.as_deref().and_then(decode_public), m.handshake_port) else {
+        let (Some(key), Some(port)) = (
+            m.public_key.as_deref().and_then(decode_public),
+            m.handshake_port,
+        ) else {
             continue;
         };
-        if !keep || &key == self_key || keys.get(&key).copied().unwrap_or(0) != 1 || m.protocol != Some(1) {
+        if !keep
+            || &key == self_key
+            || keys.get(&key).copied().unwrap_or(0) != 1
+            || m.protocol != Some(1)
+        {
             continue;
         }
         for family in [AddressFamily::V4, AddressFamily::V6] {
             let local = self_addrs.iter().find(|a| AddressFamily::of(**a) == family);
-            let remote = m.data_addrs.iter().find(|a| AddressFamily::of(**a) == family && usable(a));
+            let remote = m
+                .data_addrs
+                .iter()
+                .find(|a| AddressFamily::of(**a) == family && usable(a));
             if let (Some(local), Some(remote)) = (local, remote) {
                 out.insert(
                     LinkId { peer: key, family },
@@ -133,7 +145,9 @@ pub fn wanted_links(
 /// unspecified, loopback, multicast or broadcast.
 pub fn usable_peer_address(a: &IpAddr) -> bool {
     match a {
-        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V4(v4) => {
+            !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast())
+        }
         IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
     }
 }
@@ -148,7 +162,11 @@ pub fn aead_of(alg: EspAlgorithm) -> Aead {
 }
 
 /// The SAs and policies of one established link.
-pub fn link_objects(target: &Target, session: &Session, lifetimes: Lifetimes) -> (SaSpec, SaSpec, [PolicySpec; 2]) {
+pub fn link_objects(
+    target: &Target,
+    session: &Session,
+    lifetimes: Lifetimes,
+) -> (SaSpec, SaSpec, [PolicySpec; 2]) {
     let aead = aead_of(session.algorithm);
     let inbound = SaSpec {
         src: target.remote,
@@ -172,12 +190,25 @@ pub fn link_objects(target: &Target, session: &Session, lifetimes: Lifetimes) ->
         replay_window: 0,
         lifetimes,
     };
-    (inbound, outbound, PolicySpec::pair(target.local, target.remote, Reqid::DEFAULT))
+    (
+        inbound,
+        outbound,
+        PolicySpec::pair(target.local, target.remote, Reqid::DEFAULT),
+    )
 }
 
 /// The kernel ids of a session's (inbound, outbound) SAs on a link.
 fn sa_ids(target: &Target, session: &Session) -> (SaId, SaId) {
-    (SaId { dst: target.local, spi: session.local_spi }, SaId { dst: target.remote, spi: session.peer_spi })
+    (
+        SaId {
+            dst: target.local,
+            spi: session.local_spi,
+        },
+        SaId {
+            dst: target.remote,
+            spi: session.peer_spi,
+        },
+    )
 }
 
 /// Per-link state shown in `meshsec members`.
@@ -361,13 +392,19 @@ struct Ctx<'a> {
 
 impl HandshakeContext for Ctx<'_> {
     fn is_member(&self, peer: &PublicKey) -> bool {
-        self.links.contains_key(&LinkId { peer: *peer, family: self.family })
+        self.links.contains_key(&LinkId {
+            peer: *peer,
+            family: self.family,
+        })
     }
 
     fn alloc_spi(&mut self, peer: &PublicKey) -> Result<u32, SpiAllocError> {
         let link = self
             .links
-            .get(&LinkId { peer: *peer, family: self.family })
+            .get(&LinkId {
+                peer: *peer,
+                family: self.family,
+            })
             .ok_or_else(|| SpiAllocError("not a member".into()))?;
         self.dp
             .alloc_spi(link.target.remote, link.target.local, Reqid::DEFAULT)
@@ -385,13 +422,18 @@ impl Mesh {
         self_addrs: Vec<IpAddr>,
         now: Instant,
     ) -> Result<Mesh, crate::handshake::ConfigError> {
-        let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let mut hs = config.handshake.clone();
         hs.algorithm = config.algorithm;
         let mut endpoints = BTreeMap::new();
         for family in [AddressFamily::V4, AddressFamily::V6] {
             if self_addrs.iter().any(|a| AddressFamily::of(*a) == family) {
-                endpoints.insert(family, Endpoint::new(hs.clone(), keypair.clone(), keyring, now, unix_now)?);
+                endpoints.insert(
+                    family,
+                    Endpoint::new(hs.clone(), keypair.clone(), keyring, now, unix_now)?,
+                );
             }
         }
         Ok(Mesh {
@@ -436,14 +478,27 @@ impl Mesh {
 
     /// Updates the wanted links from a membership view.
     pub fn set_members(&mut self, now: Instant, members: &[Member], dp: &mut dyn Datapath) {
-        let wanted = wanted_links(&self.self_key, &self.self_addrs, members, self.config.dead_grace);
-        let gone: Vec<LinkId> = self.links.keys().filter(|id| !wanted.contains_key(id)).copied().collect();
+        let wanted = wanted_links(
+            &self.self_key,
+            &self.self_addrs,
+            members,
+            self.config.dead_grace,
+        );
+        let gone: Vec<LinkId> = self
+            .links
+            .keys()
+            .filter(|id| !wanted.contains_key(id))
+            .copied()
+            .collect();
         for id in gone {
             let link = self.links.remove(&id).expect("present");
             info!(peer = %link.target.name, family = %id.family, "link removed");
             if let Some(ep) = self.endpoints.get_mut(&id.family) {
                 if let Some(spi) = ep.forget(&id.peer) {
-                    let _ = dp.delete_sa(SaId { dst: link.target.local, spi });
+                    let _ = dp.delete_sa(SaId {
+                        dst: link.target.local,
+                        spi,
+                    });
                 }
             }
             self.dirty = true;
@@ -461,7 +516,10 @@ impl Mesh {
                     link.next_attempt = now;
                     if let Some(ep) = self.endpoints.get_mut(&id.family) {
                         if let Some(spi) = ep.cancel(&id.peer) {
-                            let _ = dp.delete_sa(SaId { dst: link.target.local, spi });
+                            let _ = dp.delete_sa(SaId {
+                                dst: link.target.local,
+                                spi,
+                            });
                         }
                     }
                     self.dirty = true;
@@ -489,9 +547,22 @@ impl Mesh {
     }
 
     /// Handles one handshake datagram received on the socket of `family`.
-    pub fn handle_datagram(&mut self, now: Instant, family: AddressFamily, from: SocketAddr, datagram: &[u8], dp: &mut dyn Datapath) {
-        let Some(ep) = self.endpoints.get_mut(&family) else { return };
-        let mut ctx = Ctx { family, links: &self.links, dp };
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        family: AddressFamily,
+        from: SocketAddr,
+        datagram: &[u8],
+        dp: &mut dyn Datapath,
+    ) {
+        let Some(ep) = self.endpoints.get_mut(&family) else {
+            return;
+        };
+        let mut ctx = Ctx {
+            family,
+            links: &self.links,
+            dp,
+        };
         if let Err(reason) = ep.handle(now, from, datagram, &mut ctx) {
             self.counters.handshake_rejected += 1;
             debug!(%from, %reason, "handshake datagram rejected");
@@ -554,7 +625,9 @@ impl Mesh {
     /// current SA of some link.
     fn soft_limit_reached(&mut self, now: Instant, sa: SaId, via: &str) -> bool {
         for (id, link) in self.links.iter_mut() {
-            let Some(session) = &link.session else { continue };
+            let Some(session) = &link.session else {
+                continue;
+            };
             let (inbound, outbound) = sa_ids(&link.target, session);
             let delay = if sa == outbound {
                 Duration::ZERO
@@ -577,24 +650,44 @@ impl Mesh {
 
     /// The next instant [`Mesh::handle_timeout`] is needed (without resync).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let eps = self.endpoints.values().filter_map(|e| e.poll_timeout()).min();
+        let eps = self
+            .endpoints
+            .values()
+            .filter_map(|e| e.poll_timeout())
+            .min();
         let attempts = self
             .links
             .iter()
             .filter(|(id, l)| {
-                l.session.is_none() && l.pending.is_none() && !self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer))
+                l.session.is_none()
+                    && l.pending.is_none()
+                    && !self
+                        .endpoints
+                        .get(&id.family)
+                        .is_some_and(|e| e.is_initiating(&id.peer))
             })
             .map(|(_, l)| l.next_attempt)
             .min();
         let rekeys = self
             .links
             .iter()
-            .filter(|(id, l)| l.pending.is_none() && !self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer)))
+            .filter(|(id, l)| {
+                l.pending.is_none()
+                    && !self
+                        .endpoints
+                        .get(&id.family)
+                        .is_some_and(|e| e.is_initiating(&id.peer))
+            })
             .filter_map(|(_, l)| l.rekey_at)
             .min();
         // Pending confirmations and retiring SAs need the kernel re-read soon.
-        let kernel = self.needs_kernel_poll().then_some(self.last_reconcile + CONFIRM_POLL);
-        [eps, attempts, rekeys, kernel, self.kernel_resync_at].into_iter().flatten().min()
+        let kernel = self
+            .needs_kernel_poll()
+            .then_some(self.last_reconcile + CONFIRM_POLL);
+        [eps, attempts, rekeys, kernel, self.kernel_resync_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next datagram to send, with the family of the socket to use.
@@ -608,8 +701,13 @@ impl Mesh {
     }
 
     fn needs_kernel_poll(&self) -> bool {
-        self.links.values().any(|l| l.pending.is_some() || !l.retiring.is_empty())
-            || self.adopted.as_ref().is_some_and(|a| !a.sas.is_empty() || !a.policies.is_empty())
+        self.links
+            .values()
+            .any(|l| l.pending.is_some() || !l.retiring.is_empty())
+            || self
+                .adopted
+                .as_ref()
+                .is_some_and(|a| !a.sas.is_empty() || !a.policies.is_empty())
     }
 
     /// The next confirmation probe to send *through ESP* (from a socket without
@@ -623,11 +721,19 @@ impl Mesh {
     /// first secret initiates, all are accepted). Established sessions and
     /// their SAs are untouched; handshakes in flight under a replaced
     /// initiating secret start again at once under the new one.
-    pub fn set_keyring(&mut self, now: Instant, keyring: &[[u8; 32]], dp: &mut dyn Datapath) -> Result<(), crate::handshake::ConfigError> {
+    pub fn set_keyring(
+        &mut self,
+        now: Instant,
+        keyring: &[[u8; 32]],
+        dp: &mut dyn Datapath,
+    ) -> Result<(), crate::handshake::ConfigError> {
         for (family, ep) in self.endpoints.iter_mut() {
             for (peer, spi) in ep.set_keyring(keyring)? {
                 free_spi(&self.self_addrs, *family, spi, dp);
-                if let Some(link) = self.links.get_mut(&LinkId { peer, family: *family }) {
+                if let Some(link) = self.links.get_mut(&LinkId {
+                    peer,
+                    family: *family,
+                }) {
                     link.next_attempt = now;
                     if link.session.is_some() {
                         link.rekey_at = Some(now);
@@ -652,11 +758,17 @@ impl Mesh {
 
     fn initiate_due(&mut self, now: Instant, dp: &mut dyn Datapath) {
         for (id, link) in self.links.iter_mut() {
-            let rekey = link.session.is_some() && link.pending.is_none() && link.rekey_at.is_some_and(|t| now >= t);
-            if !rekey && (link.session.is_some() || link.pending.is_some() || now < link.next_attempt) {
+            let rekey = link.session.is_some()
+                && link.pending.is_none()
+                && link.rekey_at.is_some_and(|t| now >= t);
+            if !rekey
+                && (link.session.is_some() || link.pending.is_some() || now < link.next_attempt)
+            {
                 continue;
             }
-            let Some(ep) = self.endpoints.get_mut(&id.family) else { continue };
+            let Some(ep) = self.endpoints.get_mut(&id.family) else {
+                continue;
+            };
             if ep.is_initiating(&id.peer) {
                 continue;
             }
@@ -677,7 +789,10 @@ impl Mesh {
             };
             if let Err(e) = ep.initiate(now, id.peer, link.target.handshake, spi) {
                 debug!(peer = %link.target.name, error = %e, "initiate refused");
-                let _ = dp.delete_sa(SaId { dst: link.target.local, spi });
+                let _ = dp.delete_sa(SaId {
+                    dst: link.target.local,
+                    spi,
+                });
             } else {
                 debug!(peer = %link.target.name, family = %id.family, spi = format_args!("0x{spi:08x}"), "handshake initiated");
             }
@@ -685,11 +800,16 @@ impl Mesh {
     }
 
     fn drain_events(&mut self, now: Instant, family: AddressFamily, dp: &mut dyn Datapath) {
-        let Some(ep) = self.endpoints.get_mut(&family) else { return };
+        let Some(ep) = self.endpoints.get_mut(&family) else {
+            return;
+        };
         while let Some(ev) = ep.poll_event() {
             match ev {
                 Event::Established(session) => {
-                    let id = LinkId { peer: session.peer, family };
+                    let id = LinkId {
+                        peer: session.peer,
+                        family,
+                    };
                     let Some(link) = self.links.get_mut(&id) else {
                         // Raced with the member leaving: free the SPI (reserved on our address).
                         free_spi(&self.self_addrs, family, session.local_spi, dp);
@@ -718,7 +838,11 @@ impl Mesh {
                         }
                     }
                 }
-                Event::Failed { peer, local_spi, reason } => {
+                Event::Failed {
+                    peer,
+                    local_spi,
+                    reason,
+                } => {
                     self.counters.handshakes_failed += 1;
                     let id = LinkId { peer, family };
                     if let Some(link) = self.links.get_mut(&id) {
@@ -752,9 +876,14 @@ impl Mesh {
         // Confirmation: the initiator's first ESP packet on a pending session's
         // inbound SA proves it holds the keys; the session then takes over.
         for (id, link) in self.links.iter_mut() {
-            let Some((pending, deadline)) = &link.pending else { continue };
+            let Some((pending, deadline)) = &link.pending else {
+                continue;
+            };
             let (in_id, _) = sa_ids(&link.target, pending);
-            let confirmed = self.kernel_counters.get(&in_id).is_some_and(|c| c.packets > 0);
+            let confirmed = self
+                .kernel_counters
+                .get(&in_id)
+                .is_some_and(|c| c.packets > 0);
             if confirmed {
                 let (session, _) = link.pending.take().expect("checked");
                 info!(peer = %link.target.name, family = %id.family, "responder session confirmed by the peer's traffic");
@@ -775,7 +904,9 @@ impl Mesh {
 
         // An installed link whose SA vanished gets fresh keys, never the old ones again.
         for link in self.links.values_mut() {
-            let Some(session) = &link.session else { continue };
+            let Some(session) = &link.session else {
+                continue;
+            };
             if !link.installed {
                 continue;
             }
@@ -792,7 +923,11 @@ impl Mesh {
 
         let mut desired = KernelState::default();
         if let Some(adopted) = &self.adopted {
-            for sa in adopted.sas.iter().filter(|sa| actual.sas.contains_key(&sa.id())) {
+            for sa in adopted
+                .sas
+                .iter()
+                .filter(|sa| actual.sas.contains_key(&sa.id()))
+            {
                 desired.sas.insert(sa.id(), sa.clone());
             }
             for p in &adopted.policies {
@@ -815,7 +950,9 @@ impl Mesh {
                 let (inb, _, _) = link_objects(&link.target, pending, self.config.lifetimes);
                 desired.sas.insert(inb.id(), inb);
             }
-            let Some(session) = &link.session else { continue };
+            let Some(session) = &link.session else {
+                continue;
+            };
             let (inb, outb, pols) = link_objects(&link.target, session, self.config.lifetimes);
             desired.sas.insert(inb.id(), inb);
             desired.sas.insert(outb.id(), outb);
@@ -888,9 +1025,14 @@ impl Mesh {
                 }
             }
         }
-        let unix_now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let unix_now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         for link in self.links.values_mut() {
-            let Some(session) = &link.session else { continue };
+            let Some(session) = &link.session else {
+                continue;
+            };
             let (inb, outb) = sa_ids(&link.target, session);
             if failed_sas.contains(&inb) || failed_sas.contains(&outb) {
                 // Keys that did not go in are not retried: new handshake, new keys.
@@ -902,7 +1044,8 @@ impl Mesh {
             if !link.installed {
                 link.installed = true;
                 link.protected = true;
-                link.rekey_at = Some(now + jittered(self.config.rekey_interval, session.session_id));
+                link.rekey_at =
+                    Some(now + jittered(self.config.rekey_interval, session.session_id));
                 if session.role == Role::Initiator {
                     // Prove to the responder that we hold the keys: a datagram
                     // through the new outbound SA confirms its session.
@@ -921,15 +1064,23 @@ impl Mesh {
     /// received) kernel notification would have reported.
     fn check_soft_limits(&mut self, now: Instant) {
         let kernel_counters = &self.kernel_counters;
-        self.limits_seen.retain(|id| kernel_counters.contains_key(id));
+        self.limits_seen
+            .retain(|id| kernel_counters.contains_key(id));
         let l = self.config.lifetimes;
-        let over = |c: &SaCounters| (l.soft_packets > 0 && c.packets >= l.soft_packets) || (l.soft_bytes > 0 && c.bytes >= l.soft_bytes);
+        let over = |c: &SaCounters| {
+            (l.soft_packets > 0 && c.packets >= l.soft_packets)
+                || (l.soft_bytes > 0 && c.bytes >= l.soft_bytes)
+        };
         let mut reached = Vec::new();
         for link in self.links.values().filter(|l| l.installed) {
-            let Some(session) = &link.session else { continue };
+            let Some(session) = &link.session else {
+                continue;
+            };
             let (inbound, outbound) = sa_ids(&link.target, session);
             for sa in [outbound, inbound] {
-                if !self.limits_seen.contains(&sa) && self.kernel_counters.get(&sa).is_some_and(over) {
+                if !self.limits_seen.contains(&sa)
+                    && self.kernel_counters.get(&sa).is_some_and(over)
+                {
                     reached.push(sa);
                 }
             }
@@ -947,16 +1098,29 @@ impl Mesh {
             let sas: Vec<SaSpec> = actual.sas.values().cloned().collect();
             let policies: Vec<PolicySpec> = actual.policies.values().copied().collect();
             if !sas.is_empty() || !policies.is_empty() {
-                info!(sas = sas.len(), policies = policies.len(), "adopted SAs and policies left by a previous run; re-keying them");
+                info!(
+                    sas = sas.len(),
+                    policies = policies.len(),
+                    "adopted SAs and policies left by a previous run; re-keying them"
+                );
             }
-            self.adopted = Some(Adopted { sas, policies, deadline: now + self.config.adopt_grace });
+            self.adopted = Some(Adopted {
+                sas,
+                policies,
+                deadline: now + self.config.adopt_grace,
+            });
             return;
         }
         let retire_after = self.config.retire_after;
-        let Some(adopted) = self.adopted.as_mut() else { return };
+        let Some(adopted) = self.adopted.as_mut() else {
+            return;
+        };
         if now >= adopted.deadline {
             if !adopted.sas.is_empty() || !adopted.policies.is_empty() {
-                info!(sas = adopted.sas.len(), "adoption period over; removing what no link replaced");
+                info!(
+                    sas = adopted.sas.len(),
+                    "adoption period over; removing what no link replaced"
+                );
             }
             adopted.sas.clear();
             adopted.policies.clear();
@@ -966,14 +1130,16 @@ impl Mesh {
             let (local, remote) = (link.target.local, link.target.remote);
             if link.protected {
                 adopted.policies.retain(|p| {
-                    !((p.id.src == local && p.id.dst == remote) || (p.id.src == remote && p.id.dst == local))
+                    !((p.id.src == local && p.id.dst == remote)
+                        || (p.id.src == remote && p.id.dst == local))
                 });
             }
             if !link.installed {
                 continue;
             }
             adopted.sas.retain(|sa| {
-                let ours = (sa.src == local && sa.dst == remote) || (sa.src == remote && sa.dst == local);
+                let ours =
+                    (sa.src == local && sa.dst == remote) || (sa.src == remote && sa.dst == local);
                 if ours && sa.direction == Direction::In {
                     link.retiring.push((sa.clone(), now + retire_after));
                 }
@@ -986,7 +1152,10 @@ impl Mesh {
     pub fn link_status(&self) -> BTreeMap<String, Vec<LinkStatus>> {
         let mut out: BTreeMap<String, Vec<LinkStatus>> = BTreeMap::new();
         for (id, link) in &self.links {
-            let ep_busy = self.endpoints.get(&id.family).is_some_and(|e| e.is_initiating(&id.peer));
+            let ep_busy = self
+                .endpoints
+                .get(&id.family)
+                .is_some_and(|e| e.is_initiating(&id.peer));
             let mut st = LinkStatus {
                 family: match id.family {
                     AddressFamily::V4 => "ipv4".into(),
@@ -1034,7 +1203,10 @@ impl Mesh {
     }
 
     /// Removes everything this mesh installed (graceful leave).
-    pub fn remove_all(&mut self, dp: &mut dyn Datapath) -> Result<(usize, usize), crate::datapath::DatapathError> {
+    pub fn remove_all(
+        &mut self,
+        dp: &mut dyn Datapath,
+    ) -> Result<(usize, usize), crate::datapath::DatapathError> {
         self.links.clear();
         let r = dp.flush_owned()?;
         Ok((r.sas, r.policies))
@@ -1051,7 +1223,10 @@ impl Mesh {
 
     fn log_error(&mut self, now: Instant, msg: &str) {
         // One line per 5 s at most; the counters keep the full tally.
-        if self.last_error_log.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5)) {
+        if self
+            .last_error_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5))
+        {
             self.last_error_log = Some(now);
             warn!("{msg}");
         }

@@ -20,9 +20,18 @@ fn node(name: &str, i: u8, secret: [u8; 32], now: Instant) -> Node {
 
 fn node_with(name: &str, i: u8, secret: [u8; 32], now: Instant, config: MeshConfig) -> Node {
     let key = StaticKeypair::from_private([i; 32]);
-    let addrs: Vec<IpAddr> = vec![format!("192.0.2.{}", 10 + i).parse().unwrap(), format!("2001:db8::{}", 10 + i).parse().unwrap()];
+    let addrs: Vec<IpAddr> = vec![
+        format!("192.0.2.{}", 10 + i).parse().unwrap(),
+        format!("2001:db8::{}", 10 + i).parse().unwrap(),
+    ];
     let mesh = Mesh::new(config, key.clone(), &[secret], addrs.clone(), now).unwrap();
-    Node { name: name.into(), key, addrs, mesh, dp: MemoryDatapath::new() }
+    Node {
+        name: name.into(),
+        key,
+        addrs,
+        mesh,
+        dp: MemoryDatapath::new(),
+    }
 }
 
 fn member(n: &Node, state: MemberState, is_self: bool) -> Member {
@@ -43,22 +52,47 @@ fn member(n: &Node, state: MemberState, is_self: bool) -> Member {
 }
 
 fn view(nodes: &[Node], me: usize, state_of: impl Fn(usize) -> MemberState) -> Vec<Member> {
-    nodes.iter().enumerate().map(|(j, n)| member(n, if j == me { MemberState::Alive } else { state_of(j) }, j == me)).collect()
+    nodes
+        .iter()
+        .enumerate()
+        .map(|(j, n)| {
+            member(
+                n,
+                if j == me {
+                    MemberState::Alive
+                } else {
+                    state_of(j)
+                },
+                j == me,
+            )
+        })
+        .collect()
 }
 
 /// Runs the nodes until quiet: delivers every datagram (unless `drop` says
 /// so), advances the virtual clock by `step` per round.
-fn run(nodes: &mut [Node], now: &mut Instant, rounds: usize, step: Duration, drop: &mut dyn FnMut(usize) -> bool) {
+fn run(
+    nodes: &mut [Node],
+    now: &mut Instant,
+    rounds: usize,
+    step: Duration,
+    drop: &mut dyn FnMut(usize) -> bool,
+) {
     let mut sent = 0usize;
     for _ in 0..rounds {
-        for i in 0..nodes.len() {
-            let n = &mut nodes[i];
+        for n in nodes.iter_mut() {
             n.mesh.handle_timeout(*now, &mut n.dp, false);
         }
         let mut inflight = Vec::new();
         for n in nodes.iter_mut() {
             while let Some((family, to, bytes)) = n.mesh.poll_transmit() {
-                let from = SocketAddr::new(*n.addrs.iter().find(|a| AddressFamily::of(**a) == family).unwrap(), 9341);
+                let from = SocketAddr::new(
+                    *n.addrs
+                        .iter()
+                        .find(|a| AddressFamily::of(**a) == family)
+                        .unwrap(),
+                    9341,
+                );
                 inflight.push((family, from, to, bytes));
             }
         }
@@ -68,7 +102,8 @@ fn run(nodes: &mut [Node], now: &mut Instant, rounds: usize, step: Duration, dro
                 continue;
             }
             if let Some(dst) = nodes.iter_mut().find(|n| n.addrs.contains(&to.ip())) {
-                dst.mesh.handle_datagram(*now, family, from, &bytes, &mut dst.dp);
+                dst.mesh
+                    .handle_datagram(*now, family, from, &bytes, &mut dst.dp);
             }
         }
         deliver_probes(nodes);
@@ -94,42 +129,69 @@ fn deliver_probes(nodes: &mut [Node]) {
 }
 
 fn sa_specs(n: &mut Node) -> Vec<crate::datapath::SaState> {
-    n.dp.dump_sas().unwrap().into_iter().filter(|s| !s.larval).collect()
+    n.dp.dump_sas()
+        .unwrap()
+        .into_iter()
+        .filter(|s| !s.larval)
+        .collect()
 }
 
 #[test]
 fn three_nodes_establish_crossed_sas_per_family() {
     let mut now = Instant::now();
     let secret = [7u8; 32];
-    let mut nodes: Vec<Node> = (0..3).map(|i| node(&format!("n{i}"), i as u8 + 1, secret, now)).collect();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, secret, now))
+        .collect();
     for i in 0..3 {
         let v = view(&nodes, i, |_| MemberState::Alive);
         let n = &mut nodes[i];
         n.mesh.set_members(now, &v, &mut n.dp);
     }
-    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        20,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
 
-    for i in 0..3 {
-        let sas = sa_specs(&mut nodes[i]);
+    for (i, node) in nodes.iter_mut().enumerate() {
+        let sas = sa_specs(node);
         // 2 peers × 2 families × (in + out).
         assert_eq!(sas.len(), 8, "node {i}: {sas:?}");
-        assert_eq!(nodes[i].dp.dump_policies().unwrap().len(), 8);
-        let st = nodes[i].mesh.link_status();
+        assert_eq!(node.dp.dump_policies().unwrap().len(), 8);
+        let st = node.mesh.link_status();
         assert_eq!(st.len(), 2);
         assert!(st.values().flatten().all(|l| l.sa == SaState::Established));
     }
     // Every outbound SA of a node is an inbound SA of its peer, with the same key.
     for i in 0..3 {
-        for out in sa_specs(&mut nodes[i]).into_iter().filter(|s| s.direction == Some(Direction::Out)) {
-            let j = nodes.iter().position(|n| n.addrs.contains(&out.dst)).unwrap();
+        for out in sa_specs(&mut nodes[i])
+            .into_iter()
+            .filter(|s| s.direction == Some(Direction::Out))
+        {
+            let j = nodes
+                .iter()
+                .position(|n| n.addrs.contains(&out.dst))
+                .unwrap();
             let key_here = nodes[i].dp.key_of(out.id()).unwrap().to_vec();
-            let peer_in = sa_specs(&mut nodes[j]).into_iter().find(|s| s.id() == out.id()).expect("peer has the inbound SA");
+            let peer_in = sa_specs(&mut nodes[j])
+                .into_iter()
+                .find(|s| s.id() == out.id())
+                .expect("peer has the inbound SA");
             assert_eq!(peer_in.direction, Some(Direction::In));
-            assert_eq!(nodes[j].dp.key_of(peer_in.id()).unwrap(), key_here.as_slice());
+            assert_eq!(
+                nodes[j].dp.key_of(peer_in.id()).unwrap(),
+                key_here.as_slice()
+            );
         }
     }
     // Keys of the two families and the two directions all differ.
-    let mut keys: Vec<Vec<u8>> = sa_specs(&mut nodes[0]).iter().map(|s| nodes[0].dp.key_of(s.id()).unwrap().to_vec()).collect();
+    let mut keys: Vec<Vec<u8>> = sa_specs(&mut nodes[0])
+        .iter()
+        .map(|s| nodes[0].dp.key_of(s.id()).unwrap().to_vec())
+        .collect();
     keys.sort();
     keys.dedup();
     assert_eq!(keys.len(), 8);
@@ -138,17 +200,39 @@ fn three_nodes_establish_crossed_sas_per_family() {
 #[test]
 fn handshake_survives_loss_and_wrong_secret_installs_nothing() {
     let mut now = Instant::now();
-    let mut nodes = vec![node("a", 1, [1; 32], now), node("b", 2, [1; 32], now), node("evil", 3, [2; 32], now)];
+    let mut nodes = vec![
+        node("a", 1, [1; 32], now),
+        node("b", 2, [1; 32], now),
+        node("evil", 3, [2; 32], now),
+    ];
     for i in 0..3 {
         let v = view(&nodes, i, |_| MemberState::Alive);
         let n = &mut nodes[i];
         n.mesh.set_members(now, &v, &mut n.dp);
     }
     // Drop every third datagram.
-    run(&mut nodes, &mut now, 200, Duration::from_millis(100), &mut |k| k % 3 == 0);
-    assert_eq!(sa_specs(&mut nodes[0]).iter().filter(|s| s.dst == nodes[1].addrs[0] || s.src == nodes[1].addrs[0]).count(), 2);
-    assert_eq!(sa_specs(&mut nodes[2]).len(), 0, "wrong secret must install nothing");
-    assert!(sa_specs(&mut nodes[0]).iter().all(|s| !nodes[2].addrs.contains(&s.dst) && !nodes[2].addrs.contains(&s.src)));
+    run(
+        &mut nodes,
+        &mut now,
+        200,
+        Duration::from_millis(100),
+        &mut |k| k % 3 == 0,
+    );
+    assert_eq!(
+        sa_specs(&mut nodes[0])
+            .iter()
+            .filter(|s| s.dst == nodes[1].addrs[0] || s.src == nodes[1].addrs[0])
+            .count(),
+        2
+    );
+    assert_eq!(
+        sa_specs(&mut nodes[2]).len(),
+        0,
+        "wrong secret must install nothing"
+    );
+    assert!(sa_specs(&mut nodes[0])
+        .iter()
+        .all(|s| !nodes[2].addrs.contains(&s.dst) && !nodes[2].addrs.contains(&s.src)));
     assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4);
 }
 
@@ -161,7 +245,13 @@ fn left_member_is_removed_and_vanished_sa_is_rekeyed_with_new_spis() {
         let n = &mut nodes[i];
         n.mesh.set_members(now, &v, &mut n.dp);
     }
-    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        20,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(before.len(), 4);
 
@@ -170,10 +260,19 @@ fn left_member_is_removed_and_vanished_sa_is_rekeyed_with_new_spis() {
     nodes[0].dp.delete_sa(victim).unwrap();
     let n = &mut nodes[0];
     n.mesh.handle_timeout(now, &mut n.dp, true);
-    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        30,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(after.len(), 4);
-    assert!(!after.contains(&victim), "the vanished SA's keys must not come back");
+    assert!(
+        !after.contains(&victim),
+        "the vanished SA's keys must not come back"
+    );
     assert_eq!(nodes[0].mesh.counters().sas_vanished, 1);
 
     // b leaves: a removes its SAs and policies at once.
@@ -192,7 +291,12 @@ fn dead_member_keeps_sas_for_the_grace_period() {
     let b = node("b", 2, [1; 32], now);
     let mut dead = member(&b, MemberState::Dead, false);
     dead.last_heard_ms = 30_000;
-    let links = wanted_links(a.key.public(), &a.addrs, &[member(&a, MemberState::Alive, true), dead.clone()], Duration::from_secs(60));
+    let links = wanted_links(
+        a.key.public(),
+        &a.addrs,
+        &[member(&a, MemberState::Alive, true), dead.clone()],
+        Duration::from_secs(60),
+    );
     assert_eq!(links.len(), 2);
     dead.last_heard_ms = 61_000;
     let links = wanted_links(a.key.public(), &a.addrs, &[dead], Duration::from_secs(60));
@@ -211,17 +315,42 @@ fn hostile_addresses_and_duplicate_claims_are_not_linked() {
     // b claims c's IPv4 address; c claims our own IPv6 address.
     mb.data_addrs = vec![c.addrs[0], b.addrs[1]];
     mc.data_addrs = vec![c.addrs[0], a.addrs[1]];
-    let links = wanted_links(a.key.public(), &a.addrs, &[me.clone(), mb.clone(), mc.clone()], Duration::from_secs(60));
+    let links = wanted_links(
+        a.key.public(),
+        &a.addrs,
+        &[me.clone(), mb.clone(), mc.clone()],
+        Duration::from_secs(60),
+    );
     let remotes: Vec<IpAddr> = links.values().map(|t| t.remote).collect();
-    assert_eq!(remotes, vec![b.addrs[1]], "only b's own IPv6 address is usable");
+    assert_eq!(
+        remotes,
+        vec![b.addrs[1]],
+        "only b's own IPv6 address is usable"
+    );
     // Unspecified, loopback and multicast addresses are never linked.
-    mb.data_addrs = vec!["0.0.0.0".parse().unwrap(), "::1".parse().unwrap(), "ff02::1".parse().unwrap()];
-    assert!(wanted_links(a.key.public(), &a.addrs, &[me.clone(), mb.clone()], Duration::from_secs(60)).is_empty());
+    mb.data_addrs = vec![
+        "0.0.0.0".parse().unwrap(),
+        "::1".parse().unwrap(),
+        "ff02::1".parse().unwrap(),
+    ];
+    assert!(wanted_links(
+        a.key.public(),
+        &a.addrs,
+        &[me.clone(), mb.clone()],
+        Duration::from_secs(60)
+    )
+    .is_empty());
     // Two members with one key: neither is linked.
     let mut mc2 = member(&c, MemberState::Alive, false);
     mc2.public_key = member(&b, MemberState::Alive, false).public_key;
     let mb2 = member(&b, MemberState::Alive, false);
-    assert!(wanted_links(a.key.public(), &a.addrs, &[me, mb2, mc2], Duration::from_secs(60)).is_empty());
+    assert!(wanted_links(
+        a.key.public(),
+        &a.addrs,
+        &[me, mb2, mc2],
+        Duration::from_secs(60)
+    )
+    .is_empty());
 }
 
 #[test]
@@ -232,11 +361,16 @@ fn families_only_where_both_sides_have_addresses() {
     let mut mb = member(&b, MemberState::Alive, false);
     mb.data_addrs.retain(|x| x.is_ipv4());
     let links = wanted_links(a.key.public(), &a.addrs, &[mb], Duration::from_secs(60));
-    assert_eq!(links.keys().map(|k| k.family).collect::<Vec<_>>(), vec![AddressFamily::V4]);
+    assert_eq!(
+        links.keys().map(|k| k.family).collect::<Vec<_>>(),
+        vec![AddressFamily::V4]
+    );
 }
 
 fn mesh_of(n: usize, now: Instant) -> Vec<Node> {
-    let mut nodes: Vec<Node> = (0..n).map(|i| node(&format!("n{i}"), i as u8 + 1, [1; 32], now)).collect();
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, [1; 32], now))
+        .collect();
     for i in 0..n {
         let v = view(&nodes, i, |_| MemberState::Alive);
         let nd = &mut nodes[i];
@@ -249,9 +383,15 @@ fn mesh_of(n: usize, now: Instant) -> Vec<Node> {
 /// key: traffic sent right now would be accepted (nothing is lost).
 fn assert_outbound_accepted(nodes: &mut [Node], when: &str) {
     for i in 0..nodes.len() {
-        let outs: Vec<_> = sa_specs(&mut nodes[i]).into_iter().filter(|s| s.direction == Some(Direction::Out)).collect();
+        let outs: Vec<_> = sa_specs(&mut nodes[i])
+            .into_iter()
+            .filter(|s| s.direction == Some(Direction::Out))
+            .collect();
         for out in outs {
-            let j = nodes.iter().position(|n| n.addrs.contains(&out.dst)).expect("peer");
+            let j = nodes
+                .iter()
+                .position(|n| n.addrs.contains(&out.dst))
+                .expect("peer");
             let key = nodes[i].dp.key_of(out.id()).unwrap().to_vec();
             assert_eq!(
                 nodes[j].dp.key_of(out.id()).map(|k| k.to_vec()).as_deref(),
@@ -269,21 +409,37 @@ fn assert_outbound_accepted(nodes: &mut [Node], when: &str) {
 fn policies_stay_while_a_link_rekeys() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(2, now);
-    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        20,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4);
     let victim = sa_specs(&mut nodes[0])[0].id();
     nodes[0].dp.delete_sa(victim).unwrap();
     let n = &mut nodes[0];
     n.mesh.handle_timeout(now, &mut n.dp, true);
     // Nothing delivered yet: the link is re-handshaking, and must not fall back to plaintext.
-    assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4, "fail closed while re-keying");
+    assert_eq!(
+        nodes[0].dp.dump_policies().unwrap().len(),
+        4,
+        "fail closed while re-keying"
+    );
 }
 
 #[test]
 fn ten_forced_rekeys_in_30s_never_leave_an_unmatched_outbound_sa() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(3, now);
-    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        30,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(before.len(), 8);
     for k in 0..10 {
@@ -292,16 +448,41 @@ fn ten_forced_rekeys_in_30s_never_leave_an_unmatched_outbound_sa() {
         let n = &mut nodes[who];
         assert!(n.mesh.force_rekey(now, None) > 0);
         for _ in 0..30 {
-            run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+            run(
+                &mut nodes,
+                &mut now,
+                1,
+                Duration::from_millis(100),
+                &mut |_| false,
+            );
             assert_outbound_accepted(&mut nodes, &format!("rekey {k}"));
         }
     }
-    run(&mut nodes, &mut now, 150, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        150,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
-    assert_eq!(after.len(), 8, "old inbound SAs retired, nothing leaked: {after:?}");
-    assert!(after.iter().all(|id| !before.contains(id)), "every SA was replaced");
+    assert_eq!(
+        after.len(),
+        8,
+        "old inbound SAs retired, nothing leaked: {after:?}"
+    );
+    assert!(
+        after.iter().all(|id| !before.contains(id)),
+        "every SA was replaced"
+    );
     assert!(nodes.iter().all(|n| n.mesh.counters().rekeys_started > 0));
-    assert!(nodes.iter().map(|n| n.mesh.counters().sessions_confirmed).sum::<u64>() >= 10);
+    assert!(
+        nodes
+            .iter()
+            .map(|n| n.mesh.counters().sessions_confirmed)
+            .sum::<u64>()
+            >= 10
+    );
 }
 
 #[test]
@@ -317,7 +498,13 @@ fn replayed_initiation_after_a_restart_installs_nothing_lasting() {
         let mut inflight = Vec::new();
         for (k, n) in nodes.iter_mut().enumerate() {
             while let Some((family, to, bytes)) = n.mesh.poll_transmit() {
-                let from = SocketAddr::new(*n.addrs.iter().find(|a| AddressFamily::of(**a) == family).unwrap(), 9341);
+                let from = SocketAddr::new(
+                    *n.addrs
+                        .iter()
+                        .find(|a| AddressFamily::of(**a) == family)
+                        .unwrap(),
+                    9341,
+                );
                 if k == 1 {
                     captured.push((family, from, bytes.clone()));
                 }
@@ -326,46 +513,88 @@ fn replayed_initiation_after_a_restart_installs_nothing_lasting() {
         }
         for (family, from, to, bytes) in inflight {
             if let Some(dst) = nodes.iter_mut().find(|n| n.addrs.contains(&to.ip())) {
-                dst.mesh.handle_datagram(now, family, from, &bytes, &mut dst.dp);
+                dst.mesh
+                    .handle_datagram(now, family, from, &bytes, &mut dst.dp);
             }
         }
         deliver_probes(&mut nodes);
         now += Duration::from_millis(100);
     }
-    assert!(nodes[0].mesh.link_status().values().flatten().all(|l| l.sa == SaState::Established));
+    assert!(nodes[0]
+        .mesh
+        .link_status()
+        .values()
+        .flatten()
+        .all(|l| l.sa == SaState::Established));
     // a's agent restarts (same key, same kernel); the attacker replays b's old datagrams at once.
     now += Duration::from_secs(5);
     let key = nodes[0].key.clone();
-    nodes[0].mesh = Mesh::new(MeshConfig::default(), key, &[[1; 32]], nodes[0].addrs.clone(), now).unwrap();
+    nodes[0].mesh = Mesh::new(
+        MeshConfig::default(),
+        key,
+        &[[1; 32]],
+        nodes[0].addrs.clone(),
+        now,
+    )
+    .unwrap();
     let v = view(&nodes, 0, |_| MemberState::Alive);
     let n = &mut nodes[0];
     n.mesh.set_members(now, &v, &mut n.dp);
     for (family, from, bytes) in &captured {
         let n = &mut nodes[0];
-        n.mesh.handle_datagram(now, *family, *from, bytes, &mut n.dp);
+        n.mesh
+            .handle_datagram(now, *family, *from, bytes, &mut n.dp);
     }
     // The replayed session is never confirmed (10 s), a's own handshake then
     // replaces the adopted SAs, whose inbound half retires 10 s later.
     for round in 0..260 {
-        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        run(
+            &mut nodes,
+            &mut now,
+            1,
+            Duration::from_millis(100),
+            &mut |_| false,
+        );
         assert_outbound_accepted(&mut nodes, &format!("round {round} after replay"));
     }
-    assert!(nodes[0].mesh.counters().sessions_unconfirmed >= 1, "{:?}", nodes[0].mesh.counters());
+    assert!(
+        nodes[0].mesh.counters().sessions_unconfirmed >= 1,
+        "{:?}",
+        nodes[0].mesh.counters()
+    );
     assert_eq!(sa_specs(&mut nodes[0]).len(), 4);
-    assert!(nodes[0].mesh.link_status().values().flatten().all(|l| l.sa == SaState::Established));
+    assert!(nodes[0]
+        .mesh
+        .link_status()
+        .values()
+        .flatten()
+        .all(|l| l.sa == SaState::Established));
 }
 
 #[test]
 fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(3, now);
-    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        30,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(before.len(), 8);
     // Both ends of the 0-1 links restart (kill -9: the kernel keeps everything).
     for i in [0, 1] {
         let key = nodes[i].key.clone();
-        nodes[i].mesh = Mesh::new(MeshConfig::default(), key, &[[1; 32]], nodes[i].addrs.clone(), now).unwrap();
+        nodes[i].mesh = Mesh::new(
+            MeshConfig::default(),
+            key,
+            &[[1; 32]],
+            nodes[i].addrs.clone(),
+            now,
+        )
+        .unwrap();
     }
     // Before it knows any member, the restarted agent must not touch what it found.
     for i in [0, 1] {
@@ -380,39 +609,64 @@ fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
         n.mesh.set_members(now, &v, &mut n.dp);
     }
     for round in 0..200 {
-        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        run(
+            &mut nodes,
+            &mut now,
+            1,
+            Duration::from_millis(100),
+            &mut |_| false,
+        );
         assert_outbound_accepted(&mut nodes, &format!("round {round} after restart"));
     }
     let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(after.len(), 8, "{after:?}");
-    assert!(after.iter().all(|id| !before.contains(id)), "adopted SAs were re-keyed");
+    assert!(
+        after.iter().all(|id| !before.contains(id)),
+        "adopted SAs were re-keyed"
+    );
     assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 8);
 }
 
 /// Two established nodes whose SAs carry a 1000-packet soft limit.
 fn limited_pair(now: &mut Instant) -> Vec<Node> {
     let config = MeshConfig {
-        lifetimes: crate::config::RekeyPolicy { after_packets: Some(1000), ..Default::default() }.lifetimes(),
+        lifetimes: crate::config::RekeyPolicy {
+            after_packets: Some(1000),
+            ..Default::default()
+        }
+        .lifetimes(),
         ..MeshConfig::default()
     };
-    let mut nodes: Vec<Node> = (0..2).map(|i| node_with(&format!("n{i}"), i as u8 + 1, [1; 32], *now, config.clone())).collect();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [1; 32], *now, config.clone()))
+        .collect();
     for i in 0..2 {
         let v = view(&nodes, i, |_| MemberState::Alive);
         let nd = &mut nodes[i];
         nd.mesh.set_members(*now, &v, &mut nd.dp);
     }
-    run(&mut nodes, now, 30, Duration::from_millis(100), &mut |_| false);
+    run(&mut nodes, now, 30, Duration::from_millis(100), &mut |_| {
+        false
+    });
     for n in nodes.iter_mut() {
         let sas = sa_specs(n);
         assert_eq!(sas.len(), 4);
-        assert!(sas.iter().all(|s| s.lifetimes.soft_packets == 1000 && s.lifetimes.hard_packets == 2000), "{sas:?}");
+        assert!(
+            sas.iter()
+                .all(|s| s.lifetimes.soft_packets == 1000 && s.lifetimes.hard_packets == 2000),
+            "{sas:?}"
+        );
     }
     nodes
 }
 
 /// Node `i`'s outbound SA of the IPv4 link, i.e. the peer's inbound one.
 fn outbound_v4(n: &mut Node) -> SaId {
-    sa_specs(n).into_iter().find(|s| s.direction == Some(Direction::Out) && s.dst.is_ipv4()).expect("outbound v4 SA").id()
+    sa_specs(n)
+        .into_iter()
+        .find(|s| s.direction == Some(Direction::Out) && s.dst.is_ipv4())
+        .expect("outbound v4 SA")
+        .id()
 }
 
 #[test]
@@ -421,19 +675,60 @@ fn soft_expire_of_an_outbound_sa_rekeys_its_link_at_once_and_only_once() {
     let mut nodes = limited_pair(&mut now);
     let out = outbound_v4(&mut nodes[0]);
     // The kernel reports both ends at the same moment: n0's outbound, n1's inbound.
-    nodes[0].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: out, hard: false });
-    nodes[1].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: out, hard: false });
+    nodes[0].mesh.handle_kernel_event(
+        now,
+        KernelEvent::Expire {
+            sa: out,
+            hard: false,
+        },
+    );
+    nodes[1].mesh.handle_kernel_event(
+        now,
+        KernelEvent::Expire {
+            sa: out,
+            hard: false,
+        },
+    );
     // A repeated notification acts no more.
-    nodes[0].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: out, hard: false });
-    run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
-    assert_eq!(nodes[0].mesh.counters().rekeys_started, 1, "the sender re-keys at once");
+    nodes[0].mesh.handle_kernel_event(
+        now,
+        KernelEvent::Expire {
+            sa: out,
+            hard: false,
+        },
+    );
+    run(
+        &mut nodes,
+        &mut now,
+        1,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
+    assert_eq!(
+        nodes[0].mesh.counters().rekeys_started,
+        1,
+        "the sender re-keys at once"
+    );
     for _ in 0..60 {
-        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        run(
+            &mut nodes,
+            &mut now,
+            1,
+            Duration::from_millis(100),
+            &mut |_| false,
+        );
         assert_outbound_accepted(&mut nodes, "during the limit re-key");
     }
-    assert!(!sa_specs(&mut nodes[0]).iter().any(|s| s.id() == out), "the expired SA is gone");
+    assert!(
+        !sa_specs(&mut nodes[0]).iter().any(|s| s.id() == out),
+        "the expired SA is gone"
+    );
     assert_ne!(outbound_v4(&mut nodes[0]), out);
-    assert_eq!(nodes[1].mesh.counters().rekeys_started, 0, "the receiver's fallback was not needed");
+    assert_eq!(
+        nodes[1].mesh.counters().rekeys_started,
+        0,
+        "the receiver's fallback was not needed"
+    );
     let c0 = nodes[0].mesh.counters();
     assert_eq!((c0.kernel_soft_expires, c0.soft_limits_reached), (2, 1));
     assert_eq!(nodes[1].mesh.counters().soft_limits_reached, 1);
@@ -446,13 +741,35 @@ fn soft_expire_of_an_inbound_sa_rekeys_after_a_delay_if_the_peer_does_not() {
     let mut now = Instant::now();
     let mut nodes = limited_pair(&mut now);
     let inbound = outbound_v4(&mut nodes[0]);
-    nodes[1].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: inbound, hard: false });
+    nodes[1].mesh.handle_kernel_event(
+        now,
+        KernelEvent::Expire {
+            sa: inbound,
+            hard: false,
+        },
+    );
     let t0 = now;
     while now < t0 + INBOUND_LIMIT_DELAY - Duration::from_millis(100) {
-        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| false);
+        run(
+            &mut nodes,
+            &mut now,
+            1,
+            Duration::from_millis(100),
+            &mut |_| false,
+        );
     }
-    assert_eq!(nodes[1].mesh.counters().rekeys_started, 0, "not before the delay");
-    run(&mut nodes, &mut now, 40, Duration::from_millis(100), &mut |_| false);
+    assert_eq!(
+        nodes[1].mesh.counters().rekeys_started,
+        0,
+        "not before the delay"
+    );
+    run(
+        &mut nodes,
+        &mut now,
+        40,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     assert_eq!(nodes[1].mesh.counters().rekeys_started, 1);
     assert_ne!(outbound_v4(&mut nodes[0]), inbound, "the link has new SAs");
 }
@@ -465,11 +782,21 @@ fn counters_at_the_soft_limit_rekey_even_without_a_notification() {
     assert!(nodes[0].dp.record_traffic(out, 999 * 100, 999));
     let n = &mut nodes[0];
     n.mesh.handle_timeout(now, &mut n.dp, true);
-    assert_eq!(n.mesh.counters().soft_limits_reached, 0, "999 packets: below the limit");
+    assert_eq!(
+        n.mesh.counters().soft_limits_reached,
+        0,
+        "999 packets: below the limit"
+    );
     assert!(n.dp.record_traffic(out, 100, 1));
     n.mesh.handle_timeout(now, &mut n.dp, true);
     assert_eq!(n.mesh.counters().soft_limits_reached, 1);
-    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        30,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     assert_eq!(nodes[0].mesh.counters().rekeys_started, 1);
     assert_eq!(nodes[0].mesh.counters().kernel_soft_expires, 0);
     assert_ne!(outbound_v4(&mut nodes[0]), out);
@@ -480,13 +807,38 @@ fn expiry_of_unknown_sas_and_table_changes_rekey_nothing() {
     let mut now = Instant::now();
     let mut nodes = limited_pair(&mut now);
     let before = sa_specs(&mut nodes[0]);
-    let stranger = SaId { dst: "192.0.2.99".parse().unwrap(), spi: 0xdead };
-    nodes[0].mesh.handle_kernel_event(now, KernelEvent::Expire { sa: stranger, hard: false });
-    nodes[0].mesh.handle_kernel_event(now, KernelEvent::TablesChanged);
+    let stranger = SaId {
+        dst: "192.0.2.99".parse().unwrap(),
+        spi: 0xdead,
+    };
+    nodes[0].mesh.handle_kernel_event(
+        now,
+        KernelEvent::Expire {
+            sa: stranger,
+            hard: false,
+        },
+    );
+    nodes[0]
+        .mesh
+        .handle_kernel_event(now, KernelEvent::TablesChanged);
     nodes[0].mesh.handle_kernel_event(now, KernelEvent::Overrun);
-    run(&mut nodes, &mut now, 40, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        40,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     let c = nodes[0].mesh.counters();
-    assert_eq!((c.rekeys_started, c.kernel_soft_expires, c.soft_limits_reached, c.kernel_event_overruns), (0, 0, 0, 1));
+    assert_eq!(
+        (
+            c.rekeys_started,
+            c.kernel_soft_expires,
+            c.soft_limits_reached,
+            c.kernel_event_overruns
+        ),
+        (0, 0, 0, 1)
+    );
     assert_eq!(sa_specs(&mut nodes[0]), before);
 }
 
@@ -496,9 +848,17 @@ fn a_table_change_event_repairs_drift_before_the_periodic_resync() {
     let mut nodes = limited_pair(&mut now);
     let victim = outbound_v4(&mut nodes[0]);
     nodes[0].dp.delete_sa(victim).unwrap();
-    nodes[0].mesh.handle_kernel_event(now, KernelEvent::TablesChanged);
+    nodes[0]
+        .mesh
+        .handle_kernel_event(now, KernelEvent::TablesChanged);
     // `run` never asks for the periodic resync: only the event can notice.
-    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        30,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     assert_eq!(nodes[0].mesh.counters().sas_vanished, 1);
     assert_ne!(outbound_v4(&mut nodes[0]), victim);
     assert_outbound_accepted(&mut nodes, "after the repair");
@@ -508,8 +868,17 @@ fn a_table_change_event_repairs_drift_before_the_periodic_resync() {
 fn a_slow_rekey_handshake_rekeys_each_link_once() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(2, now);
-    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
-    let (started, established) = (nodes[0].mesh.counters().rekeys_started, nodes[0].mesh.counters().sessions_established);
+    run(
+        &mut nodes,
+        &mut now,
+        30,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
+    let (started, established) = (
+        nodes[0].mesh.counters().rekeys_started,
+        nodes[0].mesh.counters().sessions_established,
+    );
     assert_eq!(nodes[0].mesh.force_rekey(now, None), 2);
     // The first 1.5 s of handshake datagrams are lost: retransmits finish the
     // re-keys after the 1 s retry deadline has passed.
@@ -517,11 +886,21 @@ fn a_slow_rekey_handshake_rekeys_each_link_once() {
     let clock = std::cell::Cell::new(now);
     for _ in 0..100 {
         let cut = clock.get() < t0 + Duration::from_millis(1500);
-        run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| cut);
+        run(
+            &mut nodes,
+            &mut now,
+            1,
+            Duration::from_millis(100),
+            &mut |_| cut,
+        );
         clock.set(now);
     }
     let c = nodes[0].mesh.counters();
-    assert_eq!(c.rekeys_started - started, 2, "one re-key per link, not a second one after the switch");
+    assert_eq!(
+        c.rekeys_started - started,
+        2,
+        "one re-key per link, not a second one after the switch"
+    );
     assert_eq!(c.sessions_established - established, 2);
     assert_outbound_accepted(&mut nodes, "after the slow re-keys");
 }
@@ -530,11 +909,23 @@ fn a_slow_rekey_handshake_rekeys_each_link_once() {
 fn a_new_initiating_secret_restarts_handshakes_in_flight() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(2, now);
-    run(&mut nodes, &mut now, 30, Duration::from_millis(100), &mut |_| false);
+    run(
+        &mut nodes,
+        &mut now,
+        30,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
     let established = nodes[0].mesh.counters().sessions_established;
     assert_eq!(nodes[0].mesh.force_rekey(now, None), 2);
     // The initiations (old secret) go out and are lost.
-    run(&mut nodes, &mut now, 1, Duration::from_millis(100), &mut |_| true);
+    run(
+        &mut nodes,
+        &mut now,
+        1,
+        Duration::from_millis(100),
+        &mut |_| true,
+    );
     // Both ends move on: n1 already knows only the new secret, n0 initiates with it.
     let new = [9u8; 32];
     let n = &mut nodes[1];
@@ -542,10 +933,36 @@ fn a_new_initiating_secret_restarts_handshakes_in_flight() {
     let n = &mut nodes[0];
     n.mesh.set_keyring(now, &[new, [1; 32]], &mut n.dp).unwrap();
     // Well within the 20 s handshake timeout the links have new sessions.
-    run(&mut nodes, &mut now, 20, Duration::from_millis(100), &mut |_| false);
-    assert_eq!(nodes[0].mesh.counters().sessions_established - established, 2);
-    assert_eq!(nodes[1].mesh.handshake_counters().get("bad_mac").copied().unwrap_or(0), 0);
+    run(
+        &mut nodes,
+        &mut now,
+        20,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
+    assert_eq!(
+        nodes[0].mesh.counters().sessions_established - established,
+        2
+    );
+    assert_eq!(
+        nodes[1]
+            .mesh
+            .handshake_counters()
+            .get("bad_mac")
+            .copied()
+            .unwrap_or(0),
+        0
+    );
     assert_outbound_accepted(&mut nodes, "after the re-keys under the new secret");
     // No SPI reservation of the abandoned initiations is left behind.
-    assert_eq!(nodes[0].dp.dump_sas().unwrap().iter().filter(|s| s.larval).count(), 0);
+    assert_eq!(
+        nodes[0]
+            .dp
+            .dump_sas()
+            .unwrap()
+            .iter()
+            .filter(|s| s.larval)
+            .count(),
+        0
+    );
 }
