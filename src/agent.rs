@@ -19,14 +19,14 @@ use tracing::{info, warn};
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::config::{AgentConfig, DatapathKind, EspChoice};
+use crate::config::{AgentConfig, DatapathKind};
 use crate::control::{self, counter_map, ControlState, MemberCounts, Status};
 use crate::datapath::{
     bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor,
 };
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
 use crate::gossip::schema::{NodeInfo, KEY_STATUS, PROTOCOL_VERSION};
-use crate::handshake::{EspAlgorithm, StaticKeypair};
+use crate::handshake::StaticKeypair;
 use crate::identity::{self, KeyOrigin, NodeKey};
 use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
 use crate::mesh::{Mesh, MeshConfig};
@@ -76,7 +76,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
     // The datapath is probed before anything is installed or bound: a kernel
     // without XFRM, ESP or the chosen AEAD stops the agent here, with the fix.
-    let aead = crate::mesh::aead_of(esp_algorithm(cfg.esp_algorithm));
+    let aead = cfg.esp_algorithm;
     let families: Vec<AddressFamily> = {
         let mut f: Vec<AddressFamily> = cfg
             .data_addresses
@@ -123,7 +123,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
     let mesh = Mesh::new(
         MeshConfig {
-            algorithm: esp_algorithm(cfg.esp_algorithm),
+            algorithm: cfg.esp_algorithm,
             dead_grace: cfg.peer_grace,
             rekey_interval: cfg.rekey.interval,
             lifetimes: cfg.rekey.lifetimes(),
@@ -234,7 +234,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                     DatapathKind::Kernel => "kernel".into(),
                     DatapathKind::Memory => "memory".into(),
                 },
-                esp_algorithm: crate::mesh::aead_of(esp_algorithm(cfg.esp_algorithm)).to_string(),
+                esp_algorithm: cfg.esp_algorithm.to_string(),
                 handshake: report_rx.borrow().handshake.clone(),
                 mesh: counter_map(&report_rx.borrow().counters),
             }
@@ -417,14 +417,6 @@ async fn track_members(
                 let _ = changes_tx.send(Arc::new((changes, current.clone())));
             }
         }
-    }
-}
-
-fn esp_algorithm(c: EspChoice) -> EspAlgorithm {
-    match c {
-        EspChoice::Aes128Gcm => EspAlgorithm::Aes128Gcm,
-        EspChoice::Aes256Gcm => EspAlgorithm::Aes256Gcm,
-        EspChoice::ChaCha20Poly1305 => EspAlgorithm::ChaCha20Poly1305,
     }
 }
 

@@ -5,6 +5,8 @@
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
+
+use crate::aead::Aead;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -61,23 +63,6 @@ pub enum DatapathKind {
     Memory,
 }
 
-/// Cluster-wide ESP transform (every host must use the same).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-pub enum EspChoice {
-    /// rfc4106(gcm(aes)), 128-bit key (default).
-    #[serde(rename = "aes128-gcm")]
-    #[value(name = "aes128-gcm")]
-    Aes128Gcm,
-    /// rfc4106(gcm(aes)), 256-bit key.
-    #[serde(rename = "aes256-gcm")]
-    #[value(name = "aes256-gcm")]
-    Aes256Gcm,
-    /// rfc7539esp(chacha20,poly1305).
-    #[serde(rename = "chacha20-poly1305")]
-    #[value(name = "chacha20-poly1305")]
-    ChaCha20Poly1305,
-}
-
 /// The config file's schema. Unknown keys are an error, so a typo never
 /// silently falls back to a default.
 #[derive(Debug, Default, Deserialize)]
@@ -110,7 +95,7 @@ pub struct FileConfig {
     /// `kernel` or `memory`.
     pub datapath: Option<DatapathKind>,
     /// Cluster-wide ESP transform.
-    pub esp_algorithm: Option<EspChoice>,
+    pub esp_algorithm: Option<Aead>,
     /// Seconds a silent (dead) peer keeps its SAs.
     pub peer_grace_secs: Option<u64>,
     /// Treat SIGTERM/SIGINT as a leave (remove everything meshsec installed).
@@ -168,7 +153,7 @@ pub struct AgentFlags {
     pub datapath: Option<DatapathKind>,
     /// Cluster-wide ESP transform (default aes128-gcm; every host must agree).
     #[arg(long, value_enum, value_name = "ALG")]
-    pub esp_algorithm: Option<EspChoice>,
+    pub esp_algorithm: Option<Aead>,
     /// Seconds a silent peer keeps its SAs before they are removed (default 60).
     #[arg(long, value_name = "SECS")]
     pub peer_grace_secs: Option<u64>,
@@ -264,7 +249,7 @@ pub struct AgentConfig {
     /// Datapath.
     pub datapath: DatapathKind,
     /// ESP transform.
-    pub esp_algorithm: EspChoice,
+    pub esp_algorithm: Aead,
     /// How long a silent peer keeps its SAs.
     pub peer_grace: Duration,
     /// SIGTERM/SIGINT means leave.
@@ -666,7 +651,7 @@ impl AgentConfig {
             esp_algorithm: flags
                 .esp_algorithm
                 .or(file.esp_algorithm)
-                .unwrap_or(EspChoice::Aes128Gcm),
+                .unwrap_or(Aead::Aes128Gcm),
             peer_grace: Duration::from_secs(peer_secs),
             leave_on_stop: flags.leave_on_stop || file.leave_on_stop.unwrap_or(false),
             rekey,

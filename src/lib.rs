@@ -2,6 +2,7 @@
 //! discovered through a sealed gossip cluster.
 //!
 //! Layout (each module is one concern; the agent wires them together):
+//! - [`aead`]: the one ESP transform enum (config, handshake and datapath share it).
 //! - [`config`]: flags + TOML file → a validated [`config::AgentConfig`].
 //! - [`identity`]: the node's static X25519 key pair and the cluster secret files.
 //! - [`gossip`]: chitchat behind a sealing transport; the published key schema;
@@ -11,6 +12,7 @@
 //! - [`cli`]: the `meshsec` command line (the binary only calls [`cli::main`]).
 #![warn(missing_docs)]
 
+pub mod aead;
 pub mod agent;
 pub mod cli;
 pub mod config;
@@ -20,3 +22,4 @@ pub mod gossip;
 pub mod handshake;
 pub mod identity;
 pub mod mesh;
+pub mod throttle;

@@ -32,6 +32,7 @@ mod xfrm;
 #[cfg(test)]
 mod suite;
 
+pub use crate::aead::{Aead, ICV_BITS};
 pub use bypass::{bypass_socket, AddressFamily};
 pub use diff::{diff, Change, KernelState};
 pub use error::{DatapathError, ErrorKind, Op};
@@ -43,58 +44,6 @@ pub use xfrm::{KernelFlavor, XfrmDatapath};
 /// Minimum inbound anti-replay window (packets). ESP over a busy path reorders;
 /// a small window turns reordering into drops.
 pub const MIN_INBOUND_REPLAY_WINDOW: u32 = 1024;
-
-/// ICV (authentication tag) length of every AEAD meshsec uses, in bits.
-pub const ICV_BITS: u32 = 128;
-
-/// The AEAD transform of an SA. One is chosen cluster-wide.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Aead {
-    /// `rfc4106(gcm(aes))` with a 128-bit key (16 key + 4 salt bytes). Default.
-    Aes128Gcm,
-    /// `rfc4106(gcm(aes))` with a 256-bit key (32 key + 4 salt bytes).
-    Aes256Gcm,
-    /// `rfc7539esp(chacha20,poly1305)` (32 key + 4 salt bytes).
-    ChaCha20Poly1305,
-}
-
-impl Aead {
-    /// The kernel crypto API name given in `XFRMA_ALG_AEAD`.
-    pub fn kernel_name(self) -> &'static str {
-        match self {
-            Aead::Aes128Gcm | Aead::Aes256Gcm => "rfc4106(gcm(aes))",
-            Aead::ChaCha20Poly1305 => "rfc7539esp(chacha20,poly1305)",
-        }
-    }
-
-    /// Key material length in bytes, salt included (what the caller derives).
-    pub fn key_len(self) -> usize {
-        match self {
-            Aead::Aes128Gcm => 20,
-            Aead::Aes256Gcm | Aead::ChaCha20Poly1305 => 36,
-        }
-    }
-
-    /// Recognise an AEAD from what the kernel reports in a dump.
-    pub fn from_kernel(name: &str, key_bits: u32) -> Option<Aead> {
-        match (name, key_bits) {
-            ("rfc4106(gcm(aes))", 160) => Some(Aead::Aes128Gcm),
-            ("rfc4106(gcm(aes))", 288) => Some(Aead::Aes256Gcm),
-            ("rfc7539esp(chacha20,poly1305)", 288) => Some(Aead::ChaCha20Poly1305),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Aead {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Aead::Aes128Gcm => "aes128-gcm",
-            Aead::Aes256Gcm => "aes256-gcm",
-            Aead::ChaCha20Poly1305 => "chacha20-poly1305",
-        })
-    }
-}
 
 /// Traffic direction of an SA or a policy, from this host's point of view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -54,6 +54,7 @@ use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
 use super::seal::{Keyring, OpenError, Opener, ReplayConfig};
+use crate::throttle::LogThrottle;
 
 /// Largest UDP payload over IPv4 (65,535 − 20 − 8); larger sealed datagrams are dropped.
 pub const MAX_SEALED_DATAGRAM_V4: usize = 65_507;
@@ -242,40 +243,6 @@ fn bump(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
 
-/// Lets one log line per key through per interval and counts the ones it held back, so a
-/// flood of bad datagrams costs counters, not log volume.
-#[derive(Debug)]
-pub struct RateLimiter {
-    interval: Duration,
-    slots: Mutex<HashMap<&'static str, (Option<Instant>, u64)>>,
-}
-
-impl RateLimiter {
-    /// A limiter letting one line per key through every `interval`.
-    pub fn new(interval: Duration) -> Self {
-        RateLimiter {
-            interval,
-            slots: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// `Some(suppressed_since_last_line)` if a line for `key` may be logged at `now`.
-    pub fn check(&self, now: Instant, key: &'static str) -> Option<u64> {
-        let mut slots = lock(&self.slots);
-        let (last, suppressed) = slots.entry(key).or_insert((None, 0));
-        match last {
-            Some(t) if now.saturating_duration_since(*t) < self.interval => {
-                *suppressed += 1;
-                None
-            }
-            _ => {
-                *last = Some(now);
-                Some(std::mem::take(suppressed))
-            }
-        }
-    }
-}
-
 // A poisoned lock only means another task panicked mid-update of plain data; keep going.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -392,7 +359,7 @@ impl SealedTransport {
             proxies: Mutex::new(ProxyTable::new(self.config.max_peers)),
             netns,
             codec_addr,
-            log: Arc::new(RateLimiter::new(self.config.log_interval)),
+            log: Arc::new(LogThrottle::new(self.config.log_interval)),
         });
         let opener = Opener::new(self.keyring.clone(), self.config.replay);
         let pump_in = tokio::spawn(pump_in(shared.clone(), opener)).abort_handle();
@@ -491,7 +458,7 @@ struct Shared {
     proxies: Mutex<ProxyTable>,
     netns: PrivateNetns,
     codec_addr: SocketAddr,
-    log: Arc<RateLimiter>,
+    log: Arc<LogThrottle>,
 }
 
 /// Receives from the network, opens, and hands plaintext to chitchat through the peer's proxy.
@@ -575,7 +542,7 @@ async fn pump_out(
     network: Arc<UdpSocket>,
     keyring: Arc<Keyring>,
     counters: Arc<GossipCounters>,
-    log: Arc<RateLimiter>,
+    log: Arc<LogThrottle>,
 ) {
     loop {
         if proxy.readable().await.is_err() {
@@ -1438,7 +1405,7 @@ mod tests {
             network,
             Arc::new(Keyring::new([SECRET]).unwrap()),
             counters.clone(),
-            Arc::new(RateLimiter::new(Duration::from_secs(10))),
+            Arc::new(LogThrottle::new(Duration::from_secs(10))),
         ));
         let proxy_addr = proxy.local_addr().unwrap();
         let fits = MAX_SEALED_DATAGRAM_V4 - crate::gossip::seal::OVERHEAD;
@@ -1552,20 +1519,6 @@ mod tests {
         let c = t.counters().snapshot();
         assert_eq!(c.opened_in_datagrams, 20);
         assert!(c.loopback_drops < 20, "{c:?}");
-    }
-
-    #[test]
-    fn rate_limiter_lets_one_line_per_interval_and_counts_the_rest() {
-        let rl = RateLimiter::new(Duration::from_secs(10));
-        let t0 = Instant::now();
-        assert_eq!(rl.check(t0, "bad_tag"), Some(0));
-        for i in 1..=5 {
-            assert_eq!(rl.check(t0 + Duration::from_secs(i), "bad_tag"), None);
-        }
-        // Keys are independent.
-        assert_eq!(rl.check(t0 + Duration::from_secs(1), "stale"), Some(0));
-        assert_eq!(rl.check(t0 + Duration::from_secs(10), "bad_tag"), Some(5));
-        assert_eq!(rl.check(t0 + Duration::from_secs(11), "bad_tag"), None);
     }
 
     #[test]

@@ -5,13 +5,15 @@
 
 use std::net::SocketAddr;
 
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::aead::{Aead as _, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use curve25519_dalek::montgomery::MontgomeryPoint;
 use hkdf::Hkdf;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::{Zeroize, Zeroizing};
+
+pub use crate::aead::Aead;
 
 /// Length of an X25519 public or private key.
 pub const KEY_LEN: usize = 32;
@@ -221,58 +223,6 @@ pub fn open_cookie(
     Some(out)
 }
 
-/// ESP algorithm negotiated cluster-wide (one byte on the wire).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-#[repr(u8)]
-pub enum EspAlgorithm {
-    /// rfc4106(gcm(aes)) with a 128-bit key, 128-bit ICV. The default.
-    #[default]
-    Aes128Gcm = 1,
-    /// rfc4106(gcm(aes)) with a 256-bit key, 128-bit ICV.
-    Aes256Gcm = 2,
-    /// rfc7539esp(chacha20,poly1305), 128-bit ICV.
-    ChaCha20Poly1305 = 3,
-}
-
-impl EspAlgorithm {
-    /// Wire id → algorithm; `None` for unknown ids.
-    pub fn from_id(id: u8) -> Option<Self> {
-        match id {
-            1 => Some(Self::Aes128Gcm),
-            2 => Some(Self::Aes256Gcm),
-            3 => Some(Self::ChaCha20Poly1305),
-            _ => None,
-        }
-    }
-
-    /// The wire id.
-    pub fn id(self) -> u8 {
-        self as u8
-    }
-
-    /// Key material length the kernel expects (key ‖ 4-byte salt/nonce).
-    pub fn key_len(self) -> usize {
-        match self {
-            Self::Aes128Gcm => 20,
-            Self::Aes256Gcm => 36,
-            Self::ChaCha20Poly1305 => 36,
-        }
-    }
-
-    /// Linux crypto API name for an XFRM AEAD algorithm.
-    pub fn kernel_name(self) -> &'static str {
-        match self {
-            Self::Aes128Gcm | Self::Aes256Gcm => "rfc4106(gcm(aes))",
-            Self::ChaCha20Poly1305 => "rfc7539esp(chacha20,poly1305)",
-        }
-    }
-
-    /// ICV length in bits.
-    pub fn icv_bits(self) -> u32 {
-        128
-    }
-}
-
 /// ESP key material for one direction; zeroed on drop, redacted in Debug.
 #[derive(Clone, PartialEq, Eq)]
 pub struct EspKey(Zeroizing<Vec<u8>>);
@@ -298,7 +248,7 @@ pub fn derive_esp_keys(
     k1: &[u8; 32],
     k2: &[u8; 32],
     handshake_hash: &[u8],
-    alg: EspAlgorithm,
+    alg: Aead,
 ) -> (EspKey, EspKey) {
     let len = alg.key_len();
     let mut i2r = Zeroizing::new(vec![0u8; len]);
@@ -348,17 +298,13 @@ mod tests {
 
     #[test]
     fn esp_key_lengths_and_directions_differ() {
-        for alg in [
-            EspAlgorithm::Aes128Gcm,
-            EspAlgorithm::Aes256Gcm,
-            EspAlgorithm::ChaCha20Poly1305,
-        ] {
+        for alg in [Aead::Aes128Gcm, Aead::Aes256Gcm, Aead::ChaCha20Poly1305] {
             let (a, b) = derive_esp_keys(&[1; 32], &[1; 32], &[0; 32], alg);
             assert_eq!(a.as_bytes().len(), alg.key_len());
             assert_ne!(a, b, "same split input must still give distinct directions");
         }
-        let (a128, _) = derive_esp_keys(&[1; 32], &[2; 32], &[0; 32], EspAlgorithm::Aes128Gcm);
-        let (a256, _) = derive_esp_keys(&[1; 32], &[2; 32], &[0; 32], EspAlgorithm::Aes256Gcm);
+        let (a128, _) = derive_esp_keys(&[1; 32], &[2; 32], &[0; 32], Aead::Aes128Gcm);
+        let (a256, _) = derive_esp_keys(&[1; 32], &[2; 32], &[0; 32], Aead::Aes256Gcm);
         assert_ne!(a128.as_bytes(), &a256.as_bytes()[..20]);
     }
 

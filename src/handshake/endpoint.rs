@@ -11,8 +11,7 @@ use zeroize::Zeroizing;
 
 use super::crypto::{
     derive_cookie_key, derive_esp_keys, derive_mac1_key, derive_psk, hex, mac16, mac_eq,
-    make_cookie, open_cookie, seal_cookie, EspAlgorithm, EspKey, StaticKeypair, COOKIE_NONCE_LEN,
-    MAC_LEN,
+    make_cookie, open_cookie, seal_cookie, Aead, EspKey, StaticKeypair, COOKIE_NONCE_LEN, MAC_LEN,
 };
 use super::dh::StaticDh;
 use super::noise::{
@@ -24,6 +23,7 @@ use super::wire::{
     InitPayload, Initiation, Message, RespPayload, Response, INITIATION_LEN, INITIATION_MAC1_OFF,
     INITIATION_MAC2_OFF, RESPONSE_LEN, RESPONSE_MAC1_OFF,
 };
+use crate::throttle::LogThrottle;
 
 /// A member's X25519 static public key.
 pub type PublicKey = [u8; 32];
@@ -41,7 +41,7 @@ pub const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(120);
 #[derive(Debug, Clone)]
 pub struct Config {
     /// ESP algorithm, cluster-wide. A responder rejects initiations proposing another.
-    pub algorithm: EspAlgorithm,
+    pub algorithm: Aead,
     /// First retransmission timeout of an initiation.
     pub initial_rto: Duration,
     /// Cap of the doubling retransmission timeout.
@@ -75,7 +75,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            algorithm: EspAlgorithm::Aes128Gcm,
+            algorithm: Aead::Aes128Gcm,
             initial_rto: Duration::from_secs(1),
             max_rto: Duration::from_secs(8),
             max_jitter: Duration::from_millis(200),
@@ -118,7 +118,7 @@ pub struct Session {
     /// The peer's inbound SPI = our outbound SPI.
     pub peer_spi: u32,
     /// ESP algorithm.
-    pub algorithm: EspAlgorithm,
+    pub algorithm: Aead,
     /// Key material for our outbound SA (us → peer).
     pub key_out: EspKey,
     /// Key material for our inbound SA (peer → us).
@@ -398,7 +398,7 @@ pub struct Endpoint {
     under_load_until: Option<Instant>,
     sources: KeyedLimiter<IpAddr>,
     cookie_bucket: TokenBucket,
-    last_drop_log: Option<Instant>,
+    drop_log: LogThrottle,
     /// Test hook: ephemeral private keys to use instead of fresh ones (vectors, determinism).
     pub(crate) fixed_ephemerals: VecDeque<[u8; 32]>,
     /// Test hook: sender indices to use instead of random ones (vectors).
@@ -520,7 +520,7 @@ impl Endpoint {
                 rotated: now,
             },
             under_load_until: None,
-            last_drop_log: None,
+            drop_log: LogThrottle::new(Duration::from_secs(1)),
             fixed_ephemerals: VecDeque::new(),
             fixed_indices: VecDeque::new(),
         })
@@ -767,12 +767,8 @@ impl Endpoint {
         if let Err(e) = r {
             self.count(e);
             // Hostile traffic must not flood the log: one line per second, the rest only counted.
-            if self
-                .last_drop_log
-                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
-            {
-                self.last_drop_log = Some(now);
-                tracing::debug!(%from, reason = %e, "handshake: dropped datagram (more within 1 s are only counted)");
+            if let Some(suppressed) = self.drop_log.check(now, "drop") {
+                tracing::debug!(%from, reason = %e, suppressed, "handshake: dropped datagram (more within 1 s are only counted)");
             }
         }
         r

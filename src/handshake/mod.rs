@@ -42,7 +42,7 @@ pub mod noise;
 mod ratelimit;
 pub mod wire;
 
-pub use crypto::{EspAlgorithm, EspKey, StaticKeypair};
+pub use crypto::{Aead, EspKey, StaticKeypair};
 pub use endpoint::{
     Config, ConfigError, Counters, Endpoint, Event, FailReason, HandshakeContext, InitiateError,
     PublicKey, Rejected, Role, Session, SpiAllocError, MIN_SPI,

@@ -312,7 +312,7 @@ fn clean_handshake_matches_keys_and_spis() {
     assert_eq!(sa[0].peer, pb);
     assert_eq!(sb[0].peer, pa);
     assert_eq!(sb[0].peer_addr, p.a.addr);
-    assert_eq!(sa[0].algorithm, EspAlgorithm::Aes128Gcm);
+    assert_eq!(sa[0].algorithm, Aead::Aes128Gcm);
     assert_eq!(sa[0].key_out.as_bytes().len(), 20);
     assert_eq!(p.a.ep.counters().retransmits, 0);
     assert!(
@@ -326,11 +326,7 @@ fn clean_handshake_matches_keys_and_spis() {
 
 #[test]
 fn every_algorithm_gives_its_key_length() {
-    for alg in [
-        EspAlgorithm::Aes128Gcm,
-        EspAlgorithm::Aes256Gcm,
-        EspAlgorithm::ChaCha20Poly1305,
-    ] {
+    for alg in [Aead::Aes128Gcm, Aead::Aes256Gcm, Aead::ChaCha20Poly1305] {
         let cfg = Config {
             algorithm: alg,
             ..fast_config()
@@ -349,7 +345,7 @@ fn every_algorithm_gives_its_key_length() {
 #[test]
 fn algorithm_mismatch_gives_no_session() {
     let cb = Config {
-        algorithm: EspAlgorithm::ChaCha20Poly1305,
+        algorithm: Aead::ChaCha20Poly1305,
         ..fast_config()
     };
     let mut p = Pair::with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);

@@ -25,10 +25,11 @@ use crate::datapath::{
 };
 use crate::gossip::members::{Member, MemberState};
 use crate::handshake::{
-    Config as HsConfig, Endpoint, EspAlgorithm, Event, HandshakeContext, PublicKey, Role, Session,
-    SpiAllocError, StaticKeypair,
+    Config as HsConfig, Endpoint, Event, HandshakeContext, PublicKey, Role, Session, SpiAllocError,
+    StaticKeypair,
 };
 use crate::identity::decode_public;
+use crate::throttle::LogThrottle;
 
 /// How often a pending responder session's inbound counters are checked.
 const CONFIRM_POLL: Duration = Duration::from_millis(100);
@@ -152,22 +153,13 @@ pub fn usable_peer_address(a: &IpAddr) -> bool {
     }
 }
 
-/// Maps the handshake's algorithm id to the datapath's transform.
-pub fn aead_of(alg: EspAlgorithm) -> Aead {
-    match alg {
-        EspAlgorithm::Aes128Gcm => Aead::Aes128Gcm,
-        EspAlgorithm::Aes256Gcm => Aead::Aes256Gcm,
-        EspAlgorithm::ChaCha20Poly1305 => Aead::ChaCha20Poly1305,
-    }
-}
-
 /// The SAs and policies of one established link.
 pub fn link_objects(
     target: &Target,
     session: &Session,
     lifetimes: Lifetimes,
 ) -> (SaSpec, SaSpec, [PolicySpec; 2]) {
-    let aead = aead_of(session.algorithm);
+    let aead = session.algorithm;
     let inbound = SaSpec {
         src: target.remote,
         dst: target.local,
@@ -320,7 +312,7 @@ pub struct MeshCounters {
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
     /// Cluster-wide ESP algorithm.
-    pub algorithm: EspAlgorithm,
+    pub algorithm: Aead,
     /// How long a dead member keeps its SAs.
     pub dead_grace: Duration,
     /// SA lifetimes.
@@ -341,7 +333,7 @@ pub struct MeshConfig {
 impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
-            algorithm: EspAlgorithm::Aes128Gcm,
+            algorithm: Aead::Aes128Gcm,
             dead_grace: Duration::from_secs(60),
             lifetimes: crate::config::RekeyPolicy::default().lifetimes(),
             handshake: HsConfig::default(),
@@ -363,7 +355,7 @@ pub struct Mesh {
     counters: MeshCounters,
     kernel_counters: HashMap<SaId, SaCounters>,
     dirty: bool,
-    last_error_log: Option<Instant>,
+    error_log: LogThrottle,
     /// Which session (by id) put each SA into the kernel.
     installed_by: HashMap<SaId, u64>,
     /// Confirmation probes to send through the new outbound SA: (family, peer handshake address).
@@ -445,7 +437,7 @@ impl Mesh {
             counters: MeshCounters::default(),
             kernel_counters: HashMap::new(),
             dirty: true,
-            last_error_log: None,
+            error_log: LogThrottle::new(Duration::from_secs(5)),
             installed_by: HashMap::new(),
             probes: std::collections::VecDeque::new(),
             last_reconcile: now,
@@ -1184,7 +1176,7 @@ impl Mesh {
             if let (Some(session), true) = (&link.session, link.installed) {
                 st.spi_in = Some(format!("0x{:08x}", session.local_spi));
                 st.spi_out = Some(format!("0x{:08x}", session.peer_spi));
-                st.aead = Some(aead_of(session.algorithm).to_string());
+                st.aead = Some(session.algorithm.to_string());
                 let (inbound, outbound) = sa_ids(&link.target, session);
                 if let Some(c) = self.kernel_counters.get(&inbound) {
                     st.bytes_in = c.bytes;
@@ -1223,12 +1215,8 @@ impl Mesh {
 
     fn log_error(&mut self, now: Instant, msg: &str) {
         // One line per 5 s at most; the counters keep the full tally.
-        if self
-            .last_error_log
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(5))
-        {
-            self.last_error_log = Some(now);
-            warn!("{msg}");
+        if let Some(suppressed) = self.error_log.check(now, "error") {
+            warn!(suppressed, "{msg}");
         }
     }
 }
