@@ -17,10 +17,9 @@ use tokio::sync::{broadcast, watch};
 use tracing::{info, warn};
 
 use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::config::{AgentConfig, DatapathKind};
-use crate::control::{self, counter_map, ControlState, MemberCounts, Status};
+use crate::control::{self, ControlState, MemberCounts, Status};
 use crate::datapath::{
     bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor,
 };
@@ -28,8 +27,9 @@ use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
 use crate::gossip::schema::{NodeInfo, KEY_STATUS, PROTOCOL_VERSION};
 use crate::handshake::StaticKeypair;
 use crate::identity::{self, KeyOrigin, NodeKey};
-use crate::mesh::driver::{bind_handshake_sockets, MeshReport};
+use crate::mesh::driver::{bind_handshake_sockets, MeshChannels, MeshReport};
 use crate::mesh::{Mesh, MeshConfig};
+use crate::shutdown::{self, Stop, StopReceiver};
 
 /// Chitchat cluster id; sealing already separates clusters, this only guards
 /// against a meshsec gossip port being pointed at another chitchat user.
@@ -133,6 +133,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         &secrets,
         cfg.data_addresses.clone(),
         Instant::now(),
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default(),
     )
     .map_err(|e| start(&e))?;
 
@@ -195,7 +198,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let started = Instant::now();
     let (members_tx, members_rx) = watch::channel(Arc::new(Vec::<Member>::new()));
     let (changes_tx, _) = broadcast::channel(256);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = shutdown::channel();
 
     let (report_tx, report_rx) = watch::channel(Arc::new(MeshReport::default()));
     let (links_tx, links_rx) = watch::channel(Arc::new(BTreeMap::new()));
@@ -236,7 +239,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 },
                 esp_algorithm: cfg.esp_algorithm.to_string(),
                 handshake: report_rx.borrow().handshake.clone(),
-                mesh: counter_map(&report_rx.borrow().counters),
+                mesh: report_rx.borrow().counters.clone(),
             }
         })
     };
@@ -259,16 +262,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         },
         stop_rx.clone(),
     ));
-    let leave = Arc::new(AtomicBool::new(false));
     tasks.spawn(crate::mesh::driver::run(
         mesh,
         datapath,
         handshake_sockets,
-        members_rx.clone(),
-        report_tx,
+        MeshChannels {
+            members: members_rx.clone(),
+            report: report_tx,
+            commands: mesh_cmd_rx,
+        },
         stop_rx.clone(),
-        leave.clone(),
-        mesh_cmd_rx,
         monitor,
     ));
     // The listing's per-peer link columns follow the mesh's reports.
@@ -278,7 +281,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         tasks.spawn(async move {
             loop {
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = shutdown::fired(&mut stop) => return,
                     r = report_rx.changed() => if r.is_err() { return },
                 }
                 let links = report_rx.borrow_and_update().links.clone();
@@ -303,13 +306,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     ));
 
     let mut gossip_died = Box::pin(gossip.termination_watcher());
-    let outcome = tokio::select! {
-        _ = shutdown => Ok(()),
-        Some(()) = leave_rx.recv() => {
-            leave.store(true, Ordering::SeqCst);
-            Ok(())
-        }
-        r = &mut gossip_died => Err(AgentError::Runtime(format!("gossip stopped: {}", r.err().map(|e| e.to_string()).unwrap_or_default()))),
+    let (how, outcome) = tokio::select! {
+        _ = shutdown => (Stop::Stop, Ok(())),
+        Some(()) = leave_rx.recv() => (Stop::Leave, Ok(())),
+        r = &mut gossip_died => (Stop::Stop, Err(AgentError::Runtime(format!("gossip stopped: {}", r.err().map(|e| e.to_string()).unwrap_or_default())))),
     };
 
     // The one shutdown path. A stop (SIGTERM/SIGINT, e.g. for an upgrade)
@@ -318,8 +318,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // for the grace period. A leave (`meshsec leave`, or `--leave-on-stop`)
     // announces it, gives peers a few gossip rounds to hear it, and removes
     // everything meshsec installed here, as the peers do on their side.
-    if leave.load(Ordering::SeqCst) || cfg.leave_on_stop {
-        leave.store(true, Ordering::SeqCst);
+    let how = if cfg.leave_on_stop { Stop::Leave } else { how };
+    if how == Stop::Leave {
         info!("leaving the cluster: announcing it");
         gossip
             .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
@@ -328,7 +328,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     } else {
         info!("stopping; SAs and policies stay in the kernel (meshsec leave removes them)");
     }
-    let _ = stop_tx.send(true);
+    stop_tx.send_replace(Some(how));
     while tasks.join_next().await.is_some() {}
     if let Err(e) = gossip.shutdown().await {
         warn!(error = %e, "gossip shutdown");
@@ -377,14 +377,14 @@ async fn track_members(
     self_name: String,
     members_tx: watch::Sender<Arc<Vec<Member>>>,
     changes_tx: broadcast::Sender<Arc<(Vec<members::Change>, Vec<Member>)>>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: StopReceiver,
 ) {
     let mut tracker = HeardTracker::default();
     let mut ticker = tokio::time::interval(VIEW_INTERVAL);
     let mut current: Vec<Member> = Vec::new();
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            _ = shutdown::fired(&mut stop) => return,
             _ = ticker.tick() => {}
         }
         let observed = {
@@ -453,11 +453,11 @@ async fn serve_reloads(
     mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
     mut requests: tokio::sync::mpsc::Receiver<control::ReloadRequest>,
     mut hangup: Option<tokio::signal::unix::Signal>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: StopReceiver,
 ) {
     loop {
         let reply = tokio::select! {
-            _ = stop.changed() => return,
+            _ = shutdown::fired(&mut stop) => return,
             r = requests.recv() => match r {
                 Some(tx) => Some(tx),
                 None => return,

@@ -9,9 +9,10 @@ use crate::config::{
     AgentConfig, AgentFlags, LogFormat, DEFAULT_CONTROL_SOCKET, DEFAULT_SECRET_FILE,
     DEFAULT_STATE_DIR,
 };
+use crate::control::{counter_map, MemberRow};
 use crate::control::{Client, Reply, Request, Status};
-use crate::gossip::members::Member;
 use crate::identity;
+use crate::mesh::LinkState;
 
 #[derive(Parser)]
 #[command(
@@ -364,7 +365,7 @@ fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> String {
     out
 }
 
-fn sa_summary(m: &Member) -> String {
+fn sa_summary(m: &MemberRow) -> String {
     if m.is_self {
         return "-".into();
     }
@@ -374,15 +375,11 @@ fn sa_summary(m: &Member) -> String {
     let est = m
         .links
         .iter()
-        .filter(|l| l.sa == crate::mesh::SaState::Established)
+        .filter(|l| l.sa == LinkState::Established)
         .count();
     if est == m.links.len() {
         format!("established ({est})")
-    } else if m
-        .links
-        .iter()
-        .any(|l| l.sa == crate::mesh::SaState::Handshaking)
-    {
+    } else if m.links.iter().any(|l| l.sa == LinkState::Handshaking) {
         format!("handshaking ({est}/{})", m.links.len())
     } else {
         format!("none ({est}/{})", m.links.len())
@@ -391,7 +388,7 @@ fn sa_summary(m: &Member) -> String {
 
 /// Renders the listing: one aligned row per node, then one row per
 /// encrypted link with its SPIs and kernel counters.
-pub fn render_members(members: &[Member]) -> String {
+pub fn render_members(members: &[MemberRow]) -> String {
     let rows: Vec<[String; 8]> = members
         .iter()
         .map(|m| {
@@ -511,8 +508,8 @@ fn render_status(s: &Status) -> String {
         s.datapath,
         s.esp_algorithm,
         kv(&s.gossip),
-        kv(&s.handshake),
-        kv(&s.mesh),
+        kv(&counter_map(&s.handshake)),
+        kv(&counter_map(&s.mesh)),
     )
 }
 
@@ -523,7 +520,7 @@ mod tests {
 
     #[test]
     fn members_table_is_aligned() {
-        let m = |name: &str, state| Member {
+        let m = |name: &str, state| MemberRow {
             name: name.into(),
             gossip_addr: "192.0.2.11:9340".parse().unwrap(),
             data_addrs: vec!["192.0.2.11".parse().unwrap()],

@@ -187,25 +187,10 @@ pub struct RekeyPolicy {
     pub after_packets: Option<u64>,
 }
 
-/// Hard time limit of every SA: nothing lives a day without a re-key.
-pub const SA_HARD_SECONDS: u64 = 24 * 3600;
-/// Soft time limit of every SA (the kernel announces it; the agent's own
-/// timer normally re-keys long before).
-pub const SA_SOFT_SECONDS: u64 = 23 * 3600;
-
 impl RekeyPolicy {
     /// The SA lifetimes this policy installs.
     pub fn lifetimes(&self) -> crate::datapath::Lifetimes {
-        let soft_bytes = self.after_bytes.unwrap_or(0);
-        let soft_packets = self.after_packets.unwrap_or(0);
-        crate::datapath::Lifetimes {
-            soft_bytes,
-            hard_bytes: soft_bytes.saturating_mul(2),
-            soft_packets,
-            hard_packets: soft_packets.saturating_mul(2),
-            soft_seconds: SA_SOFT_SECONDS,
-            hard_seconds: SA_HARD_SECONDS,
-        }
+        crate::mesh::sa_lifetimes(self.after_bytes, self.after_packets)
     }
 }
 
@@ -828,7 +813,7 @@ mod tests {
         );
         assert_eq!(
             (l.soft_seconds, l.hard_seconds),
-            (SA_SOFT_SECONDS, SA_HARD_SECONDS)
+            (crate::mesh::SA_SOFT_SECONDS, crate::mesh::SA_HARD_SECONDS)
         );
 
         f.rekey_after_packets = Some(999);

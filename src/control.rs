@@ -5,6 +5,7 @@
 //! `{"cmd":"status"}`, `{"cmd":"watch"}`. Each reply is one JSON object per
 //! line; `watch` keeps the connection open and sends one line per change.
 
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, watch};
 
-use crate::gossip::members::{Change, Member};
+use crate::datapath::AddressFamily;
+use crate::gossip::members::{Change, Member, MemberState};
+use crate::handshake::Counters as HandshakeCounters;
+use crate::mesh::{LinkState, LinkStatus, MeshCounters};
 
 /// Longest request line accepted; the API has no large requests.
 const MAX_REQUEST: usize = 4096;
@@ -60,7 +64,7 @@ pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<Reloaded, String>>;
 #[serde(rename_all = "lowercase")]
 pub enum Reply {
     /// The full listing.
-    Members(Vec<Member>),
+    Members(Vec<MemberRow>),
     /// This node.
     Status(Box<Status>),
     /// Changes since the previous line, with the listing after them.
@@ -68,7 +72,7 @@ pub enum Reply {
         /// What changed.
         changes: Vec<Change>,
         /// The listing after the change.
-        members: Vec<Member>,
+        members: Vec<MemberRow>,
     },
     /// A re-key was started on this many links.
     Rekeying(usize),
@@ -114,9 +118,127 @@ pub struct Status {
     /// Cluster-wide ESP transform.
     pub esp_algorithm: String,
     /// Handshake counters (datagrams, rejections by reason, cookies).
-    pub handshake: BTreeMapU64,
+    pub handshake: HandshakeCounters,
     /// Mesh counters (sessions, kernel changes).
-    pub mesh: BTreeMapU64,
+    pub mesh: MeshCounters,
+}
+
+/// One row of `meshsec members` and its `--json` form (stable): a member
+/// as gossip knows it, in display form, with the mesh's links to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberRow {
+    /// Node name (unique in the cluster).
+    pub name: String,
+    /// Address used for gossip.
+    pub gossip_addr: std::net::SocketAddr,
+    /// Published data-plane addresses.
+    pub data_addrs: Vec<std::net::IpAddr>,
+    /// Liveness.
+    pub state: MemberState,
+    /// Short fingerprint of the static public key, or `None` if it published none.
+    pub fingerprint: Option<String>,
+    /// Base64 static public key.
+    pub public_key: Option<String>,
+    /// Generation (start time of that agent, ms since the epoch).
+    pub generation: u64,
+    /// Handshake UDP port.
+    pub handshake_port: Option<u16>,
+    /// Protocol version it speaks.
+    pub protocol: Option<u32>,
+    /// Milliseconds since its heartbeat last advanced (0 for this node).
+    pub last_heard_ms: u64,
+    /// Whether this row is the local node.
+    pub is_self: bool,
+    /// The encrypted links to this node (one per address family); empty for
+    /// this node itself.
+    #[serde(default)]
+    pub links: Vec<LinkRow>,
+}
+
+impl MemberRow {
+    /// The row for `m` with its links.
+    pub fn new(m: &Member, links: &[LinkStatus]) -> MemberRow {
+        MemberRow {
+            name: m.name.clone(),
+            gossip_addr: m.gossip_addr,
+            data_addrs: m.data_addrs.clone(),
+            state: m.state,
+            fingerprint: m.public_key.as_ref().map(crate::identity::fingerprint),
+            public_key: m.public_key.as_ref().map(crate::identity::encode_public),
+            generation: m.generation,
+            handshake_port: m.handshake_port,
+            protocol: m.protocol,
+            last_heard_ms: m.last_heard_ms,
+            is_self: m.is_self,
+            links: links.iter().map(LinkRow::from).collect(),
+        }
+    }
+}
+
+/// One link in the listing (display form of [`LinkStatus`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LinkRow {
+    /// `ipv4` or `ipv6`.
+    pub family: String,
+    /// Our address.
+    pub local: std::net::IpAddr,
+    /// Peer address.
+    pub remote: std::net::IpAddr,
+    /// Link state.
+    pub sa: LinkState,
+    /// Inbound SPI (ours), hex.
+    pub spi_in: Option<String>,
+    /// Outbound SPI (the peer's), hex.
+    pub spi_out: Option<String>,
+    /// AEAD in use.
+    pub aead: Option<String>,
+    /// Unix time (s) the current SAs were installed.
+    pub established_at: Option<u64>,
+    /// Inbound SA counters from the kernel.
+    pub bytes_in: u64,
+    /// Inbound packets.
+    pub packets_in: u64,
+    /// Outbound bytes.
+    pub bytes_out: u64,
+    /// Outbound packets.
+    pub packets_out: u64,
+    /// Inbound packets dropped as replays.
+    pub replay_drops: u32,
+    /// Inbound packets that failed the integrity check.
+    pub integrity_failures: u32,
+}
+
+impl From<&LinkStatus> for LinkRow {
+    fn from(l: &LinkStatus) -> LinkRow {
+        LinkRow {
+            family: family_name(l.family).into(),
+            local: l.local,
+            remote: l.remote,
+            sa: l.state,
+            spi_in: l.spi_in.map(hex_spi),
+            spi_out: l.spi_out.map(hex_spi),
+            aead: l.aead.map(|a| a.to_string()),
+            established_at: l.established_at,
+            bytes_in: l.inbound.bytes,
+            packets_in: l.inbound.packets,
+            bytes_out: l.outbound.bytes,
+            packets_out: l.outbound.packets,
+            replay_drops: l.inbound.replay,
+            integrity_failures: l.inbound.integrity_failed,
+        }
+    }
+}
+
+/// The listing's name of an address family.
+pub fn family_name(f: AddressFamily) -> &'static str {
+    match f {
+        AddressFamily::V4 => "ipv4",
+        AddressFamily::V6 => "ipv6",
+    }
+}
+
+fn hex_spi(spi: u32) -> String {
+    format!("0x{spi:08x}")
 }
 
 /// A name → counter map, serialised as a JSON object.
@@ -220,12 +342,12 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlSocketError> {
 pub async fn serve(
     listener: UnixListener,
     state: ControlState,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::StopReceiver,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
-            _ = shutdown.changed() => break,
+            _ = crate::shutdown::fired(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let state = state.clone();
@@ -253,29 +375,24 @@ async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std:
     w.write_all(&line).await
 }
 
-fn snapshot(state: &ControlState) -> Vec<Member> {
-    let members = state.members.borrow().as_ref().clone();
+fn snapshot(state: &ControlState) -> Vec<MemberRow> {
+    let members = state.members.borrow().clone();
     let links = state.links.borrow().clone();
-    merge_links(members, &links)
+    rows(&members, &links)
 }
 
-/// Attaches each peer's links to its row.
-pub fn merge_links(
-    mut members: Vec<Member>,
-    links: &std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>,
-) -> Vec<Member> {
-    for m in members.iter_mut() {
-        if let Some(l) = links.get(&m.name) {
-            m.links = l.clone();
-        }
-    }
+/// The listing: each member with the mesh's links to it.
+pub fn rows(members: &[Member], links: &BTreeMap<String, Vec<LinkStatus>>) -> Vec<MemberRow> {
     members
+        .iter()
+        .map(|m| MemberRow::new(m, links.get(&m.name).map_or(&[][..], |l| l)))
+        .collect()
 }
 
 async fn handle(
     stream: UnixStream,
     state: ControlState,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: crate::shutdown::StopReceiver,
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
@@ -321,10 +438,10 @@ async fn handle(
             write_line(&mut w, &Reply::Members(snapshot(&state))).await?;
             loop {
                 tokio::select! {
-                    _ = shutdown.changed() => return Ok(()),
+                    _ = crate::shutdown::fired(&mut shutdown) => return Ok(()),
                     ev = rx.recv() => match ev {
                         Ok(ev) => {
-                            let members = merge_links(ev.1.clone(), &state.links.borrow().clone());
+                            let members = rows(&ev.1, &state.links.borrow().clone());
                             write_line(&mut w, &Reply::Changes { changes: ev.0.clone(), members }).await?
                         }
                         // A slow reader skipped some changes: resend the full listing.
@@ -461,7 +578,7 @@ mod tests {
                 }));
             }
         });
-        let (stx, srx) = watch::channel(false);
+        let (stx, srx) = crate::shutdown::channel();
         let server = tokio::spawn(serve(listener, state, srx));
 
         // A second agent on the same socket is refused while the first serves.
@@ -506,7 +623,7 @@ mod tests {
         BufReader::new(raw).read_line(&mut buf).await.unwrap();
         assert!(buf.contains("bad request"), "{buf}");
 
-        stx.send(true).unwrap();
+        stx.send_replace(Some(crate::shutdown::Stop::Stop));
         server.await.unwrap();
     }
 

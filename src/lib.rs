@@ -22,4 +22,5 @@ pub mod gossip;
 pub mod handshake;
 pub mod identity;
 pub mod mesh;
+pub mod shutdown;
 pub mod throttle;

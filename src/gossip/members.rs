@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::schema::NodeInfo;
-use crate::identity::fingerprint;
+use crate::handshake::PublicKey;
 
 /// A node's liveness as the operator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,8 +39,9 @@ impl std::fmt::Display for MemberState {
     }
 }
 
-/// One row of `meshsec members` (also its `--json` form, which is stable).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One member as gossip knows it, typed (the control API's listing row adds
+/// the display forms and the mesh's links: `control::MemberRow`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Member {
     /// Node name (unique in the cluster).
     pub name: String,
@@ -50,10 +51,8 @@ pub struct Member {
     pub data_addrs: Vec<IpAddr>,
     /// Liveness.
     pub state: MemberState,
-    /// Short fingerprint of the static public key, or `None` if it published none.
-    pub fingerprint: Option<String>,
-    /// Base64 static public key.
-    pub public_key: Option<String>,
+    /// Static public key, or `None` if it published none (yet).
+    pub public_key: Option<PublicKey>,
     /// Generation (start time of that agent, ms since the epoch).
     pub generation: u64,
     /// Handshake UDP port.
@@ -64,10 +63,6 @@ pub struct Member {
     pub last_heard_ms: u64,
     /// Whether this row is the local node.
     pub is_self: bool,
-    /// The encrypted links to this node (one per address family), filled in
-    /// by the agent from the mesh; empty for this node itself.
-    #[serde(default)]
-    pub links: Vec<crate::mesh::LinkStatus>,
 }
 
 /// What the agent read out of chitchat about one node (one generation).
@@ -174,14 +169,12 @@ pub fn view(
                 gossip_addr: o.gossip_addr,
                 data_addrs: info.data_addrs.clone(),
                 state,
-                fingerprint: info.public_key.as_ref().map(fingerprint),
-                public_key: info.public_key.as_ref().map(crate::identity::encode_public),
+                public_key: info.public_key,
                 generation: o.generation,
                 handshake_port: info.handshake_port,
                 protocol: info.protocol,
                 last_heard_ms: if is_self { 0 } else { since.as_millis() as u64 },
                 is_self,
-                links: Vec::new(),
             }
         })
         .collect()

@@ -253,7 +253,7 @@ pub enum Rejected {
 }
 
 /// Counters of everything that happened, for metrics and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Datagrams passed to `handle`.
     pub received: u64,
@@ -303,6 +303,36 @@ pub struct Counters {
     pub established: u64,
     /// Initiations that timed out.
     pub timeouts: u64,
+}
+
+impl Counters {
+    /// Adds `other` field by field (endpoints of several families summed).
+    pub fn add(&mut self, other: &Counters) {
+        self.received += other.received;
+        self.sent += other.sent;
+        self.bad_len += other.bad_len;
+        self.bad_version += other.bad_version;
+        self.bad_type += other.bad_type;
+        self.bad_mac += other.bad_mac;
+        self.decrypt_failed += other.decrypt_failed;
+        self.bad_payload += other.bad_payload;
+        self.unknown_peer += other.unknown_peer;
+        self.replayed += other.replayed;
+        self.stale_response += other.stale_response;
+        self.alg_mismatch += other.alg_mismatch;
+        self.rate_limited += other.rate_limited;
+        self.cookie_sent += other.cookie_sent;
+        self.cookie_received += other.cookie_received;
+        self.bad_cookie += other.bad_cookie;
+        self.collision_dropped += other.collision_dropped;
+        self.collision_abandoned += other.collision_abandoned;
+        self.spi_alloc_failed += other.spi_alloc_failed;
+        self.retransmit_answered += other.retransmit_answered;
+        self.retransmits += other.retransmits;
+        self.dh_work += other.dh_work;
+        self.established += other.established;
+        self.timeouts += other.timeouts;
+    }
 }
 
 /// An outstanding initiation of ours.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::UdpSocket;
@@ -16,10 +16,8 @@ use tracing::{info, warn};
 use super::{LinkStatus, Mesh, MeshCounters};
 use crate::datapath::{bypass_socket, AddressFamily, Datapath, KernelEvent, XfrmMonitor};
 use crate::gossip::members::Member;
-
-/// How often the kernel state is re-read even when nothing happened
-/// (drift repair, counters for the listing).
-pub const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+use crate::handshake::Counters as HandshakeCounters;
+use crate::shutdown::{self, Stop, StopReceiver};
 
 /// What the mesh task publishes for the control API.
 #[derive(Debug, Clone, Default)]
@@ -29,7 +27,7 @@ pub struct MeshReport {
     /// Mesh counters.
     pub counters: MeshCounters,
     /// Handshake counters (all families).
-    pub handshake: BTreeMap<String, u64>,
+    pub handshake: HandshakeCounters,
 }
 
 /// Payload of a confirmation probe (see [`Mesh::poll_probe`]).
@@ -148,21 +146,32 @@ async fn recv_on(sock: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(u
     }
 }
 
-/// Runs the mesh until `stop` fires. With `leave`, everything meshsec
-/// installed is removed before returning (the node announced leaving, so
-/// its peers are removing their side too).
-#[allow(clippy::too_many_arguments)] // one argument per channel; bundled when the leave flag joins the stop channel
+/// The channels the mesh task talks through.
+pub struct MeshChannels {
+    /// Membership views from gossip.
+    pub members: watch::Receiver<Arc<Vec<Member>>>,
+    /// Where the mesh publishes its report.
+    pub report: watch::Sender<Arc<MeshReport>>,
+    /// Commands from the control API.
+    pub commands: tokio::sync::mpsc::Receiver<MeshCommand>,
+}
+
+/// Runs the mesh until `stop` fires. On [`Stop::Leave`] everything meshsec
+/// installed is removed before returning (the node announced leaving, so its
+/// peers are removing their side too); on [`Stop::Stop`] it all stays.
 pub async fn run(
     mut mesh: Mesh,
     mut dp: Box<dyn Datapath>,
     sockets: HandshakeSockets,
-    mut members: watch::Receiver<Arc<Vec<Member>>>,
-    report: watch::Sender<Arc<MeshReport>>,
-    mut stop: watch::Receiver<bool>,
-    leave: Arc<std::sync::atomic::AtomicBool>,
-    mut commands: tokio::sync::mpsc::Receiver<MeshCommand>,
+    channels: MeshChannels,
+    mut stop: StopReceiver,
     monitor: Option<XfrmMonitor>,
 ) {
+    let MeshChannels {
+        mut members,
+        report,
+        mut commands,
+    } = channels;
     let mut monitor = monitor.and_then(|m| {
         // SAFETY: the monitor owns its netlink socket, which stays open (and
         // the same descriptor) until the monitor, hence the AsyncFd, is dropped.
@@ -173,9 +182,8 @@ pub async fn run(
     let mut events = Vec::new();
     let mut buf4 = vec![0u8; 2048];
     let mut buf6 = vec![0u8; 2048];
-    let mut next_resync = Instant::now();
     let mut published = MeshCounters::default();
-    loop {
+    let how = loop {
         while let Some((family, to, bytes)) = mesh.poll_transmit() {
             let sock = match family {
                 AddressFamily::V4 => sockets.v4.as_ref(),
@@ -202,11 +210,10 @@ pub async fn run(
         let now = Instant::now();
         let wake = mesh
             .poll_timeout()
-            .unwrap_or(next_resync)
-            .min(next_resync)
+            .unwrap_or(now + crate::mesh::RESYNC_INTERVAL)
             .max(now);
         tokio::select! {
-            _ = stop.changed() => break,
+            how = shutdown::fired(&mut stop) => break how,
             r = recv_on(&sockets.v4, &mut buf4) => {
                 if let Ok((n, from)) = r {
                     // Probes did their work in the kernel (counted on the inbound SA).
@@ -237,18 +244,13 @@ pub async fn run(
                 }
             },
             changed = members.changed() => {
-                if changed.is_err() { break; }
+                if changed.is_err() { break Stop::Stop; }
                 let view = members.borrow_and_update().clone();
                 mesh.set_members(Instant::now(), &view, dp.as_mut());
             }
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
-        let now = Instant::now();
-        let resync = now >= next_resync;
-        if resync {
-            next_resync = now + RESYNC_INTERVAL;
-        }
-        mesh.handle_timeout(now, dp.as_mut(), resync);
+        let resync = mesh.handle_timeout(Instant::now(), dp.as_mut());
         if resync || *mesh.counters() != published {
             published = mesh.counters().clone();
             report.send_replace(Arc::new(MeshReport {
@@ -257,8 +259,8 @@ pub async fn run(
                 handshake: mesh.handshake_counters(),
             }));
         }
-    }
-    if leave.load(std::sync::atomic::Ordering::SeqCst) {
+    };
+    if how == Stop::Leave {
         match mesh.remove_all(dp.as_mut()) {
             Ok((sas, policies)) => info!(
                 sas,

@@ -14,22 +14,29 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use crate::datapath::{
-    diff, AddressFamily, Aead, Change, Datapath, Direction, ErrorKind, KernelEvent, KernelState,
-    Lifetimes, PolicySpec, Reqid, SaCounters, SaId, SaSpec, MIN_INBOUND_REPLAY_WINDOW,
+    AddressFamily, Aead, Change, Datapath, Direction, ErrorKind, KernelEvent, KernelState,
+    Lifetimes, PolicySpec, Reqid, SaCounters, SaId, SaSpec,
 };
-use crate::gossip::members::{Member, MemberState};
+use crate::gossip::members::Member;
 use crate::handshake::{
-    Config as HsConfig, Endpoint, Event, HandshakeContext, PublicKey, Role, Session, SpiAllocError,
-    StaticKeypair,
+    Config as HsConfig, Counters as HandshakeCounters, Endpoint, Event, HandshakeContext,
+    PublicKey, Role, Session, SpiAllocError, StaticKeypair,
 };
-use crate::identity::decode_public;
 use crate::throttle::LogThrottle;
+
+pub mod driver;
+mod links;
+mod plan;
+mod status;
+
+pub use links::{usable_peer_address, wanted_links, LinkId, Target};
+pub use plan::{desired, link_objects, plan, sa_ids, AdoptedPlan, LinkPlan, REPLAY_WINDOW};
+pub use status::{LinkState, LinkStatus, MeshCounters};
 
 /// How often a pending responder session's inbound counters are checked.
 const CONFIRM_POLL: Duration = Duration::from_millis(100);
@@ -42,210 +49,30 @@ pub const INBOUND_LIMIT_DELAY: Duration = Duration::from_secs(2);
 /// Kernel table changes are coalesced for this long before a resync.
 const KERNEL_EVENT_DELAY: Duration = Duration::from_millis(200);
 
-/// Inbound anti-replay window for every SA meshsec installs.
-pub const REPLAY_WINDOW: u32 = 4096;
+/// How often the kernel state is re-read even when nothing happened (drift
+/// repair, counters for the listing).
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
 
-/// One (peer, family) link.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LinkId {
-    /// The peer's static public key.
-    pub peer: PublicKey,
-    /// Address family.
-    pub family: AddressFamily,
-}
+/// Soft lifetime in seconds of every SA: a re-key backstop far beyond the
+/// re-key interval.
+pub const SA_SOFT_SECONDS: u64 = 23 * 3600;
+/// Hard lifetime in seconds: the kernel deletes the SA.
+pub const SA_HARD_SECONDS: u64 = 24 * 3600;
 
-/// Where a link goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    /// Peer name (for logs and the listing).
-    pub name: String,
-    /// Our data address of this family.
-    pub local: IpAddr,
-    /// The peer's data address of this family.
-    pub remote: IpAddr,
-    /// The peer's handshake endpoint.
-    pub handshake: SocketAddr,
-}
-
-/// The links this node wants: every other member that is alive or suspect,
-/// or dead for less than `grace` (a short flap breaks nothing), that
-/// published a key, a handshake port and an address of a family we have.
-/// Left members are dropped at once.
-///
-/// Addresses are checked, since a member could publish anything: only
-/// unicast addresses that are not ours count, and an address (or a key)
-/// claimed by two members is used for neither, so one member can never make
-/// us require ESP towards somebody else.
-pub fn wanted_links(
-    self_key: &PublicKey,
-    self_addrs: &[IpAddr],
-    members: &[Member],
-    grace: Duration,
-) -> BTreeMap<LinkId, Target> {
-    let mut claims: HashMap<IpAddr, usize> = HashMap::new();
-    let mut keys: HashMap<PublicKey, usize> = HashMap::new();
-    for m in members.iter().filter(|m| !m.is_self) {
-        for a in &m.data_addrs {
-            *claims.entry(*a).or_default() += 1;
-        }
-        if let Some(k) = m.public_key.as_deref().and_then(decode_public) {
-            *keys.entry(k).or_default() += 1;
-        }
+/// The SA lifetimes for optional byte/packet re-key limits: the limit is the
+/// soft lifetime (the kernel announces it), twice the limit the hard one (a
+/// safety net); 23 h / 24 h in time.
+pub fn sa_lifetimes(after_bytes: Option<u64>, after_packets: Option<u64>) -> Lifetimes {
+    let soft_bytes = after_bytes.unwrap_or(0);
+    let soft_packets = after_packets.unwrap_or(0);
+    Lifetimes {
+        soft_bytes,
+        hard_bytes: soft_bytes.saturating_mul(2),
+        soft_packets,
+        hard_packets: soft_packets.saturating_mul(2),
+        soft_seconds: SA_SOFT_SECONDS,
+        hard_seconds: SA_HARD_SECONDS,
     }
-    let usable = |a: &IpAddr| {
-        usable_peer_address(a)
-            && !self_addrs.contains(a)
-            && claims.get(a).copied().unwrap_or(0) == 1
-    };
-    let mut out = BTreeMap::new();
-    for m in members {
-        if m.is_self {
-            continue;
-        }
-        let keep = match m.state {
-            MemberState::Alive | MemberState::Suspect => true,
-            MemberState::Dead => Duration::from_millis(m.last_heard_ms) < grace,
-            MemberState::Left => false,
-        };
-        let (Some(key), Some(port)) = (
-            m.public_key.as_deref().and_then(decode_public),
-            m.handshake_port,
-        ) else {
-            continue;
-        };
-        if !keep
-            || &key == self_key
-            || keys.get(&key).copied().unwrap_or(0) != 1
-            || m.protocol != Some(1)
-        {
-            continue;
-        }
-        for family in [AddressFamily::V4, AddressFamily::V6] {
-            let local = self_addrs.iter().find(|a| AddressFamily::of(**a) == family);
-            let remote = m
-                .data_addrs
-                .iter()
-                .find(|a| AddressFamily::of(**a) == family && usable(a));
-            if let (Some(local), Some(remote)) = (local, remote) {
-                out.insert(
-                    LinkId { peer: key, family },
-                    Target {
-                        name: m.name.clone(),
-                        local: *local,
-                        remote: *remote,
-                        handshake: SocketAddr::new(*remote, port),
-                    },
-                );
-            }
-        }
-    }
-    out
-}
-
-/// Whether a peer may be protected under this address: unicast, not
-/// unspecified, loopback, multicast or broadcast.
-pub fn usable_peer_address(a: &IpAddr) -> bool {
-    match a {
-        IpAddr::V4(v4) => {
-            !(v4.is_unspecified() || v4.is_loopback() || v4.is_multicast() || v4.is_broadcast())
-        }
-        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_loopback() || v6.is_multicast()),
-    }
-}
-
-/// The SAs and policies of one established link.
-pub fn link_objects(
-    target: &Target,
-    session: &Session,
-    lifetimes: Lifetimes,
-) -> (SaSpec, SaSpec, [PolicySpec; 2]) {
-    let aead = session.algorithm;
-    let inbound = SaSpec {
-        src: target.remote,
-        dst: target.local,
-        spi: session.local_spi,
-        direction: Direction::In,
-        reqid: Reqid::DEFAULT,
-        aead,
-        key: session.key_in.as_bytes().to_vec(),
-        replay_window: REPLAY_WINDOW.max(MIN_INBOUND_REPLAY_WINDOW),
-        lifetimes,
-    };
-    let outbound = SaSpec {
-        src: target.local,
-        dst: target.remote,
-        spi: session.peer_spi,
-        direction: Direction::Out,
-        reqid: Reqid::DEFAULT,
-        aead,
-        key: session.key_out.as_bytes().to_vec(),
-        replay_window: 0,
-        lifetimes,
-    };
-    (
-        inbound,
-        outbound,
-        PolicySpec::pair(target.local, target.remote, Reqid::DEFAULT),
-    )
-}
-
-/// The kernel ids of a session's (inbound, outbound) SAs on a link.
-fn sa_ids(target: &Target, session: &Session) -> (SaId, SaId) {
-    (
-        SaId {
-            dst: target.local,
-            spi: session.local_spi,
-        },
-        SaId {
-            dst: target.remote,
-            spi: session.peer_spi,
-        },
-    )
-}
-
-/// Per-link state shown in `meshsec members`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SaState {
-    /// No session and no handshake under way.
-    None,
-    /// A handshake is under way (or keys are being installed).
-    Handshaking,
-    /// Both SAs and both policies are in the kernel.
-    Established,
-}
-
-/// One link as the listing shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LinkStatus {
-    /// `ipv4` or `ipv6`.
-    pub family: String,
-    /// Our address.
-    pub local: IpAddr,
-    /// Peer address.
-    pub remote: IpAddr,
-    /// SA state.
-    pub sa: SaState,
-    /// Inbound SPI (ours), hex.
-    pub spi_in: Option<String>,
-    /// Outbound SPI (the peer's), hex.
-    pub spi_out: Option<String>,
-    /// AEAD in use.
-    pub aead: Option<String>,
-    /// Unix time (s) the current SAs were installed.
-    pub established_at: Option<u64>,
-    /// Inbound SA counters from the kernel.
-    pub bytes_in: u64,
-    /// Inbound packets.
-    pub packets_in: u64,
-    /// Outbound bytes.
-    pub bytes_out: u64,
-    /// Outbound packets.
-    pub packets_out: u64,
-    /// Inbound packets dropped as replays.
-    pub replay_drops: u32,
-    /// Inbound packets that failed the integrity check.
-    pub integrity_failures: u32,
 }
 
 struct Link {
@@ -273,41 +100,6 @@ struct Link {
     failures: u32,
 }
 
-/// Counters of the mesh itself (handshake endpoints keep their own).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MeshCounters {
-    /// Sessions established.
-    pub sessions_established: u64,
-    /// Handshakes that failed or timed out.
-    pub handshakes_failed: u64,
-    /// Kernel changes applied.
-    pub changes_applied: u64,
-    /// Kernel changes that failed.
-    pub changes_failed: u64,
-    /// Installed SAs found missing from the kernel (links re-keyed).
-    pub sas_vanished: u64,
-    /// Datagrams the handshake layer rejected.
-    pub handshake_rejected: u64,
-    /// Re-keys started (time-based or forced).
-    pub rekeys_started: u64,
-    /// Responder sessions confirmed by the initiator's first ESP packet.
-    pub sessions_confirmed: u64,
-    /// Responder sessions dropped unconfirmed (e.g. a replayed initiation).
-    pub sessions_unconfirmed: u64,
-    /// Soft-expire notifications from the kernel for current SAs (byte,
-    /// packet or time limit reached).
-    pub kernel_soft_expires: u64,
-    /// Hard-expire notifications from the kernel for current SAs (the
-    /// kernel deleted one in use: its link re-keyed too late).
-    pub kernel_hard_expires: u64,
-    /// Current SAs found at a soft limit, by notification or by the
-    /// counter check at resync (which covers lost notifications); each
-    /// schedules a re-key of its link.
-    pub soft_limits_reached: u64,
-    /// Kernel event notifications lost to a full socket buffer.
-    pub kernel_event_overruns: u64,
-}
-
 /// Mesh settings.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {
@@ -328,6 +120,8 @@ pub struct MeshConfig {
     /// How long SAs and policies found in the kernel at start-up (left by a
     /// previous run of the agent) are kept while their links re-key.
     pub adopt_grace: Duration,
+    /// How often the kernel is re-read even when nothing happened.
+    pub resync_interval: Duration,
 }
 
 impl Default for MeshConfig {
@@ -335,12 +129,13 @@ impl Default for MeshConfig {
         MeshConfig {
             algorithm: Aead::Aes128Gcm,
             dead_grace: Duration::from_secs(60),
-            lifetimes: crate::config::RekeyPolicy::default().lifetimes(),
+            lifetimes: sa_lifetimes(None, None),
             handshake: HsConfig::default(),
             rekey_interval: Duration::from_secs(3600),
             confirm_timeout: Duration::from_secs(10),
             retire_after: Duration::from_secs(10),
             adopt_grace: Duration::from_secs(120),
+            resync_interval: RESYNC_INTERVAL,
         }
     }
 }
@@ -368,6 +163,11 @@ pub struct Mesh {
     limits_seen: std::collections::HashSet<SaId>,
     /// A kernel table change was announced: resync at this instant.
     kernel_resync_at: Option<Instant>,
+    /// The periodic resync is due at this instant.
+    next_resync: Instant,
+    /// (monotonic, wall-clock since the epoch) at start: wall time for the
+    /// listing without reading a clock.
+    wall_anchor: (Instant, Duration),
 }
 
 struct Adopted {
@@ -406,17 +206,16 @@ impl HandshakeContext for Ctx<'_> {
 
 impl Mesh {
     /// A mesh for this node. `self_addrs` are our data addresses (the first
-    /// of each family is used).
+    /// of each family is used); `unix_now` is the wall-clock time at `now`
+    /// (since the epoch). The first [`Mesh::handle_timeout`] resyncs.
     pub fn new(
         config: MeshConfig,
         keypair: StaticKeypair,
         keyring: &[[u8; 32]],
         self_addrs: Vec<IpAddr>,
         now: Instant,
+        unix_now: Duration,
     ) -> Result<Mesh, crate::handshake::ConfigError> {
-        let unix_now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
         let mut hs = config.handshake.clone();
         hs.algorithm = config.algorithm;
         let mut endpoints = BTreeMap::new();
@@ -444,6 +243,8 @@ impl Mesh {
             adopted: None,
             limits_seen: Default::default(),
             kernel_resync_at: None,
+            next_resync: now,
+            wall_anchor: (now, unix_now),
         })
     }
 
@@ -458,12 +259,10 @@ impl Mesh {
     }
 
     /// Handshake counters per family, summed into one name → value map.
-    pub fn handshake_counters(&self) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
+    pub fn handshake_counters(&self) -> HandshakeCounters {
+        let mut out = HandshakeCounters::default();
         for ep in self.endpoints.values() {
-            for (k, v) in crate::control::counter_map(ep.counters()) {
-                *out.entry(k).or_insert(0) += v;
-            }
+            out.add(ep.counters());
         }
         out
     }
@@ -562,23 +361,29 @@ impl Mesh {
         self.drain_events(now, family, dp);
     }
 
-    /// Drives timers: retransmits, new initiations, and (when something
-    /// changed or `resync` is set) reconciliation with the kernel.
-    pub fn handle_timeout(&mut self, now: Instant, dp: &mut dyn Datapath, resync: bool) {
-        for (family, ep) in self.endpoints.iter_mut() {
+    /// Drives timers: retransmits, new initiations, and reconciliation with
+    /// the kernel when something changed, a confirmation or retirement needs
+    /// the counters, a kernel event asked for it, or the periodic resync is
+    /// due. Returns whether the periodic resync ran (fresh counters).
+    pub fn handle_timeout(&mut self, now: Instant, dp: &mut dyn Datapath) -> bool {
+        for ep in self.endpoints.values_mut() {
             ep.handle_timeout(now);
-            let _ = family;
         }
         for family in self.families() {
             self.drain_events(now, family, dp);
         }
         self.initiate_due(now, dp);
+        let resync = now >= self.next_resync;
+        if resync {
+            self.next_resync = now + self.config.resync_interval;
+        }
         let poll_due = self.needs_kernel_poll() && now >= self.last_reconcile + CONFIRM_POLL;
         let kernel_due = self.kernel_resync_at.is_some_and(|t| now >= t);
         if self.dirty || resync || poll_due || kernel_due {
             self.kernel_resync_at = None;
             self.reconcile(now, dp);
         }
+        resync
     }
 
     /// Acts on an event the kernel announced (see [`crate::datapath::XfrmMonitor`]):
@@ -640,7 +445,10 @@ impl Mesh {
         false
     }
 
-    /// The next instant [`Mesh::handle_timeout`] is needed (without resync).
+    /// The next instant [`Mesh::handle_timeout`] is needed: the earliest of
+    /// the endpoints' timers, due initiations and re-keys, the counter poll,
+    /// a kernel event's resync and the periodic resync (so never `None`
+    /// today; an `Option` like the endpoints' for a driver's sake).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let eps = self
             .endpoints
@@ -676,10 +484,21 @@ impl Mesh {
         let kernel = self
             .needs_kernel_poll()
             .then_some(self.last_reconcile + CONFIRM_POLL);
-        [eps, attempts, rekeys, kernel, self.kernel_resync_at]
-            .into_iter()
-            .flatten()
-            .min()
+        // Something changed: reconcile, at most once per CONFIRM_POLL (a
+        // kernel that keeps failing must not make a driver spin).
+        let dirty = self.dirty.then_some(self.last_reconcile + CONFIRM_POLL);
+        [
+            eps,
+            attempts,
+            rekeys,
+            kernel,
+            self.kernel_resync_at,
+            Some(self.next_resync),
+            dirty,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next datagram to send, with the family of the socket to use.
@@ -848,25 +667,44 @@ impl Mesh {
         }
     }
 
-    /// Makes the kernel match the established sessions: a pure diff of
-    /// desired against dumped state, applied in order (SAs before policies,
-    /// additions before deletions).
+    /// Makes the kernel match the links: observe (one dump of SAs and
+    /// policies), update link state from it (confirmations, retirements,
+    /// vanished SAs), plan (the pure [`desired`] and [`plan`]), apply the
+    /// whole plan in one pipelined [`Datapath::apply`], record the outcome.
     pub fn reconcile(&mut self, now: Instant, dp: &mut dyn Datapath) {
         self.last_reconcile = now;
+        let Some(actual) = self.observe(now, dp) else {
+            return;
+        };
+        self.adopt(now, &actual);
+        self.check_soft_limits(now);
+        self.confirm_pending(now);
+        for link in self.links.values_mut() {
+            link.retiring.retain(|(_, deadline)| now < *deadline);
+        }
+        self.rekey_vanished(now, &actual);
+        let changes = self.plan(&actual);
+        let failed_sas = self.apply(now, &changes, dp);
+        self.record(now, &failed_sas);
+    }
+
+    /// Reads the kernel's meshsec-owned SAs and policies (and the SAs'
+    /// counters, for the listing and the soft-limit check).
+    fn observe(&mut self, now: Instant, dp: &mut dyn Datapath) -> Option<KernelState> {
         let dumped = match (dp.dump_sas(), dp.dump_policies()) {
             (Ok(s), Ok(p)) => (s, p),
             (Err(e), _) | (_, Err(e)) => {
                 self.log_error(now, &format!("cannot read the kernel's XFRM state: {e}"));
-                return;
+                return None;
             }
         };
         self.kernel_counters = dumped.0.iter().map(|s| (s.id(), s.counters)).collect();
-        let actual = KernelState::from_dumps(&dumped.0, &dumped.1);
-        self.adopt(now, &actual);
-        self.check_soft_limits(now);
+        Some(KernelState::from_dumps(&dumped.0, &dumped.1))
+    }
 
-        // Confirmation: the initiator's first ESP packet on a pending session's
-        // inbound SA proves it holds the keys; the session then takes over.
+    /// Confirmation: the initiator's first ESP packet on a pending session's
+    /// inbound SA proves it holds the keys; the session then takes over.
+    fn confirm_pending(&mut self, now: Instant) {
         for (id, link) in self.links.iter_mut() {
             let Some((pending, deadline)) = &link.pending else {
                 continue;
@@ -890,11 +728,10 @@ impl Mesh {
                 }
             }
         }
-        for link in self.links.values_mut() {
-            link.retiring.retain(|(_, deadline)| now < *deadline);
-        }
+    }
 
-        // An installed link whose SA vanished gets fresh keys, never the old ones again.
+    /// An installed link whose SA vanished gets fresh keys, never the old ones again.
+    fn rekey_vanished(&mut self, now: Instant, actual: &KernelState) {
         for link in self.links.values_mut() {
             let Some(session) = &link.session else {
                 continue;
@@ -912,85 +749,53 @@ impl Mesh {
                 link.next_attempt = now;
             }
         }
+    }
 
-        let mut desired = KernelState::default();
-        if let Some(adopted) = &self.adopted {
-            for sa in adopted
-                .sas
-                .iter()
-                .filter(|sa| actual.sas.contains_key(&sa.id()))
-            {
-                desired.sas.insert(sa.id(), sa.clone());
-            }
-            for p in &adopted.policies {
-                desired.policies.insert(p.id, *p);
-            }
-        }
-        for link in self.links.values() {
-            if link.protected {
-                for p in PolicySpec::pair(link.target.local, link.target.remote, Reqid::DEFAULT) {
-                    desired.policies.insert(p.id, p);
-                }
-            }
-            // Retiring inbound SAs stay while present; a vanished one is not re-added.
-            for (sa, _) in &link.retiring {
-                if actual.sas.contains_key(&sa.id()) {
-                    desired.sas.insert(sa.id(), sa.clone());
-                }
-            }
-            if let Some((pending, _)) = &link.pending {
-                let (inb, _, _) = link_objects(&link.target, pending, self.config.lifetimes);
-                desired.sas.insert(inb.id(), inb);
-            }
-            let Some(session) = &link.session else {
-                continue;
-            };
-            let (inb, outb, pols) = link_objects(&link.target, session, self.config.lifetimes);
-            desired.sas.insert(inb.id(), inb);
-            desired.sas.insert(outb.id(), outb);
-            for p in pols {
-                desired.policies.insert(p.id, p);
-            }
-        }
-        let mut changes = diff(&desired, &actual);
-        // The kernel identifies an SA by (dst, SPI) and the outbound SPI is the
-        // peer's choice: an SA already there under a desired id but put there
-        // by another session holds another key, so it is replaced.
-        let mut replaced = Vec::new();
-        for (id, sa) in &desired.sas {
-            if !actual.sas.contains_key(id) {
-                continue;
-            }
-            let wanted_by = self.session_of(id);
-            if let (Some(want), Some(had)) = (wanted_by, self.installed_by.get(id)) {
-                if want != *had {
-                    replaced.push(Change::DeleteSa(*id));
-                    replaced.push(Change::AddSa(sa.clone()));
-                }
-            }
-        }
-        if !replaced.is_empty() {
-            replaced.append(&mut changes);
-            changes = replaced;
-        }
+    /// The changes that make `actual` what the links want (pure, see [`plan`]).
+    fn plan(&self, actual: &KernelState) -> Vec<Change> {
+        let adopted = self
+            .adopted
+            .as_ref()
+            .map(|a| AdoptedPlan {
+                sas: &a.sas,
+                policies: &a.policies,
+            })
+            .unwrap_or_default();
+        let links = self.links.values().map(|l| l.plan());
+        let desired = desired(links, adopted, actual, self.config.lifetimes);
+        let wanted_by: HashMap<SaId, u64> = self
+            .links
+            .values()
+            .filter_map(|l| {
+                l.session
+                    .as_ref()
+                    .map(|s| (sa_ids(&l.target, s), s.session_id))
+            })
+            .flat_map(|((i, o), sid)| [(i, sid), (o, sid)])
+            .collect();
+        plan::plan(&desired, actual, &wanted_by, &self.installed_by)
+    }
+
+    /// Applies `changes` in one pipelined call and counts the outcome;
+    /// returns the SAs that did not go in. A larval SA that expired before
+    /// it was filled is added instead; deleting what is already gone is done.
+    fn apply(&mut self, now: Instant, changes: &[Change], dp: &mut dyn Datapath) -> Vec<SaId> {
         let mut failed_sas = Vec::new();
-        for change in &changes {
-            let result = match change {
-                // The inbound SPI came from ALLOCSPI: fill that larval SA.
-                Change::FillSa(sa) => match dp.update_sa(sa) {
-                    Err(e) if e.kind() == ErrorKind::NotFound => dp.install_sa(sa),
-                    other => other,
-                },
-                Change::AddSa(sa) => dp.install_sa(sa),
-                Change::DeleteSa(id) => match dp.delete_sa(*id) {
-                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                    other => other,
-                },
-                Change::AddPolicy(p) => dp.install_policy(p),
-                Change::DeletePolicy(id) => match dp.delete_policy(*id) {
-                    Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                    other => other,
-                },
+        if changes.is_empty() {
+            return failed_sas;
+        }
+        let results = dp.apply(changes);
+        for (change, result) in changes.iter().zip(results) {
+            let result = match (change, result) {
+                (Change::FillSa(sa), Err(e)) if e.kind() == ErrorKind::NotFound => {
+                    dp.install_sa(sa)
+                }
+                (Change::DeleteSa(_) | Change::DeletePolicy(_), Err(e))
+                    if e.kind() == ErrorKind::NotFound =>
+                {
+                    Ok(())
+                }
+                (_, r) => r,
             };
             match result {
                 Ok(()) => {
@@ -1017,17 +822,20 @@ impl Mesh {
                 }
             }
         }
-        let unix_now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        failed_sas
+    }
+
+    /// Records what went in: links whose SAs failed start over with a new
+    /// handshake (keys that did not go in are never retried); links whose
+    /// SAs are all in become established (re-key timer, confirmation probe).
+    fn record(&mut self, now: Instant, failed_sas: &[SaId]) {
+        let unix_now = self.unix_secs(now);
         for link in self.links.values_mut() {
             let Some(session) = &link.session else {
                 continue;
             };
             let (inb, outb) = sa_ids(&link.target, session);
             if failed_sas.contains(&inb) || failed_sas.contains(&outb) {
-                // Keys that did not go in are not retried: new handshake, new keys.
                 link.session = None;
                 link.failures += 1;
                 link.next_attempt = now + backoff(link.failures);
@@ -1038,18 +846,24 @@ impl Mesh {
                 link.protected = true;
                 link.rekey_at =
                     Some(now + jittered(self.config.rekey_interval, session.session_id));
+                let family = AddressFamily::of(link.target.local);
                 if session.role == Role::Initiator {
                     // Prove to the responder that we hold the keys: a datagram
                     // through the new outbound SA confirms its session.
-                    let family = AddressFamily::of(link.target.local);
                     self.probes.push_back((family, link.target.handshake, outb));
                 }
                 link.established_at = Some(unix_now);
-                info!(peer = %link.target.name, family = if link.target.local.is_ipv4() { "ipv4" } else { "ipv6" }, "SAs and policies installed");
+                info!(peer = %link.target.name, family = %family, "SAs and policies installed");
             }
         }
         // Failed links leave desired state; the next pass removes their leftovers.
         self.dirty = !failed_sas.is_empty();
+    }
+
+    /// Wall-clock seconds at `now`, from the anchor taken at start.
+    fn unix_secs(&self, now: Instant) -> u64 {
+        let (at, unix) = self.wall_anchor;
+        (unix + now.saturating_duration_since(at)).as_secs()
     }
 
     /// The counters' view of soft limits: catches what a lost (or never
@@ -1148,47 +962,30 @@ impl Mesh {
                 .endpoints
                 .get(&id.family)
                 .is_some_and(|e| e.is_initiating(&id.peer));
-            let mut st = LinkStatus {
-                family: match id.family {
-                    AddressFamily::V4 => "ipv4".into(),
-                    AddressFamily::V6 => "ipv6".into(),
-                },
+            let current = link.session.as_ref().filter(|_| link.installed);
+            let ids = current.map(|s| sa_ids(&link.target, s));
+            let counters = |id: Option<SaId>| {
+                id.and_then(|id| self.kernel_counters.get(&id).copied())
+                    .unwrap_or_default()
+            };
+            let st = LinkStatus {
+                family: id.family,
                 local: link.target.local,
                 remote: link.target.remote,
-                sa: if link.installed {
-                    SaState::Established
+                state: if link.installed {
+                    LinkState::Established
                 } else if link.session.is_some() || ep_busy {
-                    SaState::Handshaking
+                    LinkState::Handshaking
                 } else {
-                    SaState::None
+                    LinkState::None
                 },
-                spi_in: None,
-                spi_out: None,
-                aead: None,
+                spi_in: current.map(|s| s.local_spi),
+                spi_out: current.map(|s| s.peer_spi),
+                aead: current.map(|s| s.algorithm),
                 established_at: link.established_at,
-                bytes_in: 0,
-                packets_in: 0,
-                bytes_out: 0,
-                packets_out: 0,
-                replay_drops: 0,
-                integrity_failures: 0,
+                inbound: counters(ids.map(|(i, _)| i)),
+                outbound: counters(ids.map(|(_, o)| o)),
             };
-            if let (Some(session), true) = (&link.session, link.installed) {
-                st.spi_in = Some(format!("0x{:08x}", session.local_spi));
-                st.spi_out = Some(format!("0x{:08x}", session.peer_spi));
-                st.aead = Some(session.algorithm.to_string());
-                let (inbound, outbound) = sa_ids(&link.target, session);
-                if let Some(c) = self.kernel_counters.get(&inbound) {
-                    st.bytes_in = c.bytes;
-                    st.packets_in = c.packets;
-                    st.replay_drops = c.replay;
-                    st.integrity_failures = c.integrity_failed;
-                }
-                if let Some(c) = self.kernel_counters.get(&outbound) {
-                    st.bytes_out = c.bytes;
-                    st.packets_out = c.packets;
-                }
-            }
             out.entry(link.target.name.clone()).or_default().push(st);
         }
         out
@@ -1228,6 +1025,17 @@ fn jittered(base: Duration, seed: u64) -> Duration {
 }
 
 impl Link {
+    /// This link's input to the planner.
+    fn plan(&self) -> LinkPlan<'_> {
+        LinkPlan {
+            target: &self.target,
+            protected: self.protected,
+            current: self.session.as_ref(),
+            pending: self.pending.as_ref().map(|(s, _)| s),
+            retiring: self.retiring.iter().map(|(sa, _)| sa).collect(),
+        }
+    }
+
     /// Makes `session` the one whose SAs carry traffic; the replaced
     /// session's inbound SA, if it was installed, retires for packets in flight.
     fn switch_to(&mut self, session: Session, now: Instant, config: &MeshConfig) {
@@ -1254,8 +1062,6 @@ fn free_spi(self_addrs: &[IpAddr], family: AddressFamily, spi: u32, dp: &mut dyn
 fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))
 }
-
-pub mod driver;
 
 #[cfg(test)]
 mod tests;
