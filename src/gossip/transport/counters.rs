@@ -121,3 +121,57 @@ impl GossipCounters {
 pub(super) fn bump(c: &AtomicU64, by: u64) {
     c.fetch_add(by, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_json_names_are_stable() {
+        // `meshsec status --json` prints these names under "gossip"; renaming one breaks readers.
+        let c = GossipCounters::default();
+        bump(&c.sealed_out_datagrams, 3);
+        bump(c.drop_counter(OpenError::Replayed), 2);
+        let snap = c.snapshot();
+        let json = serde_json::to_value(&snap).unwrap();
+        let mut names: Vec<&str> = json
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|k| k.as_str())
+            .collect();
+        let mut want = vec![
+            "sealed_out_datagrams",
+            "sealed_out_bytes",
+            "opened_in_datagrams",
+            "opened_in_bytes",
+            "dropped_in_bytes",
+            "dropped_too_short",
+            "dropped_bad_version",
+            "dropped_unknown_key",
+            "dropped_bad_tag",
+            "dropped_stale",
+            "dropped_replayed",
+            "dropped_oversize",
+            "dropped_unmapped",
+            "send_errors",
+            "recv_errors",
+            "proxies_opened",
+            "proxies_closed",
+            "loopback_drops",
+        ];
+        want.sort_unstable();
+        names.sort_unstable();
+        assert_eq!(names, want);
+        assert_eq!(
+            (
+                json["sealed_out_datagrams"].as_u64(),
+                json["dropped_replayed"].as_u64()
+            ),
+            (Some(3), Some(2))
+        );
+        let back: GossipCountersSnapshot = serde_json::from_value(json).unwrap();
+        assert_eq!(back, snap);
+        assert_eq!(c.dropped(OpenError::Replayed), 2);
+    }
+}
