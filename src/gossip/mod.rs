@@ -11,7 +11,6 @@ pub mod schema;
 pub mod seal;
 pub mod transport;
 
-use std::collections::BTreeMap;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
@@ -19,10 +18,7 @@ use chitchat::transport::Transport;
 
 use crate::identity::ClusterSecret;
 use seal::Keyring;
-use transport::SealedTransport;
-
-/// Reads a transport's counters as a name → value map (for `meshsec status`).
-pub type CounterFn = Arc<dyn Fn() -> BTreeMap<String, u64> + Send + Sync>;
+use transport::{GossipCounters, SealedTransport};
 
 /// The transport the agent hands to chitchat, plus its counters.
 pub struct GossipTransport {
@@ -41,10 +37,10 @@ impl GossipTransport {
         self.keyring.clone()
     }
 
-    /// A function reading the transport's counters.
-    pub fn counters(&self) -> CounterFn {
-        let counters = self.inner.counters();
-        Arc::new(move || crate::control::counter_map(&counters.snapshot()))
+    /// The transport's live counters; [`GossipCounters::snapshot`] reads them (for
+    /// `meshsec status`).
+    pub fn counters(&self) -> Arc<GossipCounters> {
+        self.inner.counters()
     }
 }
 

@@ -37,12 +37,15 @@
 //! datagram; release builds are hundreds of times faster. Run multi-node tests and benchmarks
 //! in release mode.
 
-use std::collections::HashMap;
+mod counters;
+mod netns;
+mod proxy;
+
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,8 +56,12 @@ use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
-use super::seal::{Keyring, OpenError, Opener, ReplayConfig};
+use super::seal::{Keyring, Opener, ReplayConfig};
 use crate::throttle::LogThrottle;
+use counters::bump;
+pub use counters::{GossipCounters, GossipCountersSnapshot};
+use netns::{udp_rcvbuf_errors, PrivateNetns};
+use proxy::{Proxy, ProxyTable};
 
 /// Largest UDP payload over IPv4 (65,535 − 20 − 8); larger sealed datagrams are dropped.
 pub const MAX_SEALED_DATAGRAM_V4: usize = 65_507;
@@ -124,123 +131,6 @@ impl Default for SealedTransportConfig {
             recv_buffer_bytes: 4 << 20,
         }
     }
-}
-
-/// Live counters of the sealed transport, shared with whoever reports status.
-#[derive(Debug, Default)]
-pub struct GossipCounters {
-    sealed_out_datagrams: AtomicU64,
-    sealed_out_bytes: AtomicU64,
-    opened_in_datagrams: AtomicU64,
-    opened_in_bytes: AtomicU64,
-    dropped_in_bytes: AtomicU64,
-    dropped: [AtomicU64; OpenError::ALL.len()],
-    dropped_oversize: AtomicU64,
-    dropped_unmapped: AtomicU64,
-    send_errors: AtomicU64,
-    recv_errors: AtomicU64,
-    proxies_opened: AtomicU64,
-    proxies_closed: AtomicU64,
-    loopback_drops: AtomicU64,
-}
-
-/// A point-in-time copy of [`GossipCounters`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct GossipCountersSnapshot {
-    /// Sealed datagrams sent to peers.
-    pub sealed_out_datagrams: u64,
-    /// Bytes of sealed datagrams sent (UDP payload).
-    pub sealed_out_bytes: u64,
-    /// Datagrams that opened and were handed to chitchat.
-    pub opened_in_datagrams: u64,
-    /// Bytes of those datagrams as received (UDP payload).
-    pub opened_in_bytes: u64,
-    /// Bytes of received datagrams that were dropped.
-    pub dropped_in_bytes: u64,
-    /// Dropped: shorter than a sealed datagram.
-    pub dropped_too_short: u64,
-    /// Dropped: unknown seal version.
-    pub dropped_bad_version: u64,
-    /// Dropped: sealed under a key we do not hold.
-    pub dropped_unknown_key: u64,
-    /// Dropped: authentication failed.
-    pub dropped_bad_tag: u64,
-    /// Dropped: outside the freshness window.
-    pub dropped_stale: u64,
-    /// Dropped: already received.
-    pub dropped_replayed: u64,
-    /// Outbound datagrams too large to send once sealed.
-    pub dropped_oversize: u64,
-    /// Inbound envelopes whose loopback source no longer maps to a peer (proxy just evicted).
-    pub dropped_unmapped: u64,
-    /// Errors sending on the network socket.
-    pub send_errors: u64,
-    /// Errors receiving on the network or proxy sockets.
-    pub recv_errors: u64,
-    /// Peer proxies opened so far.
-    pub proxies_opened: u64,
-    /// Peer proxies closed so far (idle or evicted).
-    pub proxies_closed: u64,
-    /// Opened datagrams the kernel dropped on the private loopback because chitchat was not
-    /// reading fast enough (the namespace's UDP RcvbufErrors, refreshed every few seconds).
-    pub loopback_drops: u64,
-}
-
-impl GossipCountersSnapshot {
-    /// Sum of every inbound datagram dropped for failing to open.
-    pub fn dropped_unopened(&self) -> u64 {
-        self.dropped_too_short
-            + self.dropped_bad_version
-            + self.dropped_unknown_key
-            + self.dropped_bad_tag
-            + self.dropped_stale
-            + self.dropped_replayed
-    }
-}
-
-impl GossipCounters {
-    /// Copies the current values.
-    pub fn snapshot(&self) -> GossipCountersSnapshot {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let dropped = |e: OpenError| get(self.drop_counter(e));
-        GossipCountersSnapshot {
-            sealed_out_datagrams: get(&self.sealed_out_datagrams),
-            sealed_out_bytes: get(&self.sealed_out_bytes),
-            opened_in_datagrams: get(&self.opened_in_datagrams),
-            opened_in_bytes: get(&self.opened_in_bytes),
-            dropped_in_bytes: get(&self.dropped_in_bytes),
-            dropped_too_short: dropped(OpenError::TooShort),
-            dropped_bad_version: dropped(OpenError::BadVersion),
-            dropped_unknown_key: dropped(OpenError::UnknownKey),
-            dropped_bad_tag: dropped(OpenError::BadTag),
-            dropped_stale: dropped(OpenError::Stale),
-            dropped_replayed: dropped(OpenError::Replayed),
-            dropped_oversize: get(&self.dropped_oversize),
-            dropped_unmapped: get(&self.dropped_unmapped),
-            send_errors: get(&self.send_errors),
-            recv_errors: get(&self.recv_errors),
-            proxies_opened: get(&self.proxies_opened),
-            proxies_closed: get(&self.proxies_closed),
-            loopback_drops: get(&self.loopback_drops),
-        }
-    }
-
-    /// Datagrams dropped for `reason`.
-    pub fn dropped(&self, reason: OpenError) -> u64 {
-        self.drop_counter(reason).load(Ordering::Relaxed)
-    }
-
-    fn drop_counter(&self, reason: OpenError) -> &AtomicU64 {
-        let i = OpenError::ALL
-            .iter()
-            .position(|r| *r == reason)
-            .unwrap_or(0);
-        &self.dropped[i]
-    }
-}
-
-fn bump(c: &AtomicU64, by: u64) {
-    c.fetch_add(by, Ordering::Relaxed);
 }
 
 // A poisoned lock only means another task panicked mid-update of plain data; keep going.
@@ -413,7 +303,7 @@ impl SealedSocket {
 
     /// Number of peers that currently have a loopback proxy.
     pub fn peer_count(&self) -> usize {
-        lock(&self.shared.proxies).by_peer.len()
+        lock(&self.shared.proxies).len()
     }
 }
 
@@ -645,101 +535,6 @@ async fn proxy_for(
     Ok((addr, socket))
 }
 
-struct Proxy {
-    addr: SocketAddr,
-    socket: Arc<UdpSocket>,
-    last_used: Instant,
-    pump: AbortHandle,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.pump.abort();
-    }
-}
-
-/// Peer address ⇄ loopback proxy, one-to-one, bounded.
-struct ProxyTable {
-    by_peer: HashMap<SocketAddr, Proxy>,
-    peer_of: HashMap<SocketAddr, SocketAddr>,
-    max: usize,
-}
-
-impl ProxyTable {
-    fn new(max: usize) -> Self {
-        ProxyTable {
-            by_peer: HashMap::new(),
-            peer_of: HashMap::new(),
-            max: max.max(1),
-        }
-    }
-
-    fn touch(&mut self, peer: &SocketAddr, now: Instant) -> Option<(SocketAddr, Arc<UdpSocket>)> {
-        let p = self.by_peer.get_mut(peer)?;
-        p.last_used = now;
-        Some((p.addr, p.socket.clone()))
-    }
-
-    fn peer_of(&self, proxy_addr: &SocketAddr) -> Option<SocketAddr> {
-        self.peer_of.get(proxy_addr).copied()
-    }
-
-    /// Inserts, evicting the least recently used entries beyond the bound; returns how many.
-    fn insert(&mut self, peer: SocketAddr, proxy: Proxy) -> usize {
-        let mut evicted = 0;
-        while self.by_peer.len() >= self.max {
-            let Some(oldest) = self
-                .by_peer
-                .iter()
-                .min_by_key(|(_, p)| p.last_used)
-                .map(|(a, _)| *a)
-            else {
-                break;
-            };
-            self.remove(&oldest);
-            evicted += 1;
-        }
-        self.peer_of.insert(proxy.addr, peer);
-        self.by_peer.insert(peer, proxy);
-        evicted
-    }
-
-    fn remove(&mut self, peer: &SocketAddr) {
-        if let Some(p) = self.by_peer.remove(peer) {
-            self.peer_of.remove(&p.addr);
-        }
-    }
-
-    /// Closes proxies idle for at least `idle`; returns how many.
-    fn sweep(&mut self, now: Instant, idle: Duration) -> usize {
-        let stale: Vec<SocketAddr> = self
-            .by_peer
-            .iter()
-            .filter(|(_, p)| now.saturating_duration_since(p.last_used) >= idle)
-            .map(|(a, _)| *a)
-            .collect();
-        for peer in &stale {
-            self.remove(peer);
-        }
-        stale.len()
-    }
-}
-
-/// The calling thread's network namespace's UDP receive-buffer drops (IPv4).
-fn udp_rcvbuf_errors() -> io::Result<u64> {
-    let snmp = std::fs::read_to_string("/proc/thread-self/net/snmp")?;
-    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
-    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
-        return Err(io::Error::other("no Udp lines in snmp"));
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "RcvbufErrors")
-        .and_then(|(_, v)| v.parse().ok())
-        .ok_or_else(|| io::Error::other("no RcvbufErrors in snmp"))
-}
-
 /// Sets SO_RCVBUF, past `net.core.rmem_max` when privileged (SO_RCVBUFFORCE).
 fn set_recv_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
@@ -762,93 +557,10 @@ fn set_recv_buffer(fd: RawFd, bytes: usize) -> io::Result<()> {
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// A thread living in a network namespace of its own, creating sockets there on request. The
-/// namespace lasts as long as the thread or any socket created in it.
-struct PrivateNetns {
-    jobs: std::sync::mpsc::Sender<Job>,
-}
-
-impl PrivateNetns {
-    async fn spawn(thread_name: String) -> Result<Self, TransportError> {
-        let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name(thread_name)
-            .spawn(move || {
-                let entered = enter_private_netns();
-                let ok = entered.is_ok();
-                let _ = ready_tx.send(entered);
-                if !ok {
-                    return;
-                }
-                // Ends when the transport drops its sender.
-                while let Ok(job) = job_rx.recv() {
-                    job();
-                }
-            })
-            .map_err(TransportError::Namespace)?;
-        ready_rx
-            .await
-            .map_err(|_| TransportError::NamespaceGone)?
-            .map_err(TransportError::Namespace)?;
-        Ok(PrivateNetns { jobs })
-    }
-
-    /// Runs `f` on the namespace's thread.
-    async fn run<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, TransportError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move || {
-                let _ = tx.send(f());
-            }))
-            .map_err(|_| TransportError::NamespaceGone)?;
-        rx.await.map_err(|_| TransportError::NamespaceGone)
-    }
-}
-
-/// Moves the calling thread (only) into a new network namespace and brings its loopback up.
-fn enter_private_netns() -> io::Result<()> {
-    // SAFETY: plain syscall; CLONE_NEWNET affects only the calling thread.
-    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    bring_loopback_up()
-}
-
-fn bring_loopback_up() -> io::Result<()> {
-    // SAFETY: plain syscall; the fd is owned right below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in ifr.ifr_name.iter_mut().zip(b"lo\0") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write an ifreq we own, with a NUL-terminated name.
-    unsafe {
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut ifr) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
-        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS as _, &ifr) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use std::future::Future;
+    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     use chitchat::transport::UdpTransport;
@@ -859,7 +571,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::gossip::seal::SECRET_LEN;
+    use crate::gossip::seal::{OpenError, SECRET_LEN};
 
     const SECRET: [u8; SECRET_LEN] = [0x42; SECRET_LEN];
     const OTHER_SECRET: [u8; SECRET_LEN] = [0x24; SECRET_LEN];
