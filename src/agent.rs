@@ -232,7 +232,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 protocol: PROTOCOL_VERSION,
                 uptime_secs: started.elapsed().as_secs(),
                 members: counts,
-                gossip: counter_map(&counters.snapshot()),
+                gossip: counters.snapshot(),
                 datapath: match cfg.datapath {
                     DatapathKind::Kernel => "kernel".into(),
                     DatapathKind::Memory => "memory".into(),

@@ -9,7 +9,7 @@ use crate::config::{
     AgentConfig, AgentFlags, LogFormat, DEFAULT_CONTROL_SOCKET, DEFAULT_SECRET_FILE,
     DEFAULT_STATE_DIR,
 };
-use crate::control::{counter_map, MemberRow};
+use crate::control::MemberRow;
 use crate::control::{Client, Reply, Request, Status};
 use crate::identity;
 use crate::mesh::LinkState;
@@ -474,12 +474,17 @@ pub fn render_members(members: &[MemberRow]) -> String {
     out
 }
 
-fn kv(m: &crate::control::BTreeMapU64) -> String {
-    let nonzero: Vec<String> = m
-        .iter()
-        .filter(|(_, v)| **v != 0)
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+/// The non-zero integer fields of a counters snapshot as `name=value`,
+/// sorted by name (`-` when all are zero).
+fn kv<T: serde::Serialize>(counters: &T) -> String {
+    let mut nonzero: Vec<String> = match serde_json::to_value(counters) {
+        Ok(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| v.as_u64().filter(|n| *n != 0).map(|n| format!("{k}={n}")))
+            .collect(),
+        _ => Vec::new(),
+    };
+    nonzero.sort();
     if nonzero.is_empty() {
         "-".into()
     } else {
@@ -508,8 +513,8 @@ fn render_status(s: &Status) -> String {
         s.datapath,
         s.esp_algorithm,
         kv(&s.gossip),
-        kv(&counter_map(&s.handshake)),
-        kv(&counter_map(&s.mesh)),
+        kv(&s.handshake),
+        kv(&s.mesh),
     )
 }
 

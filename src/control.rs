@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::datapath::AddressFamily;
 use crate::gossip::members::{Change, Member, MemberState};
+use crate::gossip::transport::GossipCountersSnapshot;
 use crate::handshake::Counters as HandshakeCounters;
 use crate::mesh::{LinkState, LinkStatus, MeshCounters};
 
@@ -112,7 +113,7 @@ pub struct Status {
     /// Members per state.
     pub members: MemberCounts,
     /// Gossip transport counters (datagrams sealed/opened and drops by reason).
-    pub gossip: BTreeMapU64,
+    pub gossip: GossipCountersSnapshot,
     /// `kernel` or `memory`.
     pub datapath: String,
     /// Cluster-wide ESP transform.
@@ -239,20 +240,6 @@ pub fn family_name(f: AddressFamily) -> &'static str {
 
 fn hex_spi(spi: u32) -> String {
     format!("0x{spi:08x}")
-}
-
-/// A name → counter map, serialised as a JSON object.
-pub type BTreeMapU64 = std::collections::BTreeMap<String, u64>;
-
-/// The integer fields of a counters struct, by name (what `status` shows).
-pub fn counter_map<T: Serialize>(counters: &T) -> BTreeMapU64 {
-    match serde_json::to_value(counters) {
-        Ok(serde_json::Value::Object(m)) => m
-            .into_iter()
-            .filter_map(|(k, v)| v.as_u64().map(|n| (k, n)))
-            .collect(),
-        _ => BTreeMapU64::new(),
-    }
 }
 
 /// Members per state.
