@@ -2,11 +2,13 @@
 //! kernel counters, and the mesh's own counters. The control module formats
 //! them (hex SPIs, family names) for the listing.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::datapath::{AddressFamily, Aead, SaCounters};
+use super::plan::sa_ids;
+use crate::datapath::{AddressFamily, Aead, SaCounters, SaId};
 
 /// A link's state as the listing shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,4 +80,43 @@ pub struct MeshCounters {
     pub soft_limits_reached: u64,
     /// Kernel event notifications lost to a full socket buffer.
     pub kernel_event_overruns: u64,
+}
+
+impl super::Mesh {
+    /// Links per peer name, for the listing.
+    pub fn link_status(&self) -> BTreeMap<String, Vec<LinkStatus>> {
+        let mut out: BTreeMap<String, Vec<LinkStatus>> = BTreeMap::new();
+        for (id, link) in &self.links {
+            let ep_busy = self
+                .endpoints
+                .get(&id.family)
+                .is_some_and(|e| e.is_initiating(&id.peer));
+            let current = link.session.as_ref().filter(|_| link.installed);
+            let ids = current.map(|s| sa_ids(&link.target, s));
+            let counters = |id: Option<SaId>| {
+                id.and_then(|id| self.kernel_counters.get(&id).copied())
+                    .unwrap_or_default()
+            };
+            let st = LinkStatus {
+                family: id.family,
+                local: link.target.local,
+                remote: link.target.remote,
+                state: if link.installed {
+                    LinkState::Established
+                } else if link.session.is_some() || ep_busy {
+                    LinkState::Handshaking
+                } else {
+                    LinkState::None
+                },
+                spi_in: current.map(|s| s.local_spi),
+                spi_out: current.map(|s| s.peer_spi),
+                aead: current.map(|s| s.algorithm),
+                established_at: link.established_at,
+                inbound: counters(ids.map(|(i, _)| i)),
+                outbound: counters(ids.map(|(_, o)| o)),
+            };
+            out.entry(link.target.name.clone()).or_default().push(st);
+        }
+        out
+    }
 }

@@ -2,7 +2,7 @@
 //! a virtual clock: membership in, kernel state out.
 
 use super::*;
-use crate::datapath::MemoryDatapath;
+use crate::datapath::{Direction, KernelEvent, MemoryDatapath};
 use crate::gossip::members::{Member, MemberState};
 
 struct Node {

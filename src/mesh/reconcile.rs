@@ -1,0 +1,374 @@
+//! Reconciliation with the kernel: observe (one dump), update the links from
+//! what the kernel shows (confirmations, vanished SAs, soft limits, adopted
+//! state), plan (the pure [`super::plan`]), apply in one pipelined call,
+//! record. Kernel events feed the same loop.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, info, warn};
+
+use super::plan::{self, desired, sa_ids, AdoptedPlan};
+use super::{backoff, jittered, Adopted, Mesh, INBOUND_LIMIT_DELAY, KERNEL_EVENT_DELAY};
+use crate::datapath::{
+    AddressFamily, Change, Datapath, Direction, ErrorKind, KernelEvent, KernelState, PolicySpec,
+    SaCounters, SaId, SaSpec,
+};
+use crate::handshake::Role;
+
+impl Mesh {
+    /// Acts on an event the kernel announced (see [`crate::datapath::XfrmMonitor`]):
+    /// a soft expire re-keys the link the SA belongs to, a hard expire or a
+    /// change to the tables makes the mesh re-read the kernel.
+    pub fn handle_kernel_event(&mut self, now: Instant, event: KernelEvent) {
+        match event {
+            KernelEvent::Expire { sa, hard: false } => {
+                if self.soft_limit_reached(now, sa, "kernel soft-expire notification") {
+                    self.counters.kernel_soft_expires += 1;
+                }
+            }
+            KernelEvent::Expire { sa, hard: true } => {
+                // Larval SAs of abandoned handshakes expire too (after
+                // net.core.xfrm_acq_expires); only a current SA's matters.
+                if self.session_of(&sa).is_some() {
+                    self.counters.kernel_hard_expires += 1;
+                    warn!(sa = %sa, "SA reached its hard lifetime limit and was deleted by the kernel; re-keying");
+                }
+                self.dirty = true;
+            }
+            KernelEvent::TablesChanged => {
+                let at = now + KERNEL_EVENT_DELAY;
+                self.kernel_resync_at.get_or_insert(at);
+            }
+            KernelEvent::Overrun => {
+                self.counters.kernel_event_overruns += 1;
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// Schedules a re-key of the link whose current session owns `sa`: at
+    /// once for our outbound SA, after [`INBOUND_LIMIT_DELAY`] for our inbound
+    /// SA (the peer's outbound). Each SA acts once. Returns whether `sa` is a
+    /// current SA of some link.
+    fn soft_limit_reached(&mut self, now: Instant, sa: SaId, via: &str) -> bool {
+        for (id, link) in self.links.iter_mut() {
+            let Some(session) = &link.session else {
+                continue;
+            };
+            let (inbound, outbound) = sa_ids(&link.target, session);
+            let delay = if sa == outbound {
+                Duration::ZERO
+            } else if sa == inbound {
+                INBOUND_LIMIT_DELAY
+            } else {
+                continue;
+            };
+            if !self.limits_seen.insert(sa) {
+                return true;
+            }
+            self.counters.soft_limits_reached += 1;
+            let at = now + delay;
+            link.rekey_at = Some(link.rekey_at.map_or(at, |t| t.min(at)));
+            info!(peer = %link.target.name, family = %id.family, sa = %sa, via, "SA reached its soft lifetime limit; re-keying");
+            return true;
+        }
+        false
+    }
+
+    /// Makes the kernel match the links: observe (one dump of SAs and
+    /// policies), update link state from it (confirmations, retirements,
+    /// vanished SAs), plan (the pure [`desired`] and [`plan`]), apply the
+    /// whole plan in one pipelined [`Datapath::apply`], record the outcome.
+    pub fn reconcile(&mut self, now: Instant, dp: &mut dyn Datapath) {
+        self.last_reconcile = now;
+        let Some(actual) = self.observe(now, dp) else {
+            return;
+        };
+        self.adopt(now, &actual);
+        self.check_soft_limits(now);
+        self.confirm_pending(now);
+        for link in self.links.values_mut() {
+            link.retiring.retain(|(_, deadline)| now < *deadline);
+        }
+        self.rekey_vanished(now, &actual);
+        let changes = self.plan(&actual);
+        let failed_sas = self.apply(now, &changes, dp);
+        self.record(now, &failed_sas);
+    }
+
+    /// Reads the kernel's meshsec-owned SAs and policies (and the SAs'
+    /// counters, for the listing and the soft-limit check).
+    fn observe(&mut self, now: Instant, dp: &mut dyn Datapath) -> Option<KernelState> {
+        let dumped = match (dp.dump_sas(), dp.dump_policies()) {
+            (Ok(s), Ok(p)) => (s, p),
+            (Err(e), _) | (_, Err(e)) => {
+                self.log_error(now, &format!("cannot read the kernel's XFRM state: {e}"));
+                return None;
+            }
+        };
+        self.kernel_counters = dumped.0.iter().map(|s| (s.id(), s.counters)).collect();
+        Some(KernelState::from_dumps(&dumped.0, &dumped.1))
+    }
+
+    /// Confirmation: the initiator's first ESP packet on a pending session's
+    /// inbound SA proves it holds the keys; the session then takes over.
+    fn confirm_pending(&mut self, now: Instant) {
+        for (id, link) in self.links.iter_mut() {
+            let Some((pending, deadline)) = &link.pending else {
+                continue;
+            };
+            let (in_id, _) = sa_ids(&link.target, pending);
+            let confirmed = self
+                .kernel_counters
+                .get(&in_id)
+                .is_some_and(|c| c.packets > 0);
+            if confirmed {
+                let (session, _) = link.pending.take().expect("checked");
+                info!(peer = %link.target.name, family = %id.family, "responder session confirmed by the peer's traffic");
+                self.counters.sessions_confirmed += 1;
+                link.switch_to(session, now, &self.config);
+            } else if now >= *deadline {
+                warn!(peer = %link.target.name, family = %id.family, "responder session never confirmed; dropping it");
+                self.counters.sessions_unconfirmed += 1;
+                link.pending = None;
+                if link.session.is_none() {
+                    link.next_attempt = now;
+                }
+            }
+        }
+    }
+
+    /// An installed link whose SA vanished gets fresh keys, never the old ones again.
+    fn rekey_vanished(&mut self, now: Instant, actual: &KernelState) {
+        for link in self.links.values_mut() {
+            let Some(session) = &link.session else {
+                continue;
+            };
+            if !link.installed {
+                continue;
+            }
+            let (inb, outb) = sa_ids(&link.target, session);
+            if !actual.sas.contains_key(&inb) || !actual.sas.contains_key(&outb) {
+                warn!(peer = %link.target.name, "installed SA missing from the kernel; re-keying the link");
+                self.counters.sas_vanished += 1;
+                link.session = None;
+                link.installed = false;
+                link.established_at = None;
+                link.next_attempt = now;
+            }
+        }
+    }
+
+    /// The changes that make `actual` what the links want (pure, see [`plan`]).
+    fn plan(&self, actual: &KernelState) -> Vec<Change> {
+        let adopted = self
+            .adopted
+            .as_ref()
+            .map(|a| AdoptedPlan {
+                sas: &a.sas,
+                policies: &a.policies,
+            })
+            .unwrap_or_default();
+        let links = self.links.values().map(|l| l.plan());
+        let desired = desired(links, adopted, actual, self.config.lifetimes);
+        let wanted_by: HashMap<SaId, u64> = self
+            .links
+            .values()
+            .filter_map(|l| {
+                l.session
+                    .as_ref()
+                    .map(|s| (sa_ids(&l.target, s), s.session_id))
+            })
+            .flat_map(|((i, o), sid)| [(i, sid), (o, sid)])
+            .collect();
+        plan::plan(&desired, actual, &wanted_by, &self.installed_by)
+    }
+
+    /// Applies `changes` in one pipelined call and counts the outcome;
+    /// returns the SAs that did not go in. A larval SA that expired before
+    /// it was filled is added instead; deleting what is already gone is done.
+    fn apply(&mut self, now: Instant, changes: &[Change], dp: &mut dyn Datapath) -> Vec<SaId> {
+        let mut failed_sas = Vec::new();
+        if changes.is_empty() {
+            return failed_sas;
+        }
+        let results = dp.apply(changes);
+        for (change, result) in changes.iter().zip(results) {
+            let result = match (change, result) {
+                (Change::FillSa(sa), Err(e)) if e.kind() == ErrorKind::NotFound => {
+                    dp.install_sa(sa)
+                }
+                (Change::DeleteSa(_) | Change::DeletePolicy(_), Err(e))
+                    if e.kind() == ErrorKind::NotFound =>
+                {
+                    Ok(())
+                }
+                (_, r) => r,
+            };
+            match result {
+                Ok(()) => {
+                    self.counters.changes_applied += 1;
+                    match change {
+                        Change::AddSa(sa) | Change::FillSa(sa) => {
+                            if let Some(sid) = self.session_of(&sa.id()) {
+                                self.installed_by.insert(sa.id(), sid);
+                            }
+                        }
+                        Change::DeleteSa(id) => {
+                            self.installed_by.remove(id);
+                        }
+                        _ => {}
+                    }
+                    debug!(change = %change, "applied");
+                }
+                Err(e) => {
+                    self.counters.changes_failed += 1;
+                    if let Change::AddSa(sa) | Change::FillSa(sa) = change {
+                        failed_sas.push(sa.id());
+                    }
+                    self.log_error(now, &format!("{change}: {e}"));
+                }
+            }
+        }
+        failed_sas
+    }
+
+    /// Records what went in: links whose SAs failed start over with a new
+    /// handshake (keys that did not go in are never retried); links whose
+    /// SAs are all in become established (re-key timer, confirmation probe).
+    fn record(&mut self, now: Instant, failed_sas: &[SaId]) {
+        let unix_now = self.unix_secs(now);
+        for link in self.links.values_mut() {
+            let Some(session) = &link.session else {
+                continue;
+            };
+            let (inb, outb) = sa_ids(&link.target, session);
+            if failed_sas.contains(&inb) || failed_sas.contains(&outb) {
+                link.session = None;
+                link.failures += 1;
+                link.next_attempt = now + backoff(link.failures);
+                continue;
+            }
+            if !link.installed {
+                link.installed = true;
+                link.protected = true;
+                link.rekey_at =
+                    Some(now + jittered(self.config.rekey_interval, session.session_id));
+                let family = AddressFamily::of(link.target.local);
+                if session.role == Role::Initiator {
+                    // Prove to the responder that we hold the keys: a datagram
+                    // through the new outbound SA confirms its session.
+                    self.probes.push_back((family, link.target.handshake, outb));
+                }
+                link.established_at = Some(unix_now);
+                info!(peer = %link.target.name, family = %family, "SAs and policies installed");
+            }
+        }
+        // Failed links leave desired state; the next pass removes their leftovers.
+        self.dirty = !failed_sas.is_empty();
+    }
+
+    /// Wall-clock seconds at `now`, from the anchor taken at start.
+    fn unix_secs(&self, now: Instant) -> u64 {
+        let (at, unix) = self.wall_anchor;
+        (unix + now.saturating_duration_since(at)).as_secs()
+    }
+
+    /// The counters' view of soft limits: catches what a lost (or never
+    /// received) kernel notification would have reported.
+    fn check_soft_limits(&mut self, now: Instant) {
+        let kernel_counters = &self.kernel_counters;
+        self.limits_seen
+            .retain(|id| kernel_counters.contains_key(id));
+        let l = self.config.lifetimes;
+        let over = |c: &SaCounters| {
+            (l.soft_packets > 0 && c.packets >= l.soft_packets)
+                || (l.soft_bytes > 0 && c.bytes >= l.soft_bytes)
+        };
+        let mut reached = Vec::new();
+        for link in self.links.values().filter(|l| l.installed) {
+            let Some(session) = &link.session else {
+                continue;
+            };
+            let (inbound, outbound) = sa_ids(&link.target, session);
+            for sa in [outbound, inbound] {
+                if !self.limits_seen.contains(&sa)
+                    && self.kernel_counters.get(&sa).is_some_and(over)
+                {
+                    reached.push(sa);
+                }
+            }
+        }
+        for sa in reached {
+            self.soft_limit_reached(now, sa, "counter check");
+        }
+    }
+
+    /// Takes over what a previous run left (first call), and lets go of it
+    /// link by link as fresh SAs replace it: adopted outbound SAs go, adopted
+    /// inbound SAs retire like any replaced inbound SA.
+    fn adopt(&mut self, now: Instant, actual: &KernelState) {
+        if self.adopted.is_none() {
+            let sas: Vec<SaSpec> = actual.sas.values().cloned().collect();
+            let policies: Vec<PolicySpec> = actual.policies.values().copied().collect();
+            if !sas.is_empty() || !policies.is_empty() {
+                info!(
+                    sas = sas.len(),
+                    policies = policies.len(),
+                    "adopted SAs and policies left by a previous run; re-keying them"
+                );
+            }
+            self.adopted = Some(Adopted {
+                sas,
+                policies,
+                deadline: now + self.config.adopt_grace,
+            });
+            return;
+        }
+        let retire_after = self.config.retire_after;
+        let Some(adopted) = self.adopted.as_mut() else {
+            return;
+        };
+        if now >= adopted.deadline {
+            if !adopted.sas.is_empty() || !adopted.policies.is_empty() {
+                info!(
+                    sas = adopted.sas.len(),
+                    "adoption period over; removing what no link replaced"
+                );
+            }
+            adopted.sas.clear();
+            adopted.policies.clear();
+            return;
+        }
+        for link in self.links.values_mut() {
+            let (local, remote) = (link.target.local, link.target.remote);
+            if link.protected {
+                adopted.policies.retain(|p| {
+                    !((p.id.src == local && p.id.dst == remote)
+                        || (p.id.src == remote && p.id.dst == local))
+                });
+            }
+            if !link.installed {
+                continue;
+            }
+            adopted.sas.retain(|sa| {
+                let ours =
+                    (sa.src == local && sa.dst == remote) || (sa.src == remote && sa.dst == local);
+                if ours && sa.direction == Direction::In {
+                    link.retiring.push((sa.clone(), now + retire_after));
+                }
+                !ours
+            });
+        }
+    }
+
+    /// The session whose SA has this id, if any link's current session has it.
+    fn session_of(&self, id: &SaId) -> Option<u64> {
+        self.links.values().find_map(|l| {
+            let s = l.session.as_ref()?;
+            let (local_in, out) = sa_ids(&l.target, s);
+            (*id == local_in || *id == out).then_some(s.session_id)
+        })
+    }
+}
