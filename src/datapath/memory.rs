@@ -35,12 +35,37 @@ pub struct MemoryDatapath {
     next_index: u32,
     nd_bypass: bool,
     probe_failure: Option<(String, String)>,
+    calls: WriteCalls,
+    in_apply: bool,
+}
+
+/// How the in-memory tables were written to, so tests can tell a pipelined
+/// [`Datapath::apply`] from one-at-a-time writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteCalls {
+    /// Calls of [`Datapath::apply`].
+    pub apply: u64,
+    /// Changes handed to those calls.
+    pub applied_changes: u64,
+    /// SA or policy installs and updates made outside `apply`.
+    pub direct_writes: u64,
 }
 
 impl MemoryDatapath {
     /// Empty tables.
     pub fn new() -> MemoryDatapath {
         MemoryDatapath::default()
+    }
+
+    /// How the tables were written to so far.
+    pub fn write_calls(&self) -> WriteCalls {
+        self.calls
+    }
+
+    fn count_write(&mut self) {
+        if !self.in_apply {
+            self.calls.direct_writes += 1;
+        }
     }
 
     /// Simulate somebody else's SA (another IPsec daemon) sharing the table.
@@ -130,6 +155,15 @@ fn kernel(op: Op, target: String, errno: i32) -> DatapathError {
 }
 
 impl super::Datapath for MemoryDatapath {
+    fn apply(&mut self, changes: &[super::Change]) -> Vec<Result<(), DatapathError>> {
+        self.calls.apply += 1;
+        self.calls.applied_changes += changes.len() as u64;
+        self.in_apply = true;
+        let results = super::apply_one_by_one(self, changes);
+        self.in_apply = false;
+        results
+    }
+
     fn probe(&mut self, _aead: Aead, _families: &[AddressFamily]) -> Result<(), DatapathError> {
         match &self.probe_failure {
             Some((what, fix)) => Err(DatapathError::Unsupported {
@@ -159,6 +193,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn install_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError> {
+        self.count_write();
         validate_sa(Op::NewSa, sa)?;
         let id = sa.id();
         if self.sas.contains_key(&id) {
@@ -175,6 +210,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn update_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError> {
+        self.count_write();
         validate_sa(Op::UpdSa, sa)?;
         let id = sa.id();
         match self.sas.get_mut(&id) {
@@ -232,6 +268,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError> {
+        self.count_write();
         validate_policy(Op::NewPolicy, policy)?;
         if policy.id.src.is_ipv6() {
             self.ensure_nd_bypass()?;

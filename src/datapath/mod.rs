@@ -36,7 +36,7 @@ pub use crate::aead::{Aead, ICV_BITS};
 pub use bypass::{bypass_socket, AddressFamily};
 pub use diff::{diff, Change, KernelState};
 pub use error::{DatapathError, ErrorKind, Op};
-pub use memory::MemoryDatapath;
+pub use memory::{MemoryDatapath, WriteCalls};
 pub use monitor::{parse_event, KernelEvent, XfrmMonitor};
 pub use ownership::{Reqid, POLICY_PRIORITY};
 pub use xfrm::{KernelFlavor, XfrmDatapath};
@@ -396,17 +396,25 @@ pub trait Datapath: Send {
     /// The kernel implementation pipelines them over netlink (many requests
     /// per datagram), which is what makes bulk installs fast.
     fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), DatapathError>> {
-        changes
-            .iter()
-            .map(|c| match c {
-                Change::AddSa(sa) => self.install_sa(sa),
-                Change::FillSa(sa) => self.update_sa(sa),
-                Change::DeleteSa(id) => self.delete_sa(*id),
-                Change::AddPolicy(p) => self.install_policy(p),
-                Change::DeletePolicy(id) => self.delete_policy(*id),
-            })
-            .collect()
+        apply_one_by_one(self, changes)
     }
+}
+
+/// [`Datapath::apply`] as one call per change, in order.
+pub(crate) fn apply_one_by_one<D: Datapath + ?Sized>(
+    dp: &mut D,
+    changes: &[Change],
+) -> Vec<Result<(), DatapathError>> {
+    changes
+        .iter()
+        .map(|c| match c {
+            Change::AddSa(sa) => dp.install_sa(sa),
+            Change::FillSa(sa) => dp.update_sa(sa),
+            Change::DeleteSa(id) => dp.delete_sa(*id),
+            Change::AddPolicy(p) => dp.install_policy(p),
+            Change::DeletePolicy(id) => dp.delete_policy(*id),
+        })
+        .collect()
 }
 
 /// Checks shared by both implementations so they reject exactly the same

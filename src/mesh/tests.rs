@@ -987,3 +987,32 @@ fn a_new_initiating_secret_restarts_handshakes_in_flight() {
         0
     );
 }
+
+#[test]
+fn kernel_writes_go_through_one_pipelined_apply_per_reconcile() {
+    let mut now = Instant::now();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
+        .collect();
+    for i in 0..3 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    run(
+        &mut nodes,
+        &mut now,
+        20,
+        Duration::from_millis(100),
+        &mut |_| false,
+    );
+    for (i, n) in nodes.iter_mut().enumerate() {
+        assert_eq!(sa_specs(n).len(), 8, "node {i} established");
+        let calls = n.dp.write_calls();
+        // 8 SAs + 8 policies at least went in, all of them through apply.
+        assert!(calls.applied_changes >= 16, "node {i}: {calls:?}");
+        assert_eq!(calls.direct_writes, 0, "node {i}: {calls:?}");
+        // Batched: fewer apply calls than changes (one per reconcile with work).
+        assert!(calls.apply < calls.applied_changes, "node {i}: {calls:?}");
+    }
+}
