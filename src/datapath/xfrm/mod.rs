@@ -1207,5 +1207,4 @@ impl Datapath for XfrmDatapath {
 }
 
 #[cfg(test)]
-#[path = "xfrm_tests.rs"]
 mod tests;
