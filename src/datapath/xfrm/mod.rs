@@ -430,12 +430,7 @@ impl Datapath for XfrmDatapath {
     }
 
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError> {
-        let msgs = self.one(
-            Op::DumpPolicy,
-            &String::new,
-            XfrmMessage::GetPolicy(PolicyDelGetMessage::default()),
-            true,
-        )?;
+        let msgs = self.raw_policy_dump()?;
         Ok(sort_policies(
             msgs.iter()
                 .filter(|m| m.ty == XFRM_MSG_NEWPOLICY)

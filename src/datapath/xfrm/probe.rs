@@ -172,7 +172,7 @@ impl XfrmDatapath {
                     direction: Direction::In,
                     reqid: Reqid::PROBE,
                     aead: Aead::Aes128Gcm,
-                    key: vec![0; 20],
+                    key: vec![0; Aead::Aes128Gcm.key_len()],
                     replay_window: MIN_INBOUND_REPLAY_WINDOW,
                     lifetimes: Lifetimes {
                         hard_seconds: 30,
