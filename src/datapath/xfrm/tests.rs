@@ -17,7 +17,8 @@ use std::process::Command;
 use netlink_packet_core::Emitable;
 use netlink_packet_xfrm::XfrmMessage;
 
-use super::super::{bypass_socket, suite};
+use super::super::{bypass_socket, suite, Direction, Lifetimes, POLICY_PRIORITY};
+use super::msg::XFRMA_SA_DIR;
 use super::*;
 
 fn emit(msg: XfrmMessage) -> Vec<u8> {
