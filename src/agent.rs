@@ -43,25 +43,52 @@ const VIEW_INTERVAL: Duration = Duration::from_millis(250);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// Bad configuration or unusable local resources (exit status 2).
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// Gossip stopped after start-up (exit status 1).
+    #[error("gossip stopped: {0}")]
+    GossipStopped(String),
+}
+
+/// Why the agent could not start; each names the flag or resource to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Secret files or the node key.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The kernel cannot carry what meshsec installs.
+    #[error("kernel datapath: {0}")]
+    Datapath(#[from] crate::datapath::DatapathError),
+    /// The kernel's XFRM event socket.
+    #[error("kernel datapath: cannot subscribe to XFRM events: {0}")]
+    Monitor(std::io::Error),
+    /// The handshake sockets.
+    #[error(transparent)]
+    HandshakeSockets(#[from] crate::mesh::driver::HandshakeSocketError),
+    /// The handshake configuration (keyring).
+    #[error(transparent)]
+    Handshake(#[from] crate::handshake::ConfigError),
+    /// The gossip transport's keyring.
+    #[error(transparent)]
+    GossipKeyring(#[from] crate::gossip::GossipError),
+    /// Gossip could not start (the reason names `--listen` where it is a bind problem).
     #[error("{0}")]
-    Start(String),
-    /// A failure after start-up (exit status 1).
-    #[error("{0}")]
-    Runtime(String),
+    Gossip(String),
+    /// The control socket.
+    #[error(transparent)]
+    Control(#[from] control::ControlSocketError),
 }
 
 /// Runs the agent until `shutdown` completes, then announces leaving, stops
 /// every task and returns.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
-    let start = |e: &dyn std::fmt::Display| AgentError::Start(e.to_string());
-
     // SIGHUP means reload; registered first so that an early one (say a
     // service manager's reload during start-up) cannot kill the agent.
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| warn!(error = %e, "cannot watch SIGHUP; use meshsec reload"))
         .ok();
-    let keyring = identity::load_keyring(&cfg.secret_files).map_err(|e| start(&e))?;
-    let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(|e| start(&e))?;
+    let keyring = identity::load_keyring(&cfg.secret_files).map_err(StartError::from)?;
+    let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(StartError::from)?;
     // Generations must grow across restarts even if the clock steps back,
     // or the live node would hide behind its own dead record.
     let last_generation = std::fs::read_to_string(cfg.state_dir.join(GENERATION_FILE))
@@ -91,16 +118,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         .datapath
     {
         DatapathKind::Kernel => {
-            let mut x = XfrmDatapath::open()
-                .map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
-            x.probe(aead, &families)
-                .map_err(|e| AgentError::Start(format!("kernel datapath: {e}")))?;
+            let mut x = XfrmDatapath::open().map_err(StartError::from)?;
+            x.probe(aead, &families).map_err(StartError::from)?;
             // Subscribed before the first reconcile, so no expiry goes unseen.
-            let monitor = XfrmMonitor::open().map_err(|e| {
-                AgentError::Start(format!(
-                    "kernel datapath: cannot subscribe to XFRM events: {e}"
-                ))
-            })?;
+            let monitor = XfrmMonitor::open().map_err(StartError::Monitor)?;
             (Box::new(x), true, Some(monitor))
         }
         DatapathKind::Memory => {
@@ -119,7 +140,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         None
     };
     let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass)
-        .map_err(AgentError::Start)?;
+        .map_err(StartError::from)?;
     let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
     let mesh = Mesh::new(
         MeshConfig {
@@ -137,9 +158,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default(),
     )
-    .map_err(|e| start(&e))?;
+    .map_err(StartError::from)?;
 
-    let transport = crate::gossip::transport_for(&keyring, on_bind).map_err(|e| start(&e))?;
+    let transport = crate::gossip::transport_for(&keyring, on_bind).map_err(StartError::from)?;
     let info = NodeInfo {
         public_key: Some(*node_key.public()),
         data_addrs: cfg.data_addresses.clone(),
@@ -166,20 +187,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         transport.as_transport(),
     )
     .await
-    .map_err(|e| AgentError::Start(gossip_open_error(&cfg, &e)))?;
+    .map_err(|e| StartError::Gossip(gossip_open_error(&cfg, &e)))?;
 
     let listener = match control::bind(&cfg.control_socket).await {
         Ok(l) => l,
         Err(e) => {
             let _ = gossip.shutdown().await;
-            return Err(start(&e));
+            return Err(StartError::from(e).into());
         }
     };
     if origin == KeyOrigin::Generated {
         if let Err(e) = node_key.persist(&cfg.state_dir) {
             let _ = gossip.shutdown().await;
             let _ = std::fs::remove_file(&cfg.control_socket);
-            return Err(start(&e));
+            return Err(StartError::from(e).into());
         }
         info!(fingerprint = %identity::fingerprint(node_key.public()), dir = %cfg.state_dir.display(), "created node key");
     }
@@ -309,7 +330,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (how, outcome) = tokio::select! {
         _ = shutdown => (Stop::Stop, Ok(())),
         Some(()) = leave_rx.recv() => (Stop::Leave, Ok(())),
-        r = &mut gossip_died => (Stop::Stop, Err(AgentError::Runtime(format!("gossip stopped: {}", r.err().map(|e| e.to_string()).unwrap_or_default())))),
+        r = &mut gossip_died => (Stop::Stop, Err(AgentError::GossipStopped(r.err().map(|e| e.to_string()).unwrap_or_default()))),
     };
 
     // The one shutdown path. A stop (SIGTERM/SIGINT, e.g. for an upgrade)
@@ -488,10 +509,9 @@ async fn reload_keyring(
     files: &[std::path::PathBuf],
     gossip_keyring: &crate::gossip::seal::Keyring,
     mesh: &tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
-) -> Result<control::Reloaded, String> {
+) -> Result<control::Reloaded, control::ReloadError> {
     let secrets = zeroize::Zeroizing::new(
-        identity::load_keyring(files)
-            .map_err(|e| e.to_string())?
+        identity::load_keyring(files)?
             .iter()
             .map(|s| *s.0)
             .collect::<Vec<[u8; 32]>>(),
@@ -503,12 +523,9 @@ async fn reload_keyring(
         reply: tx,
     })
     .await
-    .map_err(|_| "the mesh is shutting down".to_string())?;
-    rx.await
-        .map_err(|_| "the mesh is shutting down".to_string())??;
-    gossip_keyring
-        .replace(secrets.iter())
-        .map_err(|e| e.to_string())?;
+    .map_err(|_| control::ReloadError::MeshGone)?;
+    rx.await.map_err(|_| control::ReloadError::MeshGone)??;
+    gossip_keyring.replace(secrets.iter())?;
     Ok(control::Reloaded {
         secrets: secrets.len(),
         key_ids: gossip_keyring

@@ -58,7 +58,24 @@ pub struct Reloaded {
 }
 
 /// A keyring reload request: the agent answers on the channel.
-pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<Reloaded, String>>;
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<Reloaded, ReloadError>>;
+
+/// Why a keyring reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// A secret file cannot be read (names the file and line).
+    #[error(transparent)]
+    Secrets(#[from] crate::identity::IdentityError),
+    /// The handshake endpoints refused the keyring.
+    #[error(transparent)]
+    Handshake(#[from] crate::handshake::ConfigError),
+    /// Gossip refused the keyring.
+    #[error("gossip keyring: {0}")]
+    Gossip(#[from] crate::gossip::seal::KeyringError),
+    /// The mesh task is gone.
+    #[error("the mesh is shutting down")]
+    MeshGone,
+}
 
 /// A reply line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -413,7 +430,7 @@ async fn handle(
             let reply = match state.reload.send(tx).await {
                 Ok(()) => match rx.await {
                     Ok(Ok(r)) => Reply::Reloaded(r),
-                    Ok(Err(e)) => Reply::Error(e),
+                    Ok(Err(e)) => Reply::Error(e.to_string()),
                     Err(_) => Reply::Error("the agent is shutting down".into()),
                 },
                 Err(_) => Reply::Error("the agent is shutting down".into()),
@@ -556,7 +573,12 @@ mod tests {
         // The agent's side of reloads: refuse the first, accept the second.
         tokio::spawn(async move {
             if let Some(tx) = reload_rx.recv().await {
-                let _ = tx.send(Err("--secret-file: /x: line 2: not base64".into()));
+                let _ = tx.send(Err(ReloadError::Secrets(
+                    crate::identity::IdentityError::Secret {
+                        path: "/x".into(),
+                        reason: "line 2: not base64".into(),
+                    },
+                )));
             }
             if let Some(tx) = reload_rx.recv().await {
                 let _ = tx.send(Ok(Reloaded {

@@ -57,7 +57,7 @@ pub enum MeshCommand {
         /// The secrets.
         secrets: Secrets,
         /// The outcome.
-        reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+        reply: tokio::sync::oneshot::Sender<Result<(), crate::handshake::ConfigError>>,
     },
 }
 
@@ -71,6 +71,52 @@ pub struct HandshakeSockets {
     probe_v6: Option<UdpSocket>,
 }
 
+/// Why the handshake sockets could not be set up (each names the flag or
+/// the socket to look at).
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeSocketError {
+    /// The data address is not one of this host's.
+    #[error("--data-address: {ip} is not an address of this host: {error}")]
+    NotLocal {
+        /// The address.
+        ip: IpAddr,
+        /// What bind said.
+        error: std::io::Error,
+    },
+    /// The port cannot be bound.
+    #[error("--handshake-port: cannot bind the handshake socket to {addr}: {error}")]
+    Bind {
+        /// Address and port.
+        addr: SocketAddr,
+        /// What bind said.
+        error: std::io::Error,
+    },
+    /// The per-socket XFRM bypass was refused.
+    #[error("cannot exempt the handshake socket {addr} from XFRM policies: {reason}")]
+    Bypass {
+        /// Address and port.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// Making the socket non-blocking or registering it failed.
+    #[error("handshake socket {addr}: {error}")]
+    Setup {
+        /// Address and port.
+        addr: SocketAddr,
+        /// What failed.
+        error: std::io::Error,
+    },
+    /// The confirmation-probe socket failed.
+    #[error("probe socket on {ip}: {error}")]
+    Probe {
+        /// Our data address.
+        ip: IpAddr,
+        /// What failed.
+        error: std::io::Error,
+    },
+}
+
 /// Binds the handshake sockets on our first data address of each family.
 /// With `bypass`, each socket gets per-socket XFRM bypass policies so the
 /// control plane works even when SAs are broken.
@@ -78,7 +124,7 @@ pub fn bind_handshake_sockets(
     addrs: &[IpAddr],
     port: u16,
     bypass: bool,
-) -> Result<HandshakeSockets, String> {
+) -> Result<HandshakeSockets, HandshakeSocketError> {
     let mut out = HandshakeSockets {
         v4: None,
         v6: None,
@@ -90,27 +136,26 @@ pub fn bind_handshake_sockets(
             continue;
         };
         let addr = SocketAddr::new(*ip, port);
-        let std_sock = std::net::UdpSocket::bind(addr).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AddrNotAvailable {
-                format!("--data-address: {ip} is not an address of this host: {e}")
+        let std_sock = std::net::UdpSocket::bind(addr).map_err(|error| {
+            if error.kind() == std::io::ErrorKind::AddrNotAvailable {
+                HandshakeSocketError::NotLocal { ip: *ip, error }
             } else {
-                format!("--handshake-port: cannot bind the handshake socket to {addr}: {e}")
+                HandshakeSocketError::Bind { addr, error }
             }
         })?;
         if bypass {
-            bypass_socket(std_sock.as_fd(), family).map_err(|e| {
-                format!("cannot exempt the handshake socket {addr} from XFRM policies: {e}")
+            bypass_socket(std_sock.as_fd(), family).map_err(|e| HandshakeSocketError::Bypass {
+                addr,
+                reason: e.to_string(),
             })?;
         }
-        std_sock
-            .set_nonblocking(true)
-            .map_err(|e| format!("handshake socket {addr}: {e}"))?;
-        let sock =
-            UdpSocket::from_std(std_sock).map_err(|e| format!("handshake socket {addr}: {e}"))?;
+        let setup = |error| HandshakeSocketError::Setup { addr, error };
+        std_sock.set_nonblocking(true).map_err(setup)?;
+        let sock = UdpSocket::from_std(std_sock).map_err(setup)?;
         let probe = std::net::UdpSocket::bind(SocketAddr::new(*ip, 0))
             .and_then(|p| p.set_nonblocking(true).map(|_| p))
             .and_then(UdpSocket::from_std)
-            .map_err(|e| format!("probe socket on {ip}: {e}"))?;
+            .map_err(|error| HandshakeSocketError::Probe { ip: *ip, error })?;
         match family {
             AddressFamily::V4 => (out.v4, out.probe_v4) = (Some(sock), Some(probe)),
             AddressFamily::V6 => (out.v6, out.probe_v6) = (Some(sock), Some(probe)),
@@ -240,7 +285,7 @@ pub async fn run(
                     let _ = reply.send(n);
                 }
                 MeshCommand::SetKeyring { secrets, reply } => {
-                    let _ = reply.send(mesh.set_keyring(Instant::now(), &secrets.0, dp.as_mut()).map_err(|e| e.to_string()));
+                    let _ = reply.send(mesh.set_keyring(Instant::now(), &secrets.0, dp.as_mut()));
                 }
             },
             changed = members.changed() => {
