@@ -22,4 +22,6 @@ pub mod gossip;
 pub mod handshake;
 pub mod identity;
 pub mod mesh;
+#[cfg(test)]
+pub(crate) mod sim;
 pub mod throttle;
