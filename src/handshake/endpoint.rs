@@ -6,304 +6,27 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
-use thiserror::Error;
 use zeroize::Zeroizing;
 
 use super::crypto::{
     derive_cookie_key, derive_esp_keys, derive_mac1_key, derive_psk, hex, mac16, mac_eq,
-    make_cookie, open_cookie, seal_cookie, Aead, EspKey, StaticKeypair, COOKIE_NONCE_LEN, MAC_LEN,
+    make_cookie, open_cookie, seal_cookie, StaticKeypair, COOKIE_NONCE_LEN, MAC_LEN,
 };
 use super::dh::StaticDh;
 use super::noise::{
     initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read,
 };
 use super::ratelimit::{KeyedLimiter, TokenBucket};
+use super::types::{
+    Config, ConfigError, Counters, Event, FailReason, HandshakeContext, InitiateError, PublicKey,
+    Rejected, Role, Session, COOKIE_LIFETIME, COOKIE_SECRET_LIFETIME, MIN_SPI,
+};
 use super::wire::{
     decode, encode_cookie_reply, encode_initiation, encode_response, CookieReply, DecodeError,
     InitPayload, Initiation, Message, RespPayload, Response, INITIATION_LEN, INITIATION_MAC1_OFF,
     INITIATION_MAC2_OFF, RESPONSE_LEN, RESPONSE_MAC1_OFF,
 };
 use crate::throttle::LogThrottle;
-
-/// A member's X25519 static public key.
-pub type PublicKey = [u8; 32];
-
-/// Smallest SPI we accept or hand out: 1–255 are reserved by IANA, 0 means "none".
-pub const MIN_SPI: u32 = 256;
-
-/// How long an initiator keeps using a cookie after receiving it. The responder rotates its
-/// cookie secret every [`COOKIE_SECRET_LIFETIME`] and accepts the current and previous one.
-pub const COOKIE_LIFETIME: Duration = Duration::from_secs(118);
-/// Rotation period of the responder's cookie secret.
-pub const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(120);
-
-/// Tunables. [`Config::default`] is what production uses; tests shrink the rates.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// ESP algorithm, cluster-wide. A responder rejects initiations proposing another.
-    pub algorithm: Aead,
-    /// First retransmission timeout of an initiation.
-    pub initial_rto: Duration,
-    /// Cap of the doubling retransmission timeout.
-    pub max_rto: Duration,
-    /// Random extra delay added to each retransmission timer, at most this much (desynchronises
-    /// peers that started together).
-    pub max_jitter: Duration,
-    /// An initiation not answered within this time fails with [`FailReason::Timeout`].
-    pub handshake_timeout: Duration,
-    /// How long a responder answers exact retransmissions of an accepted initiation from its
-    /// cache (no DH, no new SPI, no new session).
-    pub response_cache_ttl: Duration,
-    /// Global budget of DH-bearing initiations per second before the responder is "under load".
-    pub load_rate: u32,
-    /// Burst size of that budget.
-    pub load_burst: u32,
-    /// Once the budget is exhausted, stay under load at least this long.
-    pub under_load_hold: Duration,
-    /// Under load: initiations per second accepted from one cookie-proven source IP.
-    pub per_source_rate: u32,
-    /// Under load: burst per source IP.
-    pub per_source_burst: u32,
-    /// Bound on the number of tracked source IPs.
-    pub max_sources: usize,
-    /// Global cap on cookie replies per second (they go to unproven addresses).
-    pub cookie_reply_rate: u32,
-    /// Burst of cookie replies.
-    pub cookie_reply_burst: u32,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            algorithm: Aead::Aes128Gcm,
-            initial_rto: Duration::from_secs(1),
-            max_rto: Duration::from_secs(8),
-            max_jitter: Duration::from_millis(200),
-            handshake_timeout: Duration::from_secs(20),
-            response_cache_ttl: Duration::from_secs(20),
-            load_rate: 1000,
-            load_burst: 200,
-            under_load_hold: Duration::from_secs(1),
-            per_source_rate: 20,
-            per_source_burst: 10,
-            max_sources: 4096,
-            cookie_reply_rate: 2000,
-            cookie_reply_burst: 200,
-        }
-    }
-}
-
-/// Which side of the Noise handshake we were.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// We sent the initiation.
-    Initiator,
-    /// We answered an initiation.
-    Responder,
-}
-
-/// A completed handshake: everything the datapath needs for one SA pair.
-#[derive(Debug, Clone)]
-pub struct Session {
-    /// The peer's static public key.
-    pub peer: PublicKey,
-    /// Where the peer's handshake datagram came from.
-    pub peer_addr: SocketAddr,
-    /// Our side in the handshake.
-    pub role: Role,
-    /// Identical on both sides: the first 8 bytes (big-endian) of the Noise handshake hash.
-    pub session_id: u64,
-    /// Our inbound SPI (the kernel SA for peer → us).
-    pub local_spi: u32,
-    /// The peer's inbound SPI = our outbound SPI.
-    pub peer_spi: u32,
-    /// ESP algorithm.
-    pub algorithm: Aead,
-    /// Key material for our outbound SA (us → peer).
-    pub key_out: EspKey,
-    /// Key material for our inbound SA (peer → us).
-    pub key_in: EspKey,
-    /// The initiator's timestamp (ns since the Unix epoch): orders sessions of one pair.
-    pub initiator_timestamp: u64,
-    /// When the handshake started locally (initiation sent or received).
-    pub started_at: Instant,
-    /// When it completed locally.
-    pub established_at: Instant,
-}
-
-/// Why an initiation we started ended without a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailReason {
-    /// No valid response within [`Config::handshake_timeout`].
-    Timeout,
-    /// The peer's authenticated response carried a malformed payload, a reserved SPI or
-    /// another ESP algorithm (a misconfigured or incompatible member).
-    BadResponse,
-}
-
-/// Something the driver must act on.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// A session completed: install its SAs.
-    Established(Session),
-    /// An initiation failed. `local_spi` was the SPI the caller allocated for it; free it.
-    Failed {
-        /// The peer.
-        peer: PublicKey,
-        /// The inbound SPI handed to [`Endpoint::initiate`].
-        local_spi: u32,
-        /// Why.
-        reason: FailReason,
-    },
-}
-
-/// Error from the caller's SPI allocator.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("SPI allocation failed: {0}")]
-pub struct SpiAllocError(pub String);
-
-/// What the endpoint needs from its surroundings while handling a datagram.
-///
-/// Both methods are called synchronously from [`Endpoint::handle`], only for an initiation
-/// that passed mac1 (and mac2 under load) and decrypted correctly, so their cost is bounded by
-/// the rate limits. A driver whose SPI allocation is asynchronous (XFRM_MSG_ALLOCSPI over
-/// netlink) can keep a small pool of pre-allocated SPIs and refill it afterwards.
-pub trait HandshakeContext {
-    /// Whether `peer` is a known, current member. Initiations from anyone else get no reply.
-    fn is_member(&self, peer: &PublicKey) -> bool;
-    /// Allocates our inbound SPI for a session with `peer` (≥ [`MIN_SPI`]); called only when
-    /// we respond. If the endpoint abandons its own initiation to `peer` in a collision, it
-    /// reuses that initiation's SPI and does not call this.
-    fn alloc_spi(&mut self, peer: &PublicKey) -> Result<u32, SpiAllocError>;
-}
-
-/// Error from [`Endpoint::new`] / [`Endpoint::set_keyring`].
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum ConfigError {
-    /// The cluster secret keyring must hold at least one secret.
-    #[error("cluster secret keyring is empty")]
-    EmptyKeyring,
-}
-
-/// Error from [`Endpoint::initiate`].
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum InitiateError {
-    /// An initiation to this peer is already outstanding.
-    #[error("a handshake with this peer is already in progress")]
-    InProgress,
-    /// Handshaking with our own key makes no sense.
-    #[error("refusing to handshake with our own static key")]
-    SelfPeer,
-    /// SPIs below 256 are reserved.
-    #[error("SPI {0} is reserved (must be >= 256)")]
-    ReservedSpi(u32),
-    /// snow refused to build the message (should not happen with valid keys).
-    #[error("noise: {0}")]
-    Noise(String),
-}
-
-/// Why a datagram produced no progress. Every variant increments one [`Counters`] field.
-#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
-pub enum Rejected {
-    /// Wrong length for its type, or shorter than a header.
-    #[error("bad length")]
-    BadLength,
-    /// Unknown version byte.
-    #[error("bad version")]
-    BadVersion,
-    /// Unknown type or non-zero reserved header bytes.
-    #[error("bad type")]
-    BadType,
-    /// mac1 did not verify with any keyring secret.
-    #[error("bad mac1")]
-    BadMac,
-    /// Under load without a valid mac2: a cookie reply was sent instead of doing DH work.
-    #[error("under load: cookie reply sent")]
-    CookieSent,
-    /// Rate limit (per source under load, or the global cookie-reply cap).
-    #[error("rate limited")]
-    RateLimited,
-    /// Noise decryption failed (wrong PSK, corrupted, or forged).
-    #[error("decryption failed")]
-    DecryptFailed,
-    /// Decrypted payload malformed (reserved bytes, reserved SPI).
-    #[error("bad payload")]
-    BadPayload,
-    /// Initiator is not a known, current member (or is ourselves).
-    #[error("unknown peer")]
-    UnknownPeer,
-    /// Initiation timestamp not newer than the last accepted one from that peer.
-    #[error("replayed or stale initiation")]
-    Replayed,
-    /// Response or cookie reply for no outstanding initiation.
-    #[error("stale response")]
-    StaleResponse,
-    /// Initiation proposed an ESP algorithm other than ours.
-    #[error("algorithm mismatch")]
-    AlgMismatch,
-    /// Simultaneous initiation and we are the designated initiator: their initiation dropped.
-    #[error("collision: we are the initiator")]
-    CollisionDropped,
-    /// The caller could not allocate an SPI.
-    #[error("SPI allocation failed")]
-    SpiAllocFailed,
-    /// Cookie reply did not authenticate.
-    #[error("bad cookie reply")]
-    BadCookie,
-}
-
-/// Counters of everything that happened, for metrics and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Counters {
-    /// Datagrams passed to `handle`.
-    pub received: u64,
-    /// Datagrams queued for sending.
-    pub sent: u64,
-    /// See [`Rejected::BadLength`].
-    pub bad_len: u64,
-    /// See [`Rejected::BadVersion`].
-    pub bad_version: u64,
-    /// See [`Rejected::BadType`].
-    pub bad_type: u64,
-    /// See [`Rejected::BadMac`].
-    pub bad_mac: u64,
-    /// See [`Rejected::DecryptFailed`].
-    pub decrypt_failed: u64,
-    /// See [`Rejected::BadPayload`].
-    pub bad_payload: u64,
-    /// See [`Rejected::UnknownPeer`].
-    pub unknown_peer: u64,
-    /// See [`Rejected::Replayed`].
-    pub replayed: u64,
-    /// See [`Rejected::StaleResponse`].
-    pub stale_response: u64,
-    /// See [`Rejected::AlgMismatch`].
-    pub alg_mismatch: u64,
-    /// See [`Rejected::RateLimited`].
-    pub rate_limited: u64,
-    /// See [`Rejected::CookieSent`].
-    pub cookie_sent: u64,
-    /// Valid cookie replies received.
-    pub cookie_received: u64,
-    /// See [`Rejected::BadCookie`].
-    pub bad_cookie: u64,
-    /// See [`Rejected::CollisionDropped`].
-    pub collision_dropped: u64,
-    /// Own initiations abandoned because the peer's won the collision.
-    pub collision_abandoned: u64,
-    /// See [`Rejected::SpiAllocFailed`].
-    pub spi_alloc_failed: u64,
-    /// Exact retransmissions answered from the response cache.
-    pub retransmit_answered: u64,
-    /// Initiations retransmitted by us.
-    pub retransmits: u64,
-    /// Messages on which DH work was spent (the resource the DoS defence protects).
-    pub dh_work: u64,
-    /// Sessions established (both roles).
-    pub established: u64,
-    /// Initiations that timed out.
-    pub timeouts: u64,
-}
 
 /// An outstanding initiation of ours.
 struct Initiating {
@@ -765,35 +488,13 @@ impl Endpoint {
             Ok(Message::CookieReply(m)) => self.handle_cookie_reply(now, m),
         };
         if let Err(e) = r {
-            self.count(e);
+            self.counters.reject(e);
             // Hostile traffic must not flood the log: one line per second, the rest only counted.
             if let Some(suppressed) = self.drop_log.check(now, "drop") {
                 tracing::debug!(%from, reason = %e, suppressed, "handshake: dropped datagram (more within 1 s are only counted)");
             }
         }
         r
-    }
-
-    fn count(&mut self, e: Rejected) {
-        let c = &mut self.counters;
-        let f = match e {
-            Rejected::BadLength => &mut c.bad_len,
-            Rejected::BadVersion => &mut c.bad_version,
-            Rejected::BadType => &mut c.bad_type,
-            Rejected::BadMac => &mut c.bad_mac,
-            Rejected::CookieSent => &mut c.cookie_sent,
-            Rejected::RateLimited => &mut c.rate_limited,
-            Rejected::DecryptFailed => &mut c.decrypt_failed,
-            Rejected::BadPayload => &mut c.bad_payload,
-            Rejected::UnknownPeer => &mut c.unknown_peer,
-            Rejected::Replayed => &mut c.replayed,
-            Rejected::StaleResponse => &mut c.stale_response,
-            Rejected::AlgMismatch => &mut c.alg_mismatch,
-            Rejected::CollisionDropped => &mut c.collision_dropped,
-            Rejected::SpiAllocFailed => &mut c.spi_alloc_failed,
-            Rejected::BadCookie => &mut c.bad_cookie,
-        };
-        *f += 1;
     }
 
     fn handle_initiation<C: HandshakeContext + ?Sized>(
