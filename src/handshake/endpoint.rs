@@ -1,30 +1,30 @@
 //! The sans-IO handshake state machine (proto/handshake.md §4–§8).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use zeroize::Zeroizing;
 
 use super::crypto::{
     derive_cookie_key, derive_esp_keys, derive_mac1_key, derive_psk, hex, mac16, mac_eq,
-    make_cookie, open_cookie, seal_cookie, StaticKeypair, COOKIE_NONCE_LEN, MAC_LEN,
+    open_cookie, StaticKeypair, MAC_LEN,
 };
 use super::dh::StaticDh;
+use super::dos::{Admission, DosGuard};
 use super::noise::{
     initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read,
 };
-use super::ratelimit::{KeyedLimiter, TokenBucket};
 use super::types::{
     Config, ConfigError, Counters, Event, FailReason, HandshakeContext, InitiateError, PublicKey,
-    Rejected, Role, Session, COOKIE_LIFETIME, COOKIE_SECRET_LIFETIME, MIN_SPI,
+    Rejected, Role, Session, COOKIE_LIFETIME, MIN_SPI,
 };
 use super::wire::{
-    decode, encode_cookie_reply, encode_initiation, encode_response, CookieReply, DecodeError,
-    InitPayload, Initiation, Message, RespPayload, Response, INITIATION_LEN, INITIATION_MAC1_OFF,
-    INITIATION_MAC2_OFF, RESPONSE_LEN, RESPONSE_MAC1_OFF,
+    decode, encode_initiation, encode_response, CookieReply, DecodeError, InitPayload, Initiation,
+    Message, RespPayload, Response, INITIATION_LEN, INITIATION_MAC1_OFF, INITIATION_MAC2_OFF,
+    RESPONSE_LEN, RESPONSE_MAC1_OFF,
 };
 use crate::throttle::LogThrottle;
 
@@ -92,12 +92,6 @@ struct SecretKeys {
     secret: Zeroizing<[u8; 32]>,
 }
 
-struct CookieSecret {
-    current: Zeroizing<[u8; 32]>,
-    previous: Zeroizing<[u8; 32]>,
-    rotated: Instant,
-}
-
 /// The handshake endpoint: one per agent, shared by all peers. Sans-IO: feed it datagrams and
 /// time, drain transmits and events.
 pub struct Endpoint {
@@ -116,11 +110,8 @@ pub struct Endpoint {
     rng: StdRng,
     anchor: (Instant, u64),
     last_timestamp: u64,
-    cookie_secret: CookieSecret,
-    load_bucket: TokenBucket,
-    under_load_until: Option<Instant>,
-    sources: KeyedLimiter<IpAddr>,
-    cookie_bucket: TokenBucket,
+    /// Load detection, cookies and rate limits (the DoS defence).
+    dos: DosGuard,
     drop_log: LogThrottle,
     /// Test hook: ephemeral private keys to use instead of fresh ones (vectors, determinism).
     pub(crate) fixed_ephemerals: VecDeque<[u8; 32]>,
@@ -207,23 +198,8 @@ impl Endpoint {
             .iter()
             .map(|s| secret_keys(s, keypair.public()))
             .collect();
-        let mut c1 = Zeroizing::new([0u8; 32]);
-        let mut c2 = Zeroizing::new([0u8; 32]);
-        rng.fill_bytes(&mut *c1);
-        rng.fill_bytes(&mut *c2);
         Ok(Endpoint {
-            load_bucket: TokenBucket::new(now, config.load_rate, config.load_burst),
-            sources: KeyedLimiter::new(
-                now,
-                config.per_source_rate,
-                config.per_source_burst,
-                config.max_sources,
-            ),
-            cookie_bucket: TokenBucket::new(
-                now,
-                config.cookie_reply_rate,
-                config.cookie_reply_burst,
-            ),
+            dos: DosGuard::new(now, &config, &mut rng),
             config,
             dh: StaticDh::new(&keypair),
             keypair,
@@ -237,12 +213,6 @@ impl Endpoint {
             rng,
             anchor: (now, u64::try_from(unix_now.as_nanos()).unwrap_or(u64::MAX)),
             last_timestamp: 0,
-            cookie_secret: CookieSecret {
-                current: c1,
-                previous: c2,
-                rotated: now,
-            },
-            under_load_until: None,
             drop_log: LogThrottle::new(Duration::from_secs(1)),
             fixed_ephemerals: VecDeque::new(),
             fixed_indices: VecDeque::new(),
@@ -307,7 +277,7 @@ impl Endpoint {
 
     /// Whether the responder currently demands cookies (mac2) before doing DH work.
     pub fn is_under_load(&self, now: Instant) -> bool {
-        self.under_load_until.is_some_and(|t| now < t)
+        self.dos.is_under_load(now)
     }
 
     /// Test hook: fixes the cookie secret and forces the under-load state until `until`.
@@ -318,12 +288,7 @@ impl Endpoint {
         until: Instant,
         cookie_secret: [u8; 32],
     ) {
-        self.cookie_secret = CookieSecret {
-            current: Zeroizing::new(cookie_secret),
-            previous: Zeroizing::new(cookie_secret),
-            rotated: now,
-        };
-        self.under_load_until = Some(until);
+        self.dos.force_under_load(now, until, cookie_secret);
     }
 
     /// Starts a handshake with `peer` at `peer_addr`, offering `local_spi` (our inbound SPI,
@@ -517,21 +482,14 @@ impl Endpoint {
             .ok_or(Rejected::BadMac)?;
 
         // 2. Load: spend DH budget, or demand a cookie-proven source address.
-        if !self.is_under_load(now) && !self.load_bucket.take(now) {
-            self.under_load_until = Some(now + self.config.under_load_hold);
-            tracing::debug!("handshake: under load, demanding cookies");
-        }
-        if self.is_under_load(now) {
-            // Keep extending while the budget stays exhausted.
-            if !self.load_bucket.take(now) {
-                self.under_load_until = Some(now + self.config.under_load_hold);
+        let cookie_key = &self.secrets[secret_idx].cookie_ours;
+        match self.dos.admit(now, from, &m, cookie_key, &mut self.rng) {
+            Admission::Proceed => {}
+            Admission::CookieReply(reply) => {
+                self.push_transmit(from, reply.to_vec());
+                return Err(Rejected::CookieSent);
             }
-            if !self.mac2_valid(now, &from, m.bytes) {
-                return self.send_cookie_reply(now, from, m.sender_index, m.mac1, secret_idx);
-            }
-            if !self.sources.take(now, &from.ip()) {
-                return Err(Rejected::RateLimited);
-            }
+            Admission::RateLimited => return Err(Rejected::RateLimited),
         }
 
         // 3. Exact retransmission of an initiation we already answered: resend, no DH.
@@ -757,59 +715,6 @@ impl Endpoint {
             "handshake: established"
         );
         self.events.push_back(Event::Established(s));
-    }
-
-    fn mac2_valid(
-        &mut self,
-        now: Instant,
-        from: &SocketAddr,
-        bytes: &[u8; INITIATION_LEN],
-    ) -> bool {
-        self.rotate_cookie_secret(now);
-        let got: &[u8; MAC_LEN] = bytes[INITIATION_MAC2_OFF..]
-            .try_into()
-            .expect("fixed-size slice");
-        [&self.cookie_secret.current, &self.cookie_secret.previous]
-            .iter()
-            .any(|secret| {
-                let cookie = make_cookie(secret, from);
-                mac_eq(&mac16(&cookie, &[&bytes[..INITIATION_MAC2_OFF]]), got)
-            })
-    }
-
-    fn rotate_cookie_secret(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.cookie_secret.rotated) >= COOKIE_SECRET_LIFETIME {
-            let mut fresh = Zeroizing::new([0u8; 32]);
-            self.rng.fill_bytes(&mut *fresh);
-            self.cookie_secret.previous = std::mem::replace(&mut self.cookie_secret.current, fresh);
-            self.cookie_secret.rotated = now;
-        }
-    }
-
-    fn send_cookie_reply(
-        &mut self,
-        now: Instant,
-        to: SocketAddr,
-        receiver_index: u32,
-        trigger_mac1: &[u8; MAC_LEN],
-        secret_idx: usize,
-    ) -> Result<(), Rejected> {
-        if !self.cookie_bucket.take(now) {
-            return Err(Rejected::RateLimited);
-        }
-        self.rotate_cookie_secret(now);
-        let cookie = make_cookie(&self.cookie_secret.current, &to);
-        let mut nonce = [0u8; COOKIE_NONCE_LEN];
-        self.rng.fill_bytes(&mut nonce);
-        let sealed = seal_cookie(
-            &self.secrets[secret_idx].cookie_ours,
-            &nonce,
-            trigger_mac1,
-            &cookie,
-        );
-        let msg = encode_cookie_reply(receiver_index, &nonce, &sealed);
-        self.push_transmit(to, msg.to_vec());
-        Err(Rejected::CookieSent)
     }
 
     /// (Re)sends the initiation to `peer`, with mac2 if we hold a fresh cookie from it.

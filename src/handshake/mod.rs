@@ -12,6 +12,8 @@
 //! - [`noise`]: the two Noise messages as pure functions (what the test vectors pin down).
 //! - [`types`]: the public vocabulary: [`Config`], [`Session`], [`Event`], [`Rejected`],
 //!   [`Counters`], the [`HandshakeContext`] the driver supplies, errors.
+//! - `dos`: the responder's DoS defence (load detection, cookies, rate limits), owned by the
+//!   endpoint.
 //! - [`endpoint`]: the state machine. It does no I/O and reads no clock: the driver calls
 //!   [`Endpoint::handle`] with each datagram and `now`, [`Endpoint::handle_timeout`] when
 //!   [`Endpoint::poll_timeout`] says so, and drains [`Endpoint::poll_transmit`] and
@@ -39,6 +41,7 @@
 
 pub mod crypto;
 pub mod dh;
+mod dos;
 pub mod endpoint;
 pub mod noise;
 mod ratelimit;
