@@ -14,7 +14,8 @@
 //!   [`Counters`], the [`HandshakeContext`] the driver supplies, errors.
 //! - `dos`: the responder's DoS defence (load detection, cookies, rate limits), owned by the
 //!   endpoint.
-//! - [`endpoint`]: the state machine. It does no I/O and reads no clock: the driver calls
+//! - [`endpoint`]: the state machine (its responder side, answering initiations, in
+//!   `endpoint/responder.rs`). It does no I/O and reads no clock: the driver calls
 //!   [`Endpoint::handle`] with each datagram and `now`, [`Endpoint::handle_timeout`] when
 //!   [`Endpoint::poll_timeout`] says so, and drains [`Endpoint::poll_transmit`] and
 //!   [`Endpoint::poll_event`].
