@@ -23,4 +23,6 @@ pub mod handshake;
 pub mod identity;
 pub mod mesh;
 pub mod shutdown;
+#[cfg(test)]
+pub(crate) mod sim;
 pub mod throttle;

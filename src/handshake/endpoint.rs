@@ -1,339 +1,32 @@
 //! The sans-IO handshake state machine (proto/handshake.md §4–§8).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::{Rng, RngCore, SeedableRng};
-use thiserror::Error;
+use rand::{Rng, SeedableRng};
 use zeroize::Zeroizing;
 
 use super::crypto::{
     derive_cookie_key, derive_esp_keys, derive_mac1_key, derive_psk, hex, mac16, mac_eq,
-    make_cookie, open_cookie, seal_cookie, Aead, EspKey, StaticKeypair, COOKIE_NONCE_LEN, MAC_LEN,
+    open_cookie, StaticKeypair, MAC_LEN,
 };
 use super::dh::StaticDh;
-use super::noise::{
-    initiator_finish, initiator_start, put_mac, put_mac2, responder_finish, responder_read,
+use super::dos::DosGuard;
+use super::noise::{initiator_finish, initiator_start, put_mac, put_mac2};
+use super::types::{
+    Config, ConfigError, Counters, Event, FailReason, HandshakeContext, InitiateError, PublicKey,
+    Rejected, Role, Session, COOKIE_LIFETIME, MIN_SPI,
 };
-use super::ratelimit::{KeyedLimiter, TokenBucket};
 use super::wire::{
-    decode, encode_cookie_reply, encode_initiation, encode_response, CookieReply, DecodeError,
-    InitPayload, Initiation, Message, RespPayload, Response, INITIATION_LEN, INITIATION_MAC1_OFF,
-    INITIATION_MAC2_OFF, RESPONSE_LEN, RESPONSE_MAC1_OFF,
+    decode, encode_initiation, CookieReply, DecodeError, InitPayload, Message, RespPayload,
+    Response, INITIATION_LEN, INITIATION_MAC1_OFF, INITIATION_MAC2_OFF, RESPONSE_LEN,
+    RESPONSE_MAC1_OFF,
 };
 use crate::throttle::LogThrottle;
 
-/// A member's X25519 static public key.
-pub type PublicKey = [u8; 32];
-
-/// Smallest SPI we accept or hand out: 1–255 are reserved by IANA, 0 means "none".
-pub const MIN_SPI: u32 = 256;
-
-/// How long an initiator keeps using a cookie after receiving it. The responder rotates its
-/// cookie secret every [`COOKIE_SECRET_LIFETIME`] and accepts the current and previous one.
-pub const COOKIE_LIFETIME: Duration = Duration::from_secs(118);
-/// Rotation period of the responder's cookie secret.
-pub const COOKIE_SECRET_LIFETIME: Duration = Duration::from_secs(120);
-
-/// Tunables. [`Config::default`] is what production uses; tests shrink the rates.
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// ESP algorithm, cluster-wide. A responder rejects initiations proposing another.
-    pub algorithm: Aead,
-    /// First retransmission timeout of an initiation.
-    pub initial_rto: Duration,
-    /// Cap of the doubling retransmission timeout.
-    pub max_rto: Duration,
-    /// Random extra delay added to each retransmission timer, at most this much (desynchronises
-    /// peers that started together).
-    pub max_jitter: Duration,
-    /// An initiation not answered within this time fails with [`FailReason::Timeout`].
-    pub handshake_timeout: Duration,
-    /// How long a responder answers exact retransmissions of an accepted initiation from its
-    /// cache (no DH, no new SPI, no new session).
-    pub response_cache_ttl: Duration,
-    /// Global budget of DH-bearing initiations per second before the responder is "under load".
-    pub load_rate: u32,
-    /// Burst size of that budget.
-    pub load_burst: u32,
-    /// Once the budget is exhausted, stay under load at least this long.
-    pub under_load_hold: Duration,
-    /// Under load: initiations per second accepted from one cookie-proven source IP.
-    pub per_source_rate: u32,
-    /// Under load: burst per source IP.
-    pub per_source_burst: u32,
-    /// Bound on the number of tracked source IPs.
-    pub max_sources: usize,
-    /// Global cap on cookie replies per second (they go to unproven addresses).
-    pub cookie_reply_rate: u32,
-    /// Burst of cookie replies.
-    pub cookie_reply_burst: u32,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            algorithm: Aead::Aes128Gcm,
-            initial_rto: Duration::from_secs(1),
-            max_rto: Duration::from_secs(8),
-            max_jitter: Duration::from_millis(200),
-            handshake_timeout: Duration::from_secs(20),
-            response_cache_ttl: Duration::from_secs(20),
-            load_rate: 1000,
-            load_burst: 200,
-            under_load_hold: Duration::from_secs(1),
-            per_source_rate: 20,
-            per_source_burst: 10,
-            max_sources: 4096,
-            cookie_reply_rate: 2000,
-            cookie_reply_burst: 200,
-        }
-    }
-}
-
-/// Which side of the Noise handshake we were.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    /// We sent the initiation.
-    Initiator,
-    /// We answered an initiation.
-    Responder,
-}
-
-/// A completed handshake: everything the datapath needs for one SA pair.
-#[derive(Debug, Clone)]
-pub struct Session {
-    /// The peer's static public key.
-    pub peer: PublicKey,
-    /// Where the peer's handshake datagram came from.
-    pub peer_addr: SocketAddr,
-    /// Our side in the handshake.
-    pub role: Role,
-    /// Identical on both sides: the first 8 bytes (big-endian) of the Noise handshake hash.
-    pub session_id: u64,
-    /// Our inbound SPI (the kernel SA for peer → us).
-    pub local_spi: u32,
-    /// The peer's inbound SPI = our outbound SPI.
-    pub peer_spi: u32,
-    /// ESP algorithm.
-    pub algorithm: Aead,
-    /// Key material for our outbound SA (us → peer).
-    pub key_out: EspKey,
-    /// Key material for our inbound SA (peer → us).
-    pub key_in: EspKey,
-    /// The initiator's timestamp (ns since the Unix epoch): orders sessions of one pair.
-    pub initiator_timestamp: u64,
-    /// When the handshake started locally (initiation sent or received).
-    pub started_at: Instant,
-    /// When it completed locally.
-    pub established_at: Instant,
-}
-
-/// Why an initiation we started ended without a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailReason {
-    /// No valid response within [`Config::handshake_timeout`].
-    Timeout,
-    /// The peer's authenticated response carried a malformed payload, a reserved SPI or
-    /// another ESP algorithm (a misconfigured or incompatible member).
-    BadResponse,
-}
-
-/// Something the driver must act on.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// A session completed: install its SAs.
-    Established(Session),
-    /// An initiation failed. `local_spi` was the SPI the caller allocated for it; free it.
-    Failed {
-        /// The peer.
-        peer: PublicKey,
-        /// The inbound SPI handed to [`Endpoint::initiate`].
-        local_spi: u32,
-        /// Why.
-        reason: FailReason,
-    },
-}
-
-/// Error from the caller's SPI allocator.
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("SPI allocation failed: {0}")]
-pub struct SpiAllocError(pub String);
-
-/// What the endpoint needs from its surroundings while handling a datagram.
-///
-/// Both methods are called synchronously from [`Endpoint::handle`], only for an initiation
-/// that passed mac1 (and mac2 under load) and decrypted correctly, so their cost is bounded by
-/// the rate limits. A driver whose SPI allocation is asynchronous (XFRM_MSG_ALLOCSPI over
-/// netlink) can keep a small pool of pre-allocated SPIs and refill it afterwards.
-pub trait HandshakeContext {
-    /// Whether `peer` is a known, current member. Initiations from anyone else get no reply.
-    fn is_member(&self, peer: &PublicKey) -> bool;
-    /// Allocates our inbound SPI for a session with `peer` (≥ [`MIN_SPI`]); called only when
-    /// we respond. If the endpoint abandons its own initiation to `peer` in a collision, it
-    /// reuses that initiation's SPI and does not call this.
-    fn alloc_spi(&mut self, peer: &PublicKey) -> Result<u32, SpiAllocError>;
-}
-
-/// Error from [`Endpoint::new`] / [`Endpoint::set_keyring`].
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum ConfigError {
-    /// The cluster secret keyring must hold at least one secret.
-    #[error("cluster secret keyring is empty")]
-    EmptyKeyring,
-}
-
-/// Error from [`Endpoint::initiate`].
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum InitiateError {
-    /// An initiation to this peer is already outstanding.
-    #[error("a handshake with this peer is already in progress")]
-    InProgress,
-    /// Handshaking with our own key makes no sense.
-    #[error("refusing to handshake with our own static key")]
-    SelfPeer,
-    /// SPIs below 256 are reserved.
-    #[error("SPI {0} is reserved (must be >= 256)")]
-    ReservedSpi(u32),
-    /// snow refused to build the message (should not happen with valid keys).
-    #[error("noise: {0}")]
-    Noise(String),
-}
-
-/// Why a datagram produced no progress. Every variant increments one [`Counters`] field.
-#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
-pub enum Rejected {
-    /// Wrong length for its type, or shorter than a header.
-    #[error("bad length")]
-    BadLength,
-    /// Unknown version byte.
-    #[error("bad version")]
-    BadVersion,
-    /// Unknown type or non-zero reserved header bytes.
-    #[error("bad type")]
-    BadType,
-    /// mac1 did not verify with any keyring secret.
-    #[error("bad mac1")]
-    BadMac,
-    /// Under load without a valid mac2: a cookie reply was sent instead of doing DH work.
-    #[error("under load: cookie reply sent")]
-    CookieSent,
-    /// Rate limit (per source under load, or the global cookie-reply cap).
-    #[error("rate limited")]
-    RateLimited,
-    /// Noise decryption failed (wrong PSK, corrupted, or forged).
-    #[error("decryption failed")]
-    DecryptFailed,
-    /// Decrypted payload malformed (reserved bytes, reserved SPI).
-    #[error("bad payload")]
-    BadPayload,
-    /// Initiator is not a known, current member (or is ourselves).
-    #[error("unknown peer")]
-    UnknownPeer,
-    /// Initiation timestamp not newer than the last accepted one from that peer.
-    #[error("replayed or stale initiation")]
-    Replayed,
-    /// Response or cookie reply for no outstanding initiation.
-    #[error("stale response")]
-    StaleResponse,
-    /// Initiation proposed an ESP algorithm other than ours.
-    #[error("algorithm mismatch")]
-    AlgMismatch,
-    /// Simultaneous initiation and we are the designated initiator: their initiation dropped.
-    #[error("collision: we are the initiator")]
-    CollisionDropped,
-    /// The caller could not allocate an SPI.
-    #[error("SPI allocation failed")]
-    SpiAllocFailed,
-    /// Cookie reply did not authenticate.
-    #[error("bad cookie reply")]
-    BadCookie,
-}
-
-/// Counters of everything that happened, for metrics and tests.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Counters {
-    /// Datagrams passed to `handle`.
-    pub received: u64,
-    /// Datagrams queued for sending.
-    pub sent: u64,
-    /// See [`Rejected::BadLength`].
-    pub bad_len: u64,
-    /// See [`Rejected::BadVersion`].
-    pub bad_version: u64,
-    /// See [`Rejected::BadType`].
-    pub bad_type: u64,
-    /// See [`Rejected::BadMac`].
-    pub bad_mac: u64,
-    /// See [`Rejected::DecryptFailed`].
-    pub decrypt_failed: u64,
-    /// See [`Rejected::BadPayload`].
-    pub bad_payload: u64,
-    /// See [`Rejected::UnknownPeer`].
-    pub unknown_peer: u64,
-    /// See [`Rejected::Replayed`].
-    pub replayed: u64,
-    /// See [`Rejected::StaleResponse`].
-    pub stale_response: u64,
-    /// See [`Rejected::AlgMismatch`].
-    pub alg_mismatch: u64,
-    /// See [`Rejected::RateLimited`].
-    pub rate_limited: u64,
-    /// See [`Rejected::CookieSent`].
-    pub cookie_sent: u64,
-    /// Valid cookie replies received.
-    pub cookie_received: u64,
-    /// See [`Rejected::BadCookie`].
-    pub bad_cookie: u64,
-    /// See [`Rejected::CollisionDropped`].
-    pub collision_dropped: u64,
-    /// Own initiations abandoned because the peer's won the collision.
-    pub collision_abandoned: u64,
-    /// See [`Rejected::SpiAllocFailed`].
-    pub spi_alloc_failed: u64,
-    /// Exact retransmissions answered from the response cache.
-    pub retransmit_answered: u64,
-    /// Initiations retransmitted by us.
-    pub retransmits: u64,
-    /// Messages on which DH work was spent (the resource the DoS defence protects).
-    pub dh_work: u64,
-    /// Sessions established (both roles).
-    pub established: u64,
-    /// Initiations that timed out.
-    pub timeouts: u64,
-}
-
-impl Counters {
-    /// Adds `other` field by field (endpoints of several families summed).
-    pub fn add(&mut self, other: &Counters) {
-        self.received += other.received;
-        self.sent += other.sent;
-        self.bad_len += other.bad_len;
-        self.bad_version += other.bad_version;
-        self.bad_type += other.bad_type;
-        self.bad_mac += other.bad_mac;
-        self.decrypt_failed += other.decrypt_failed;
-        self.bad_payload += other.bad_payload;
-        self.unknown_peer += other.unknown_peer;
-        self.replayed += other.replayed;
-        self.stale_response += other.stale_response;
-        self.alg_mismatch += other.alg_mismatch;
-        self.rate_limited += other.rate_limited;
-        self.cookie_sent += other.cookie_sent;
-        self.cookie_received += other.cookie_received;
-        self.bad_cookie += other.bad_cookie;
-        self.collision_dropped += other.collision_dropped;
-        self.collision_abandoned += other.collision_abandoned;
-        self.spi_alloc_failed += other.spi_alloc_failed;
-        self.retransmit_answered += other.retransmit_answered;
-        self.retransmits += other.retransmits;
-        self.dh_work += other.dh_work;
-        self.established += other.established;
-        self.timeouts += other.timeouts;
-    }
-}
+mod responder;
 
 /// An outstanding initiation of ours.
 struct Initiating {
@@ -399,12 +92,6 @@ struct SecretKeys {
     secret: Zeroizing<[u8; 32]>,
 }
 
-struct CookieSecret {
-    current: Zeroizing<[u8; 32]>,
-    previous: Zeroizing<[u8; 32]>,
-    rotated: Instant,
-}
-
 /// The handshake endpoint: one per agent, shared by all peers. Sans-IO: feed it datagrams and
 /// time, drain transmits and events.
 pub struct Endpoint {
@@ -423,11 +110,8 @@ pub struct Endpoint {
     rng: StdRng,
     anchor: (Instant, u64),
     last_timestamp: u64,
-    cookie_secret: CookieSecret,
-    load_bucket: TokenBucket,
-    under_load_until: Option<Instant>,
-    sources: KeyedLimiter<IpAddr>,
-    cookie_bucket: TokenBucket,
+    /// Load detection, cookies and rate limits (the DoS defence).
+    dos: DosGuard,
     drop_log: LogThrottle,
     /// Test hook: ephemeral private keys to use instead of fresh ones (vectors, determinism).
     pub(crate) fixed_ephemerals: VecDeque<[u8; 32]>,
@@ -514,23 +198,8 @@ impl Endpoint {
             .iter()
             .map(|s| secret_keys(s, keypair.public()))
             .collect();
-        let mut c1 = Zeroizing::new([0u8; 32]);
-        let mut c2 = Zeroizing::new([0u8; 32]);
-        rng.fill_bytes(&mut *c1);
-        rng.fill_bytes(&mut *c2);
         Ok(Endpoint {
-            load_bucket: TokenBucket::new(now, config.load_rate, config.load_burst),
-            sources: KeyedLimiter::new(
-                now,
-                config.per_source_rate,
-                config.per_source_burst,
-                config.max_sources,
-            ),
-            cookie_bucket: TokenBucket::new(
-                now,
-                config.cookie_reply_rate,
-                config.cookie_reply_burst,
-            ),
+            dos: DosGuard::new(now, &config, &mut rng),
             config,
             dh: StaticDh::new(&keypair),
             keypair,
@@ -544,12 +213,6 @@ impl Endpoint {
             rng,
             anchor: (now, u64::try_from(unix_now.as_nanos()).unwrap_or(u64::MAX)),
             last_timestamp: 0,
-            cookie_secret: CookieSecret {
-                current: c1,
-                previous: c2,
-                rotated: now,
-            },
-            under_load_until: None,
             drop_log: LogThrottle::new(Duration::from_secs(1)),
             fixed_ephemerals: VecDeque::new(),
             fixed_indices: VecDeque::new(),
@@ -614,7 +277,7 @@ impl Endpoint {
 
     /// Whether the responder currently demands cookies (mac2) before doing DH work.
     pub fn is_under_load(&self, now: Instant) -> bool {
-        self.under_load_until.is_some_and(|t| now < t)
+        self.dos.is_under_load(now)
     }
 
     /// Test hook: fixes the cookie secret and forces the under-load state until `until`.
@@ -625,12 +288,7 @@ impl Endpoint {
         until: Instant,
         cookie_secret: [u8; 32],
     ) {
-        self.cookie_secret = CookieSecret {
-            current: Zeroizing::new(cookie_secret),
-            previous: Zeroizing::new(cookie_secret),
-            rotated: now,
-        };
-        self.under_load_until = Some(until);
+        self.dos.force_under_load(now, until, cookie_secret);
     }
 
     /// Starts a handshake with `peer` at `peer_addr`, offering `local_spi` (our inbound SPI,
@@ -795,194 +453,13 @@ impl Endpoint {
             Ok(Message::CookieReply(m)) => self.handle_cookie_reply(now, m),
         };
         if let Err(e) = r {
-            self.count(e);
+            self.counters.reject(e);
             // Hostile traffic must not flood the log: one line per second, the rest only counted.
             if let Some(suppressed) = self.drop_log.check(now, "drop") {
                 tracing::debug!(%from, reason = %e, suppressed, "handshake: dropped datagram (more within 1 s are only counted)");
             }
         }
         r
-    }
-
-    fn count(&mut self, e: Rejected) {
-        let c = &mut self.counters;
-        let f = match e {
-            Rejected::BadLength => &mut c.bad_len,
-            Rejected::BadVersion => &mut c.bad_version,
-            Rejected::BadType => &mut c.bad_type,
-            Rejected::BadMac => &mut c.bad_mac,
-            Rejected::CookieSent => &mut c.cookie_sent,
-            Rejected::RateLimited => &mut c.rate_limited,
-            Rejected::DecryptFailed => &mut c.decrypt_failed,
-            Rejected::BadPayload => &mut c.bad_payload,
-            Rejected::UnknownPeer => &mut c.unknown_peer,
-            Rejected::Replayed => &mut c.replayed,
-            Rejected::StaleResponse => &mut c.stale_response,
-            Rejected::AlgMismatch => &mut c.alg_mismatch,
-            Rejected::CollisionDropped => &mut c.collision_dropped,
-            Rejected::SpiAllocFailed => &mut c.spi_alloc_failed,
-            Rejected::BadCookie => &mut c.bad_cookie,
-        };
-        *f += 1;
-    }
-
-    fn handle_initiation<C: HandshakeContext + ?Sized>(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        m: Initiation<'_>,
-        ctx: &mut C,
-    ) -> Result<(), Rejected> {
-        // 1. mac1: cheap, and identifies which keyring secret the initiator used.
-        let secret_idx = self
-            .secrets
-            .iter()
-            .position(|s| {
-                mac_eq(
-                    &mac16(&*s.mac1_to_us, &[&m.bytes[..INITIATION_MAC1_OFF]]),
-                    m.mac1,
-                )
-            })
-            .ok_or(Rejected::BadMac)?;
-
-        // 2. Load: spend DH budget, or demand a cookie-proven source address.
-        if !self.is_under_load(now) && !self.load_bucket.take(now) {
-            self.under_load_until = Some(now + self.config.under_load_hold);
-            tracing::debug!("handshake: under load, demanding cookies");
-        }
-        if self.is_under_load(now) {
-            // Keep extending while the budget stays exhausted.
-            if !self.load_bucket.take(now) {
-                self.under_load_until = Some(now + self.config.under_load_hold);
-            }
-            if !self.mac2_valid(now, &from, m.bytes) {
-                return self.send_cookie_reply(now, from, m.sender_index, m.mac1, secret_idx);
-            }
-            if !self.sources.take(now, &from.ip()) {
-                return Err(Rejected::RateLimited);
-            }
-        }
-
-        // 3. Exact retransmission of an initiation we already answered: resend, no DH.
-        let eph: [u8; 32] = m.noise[..32]
-            .try_into()
-            .expect("32-byte prefix of a fixed array");
-        if let Some(c) = self.cache.get(&eph) {
-            if now < c.expires && c.initiation[..] == m.bytes[..INITIATION_MAC1_OFF] {
-                let resp = c.response.to_vec();
-                self.counters.retransmit_answered += 1;
-                self.push_transmit(from, resp);
-                return Ok(());
-            }
-        }
-
-        // 4. DH work.
-        self.counters.dh_work += 1;
-        let fixed = self.fixed_ephemerals.pop_front();
-        let (hs, peer, payload) = responder_read(
-            &self.dh,
-            &self.secrets[secret_idx].psk,
-            fixed.as_ref(),
-            m.noise,
-        )
-        .map_err(|_| Rejected::DecryptFailed)?;
-        if &peer == self.keypair.public() || !ctx.is_member(&peer) {
-            return Err(Rejected::UnknownPeer);
-        }
-        let payload = InitPayload::decode(&payload).map_err(|_| Rejected::BadPayload)?;
-        if payload.spi < MIN_SPI {
-            return Err(Rejected::BadPayload);
-        }
-        if payload.alg != self.config.algorithm.id() {
-            return Err(Rejected::AlgMismatch);
-        }
-        let entry = self.peers.entry(peer).or_insert_with(PeerEntry::new);
-        if payload.timestamp <= entry.last_accepted_ts {
-            return Err(Rejected::Replayed);
-        }
-
-        // 5. Simultaneous initiation: the lower static key is the initiator.
-        let mut reuse_spi = None;
-        if let PeerState::Initiating(st) = &entry.state {
-            if self.keypair.public() < &peer {
-                return Err(Rejected::CollisionDropped);
-            }
-            reuse_spi = Some(st.local_spi);
-        }
-        let local_spi = match reuse_spi {
-            Some(s) => s,
-            None => match ctx.alloc_spi(&peer) {
-                Ok(s) if s >= MIN_SPI => s,
-                _ => return Err(Rejected::SpiAllocFailed),
-            },
-        };
-        if reuse_spi.is_some() {
-            if let PeerState::Initiating(st) = std::mem::replace(&mut entry.state, PeerState::Idle)
-            {
-                self.indices.remove(&st.sender_index);
-            }
-            self.counters.collision_abandoned += 1;
-            tracing::debug!(peer = %short(&peer), "handshake: collision, abandoning our initiation");
-        }
-
-        // 6. Respond and complete. Our timestamp is greater than any initiation we have made,
-        // including one just abandoned.
-        let responder_ts = self.next_timestamp(now);
-        let alg = self.config.algorithm;
-        let resp_payload = RespPayload {
-            spi: local_spi,
-            alg: alg.id(),
-            timestamp: responder_ts,
-        };
-        let (noise, split) = match responder_finish(hs, &resp_payload.encode()) {
-            Ok(x) => x,
-            Err(_) => return Err(Rejected::DecryptFailed),
-        };
-        let sender_index = self
-            .fixed_indices
-            .pop_front()
-            .unwrap_or_else(|| self.rng.gen());
-        let mut resp = encode_response(sender_index, m.sender_index, &noise);
-        put_mac(
-            &mut resp,
-            RESPONSE_MAC1_OFF,
-            &derive_mac1_key(&self.secrets[secret_idx].secret, &peer),
-        );
-
-        if let Some(e) = self.peers.get_mut(&peer) {
-            e.last_accepted_ts = payload.timestamp;
-        }
-        self.cache.retain(|_, c| c.peer != peer && now < c.expires);
-        let mut initiation = [0u8; INITIATION_MAC1_OFF];
-        initiation.copy_from_slice(&m.bytes[..INITIATION_MAC1_OFF]);
-        self.cache.insert(
-            eph,
-            CachedResponse {
-                peer,
-                initiation,
-                response: resp,
-                expires: now + self.config.response_cache_ttl,
-            },
-        );
-        self.push_transmit(from, resp.to_vec());
-
-        let (i2r, r2i) = derive_esp_keys(&split.k1, &split.k2, &split.hash, alg);
-        let session = Session {
-            peer,
-            peer_addr: from,
-            role: Role::Responder,
-            session_id: session_id(&split.hash),
-            local_spi,
-            peer_spi: payload.spi,
-            algorithm: alg,
-            key_out: r2i,
-            key_in: i2r,
-            initiator_timestamp: payload.timestamp,
-            started_at: now,
-            established_at: now,
-        };
-        self.established(session);
-        Ok(())
     }
 
     fn handle_response(
@@ -1086,59 +563,6 @@ impl Endpoint {
             "handshake: established"
         );
         self.events.push_back(Event::Established(s));
-    }
-
-    fn mac2_valid(
-        &mut self,
-        now: Instant,
-        from: &SocketAddr,
-        bytes: &[u8; INITIATION_LEN],
-    ) -> bool {
-        self.rotate_cookie_secret(now);
-        let got: &[u8; MAC_LEN] = bytes[INITIATION_MAC2_OFF..]
-            .try_into()
-            .expect("fixed-size slice");
-        [&self.cookie_secret.current, &self.cookie_secret.previous]
-            .iter()
-            .any(|secret| {
-                let cookie = make_cookie(secret, from);
-                mac_eq(&mac16(&cookie, &[&bytes[..INITIATION_MAC2_OFF]]), got)
-            })
-    }
-
-    fn rotate_cookie_secret(&mut self, now: Instant) {
-        if now.saturating_duration_since(self.cookie_secret.rotated) >= COOKIE_SECRET_LIFETIME {
-            let mut fresh = Zeroizing::new([0u8; 32]);
-            self.rng.fill_bytes(&mut *fresh);
-            self.cookie_secret.previous = std::mem::replace(&mut self.cookie_secret.current, fresh);
-            self.cookie_secret.rotated = now;
-        }
-    }
-
-    fn send_cookie_reply(
-        &mut self,
-        now: Instant,
-        to: SocketAddr,
-        receiver_index: u32,
-        trigger_mac1: &[u8; MAC_LEN],
-        secret_idx: usize,
-    ) -> Result<(), Rejected> {
-        if !self.cookie_bucket.take(now) {
-            return Err(Rejected::RateLimited);
-        }
-        self.rotate_cookie_secret(now);
-        let cookie = make_cookie(&self.cookie_secret.current, &to);
-        let mut nonce = [0u8; COOKIE_NONCE_LEN];
-        self.rng.fill_bytes(&mut nonce);
-        let sealed = seal_cookie(
-            &self.secrets[secret_idx].cookie_ours,
-            &nonce,
-            trigger_mac1,
-            &cookie,
-        );
-        let msg = encode_cookie_reply(receiver_index, &nonce, &sealed);
-        self.push_transmit(to, msg.to_vec());
-        Err(Rejected::CookieSent)
     }
 
     /// (Re)sends the initiation to `peer`, with mac2 if we hold a fresh cookie from it.

@@ -10,7 +10,12 @@
 //! - [`crypto`]: key derivations, mac1/mac2, cookies, ESP key expansion.
 //! - [`dh`]: X25519 for snow with the static key's public half and static-static DH memoised.
 //! - [`noise`]: the two Noise messages as pure functions (what the test vectors pin down).
-//! - [`endpoint`]: the state machine. It does no I/O and reads no clock: the driver calls
+//! - [`types`]: the public vocabulary: [`Config`], [`Session`], [`Event`], [`Rejected`],
+//!   [`Counters`], the [`HandshakeContext`] the driver supplies, errors.
+//! - `dos`: the responder's DoS defence (load detection, cookies, rate limits), owned by the
+//!   endpoint.
+//! - [`endpoint`]: the state machine (its responder side, answering initiations, in
+//!   `endpoint/responder.rs`). It does no I/O and reads no clock: the driver calls
 //!   [`Endpoint::handle`] with each datagram and `now`, [`Endpoint::handle_timeout`] when
 //!   [`Endpoint::poll_timeout`] says so, and drains [`Endpoint::poll_transmit`] and
 //!   [`Endpoint::poll_event`].
@@ -37,15 +42,18 @@
 
 pub mod crypto;
 pub mod dh;
+mod dos;
 pub mod endpoint;
 pub mod noise;
 mod ratelimit;
+pub mod types;
 pub mod wire;
 
 pub use crypto::{Aead, EspKey, StaticKeypair};
-pub use endpoint::{
-    Config, ConfigError, Counters, Endpoint, Event, FailReason, HandshakeContext, InitiateError,
-    PublicKey, Rejected, Role, Session, SpiAllocError, MIN_SPI,
+pub use endpoint::Endpoint;
+pub use types::{
+    Config, ConfigError, Counters, Event, FailReason, HandshakeContext, InitiateError, PublicKey,
+    Rejected, Role, Session, SpiAllocError, COOKIE_LIFETIME, COOKIE_SECRET_LIFETIME, MIN_SPI,
 };
 
 #[cfg(test)]

@@ -1,7 +1,5 @@
-//! Two-peer harness with a virtual clock and a lossy, duplicating, reordering network
-//! (in the spirit of quinn-proto's tests/util.rs `Pair`), and the protocol-level tests.
-//!
-//! Addresses are only labels here: nothing is sent on any socket.
+//! Protocol-level tests of the handshake, on the shared simulation harness ([`crate::sim`]):
+//! a virtual clock and a lossy, duplicating, reordering network.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -12,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::wire::{INITIATION_LEN, INITIATION_MAC1_OFF, RESPONSE_LEN};
 use super::*;
+use crate::sim::{Net, Packet, Sim, SimNode, Verdict};
 
 const SECRET: [u8; 32] = [0x5a; 32];
 const UNIX_T0: Duration = Duration::from_secs(1_780_000_000);
@@ -38,15 +37,28 @@ impl HandshakeContext for TestCtx {
     }
 }
 
-pub(crate) struct Node {
+/// One endpoint at one address, with everything it reported.
+pub(crate) struct HsNode {
     pub ep: Endpoint,
     pub addr: SocketAddr,
     pub ctx: TestCtx,
     pub events: Vec<Event>,
     pub rejects: Vec<Rejected>,
+    /// What `Endpoint::handle` returned for the last datagram delivered.
+    pub last: Option<Result<(), Rejected>>,
 }
 
-impl Node {
+impl HsNode {
+    fn new(ep: Endpoint, addr: SocketAddr, ctx: TestCtx) -> Self {
+        HsNode {
+            ep,
+            addr,
+            ctx,
+            events: vec![],
+            rejects: vec![],
+            last: None,
+        }
+    }
     pub fn established(&self) -> Vec<&Session> {
         self.events
             .iter()
@@ -62,63 +74,43 @@ impl Node {
             .filter(|e| matches!(e, Event::Failed { .. }))
             .count()
     }
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct Packet {
-    pub at: Instant,
-    pub from: SocketAddr,
-    pub to: SocketAddr,
-    pub bytes: Vec<u8>,
-}
-
-/// Network behaviour. Delays are uniform in [min_delay, max_delay], which also reorders.
-pub(crate) struct Net {
-    pub loss: f64,
-    pub dup: f64,
-    pub min_delay: Duration,
-    pub max_delay: Duration,
-    pub rng: StdRng,
-}
-
-impl Net {
-    pub fn perfect() -> Self {
-        Net {
-            loss: 0.0,
-            dup: 0.0,
-            min_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(10),
-            rng: StdRng::seed_from_u64(0),
+    fn drain_events(&mut self) {
+        while let Some(e) = self.ep.poll_event() {
+            self.events.push(e);
         }
     }
-    fn delay(&mut self) -> Duration {
-        if self.max_delay <= self.min_delay {
-            return self.min_delay;
+}
+
+impl SimNode for HsNode {
+    fn owns(&self, addr: SocketAddr) -> bool {
+        addr == self.addr
+    }
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, _: SocketAddr, bytes: &[u8]) {
+        let r = self.ep.handle(now, from, bytes, &mut self.ctx);
+        if let Err(e) = r {
+            self.rejects.push(e);
         }
-        let span = (self.max_delay - self.min_delay).as_micros() as u64;
-        self.min_delay + Duration::from_micros(self.rng.gen_range(0..=span))
+        self.last = Some(r);
+        self.drain_events();
+    }
+    fn poll_transmit(&mut self, _: Instant) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+        self.drain_events();
+        let (to, bytes) = self.ep.poll_transmit()?;
+        Some((self.addr, to, bytes))
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.ep.poll_timeout()
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.ep.handle_timeout(now);
+        self.drain_events();
     }
 }
 
-type Filter = Box<dyn FnMut(&Packet) -> Verdict>;
-
-/// What a test filter does with a packet about to enter the network.
-pub(crate) enum Verdict {
-    Pass,
-    Drop,
-    Delay(Duration),
-}
-
-pub(crate) struct Pair {
-    pub now: Instant,
-    pub a: Node,
-    pub b: Node,
-    pub net: Net,
-    pub in_flight: Vec<Packet>,
-    /// Every datagram either node sent, as sent (a capture for replay tests).
-    pub capture: Vec<Packet>,
-    pub filter: Option<Filter>,
-}
+/// Two members that know each other: `nodes[A]` has the lower public key (checked).
+pub(crate) type Pair = Sim<HsNode>;
+const A: usize = 0;
+const B: usize = 1;
 
 pub(crate) fn keypair(seed: u8) -> StaticKeypair {
     StaticKeypair::from_private([seed; 32])
@@ -131,151 +123,86 @@ pub(crate) fn fast_config() -> Config {
     }
 }
 
-impl Pair {
-    /// Two members that know each other. `a` has the lower public key (checked).
-    pub fn new(net: Net) -> Self {
-        Self::with(net, fast_config(), fast_config(), &[SECRET], &[SECRET])
-    }
+pub(crate) fn pair(net: Net) -> Pair {
+    pair_with(net, fast_config(), fast_config(), &[SECRET], &[SECRET])
+}
 
-    pub fn with(net: Net, ca: Config, cb: Config, ka: &[[u8; 32]], kb: &[[u8; 32]]) -> Self {
-        let now = Instant::now();
-        let (mut ka_pair, mut kb_pair) = (keypair(1), keypair(2));
-        if ka_pair.public() > kb_pair.public() {
-            std::mem::swap(&mut ka_pair, &mut kb_pair);
-        }
-        let (pa, pb) = (*ka_pair.public(), *kb_pair.public());
-        let a = Node {
-            ep: Endpoint::with_seed(ca, ka_pair, ka, now, UNIX_T0, 1).unwrap(),
-            addr: "127.0.0.1:4001".parse().unwrap(),
-            ctx: TestCtx {
-                members: [pb].into(),
-                next_spi: 0x1000,
-                ..Default::default()
-            },
-            events: vec![],
-            rejects: vec![],
-        };
-        let b = Node {
-            ep: Endpoint::with_seed(cb, kb_pair, kb, now, UNIX_T0 + Duration::from_millis(3), 2)
-                .unwrap(),
-            addr: "127.0.0.2:4002".parse().unwrap(),
-            ctx: TestCtx {
-                members: [pa].into(),
-                next_spi: 0x2000,
-                ..Default::default()
-            },
-            events: vec![],
-            rejects: vec![],
-        };
-        Pair {
-            now,
-            a,
-            b,
-            net,
-            in_flight: vec![],
-            capture: vec![],
-            filter: None,
-        }
+pub(crate) fn pair_with(
+    net: Net,
+    ca: Config,
+    cb: Config,
+    ka: &[[u8; 32]],
+    kb: &[[u8; 32]],
+) -> Pair {
+    let now = Instant::now();
+    let (mut ka_pair, mut kb_pair) = (keypair(1), keypair(2));
+    if ka_pair.public() > kb_pair.public() {
+        std::mem::swap(&mut ka_pair, &mut kb_pair);
     }
+    let (pa, pb) = (*ka_pair.public(), *kb_pair.public());
+    let a = HsNode::new(
+        Endpoint::with_seed(ca, ka_pair, ka, now, UNIX_T0, 1).unwrap(),
+        "127.0.0.1:4001".parse().unwrap(),
+        TestCtx {
+            members: [pb].into(),
+            next_spi: 0x1000,
+            ..Default::default()
+        },
+    );
+    let b = HsNode::new(
+        Endpoint::with_seed(cb, kb_pair, kb, now, UNIX_T0 + Duration::from_millis(3), 2).unwrap(),
+        "127.0.0.2:4002".parse().unwrap(),
+        TestCtx {
+            members: [pa].into(),
+            next_spi: 0x2000,
+            ..Default::default()
+        },
+    );
+    let mut sim = Sim::new(vec![a, b], net);
+    sim.now = now;
+    sim
+}
 
+/// N members on one virtual network, each knowing all the others.
+fn cluster(n: usize, net: Net) -> Sim<HsNode> {
+    let now = Instant::now();
+    let keys: Vec<StaticKeypair> = (0..n).map(|i| keypair(10 + i as u8)).collect();
+    let pubs: Vec<PublicKey> = keys.iter().map(|k| *k.public()).collect();
+    let nodes = keys
+        .into_iter()
+        .enumerate()
+        .map(|(i, kp)| {
+            HsNode::new(
+                Endpoint::with_seed(fast_config(), kp, &[SECRET], now, UNIX_T0, i as u64).unwrap(),
+                SocketAddr::new([127, 0, 1, i as u8 + 1].into(), 4000),
+                TestCtx {
+                    members: pubs.iter().copied().filter(|p| p != &pubs[i]).collect(),
+                    next_spi: 0x1000 * (i as u32 + 1),
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let mut sim = Sim::new(nodes, net);
+    sim.now = now;
+    sim
+}
+
+impl Sim<HsNode> {
     pub fn pa(&self) -> PublicKey {
-        *self.a.ep.public_key()
+        *self.nodes[A].ep.public_key()
     }
     pub fn pb(&self) -> PublicKey {
-        *self.b.ep.public_key()
+        *self.nodes[B].ep.public_key()
     }
 
-    fn collect(&mut self) {
-        for (node, from) in [(&mut self.a, 0), (&mut self.b, 1)] {
-            let src = node.addr;
-            while let Some((to, bytes)) = node.ep.poll_transmit() {
-                let _ = from;
-                let p = Packet {
-                    at: self.now,
-                    from: src,
-                    to,
-                    bytes,
-                };
-                self.capture.push(p.clone());
-                let mut extra = Duration::ZERO;
-                if let Some(f) = self.filter.as_mut() {
-                    match f(&p) {
-                        Verdict::Pass => {}
-                        Verdict::Drop => continue,
-                        Verdict::Delay(d) => extra = d,
-                    }
-                }
-                if self.net.rng.gen_bool(self.net.loss) {
-                    continue;
-                }
-                let copies = if self.net.rng.gen_bool(self.net.dup) {
-                    2
-                } else {
-                    1
-                };
-                for _ in 0..copies {
-                    let at = self.now + self.net.delay() + extra;
-                    self.in_flight.push(Packet { at, ..p.clone() });
-                }
-            }
-            while let Some(e) = node.ep.poll_event() {
-                node.events.push(e);
-            }
-        }
-    }
-
-    /// Delivers one datagram to whichever node owns `p.to` right now.
-    pub fn deliver(&mut self, p: &Packet) -> Option<Result<(), Rejected>> {
-        let node = if p.to == self.a.addr {
-            &mut self.a
-        } else if p.to == self.b.addr {
-            &mut self.b
-        } else {
-            return None;
-        };
-        let r = node.ep.handle(self.now, p.from, &p.bytes, &mut node.ctx);
-        if let Err(e) = r {
-            node.rejects.push(e);
-        }
-        self.collect();
-        Some(r)
-    }
-
-    /// Runs the virtual clock until nothing is pending or `limit` has elapsed.
-    pub fn drive_for(&mut self, limit: Duration) {
-        let end = self.now + limit;
-        self.collect();
-        loop {
-            let next_pkt = self.in_flight.iter().map(|p| p.at).min();
-            let next_timer = [self.a.ep.poll_timeout(), self.b.ep.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
-            let Some(next) = [next_pkt, next_timer].into_iter().flatten().min() else {
-                break;
-            };
-            if next > end {
-                break;
-            }
-            self.now = self.now.max(next);
-            if next_pkt == Some(next) {
-                let i = self.in_flight.iter().position(|p| p.at == next).unwrap();
-                let p = self.in_flight.swap_remove(i);
-                self.deliver(&p);
-            } else {
-                for node in [&mut self.a, &mut self.b] {
-                    if node.ep.poll_timeout().is_some_and(|t| t <= next) {
-                        node.ep.handle_timeout(next);
-                    }
-                }
-                self.collect();
-            }
-        }
-        self.now = self.now.max(end.min(self.now + limit));
-    }
-
-    pub fn advance(&mut self, d: Duration) {
-        self.now += d;
+    /// Delivers one datagram to whichever node owns `p.to` right now; what its endpoint
+    /// returned (None: nobody owns the address).
+    pub fn deliver_result(&mut self, p: &Packet) -> Option<Result<(), Rejected>> {
+        let i = self.owner(p.to)?;
+        self.nodes[i].last = None;
+        self.deliver(p);
+        self.nodes[i].last.take()
     }
 }
 
@@ -295,12 +222,12 @@ pub(crate) fn assert_halves(x: &Session, y: &Session) {
 
 #[test]
 fn clean_handshake_matches_keys_and_spis() {
-    let mut p = Pair::new(Net::perfect());
+    let mut p = pair(Net::perfect());
     let (pa, pb) = (p.pa(), p.pb());
-    let baddr = p.b.addr;
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let baddr = p.nodes[B].addr;
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(5));
-    let (sa, sb) = (p.a.established(), p.b.established());
+    let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
     assert_eq!((sa.len(), sb.len()), (1, 1));
     assert_halves(sa[0], sb[0]);
     assert_eq!(sa[0].role, Role::Initiator);
@@ -311,12 +238,12 @@ fn clean_handshake_matches_keys_and_spis() {
     );
     assert_eq!(sa[0].peer, pb);
     assert_eq!(sb[0].peer, pa);
-    assert_eq!(sb[0].peer_addr, p.a.addr);
+    assert_eq!(sb[0].peer_addr, p.nodes[A].addr);
     assert_eq!(sa[0].algorithm, Aead::Aes128Gcm);
     assert_eq!(sa[0].key_out.as_bytes().len(), 20);
-    assert_eq!(p.a.ep.counters().retransmits, 0);
+    assert_eq!(p.nodes[A].ep.counters().retransmits, 0);
     assert!(
-        p.a.ep.poll_timeout().is_none(),
+        p.nodes[A].ep.poll_timeout().is_none(),
         "no timers after completion"
     );
     assert_eq!(p.capture.len(), 2, "one round trip");
@@ -331,11 +258,11 @@ fn every_algorithm_gives_its_key_length() {
             algorithm: alg,
             ..fast_config()
         };
-        let mut p = Pair::with(Net::perfect(), cfg.clone(), cfg, &[SECRET], &[SECRET]);
-        let (pb, baddr) = (p.pb(), p.b.addr);
-        p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+        let mut p = pair_with(Net::perfect(), cfg.clone(), cfg, &[SECRET], &[SECRET]);
+        let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+        p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
         p.drive_for(Duration::from_secs(2));
-        let (sa, sb) = (p.a.established(), p.b.established());
+        let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
         assert_eq!(sa.len(), 1);
         assert_halves(sa[0], sb[0]);
         assert_eq!(sa[0].key_in.as_bytes().len(), alg.key_len());
@@ -348,19 +275,19 @@ fn algorithm_mismatch_gives_no_session() {
         algorithm: Aead::ChaCha20Poly1305,
         ..fast_config()
     };
-    let mut p = Pair::with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair_with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(30));
-    assert!(p.a.established().is_empty() && p.b.established().is_empty());
-    assert!(p.b.ep.counters().alg_mismatch >= 1);
-    assert_eq!(p.a.failed(), 1);
+    assert!(p.nodes[A].established().is_empty() && p.nodes[B].established().is_empty());
+    assert!(p.nodes[B].ep.counters().alg_mismatch >= 1);
+    assert_eq!(p.nodes[A].failed(), 1);
 }
 
 #[test]
 fn scripted_loss_recovers_by_retransmission() {
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
     // Drop the first two initiations and the first response.
     let (mut inits, mut resps) = (0, 0);
     p.filter = Some(Box::new(move |pk: &Packet| {
@@ -381,10 +308,10 @@ fn scripted_loss_recovers_by_retransmission() {
             Verdict::Pass
         }
     }));
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     let t0 = p.now;
     p.drive_for(Duration::from_secs(20));
-    let (sa, sb) = (p.a.established(), p.b.established());
+    let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
     assert_eq!(sa.len(), 1);
     assert_eq!(
         sb.len(),
@@ -392,9 +319,9 @@ fn scripted_loss_recovers_by_retransmission() {
         "the 4th initiation is answered from the cache, not a new session"
     );
     assert_halves(sa[0], sb[0]);
-    assert_eq!(p.a.ep.counters().retransmits, 3);
-    assert_eq!(p.b.ep.counters().retransmit_answered, 1);
-    assert_eq!(p.b.ctx.allocs, 1, "one SPI for one session");
+    assert_eq!(p.nodes[A].ep.counters().retransmits, 3);
+    assert_eq!(p.nodes[B].ep.counters().retransmit_answered, 1);
+    assert_eq!(p.nodes[B].ctx.allocs, 1, "one SPI for one session");
     // Backoff 1 s, 2 s, 4 s (+ ≤50 ms jitter each): the 4th send is at ~7 s.
     let done = sa[0].established_at - t0;
     assert!(
@@ -414,11 +341,11 @@ fn random_loss_dup_reorder_completes_consistently() {
             max_delay: Duration::from_millis(1500),
             rng: StdRng::seed_from_u64(seed),
         };
-        let mut p = Pair::new(net);
-        let (pb, baddr) = (p.pb(), p.b.addr);
-        p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+        let mut p = pair(net);
+        let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+        p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
         p.drive_for(Duration::from_secs(40));
-        let (sa, sb) = (p.a.established(), p.b.established());
+        let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
         assert!(
             sa.len() <= 1 && sb.len() <= 1,
             "seed {seed}: at most one session per side"
@@ -433,24 +360,24 @@ fn random_loss_dup_reorder_completes_consistently() {
             assert_halves(s, sb[0]);
         } else {
             assert_eq!(
-                p.a.failed(),
+                p.nodes[A].failed(),
                 1,
                 "seed {seed}: no session means a Failed event"
             );
         }
-        assert!(p.b.ctx.allocs <= 1, "seed {seed}");
+        assert!(p.nodes[B].ctx.allocs <= 1, "seed {seed}");
     }
     assert!(completed >= 22, "only {completed}/25 completed at 30% loss");
 }
 
 #[test]
 fn times_out_with_backoff_and_reports_spi() {
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
     p.filter = Some(Box::new(|_: &Packet| Verdict::Drop));
-    p.a.ep.initiate(p.now, pb, baddr, 0x4242).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x4242).unwrap();
     assert_eq!(
-        p.a.ep.initiate(p.now, pb, baddr, 0x4243),
+        p.nodes[A].ep.initiate(p.now, pb, baddr, 0x4243),
         Err(InitiateError::InProgress)
     );
     p.drive_for(Duration::from_secs(60));
@@ -462,46 +389,46 @@ fn times_out_with_backoff_and_reports_spi() {
         .collect();
     assert_eq!(gaps, vec![1, 2, 4, 8]);
     assert!(matches!(
-        p.a.events.as_slice(),
+        p.nodes[A].events.as_slice(),
         [Event::Failed {
             local_spi: 0x4242,
             reason: FailReason::Timeout,
             ..
         }]
     ));
-    assert!(!p.a.ep.is_initiating(&pb));
-    assert!(p.a.ep.poll_timeout().is_none());
+    assert!(!p.nodes[A].ep.is_initiating(&pb));
+    assert!(p.nodes[A].ep.poll_timeout().is_none());
 }
 
 #[test]
 fn initiate_argument_errors() {
-    let mut p = Pair::new(Net::perfect());
-    let (pa, pb, baddr) = (p.pa(), p.pb(), p.b.addr);
+    let mut p = pair(Net::perfect());
+    let (pa, pb, baddr) = (p.pa(), p.pb(), p.nodes[B].addr);
     assert_eq!(
-        p.a.ep.initiate(p.now, pa, baddr, 0x1000),
+        p.nodes[A].ep.initiate(p.now, pa, baddr, 0x1000),
         Err(InitiateError::SelfPeer)
     );
     assert_eq!(
-        p.a.ep.initiate(p.now, pb, baddr, 255),
+        p.nodes[A].ep.initiate(p.now, pb, baddr, 255),
         Err(InitiateError::ReservedSpi(255))
     );
-    p.a.ep.initiate(p.now, pb, baddr, 0x1000).unwrap();
-    assert_eq!(p.a.ep.cancel(&pb), Some(0x1000));
-    assert_eq!(p.a.ep.cancel(&pb), None);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1000).unwrap();
+    assert_eq!(p.nodes[A].ep.cancel(&pb), Some(0x1000));
+    assert_eq!(p.nodes[A].ep.cancel(&pb), None);
 }
 
 fn both_initiate(p: &mut Pair) {
-    let (pa, pb, aaddr, baddr) = (p.pa(), p.pb(), p.a.addr, p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0xa000).unwrap();
-    p.b.ep.initiate(p.now, pa, aaddr, 0xb000).unwrap();
+    let (pa, pb, aaddr, baddr) = (p.pa(), p.pb(), p.nodes[A].addr, p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0xa000).unwrap();
+    p.nodes[B].ep.initiate(p.now, pa, aaddr, 0xb000).unwrap();
 }
 
 #[test]
 fn simultaneous_initiation_yields_one_session() {
-    let mut p = Pair::new(Net::perfect());
+    let mut p = pair(Net::perfect());
     both_initiate(&mut p);
     p.drive_for(Duration::from_secs(30));
-    let (sa, sb) = (p.a.established(), p.b.established());
+    let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
     assert_eq!((sa.len(), sb.len()), (1, 1));
     assert_halves(sa[0], sb[0]);
     assert_eq!(sa[0].role, Role::Initiator, "lower static key initiates");
@@ -509,17 +436,17 @@ fn simultaneous_initiation_yields_one_session() {
         sb[0].local_spi, 0xb000,
         "B reused the SPI of its abandoned initiation"
     );
-    assert_eq!(p.b.ctx.allocs, 0);
-    assert_eq!(p.a.ep.counters().collision_dropped, 1);
-    assert_eq!(p.b.ep.counters().collision_abandoned, 1);
-    assert_eq!(p.a.failed() + p.b.failed(), 0);
-    assert!(p.a.ep.poll_timeout().is_none() && p.b.ep.poll_timeout().is_none());
+    assert_eq!(p.nodes[B].ctx.allocs, 0);
+    assert_eq!(p.nodes[A].ep.counters().collision_dropped, 1);
+    assert_eq!(p.nodes[B].ep.counters().collision_abandoned, 1);
+    assert_eq!(p.nodes[A].failed() + p.nodes[B].failed(), 0);
+    assert!(p.nodes[A].ep.poll_timeout().is_none() && p.nodes[B].ep.poll_timeout().is_none());
 }
 
 #[test]
 fn abandoned_initiation_arriving_late_is_rejected() {
-    let mut p = Pair::new(Net::perfect());
-    let baddr = p.b.addr;
+    let mut p = pair(Net::perfect());
+    let baddr = p.nodes[B].addr;
     // B's (the higher key's) initiation is held back until A has completed.
     p.filter = Some(Box::new(move |pk: &Packet| {
         if pk.from == baddr && pk.bytes.len() == INITIATION_LEN {
@@ -530,14 +457,14 @@ fn abandoned_initiation_arriving_late_is_rejected() {
     }));
     both_initiate(&mut p);
     p.drive_for(Duration::from_secs(30));
-    let (sa, sb) = (p.a.established(), p.b.established());
+    let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
     assert_eq!(
         (sa.len(), sb.len()),
         (1, 1),
         "no second session from the late initiation"
     );
     assert_halves(sa[0], sb[0]);
-    assert_eq!(p.a.ep.counters().replayed, 1);
+    assert_eq!(p.nodes[A].ep.counters().replayed, 1);
 }
 
 #[test]
@@ -550,10 +477,10 @@ fn simultaneous_initiation_under_random_network() {
             max_delay: Duration::from_millis(800),
             rng: StdRng::seed_from_u64(100 + seed),
         };
-        let mut p = Pair::new(net);
+        let mut p = pair(net);
         both_initiate(&mut p);
         p.drive_for(Duration::from_secs(60));
-        let (sa, sb) = (p.a.established(), p.b.established());
+        let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
         assert!(
             sa.len() <= 1 && sb.len() <= 1,
             "seed {seed}: {} / {} sessions",
@@ -570,58 +497,58 @@ fn simultaneous_initiation_under_random_network() {
 
 #[test]
 fn replayed_initiation_rejected() {
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert_eq!(p.b.established().len(), 1);
+    assert_eq!(p.nodes[B].established().len(), 1);
     let init = p.capture[0].clone();
     let resp = p.capture[1].bytes.clone();
-    let sent_before = p.b.ep.counters().sent;
+    let sent_before = p.nodes[B].ep.counters().sent;
 
     // Within the cache window an exact copy gets the same response and nothing else.
-    assert_eq!(p.deliver(&init), Some(Ok(())));
+    assert_eq!(p.deliver_result(&init), Some(Ok(())));
     assert_eq!(p.capture.last().unwrap().bytes, resp);
-    assert_eq!(p.b.established().len(), 1);
+    assert_eq!(p.nodes[B].established().len(), 1);
 
     // After it, the copy is a replay: DH work, then rejected by the timestamp; no reply.
-    p.advance(p.b.ep.config().response_cache_ttl + Duration::from_secs(1));
-    let sent = p.b.ep.counters().sent;
-    assert_eq!(p.deliver(&init), Some(Err(Rejected::Replayed)));
-    assert_eq!(p.b.ep.counters().sent, sent);
-    assert_eq!(p.b.ep.counters().sent, sent_before + 1);
-    assert_eq!(p.b.established().len(), 1);
+    p.advance(p.nodes[B].ep.config().response_cache_ttl + Duration::from_secs(1));
+    let sent = p.nodes[B].ep.counters().sent;
+    assert_eq!(p.deliver_result(&init), Some(Err(Rejected::Replayed)));
+    assert_eq!(p.nodes[B].ep.counters().sent, sent);
+    assert_eq!(p.nodes[B].ep.counters().sent, sent_before + 1);
+    assert_eq!(p.nodes[B].established().len(), 1);
 
     // A second handshake makes the first initiation older than the floor, cache or not.
-    p.a.ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert_eq!(p.b.established().len(), 2);
-    assert_eq!(p.deliver(&init), Some(Err(Rejected::Replayed)));
-    assert_eq!(p.b.ep.counters().replayed, 2);
-    assert_eq!(p.b.established().len(), 2);
+    assert_eq!(p.nodes[B].established().len(), 2);
+    assert_eq!(p.deliver_result(&init), Some(Err(Rejected::Replayed)));
+    assert_eq!(p.nodes[B].ep.counters().replayed, 2);
+    assert_eq!(p.nodes[B].established().len(), 2);
 }
 
 #[test]
 fn stale_response_rejected() {
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(2));
     let resp = p.capture[1].clone();
     assert_eq!(
-        p.deliver(&resp),
+        p.deliver_result(&resp),
         Some(Err(Rejected::StaleResponse)),
         "replayed after completion"
     );
 
     // A new initiation is outstanding; the old response does not match it.
     p.filter = Some(Box::new(|_: &Packet| Verdict::Drop));
-    p.a.ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
     p.collect();
-    assert_eq!(p.deliver(&resp), Some(Err(Rejected::StaleResponse)));
-    assert_eq!(p.a.established().len(), 1);
+    assert_eq!(p.deliver_result(&resp), Some(Err(Rejected::StaleResponse)));
+    assert_eq!(p.nodes[A].established().len(), 1);
     assert!(
-        p.a.ep.is_initiating(&pb),
+        p.nodes[A].ep.is_initiating(&pb),
         "still waiting for the right response"
     );
 
@@ -629,40 +556,44 @@ fn stale_response_rejected() {
     let cur = p.capture.last().unwrap().bytes.clone();
     let mut forged = resp.bytes.clone();
     forged[8..12].copy_from_slice(&cur[4..8]);
-    let r = p.deliver(&Packet {
+    let r = p.deliver_result(&Packet {
         bytes: forged,
         ..resp.clone()
     });
     assert_eq!(r, Some(Err(Rejected::BadMac)));
-    assert_eq!(p.a.ep.counters().stale_response, 2);
+    assert_eq!(p.nodes[A].ep.counters().stale_response, 2);
 }
 
 #[test]
 fn wrong_cluster_secret_gives_no_session() {
-    let mut p = Pair::with(
+    let mut p = pair_with(
         Net::perfect(),
         fast_config(),
         fast_config(),
         &[SECRET],
         &[[0x11; 32]],
     );
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(30));
-    assert!(p.a.established().is_empty() && p.b.established().is_empty());
-    assert_eq!(p.b.ep.counters().bad_mac, 5);
-    assert_eq!(p.b.ep.counters().dh_work, 0, "rejected before any DH");
-    assert_eq!(p.b.ep.counters().sent, 0, "no reply");
-    assert_eq!(p.a.failed(), 1);
-    assert_eq!(p.b.ctx.allocs, 0);
+    assert!(p.nodes[A].established().is_empty() && p.nodes[B].established().is_empty());
+    assert_eq!(p.nodes[B].ep.counters().bad_mac, 5);
+    assert_eq!(
+        p.nodes[B].ep.counters().dh_work,
+        0,
+        "rejected before any DH"
+    );
+    assert_eq!(p.nodes[B].ep.counters().sent, 0, "no reply");
+    assert_eq!(p.nodes[A].failed(), 1);
+    assert_eq!(p.nodes[B].ctx.allocs, 0);
 }
 
 #[test]
 fn wrong_psk_with_right_mac1_fails_decryption() {
     // An attacker that knows the mac1 key but not the PSK (or a mixed-up keyring) gets no
     // further than Noise: build the initiation by hand with a different PSK.
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
     let a_kp = keypair(if p.pa() == *keypair(1).public() { 1 } else { 2 });
     let payload = wire::InitPayload {
         timestamp: 1,
@@ -685,14 +616,14 @@ fn wrong_psk_with_right_mac1_fails_decryption() {
     );
     let pk = Packet {
         at: p.now,
-        from: p.a.addr,
+        from: p.nodes[A].addr,
         to: baddr,
         bytes: msg.to_vec(),
     };
     // IKpsk2 mixes the PSK only into message 2, so B can read message 1 and answers (as
     // WireGuard would) ...
-    assert_eq!(p.deliver(&pk), Some(Ok(())));
-    assert_eq!(p.b.established().len(), 1);
+    assert_eq!(p.deliver_result(&pk), Some(Ok(())));
+    assert_eq!(p.nodes[B].established().len(), 1);
     // ... but its response is keyed with the real PSK, so a sender without it cannot complete
     // the handshake or learn the keys.
     let resp = p.capture.last().unwrap().bytes.clone();
@@ -713,104 +644,107 @@ fn wrong_psk_with_right_mac1_fails_decryption() {
 fn keyring_rotation_both_orders() {
     let new = [0x77; 32];
     // Initiator already on the new secret, responder holds both.
-    let mut p = Pair::with(
+    let mut p = pair_with(
         Net::perfect(),
         fast_config(),
         fast_config(),
         &[new],
         &[SECRET, new],
     );
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert_eq!(p.a.established().len(), 1);
-    assert_halves(p.a.established()[0], p.b.established()[0]);
+    assert_eq!(p.nodes[A].established().len(), 1);
+    assert_halves(p.nodes[A].established()[0], p.nodes[B].established()[0]);
     // Initiator still on the old secret, responder already rotated (new first, old kept).
-    let mut p = Pair::with(
+    let mut p = pair_with(
         Net::perfect(),
         fast_config(),
         fast_config(),
         &[SECRET],
         &[new, SECRET],
     );
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert_eq!(p.a.established().len(), 1);
+    assert_eq!(p.nodes[A].established().len(), 1);
     // After dropping the old secret it no longer works.
-    p.b.ep.set_keyring(&[new]).unwrap();
-    p.a.ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
+    p.nodes[B].ep.set_keyring(&[new]).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
     p.drive_for(Duration::from_secs(30));
-    assert_eq!(p.a.established().len(), 1);
-    assert_eq!(p.a.failed(), 1);
-    assert_eq!(p.b.ep.set_keyring(&[]), Err(ConfigError::EmptyKeyring));
+    assert_eq!(p.nodes[A].established().len(), 1);
+    assert_eq!(p.nodes[A].failed(), 1);
+    assert_eq!(
+        p.nodes[B].ep.set_keyring(&[]),
+        Err(ConfigError::EmptyKeyring)
+    );
 }
 
 #[test]
 fn a_new_initiating_secret_cancels_outstanding_initiations() {
     let new = [0x42u8; 32];
-    let mut p = Pair::with(
+    let mut p = pair_with(
         Net::perfect(),
         fast_config(),
         fast_config(),
         &[SECRET],
         &[SECRET],
     );
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     // Same first secret (one added behind it): the initiation goes on.
-    assert_eq!(p.a.ep.set_keyring(&[SECRET, new]).unwrap(), vec![]);
-    assert!(p.a.ep.is_initiating(&pb));
+    assert_eq!(p.nodes[A].ep.set_keyring(&[SECRET, new]).unwrap(), vec![]);
+    assert!(p.nodes[A].ep.is_initiating(&pb));
     // A new first secret: the initiation (old secret) is handed back.
     assert_eq!(
-        p.a.ep.set_keyring(&[new, SECRET]).unwrap(),
+        p.nodes[A].ep.set_keyring(&[new, SECRET]).unwrap(),
         vec![(pb, 0x1111)]
     );
-    assert!(!p.a.ep.is_initiating(&pb));
+    assert!(!p.nodes[A].ep.is_initiating(&pb));
     // Started again under the new secret, it completes with a peer that knows it.
-    p.b.ep.set_keyring(&[new]).unwrap();
-    p.a.ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
+    p.nodes[B].ep.set_keyring(&[new]).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert_eq!(p.a.established().len(), 1);
+    assert_eq!(p.nodes[A].established().len(), 1);
 }
 
 #[test]
 fn unknown_static_key_gets_no_reply() {
-    let mut p = Pair::new(Net::perfect());
-    p.b.ctx.members.clear();
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair(Net::perfect());
+    p.nodes[B].ctx.members.clear();
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(30));
-    assert!(p.b.established().is_empty() && p.a.established().is_empty());
-    assert_eq!(p.b.ep.counters().unknown_peer, 5);
-    assert_eq!(p.b.ep.counters().sent, 0);
-    assert_eq!(p.b.ctx.allocs, 0, "no SPI allocated for strangers");
+    assert!(p.nodes[B].established().is_empty() && p.nodes[A].established().is_empty());
+    assert_eq!(p.nodes[B].ep.counters().unknown_peer, 5);
+    assert_eq!(p.nodes[B].ep.counters().sent, 0);
+    assert_eq!(p.nodes[B].ctx.allocs, 0, "no SPI allocated for strangers");
 }
 
 #[test]
 fn spi_alloc_failure_gives_no_reply() {
-    let mut p = Pair::new(Net::perfect());
-    p.b.ctx.fail_alloc = true;
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair(Net::perfect());
+    p.nodes[B].ctx.fail_alloc = true;
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert!(p.b.established().is_empty());
-    assert_eq!(p.b.ep.counters().spi_alloc_failed, 2);
+    assert!(p.nodes[B].established().is_empty());
+    assert_eq!(p.nodes[B].ep.counters().spi_alloc_failed, 2);
     // The allocator recovers and the next retransmission succeeds.
-    p.b.ctx.fail_alloc = false;
+    p.nodes[B].ctx.fail_alloc = false;
     p.drive_for(Duration::from_secs(10));
-    assert_eq!(p.a.established().len(), 1);
-    assert_halves(p.a.established()[0], p.b.established()[0]);
+    assert_eq!(p.nodes[A].established().len(), 1);
+    assert_halves(p.nodes[A].established()[0], p.nodes[B].established()[0]);
 }
 
 #[test]
 fn garbage_and_mutations_are_counted_not_fatal() {
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.collect();
     let init = p.in_flight.pop().unwrap();
     let mut rng = StdRng::seed_from_u64(7);
-    let from = p.a.addr;
+    let from = p.nodes[A].addr;
     let mut n = 0u64;
     // Random bytes of every length up to 300.
     for len in 0..300 {
@@ -826,9 +760,9 @@ fn garbage_and_mutations_are_counted_not_fatal() {
             bytes[2] = 0;
             bytes[3] = 0;
         }
-        for to in [baddr, p.a.addr] {
+        for to in [baddr, p.nodes[A].addr] {
             let r = p
-                .deliver(&Packet {
+                .deliver_result(&Packet {
                     at: p.now,
                     from,
                     to,
@@ -843,7 +777,7 @@ fn garbage_and_mutations_are_counted_not_fatal() {
     // part.
     for len in 0..init.bytes.len() {
         let r = p
-            .deliver(&Packet {
+            .deliver_result(&Packet {
                 bytes: init.bytes[..len].to_vec(),
                 ..init.clone()
             })
@@ -858,7 +792,7 @@ fn garbage_and_mutations_are_counted_not_fatal() {
         let mut bytes = init.bytes.clone();
         bytes[bit / 8] ^= 1 << (bit % 8);
         let r = p
-            .deliver(&Packet {
+            .deliver_result(&Packet {
                 bytes,
                 ..init.clone()
             })
@@ -879,12 +813,15 @@ fn garbage_and_mutations_are_counted_not_fatal() {
     let total = |c: &Counters| {
         c.bad_len + c.bad_version + c.bad_type + c.bad_mac + c.stale_response + c.bad_cookie
     };
-    assert_eq!(total(p.a.ep.counters()) + total(p.b.ep.counters()), n);
-    assert!(p.a.events.is_empty() && p.b.events.is_empty());
-    assert_eq!(p.b.ep.counters().dh_work, 0);
+    assert_eq!(
+        total(p.nodes[A].ep.counters()) + total(p.nodes[B].ep.counters()),
+        n
+    );
+    assert!(p.nodes[A].events.is_empty() && p.nodes[B].events.is_empty());
+    assert_eq!(p.nodes[B].ep.counters().dh_work, 0);
     // The real initiation still works afterwards.
-    assert_eq!(p.deliver(&init), Some(Ok(())));
-    assert_eq!(p.b.established().len(), 1);
+    assert_eq!(p.deliver_result(&init), Some(Ok(())));
+    assert_eq!(p.nodes[B].established().len(), 1);
 }
 
 /// Valid-mac1 initiations from a non-member that knows the cluster secret and B's public key
@@ -895,7 +832,7 @@ fn flood_packets(p: &Pair, count: usize) -> Vec<Vec<u8>> {
     (0..count)
         .map(|i| {
             attacker
-                .initiate(p.now, pb, p.b.addr, 0x9000 + i as u32)
+                .initiate(p.now, pb, p.nodes[B].addr, 0x9000 + i as u32)
                 .unwrap();
             let (_, bytes) = attacker.poll_transmit().unwrap();
             attacker.cancel(&pb);
@@ -913,9 +850,9 @@ fn flood_triggers_cookies_and_member_still_completes() {
         cookie_reply_burst: 50,
         ..fast_config()
     };
-    let mut p = Pair::with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
+    let mut p = pair_with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
     let flood = flood_packets(&p, 40);
-    let (pb, baddr) = (p.pb(), p.b.addr);
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
     let mut rng = StdRng::seed_from_u64(3);
     // 3 s of flood at 2 packets per ms; A starts its handshake 100 ms in.
     let start = p.now;
@@ -923,7 +860,7 @@ fn flood_triggers_cookies_and_member_still_completes() {
     for ms in 0..3000u64 {
         p.drive_for(Duration::from_millis(1));
         if ms == 100 {
-            p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+            p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
         }
         for _ in 0..2 {
             let from: SocketAddr = SocketAddr::new(
@@ -940,17 +877,17 @@ fn flood_triggers_cookies_and_member_still_completes() {
             sent_flood += 1;
         }
     }
-    let c = p.b.ep.counters().clone();
-    assert!(p.b.ep.is_under_load(p.now));
+    let c = p.nodes[B].ep.counters().clone();
+    assert!(p.nodes[B].ep.is_under_load(p.now));
     assert_eq!(
-        p.a.established().len(),
+        p.nodes[A].established().len(),
         1,
         "member completed during the flood: {c:?}"
     );
-    assert_halves(p.a.established()[0], p.b.established()[0]);
-    let took = p.a.established()[0].established_at - start;
+    assert_halves(p.nodes[A].established()[0], p.nodes[B].established()[0]);
+    let took = p.nodes[A].established()[0].established_at - start;
     assert!(took < Duration::from_millis(200), "completed in {took:?}");
-    assert!(p.a.ep.counters().cookie_received >= 1);
+    assert!(p.nodes[A].ep.counters().cookie_received >= 1);
     assert!(c.cookie_sent > 1000, "{c:?}");
     // DH work bounded by the budget (burst + rate × 3 s), not by the 6000 flood packets.
     assert!(c.dh_work <= 5 + 20 * 3 + 2, "{c:?}");
@@ -970,9 +907,9 @@ fn mac2_is_bound_to_source_address() {
         load_burst: 1,
         ..fast_config()
     };
-    let mut p = Pair::with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
+    let mut p = pair_with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
     let flood = flood_packets(&p, 2);
-    let (pb, baddr) = (p.pb(), p.b.addr);
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
     // Exhaust B's budget so it is under load.
     for bytes in flood {
         p.deliver(&Packet {
@@ -982,10 +919,10 @@ fn mac2_is_bound_to_source_address() {
             bytes,
         });
     }
-    assert!(p.b.ep.is_under_load(p.now));
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    assert!(p.nodes[B].ep.is_under_load(p.now));
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_millis(100));
-    assert_eq!(p.a.established().len(), 1);
+    assert_eq!(p.nodes[A].established().len(), 1);
     // The initiation that carried a valid mac2, replayed from another address, gets a cookie.
     let with_mac2 = p
         .capture
@@ -994,7 +931,7 @@ fn mac2_is_bound_to_source_address() {
         .find(|c| c.bytes.len() == INITIATION_LEN)
         .unwrap()
         .clone();
-    let r = p.deliver(&Packet {
+    let r = p.deliver_result(&Packet {
         from: "127.8.8.8:8".parse().unwrap(),
         ..with_mac2
     });
@@ -1003,23 +940,23 @@ fn mac2_is_bound_to_source_address() {
 
 #[test]
 fn cookie_reply_for_unknown_index_or_forged_is_rejected() {
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.collect();
     let init = p.in_flight.pop().unwrap().bytes;
     let idx = u32::from_be_bytes(init[4..8].try_into().unwrap());
     let stranger = wire::encode_cookie_reply(idx.wrapping_add(1), &[0; 24], &[0; 32]);
     let forged = wire::encode_cookie_reply(idx, &[0; 24], &[0; 32]);
     let from = baddr;
-    let to = p.a.addr;
-    let r1 = p.deliver(&Packet {
+    let to = p.nodes[A].addr;
+    let r1 = p.deliver_result(&Packet {
         at: p.now,
         from,
         to,
         bytes: stranger.to_vec(),
     });
-    let r2 = p.deliver(&Packet {
+    let r2 = p.deliver_result(&Packet {
         at: p.now,
         from,
         to,
@@ -1045,8 +982,8 @@ fn cookie_holding_source_is_rate_limited_per_ip() {
         per_source_burst: 3,
         ..fast_config()
     };
-    let mut p = Pair::with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
-    let (pb, baddr) = (p.pb(), p.b.addr);
+    let mut p = pair_with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
     let src: SocketAddr = "127.7.7.7:7777".parse().unwrap();
     let mut x = Endpoint::new(fast_config(), keypair(9), &[SECRET], p.now, UNIX_T0).unwrap();
     let mut none = TestCtx::default();
@@ -1068,7 +1005,7 @@ fn cookie_holding_source_is_rate_limited_per_ip() {
         x.cancel(&pb);
         p.advance(Duration::from_millis(20));
     }
-    let c = p.b.ep.counters();
+    let c = p.nodes[B].ep.counters();
     assert!(x.counters().cookie_received >= 1);
     // 1 s elapsed: budget 1 (before load) + per-source burst 3 + ~1 refill.
     assert!(c.dh_work <= 1 + 3 + 1, "{c:?}");
@@ -1077,19 +1014,19 @@ fn cookie_holding_source_is_rate_limited_per_ip() {
 
 #[test]
 fn forget_cancels_and_clears_peer_state() {
-    let mut p = Pair::new(Net::perfect());
-    let (pb, baddr) = (p.pb(), p.b.addr);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    let mut p = pair(Net::perfect());
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
     p.drive_for(Duration::from_secs(1));
-    assert_eq!(p.a.established().len(), 1);
-    p.a.ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
-    assert_eq!(p.a.ep.forget(&pb), Some(0x1112));
-    assert!(!p.a.ep.is_initiating(&pb));
-    assert!(p.a.ep.poll_timeout().is_none());
+    assert_eq!(p.nodes[A].established().len(), 1);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
+    assert_eq!(p.nodes[A].ep.forget(&pb), Some(0x1112));
+    assert!(!p.nodes[A].ep.is_initiating(&pb));
+    assert!(p.nodes[A].ep.poll_timeout().is_none());
     // The in-flight initiation's response now matches nothing.
     p.drive_for(Duration::from_secs(1));
-    assert_eq!(p.a.established().len(), 1);
-    assert_eq!(p.a.ep.counters().stale_response, 1);
+    assert_eq!(p.nodes[A].established().len(), 1);
+    assert_eq!(p.nodes[A].ep.counters().stale_response, 1);
 }
 
 #[test]
@@ -1102,113 +1039,18 @@ fn endpoint_is_send_for_async_drivers() {
 
 #[test]
 fn counters_serialise_by_name() {
-    let mut p = Pair::new(Net::perfect());
-    let from = p.a.addr;
-    let to = p.b.addr;
+    let mut p = pair(Net::perfect());
+    let from = p.nodes[A].addr;
+    let to = p.nodes[B].addr;
     p.deliver(&Packet {
         at: p.now,
         from,
         to,
         bytes: vec![1, 2, 3],
     });
-    let v = serde_json::to_value(p.b.ep.counters()).unwrap();
+    let v = serde_json::to_value(p.nodes[B].ep.counters()).unwrap();
     assert_eq!(v["bad_len"], 1);
     assert_eq!(v["received"], 1);
-}
-
-/// N members on one virtual network; everyone initiates to everyone at once.
-struct Cluster {
-    now: Instant,
-    nodes: Vec<Node>,
-    net: Net,
-    in_flight: Vec<Packet>,
-}
-
-impl Cluster {
-    fn new(n: usize, net: Net) -> Self {
-        let now = Instant::now();
-        let keys: Vec<StaticKeypair> = (0..n).map(|i| keypair(10 + i as u8)).collect();
-        let pubs: Vec<PublicKey> = keys.iter().map(|k| *k.public()).collect();
-        let nodes = keys
-            .into_iter()
-            .enumerate()
-            .map(|(i, kp)| Node {
-                ep: Endpoint::with_seed(fast_config(), kp, &[SECRET], now, UNIX_T0, i as u64)
-                    .unwrap(),
-                addr: SocketAddr::new([127, 0, 1, i as u8 + 1].into(), 4000),
-                ctx: TestCtx {
-                    members: pubs.iter().copied().filter(|p| p != &pubs[i]).collect(),
-                    next_spi: 0x1000 * (i as u32 + 1),
-                    ..Default::default()
-                },
-                events: vec![],
-                rejects: vec![],
-            })
-            .collect();
-        Cluster {
-            now,
-            nodes,
-            net,
-            in_flight: vec![],
-        }
-    }
-
-    fn collect(&mut self) {
-        for node in &mut self.nodes {
-            while let Some((to, bytes)) = node.ep.poll_transmit() {
-                if self.net.rng.gen_bool(self.net.loss) {
-                    continue;
-                }
-                let copies = if self.net.rng.gen_bool(self.net.dup) {
-                    2
-                } else {
-                    1
-                };
-                for _ in 0..copies {
-                    let at = self.now + self.net.delay();
-                    self.in_flight.push(Packet {
-                        at,
-                        from: node.addr,
-                        to,
-                        bytes: bytes.clone(),
-                    });
-                }
-            }
-            while let Some(e) = node.ep.poll_event() {
-                node.events.push(e);
-            }
-        }
-    }
-
-    fn drive_for(&mut self, limit: Duration) {
-        let end = self.now + limit;
-        self.collect();
-        loop {
-            let next_pkt = self.in_flight.iter().map(|p| p.at).min();
-            let next_timer = self.nodes.iter().filter_map(|n| n.ep.poll_timeout()).min();
-            let Some(next) = [next_pkt, next_timer].into_iter().flatten().min() else {
-                break;
-            };
-            if next > end {
-                break;
-            }
-            self.now = self.now.max(next);
-            if next_pkt == Some(next) {
-                let i = self.in_flight.iter().position(|p| p.at == next).unwrap();
-                let p = self.in_flight.swap_remove(i);
-                if let Some(node) = self.nodes.iter_mut().find(|n| n.addr == p.to) {
-                    let _ = node.ep.handle(self.now, p.from, &p.bytes, &mut node.ctx);
-                }
-            } else {
-                for node in &mut self.nodes {
-                    if node.ep.poll_timeout().is_some_and(|t| t <= next) {
-                        node.ep.handle_timeout(next);
-                    }
-                }
-            }
-            self.collect();
-        }
-    }
 }
 
 #[test]
@@ -1221,7 +1063,7 @@ fn five_members_all_initiate_at_once_every_pair_gets_one_session() {
             max_delay: Duration::from_millis(100),
             rng: StdRng::seed_from_u64(500 + seed),
         };
-        let mut c = Cluster::new(5, net);
+        let mut c = cluster(5, net);
         let targets: Vec<(PublicKey, SocketAddr)> = c
             .nodes
             .iter()
@@ -1277,23 +1119,23 @@ fn held_back_initiation_is_stale_after_a_completed_handshake() {
     // An attacker captures B's initiation to A and suppresses it. A then completes a handshake
     // with B as initiator. Replaying the captured initiation must not create a session on A
     // (it would replace the live one with keys B does not use).
-    let mut p = Pair::new(Net::perfect());
-    let (pa, pb, aaddr, baddr) = (p.pa(), p.pb(), p.a.addr, p.b.addr);
+    let mut p = pair(Net::perfect());
+    let (pa, pb, aaddr, baddr) = (p.pa(), p.pb(), p.nodes[A].addr, p.nodes[B].addr);
     p.filter = Some(Box::new(|_: &Packet| Verdict::Drop));
-    p.b.ep.initiate(p.now, pa, aaddr, 0xb001).unwrap();
+    p.nodes[B].ep.initiate(p.now, pa, aaddr, 0xb001).unwrap();
     p.collect();
     let captured = p.capture.last().unwrap().clone();
-    assert_eq!(p.b.ep.cancel(&pa), Some(0xb001));
+    assert_eq!(p.nodes[B].ep.cancel(&pa), Some(0xb001));
     p.filter = None;
     p.advance(Duration::from_secs(1));
-    p.a.ep.initiate(p.now, pb, baddr, 0xa001).unwrap();
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0xa001).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert_eq!(p.a.established().len(), 1);
-    assert_eq!(p.deliver(&captured), Some(Err(Rejected::Replayed)));
-    assert_eq!(p.a.established().len(), 1);
+    assert_eq!(p.nodes[A].established().len(), 1);
+    assert_eq!(p.deliver_result(&captured), Some(Err(Rejected::Replayed)));
+    assert_eq!(p.nodes[A].established().len(), 1);
     // B's fresh initiations are still welcome.
-    p.b.ep.initiate(p.now, pa, aaddr, 0xb002).unwrap();
+    p.nodes[B].ep.initiate(p.now, pa, aaddr, 0xb002).unwrap();
     p.drive_for(Duration::from_secs(2));
-    assert_eq!(p.a.established().len(), 2);
-    assert_halves(p.a.established()[1], p.b.established()[1]);
+    assert_eq!(p.nodes[A].established().len(), 2);
+    assert_halves(p.nodes[A].established()[1], p.nodes[B].established()[1]);
 }
