@@ -160,6 +160,15 @@ pub trait HandshakeContext {
     /// we respond. If the endpoint abandons its own initiation to `peer` in a collision, it
     /// reuses that initiation's SPI and does not call this.
     fn alloc_spi(&mut self, peer: &PublicKey) -> Result<u32, SpiAllocError>;
+    /// Called by the responder once a session's keys exist and before its response is
+    /// queued: the initiator switches to the new SAs as soon as the response arrives, so the
+    /// session's inbound SA must already be in place. An error drops the response and the
+    /// session ([`Rejected::InstallFailed`]); freeing the SPI is then the context's job.
+    /// Contexts that install nothing (tests, benchmarks) keep the default.
+    fn install_inbound(&mut self, session: &Session) -> Result<(), SpiAllocError> {
+        let _ = session;
+        Ok(())
+    }
 }
 
 /// Error from [`Endpoint::new`] / [`Endpoint::set_keyring`].
@@ -232,6 +241,9 @@ pub enum Rejected {
     /// The caller could not allocate an SPI.
     #[error("SPI allocation failed")]
     SpiAllocFailed,
+    /// The caller could not install the new session's inbound SA: no response was sent.
+    #[error("inbound SA install failed")]
+    InstallFailed,
     /// Cookie reply did not authenticate.
     #[error("bad cookie reply")]
     BadCookie,
@@ -278,6 +290,9 @@ pub struct Counters {
     pub collision_abandoned: u64,
     /// See [`Rejected::SpiAllocFailed`].
     pub spi_alloc_failed: u64,
+    /// See [`Rejected::InstallFailed`].
+    #[serde(default)]
+    pub install_failed: u64,
     /// Exact retransmissions answered from the response cache.
     pub retransmit_answered: u64,
     /// Initiations retransmitted by us.
@@ -314,6 +329,7 @@ impl Counters {
             collision_dropped,
             collision_abandoned,
             spi_alloc_failed,
+            install_failed,
             retransmit_answered,
             retransmits,
             dh_work,
@@ -340,6 +356,7 @@ impl Counters {
             (&mut self.collision_dropped, collision_dropped),
             (&mut self.collision_abandoned, collision_abandoned),
             (&mut self.spi_alloc_failed, spi_alloc_failed),
+            (&mut self.install_failed, install_failed),
             (&mut self.retransmit_answered, retransmit_answered),
             (&mut self.retransmits, retransmits),
             (&mut self.dh_work, dh_work),
@@ -367,6 +384,7 @@ impl Counters {
             Rejected::AlgMismatch => &mut self.alg_mismatch,
             Rejected::CollisionDropped => &mut self.collision_dropped,
             Rejected::SpiAllocFailed => &mut self.spi_alloc_failed,
+            Rejected::InstallFailed => &mut self.install_failed,
             Rejected::BadCookie => &mut self.bad_cookie,
         };
         *f += 1;
@@ -399,6 +417,7 @@ mod tests {
             collision_dropped: 17,
             collision_abandoned: 18,
             spi_alloc_failed: 19,
+            install_failed: 25,
             retransmit_answered: 20,
             retransmits: 21,
             dh_work: 22,
@@ -410,7 +429,7 @@ mod tests {
         sum.add(&Counters::default());
         let after = serde_json::to_value(&sum).unwrap();
         let fields = before.as_object().unwrap();
-        assert_eq!(fields.len(), 24);
+        assert_eq!(fields.len(), 25);
         for (name, v) in fields {
             let v = v.as_u64().unwrap();
             assert!(v > 0, "{name}");

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::datapath::{
-    AddressFamily, Aead, Datapath, Lifetimes, PolicySpec, Reqid, SaCounters, SaId, SaSpec,
+    AddressFamily, Aead, Change, Datapath, ErrorKind, Lifetimes, PolicySpec, Reqid, SaCounters,
+    SaId, SaSpec,
 };
 use crate::gossip::members::Member;
 use crate::handshake::{
@@ -180,6 +181,20 @@ struct Ctx<'a> {
     family: AddressFamily,
     links: &'a BTreeMap<LinkId, Link>,
     dp: &'a mut dyn Datapath,
+    lifetimes: Lifetimes,
+    counters: &'a mut MeshCounters,
+}
+
+impl Ctx<'_> {
+    fn target(&self, peer: &PublicKey) -> Result<&Target, SpiAllocError> {
+        self.links
+            .get(&LinkId {
+                peer: *peer,
+                family: self.family,
+            })
+            .map(|l| &l.target)
+            .ok_or_else(|| SpiAllocError("not a member".into()))
+    }
 }
 
 impl HandshakeContext for Ctx<'_> {
@@ -191,16 +206,40 @@ impl HandshakeContext for Ctx<'_> {
     }
 
     fn alloc_spi(&mut self, peer: &PublicKey) -> Result<u32, SpiAllocError> {
-        let link = self
-            .links
-            .get(&LinkId {
-                peer: *peer,
-                family: self.family,
-            })
-            .ok_or_else(|| SpiAllocError("not a member".into()))?;
+        let target = self.target(peer)?;
+        let (remote, local) = (target.remote, target.local);
         self.dp
-            .alloc_spi(link.target.remote, link.target.local, Reqid::DEFAULT)
+            .alloc_spi(remote, local, Reqid::DEFAULT)
             .map_err(|e| SpiAllocError(e.to_string()))
+    }
+
+    /// The responder's inbound SA goes in here, inside the endpoint's
+    /// handling of the initiation and before its response is queued, so no
+    /// driver order can let the response overtake the SA. It fills the SPI
+    /// reservation through the same pipelined apply as every other write.
+    fn install_inbound(&mut self, session: &Session) -> Result<(), SpiAllocError> {
+        let target = self.target(&session.peer)?.clone();
+        let (inbound, _, _) = link_objects(&target, session, self.lifetimes);
+        let id = inbound.id();
+        let fill = [Change::FillSa(inbound)];
+        let mut result = self.dp.apply(&fill).pop().unwrap_or(Ok(()));
+        if let (Err(e), Change::FillSa(sa)) = (&result, &fill[0]) {
+            if e.kind() == ErrorKind::NotFound {
+                // The reservation expired: add the SA under the same SPI.
+                result = self.dp.install_sa(sa);
+            }
+        }
+        match result {
+            Ok(()) => {
+                self.counters.changes_applied += 1;
+                Ok(())
+            }
+            Err(e) => {
+                self.counters.changes_failed += 1;
+                let _ = self.dp.delete_sa(id);
+                Err(SpiAllocError(format!("{id}: {e}")))
+            }
+        }
     }
 }
 
@@ -353,6 +392,8 @@ impl Mesh {
             family,
             links: &self.links,
             dp,
+            lifetimes: self.config.lifetimes,
+            counters: &mut self.counters,
         };
         if let Err(reason) = ep.handle(now, from, datagram, &mut ctx) {
             self.counters.handshake_rejected += 1;

@@ -1016,3 +1016,238 @@ fn kernel_writes_go_through_one_pipelined_apply_per_reconcile() {
         assert!(calls.apply < calls.applied_changes, "node {i}: {calls:?}");
     }
 }
+
+/// A mesh node for the shared harness ([`crate::sim`]): driven only when
+/// its own `poll_timeout()` is due. Confirmation probes travel as datagrams
+/// tagged with the SA they would use; the receiver counts one packet on its
+/// inbound SA with that id, as the kernel would.
+struct SimMesh(Node, Vec<(SocketAddr, SocketAddr, Vec<u8>)>);
+
+const PROBE_TAG: &[u8] = b"probe:";
+
+impl crate::sim::SimNode for SimMesh {
+    fn owns(&self, addr: SocketAddr) -> bool {
+        addr.port() == 9341 && self.0.addrs.contains(&addr.ip())
+    }
+
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
+        let n = &mut self.0;
+        if let Some(spi) = bytes.strip_prefix(PROBE_TAG) {
+            let spi = u32::from_be_bytes(spi.try_into().expect("4-byte SPI"));
+            n.dp.record_traffic(SaId { dst: to.ip(), spi }, 64, 1);
+            return;
+        }
+        let family = AddressFamily::of(to.ip());
+        n.mesh.handle_datagram(now, family, from, bytes, &mut n.dp);
+    }
+
+    fn poll_transmit(&mut self, _now: Instant) -> Option<(SocketAddr, SocketAddr, Vec<u8>)> {
+        let n = &mut self.0;
+        let from = |family| {
+            let ip = n.addrs.iter().find(|a| AddressFamily::of(**a) == family);
+            SocketAddr::new(*ip.expect("an address of the family"), 9341)
+        };
+        if let Some((family, to, bytes)) = n.mesh.poll_transmit() {
+            return Some((from(family), to, bytes));
+        }
+        if let Some(copy) = self.1.pop() {
+            return Some(copy);
+        }
+        // Three copies, as the driver sends (one lost probe costs a confirm timeout).
+        let (family, to, sa) = n.mesh.poll_probe()?;
+        let probe = (
+            from(family),
+            to,
+            [PROBE_TAG, &sa.spi.to_be_bytes()].concat(),
+        );
+        self.1.extend([probe.clone(), probe.clone()]);
+        Some(probe)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.0.mesh.poll_timeout()
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        let n = &mut self.0;
+        n.mesh.handle_timeout(now, &mut n.dp);
+    }
+}
+
+/// Three meshes on the harness, every one told about the others.
+fn sim_cluster(config: MeshConfig, net: crate::sim::Net) -> crate::sim::Sim<SimMesh> {
+    let now = Instant::now();
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [7; 32], now, config.clone()))
+        .collect();
+    for i in 0..3 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    let mut sim = crate::sim::Sim::new(
+        nodes.into_iter().map(|n| SimMesh(n, Vec::new())).collect(),
+        net,
+    );
+    sim.now = now;
+    sim
+}
+
+fn established_links(sim: &crate::sim::Sim<SimMesh>) -> usize {
+    sim.nodes
+        .iter()
+        .flat_map(|n| n.0.mesh.link_status().into_values().flatten())
+        .filter(|l| l.state == LinkState::Established)
+        .count()
+}
+
+/// Woken only at its own `poll_timeout()`, with the periodic resync pushed
+/// out of reach, a mesh still establishes over a lossy network, confirms the
+/// responder sessions, re-keys at its interval and retires the replaced SAs:
+/// a wake-up later than any of those timers (or a missing one) stalls it.
+#[test]
+fn a_mesh_woken_only_at_its_poll_timeout_establishes_rekeys_and_retires() {
+    let config = MeshConfig {
+        resync_interval: Duration::from_secs(3600),
+        rekey_interval: Duration::from_secs(20),
+        retire_after: Duration::from_secs(3),
+        ..MeshConfig::default()
+    };
+    let net = crate::sim::Net::lossy(
+        0.1,
+        0.05,
+        (Duration::from_millis(5), Duration::from_millis(40)),
+        11,
+    );
+    let mut sim = sim_cluster(config, net);
+    sim.drive_for(Duration::from_secs(15));
+    // 3 nodes × 2 peers × 2 families.
+    assert_eq!(established_links(&sim), 12, "established before any re-key");
+    let confirmed: u64 = sim
+        .nodes
+        .iter()
+        .map(|n| n.0.mesh.counters().sessions_confirmed)
+        .sum();
+    assert_eq!(confirmed, 6, "every responder session confirmed");
+    let before: Vec<Vec<SaId>> = sim
+        .nodes
+        .iter_mut()
+        .map(|n| sa_specs(&mut n.0).iter().map(|s| s.id()).collect())
+        .collect();
+    // Re-keys are due 18-22 s after each link was installed (one end of
+    // each link starts it; the other answers).
+    sim.drive_for(Duration::from_secs(12));
+    let rekeys: u64 = sim
+        .nodes
+        .iter()
+        .map(|n| n.0.mesh.counters().rekeys_started)
+        .sum();
+    assert!(rekeys >= 6, "every link re-keyed: {rekeys} re-keys");
+    // Replaced inbound SAs retire 3 s after the switch: 2 SAs per link remain.
+    sim.drive_for(Duration::from_secs(5));
+    for (i, n) in sim.nodes.iter_mut().enumerate() {
+        let now: Vec<SaId> = sa_specs(&mut n.0).iter().map(|s| s.id()).collect();
+        assert_eq!(now.len(), 8, "node {i}: retired SAs removed: {now:?}");
+        assert!(
+            now.iter().all(|id| !before[i].contains(id)),
+            "node {i}: every SA replaced"
+        );
+    }
+    assert_eq!(established_links(&sim), 12);
+    let unconfirmed: u64 = sim
+        .nodes
+        .iter()
+        .map(|n| n.0.mesh.counters().sessions_unconfirmed)
+        .sum();
+    assert_eq!(unconfirmed, 0);
+}
+
+/// The responder's inbound SA is in the kernel before its response can be
+/// polled, whatever order a driver calls the mesh in.
+#[test]
+fn the_responder_installs_its_inbound_sa_before_the_response_leaves() {
+    let now = Instant::now();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
+        .collect();
+    for i in 0..2 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    // Only n0 runs its timers: it initiates on both families.
+    let n = &mut nodes[0];
+    n.mesh.handle_timeout(now, &mut n.dp);
+    let mut initiations = Vec::new();
+    while let Some(t) = nodes[0].mesh.poll_transmit() {
+        initiations.push(t);
+    }
+    assert_eq!(initiations.len(), 2);
+    let from_v4 = SocketAddr::new(nodes[0].addrs[0], 9341);
+    let from_v6 = SocketAddr::new(nodes[0].addrs[1], 9341);
+    for (family, _, bytes) in &initiations {
+        let from = if *family == AddressFamily::V4 {
+            from_v4
+        } else {
+            from_v6
+        };
+        let n = &mut nodes[1];
+        n.mesh.handle_datagram(now, *family, from, bytes, &mut n.dp);
+    }
+    // No handle_timeout on n1: the responses are polled at once.
+    let mut responses = 0;
+    while nodes[1].mesh.poll_transmit().is_some() {
+        responses += 1;
+    }
+    assert_eq!(responses, 2);
+    let sas = sa_specs(&mut nodes[1]);
+    let inbound: Vec<_> = sas
+        .iter()
+        .filter(|s| s.direction == Some(Direction::In))
+        .collect();
+    assert_eq!(inbound.len(), 2, "both inbound SAs installed: {sas:?}");
+    assert!(sas.iter().all(|s| s.direction != Some(Direction::Out)));
+}
+
+/// Handshakes lost for longer than the handshake timeout are retransmitted
+/// and then retried on the mesh's own timers (the endpoints' retransmit and
+/// timeout timers, the link's next attempt), with nothing else to wake it.
+#[test]
+fn lost_handshakes_are_retried_on_the_mesh_s_own_timers() {
+    let config = MeshConfig {
+        resync_interval: Duration::from_secs(3600),
+        handshake: HsConfig {
+            handshake_timeout: Duration::from_secs(3),
+            ..HsConfig::default()
+        },
+        ..MeshConfig::default()
+    };
+    let mut sim = sim_cluster(config, crate::sim::Net::perfect());
+    sim.nodes.truncate(2);
+    let blackout_until = sim.now + Duration::from_secs(4);
+    sim.filter = Some(Box::new(move |p: &crate::sim::Packet| {
+        if p.at < blackout_until {
+            crate::sim::Verdict::Drop
+        } else {
+            crate::sim::Verdict::Pass
+        }
+    }));
+    sim.drive_for(Duration::from_secs(4));
+    let failed: u64 = sim
+        .nodes
+        .iter()
+        .map(|n| n.0.mesh.counters().handshakes_failed)
+        .sum();
+    assert!(failed > 0, "the first handshakes timed out");
+    sim.drive_for(Duration::from_secs(8));
+    // n0 and n1 (n2 is gone, its links stay unestablished): 2 links each.
+    let up = sim
+        .nodes
+        .iter()
+        .flat_map(|n| n.0.mesh.link_status().into_iter())
+        .filter(|(peer, _)| peer != "n2")
+        .flat_map(|(_, links)| links)
+        .filter(|l| l.state == LinkState::Established)
+        .count();
+    assert_eq!(up, 4, "re-tried and established after the blackout");
+}

@@ -133,6 +133,27 @@ impl Endpoint {
             &derive_mac1_key(&self.secrets[secret_idx].secret, &peer),
         );
 
+        let (i2r, r2i) = derive_esp_keys(&split.k1, &split.k2, &split.hash, alg);
+        let session = Session {
+            peer,
+            peer_addr: from,
+            role: Role::Responder,
+            session_id: session_id(&split.hash),
+            local_spi,
+            peer_spi: payload.spi,
+            algorithm: alg,
+            key_out: r2i,
+            key_in: i2r,
+            initiator_timestamp: payload.timestamp,
+            started_at: now,
+            established_at: now,
+        };
+        // The inbound SA goes in before the response can leave: the initiator
+        // switches to the new SAs as soon as the response reaches it.
+        if ctx.install_inbound(&session).is_err() {
+            return Err(Rejected::InstallFailed);
+        }
+
         if let Some(e) = self.peers.get_mut(&peer) {
             e.last_accepted_ts = payload.timestamp;
         }
@@ -150,21 +171,6 @@ impl Endpoint {
         );
         self.push_transmit(from, resp.to_vec());
 
-        let (i2r, r2i) = derive_esp_keys(&split.k1, &split.k2, &split.hash, alg);
-        let session = Session {
-            peer,
-            peer_addr: from,
-            role: Role::Responder,
-            session_id: session_id(&split.hash),
-            local_spi,
-            peer_spi: payload.spi,
-            algorithm: alg,
-            key_out: r2i,
-            key_in: i2r,
-            initiator_timestamp: payload.timestamp,
-            started_at: now,
-            established_at: now,
-        };
         self.established(session);
         Ok(())
     }
