@@ -93,46 +93,43 @@ fn view(nodes: &[Node], me: usize, state_of: impl Fn(usize) -> MemberState) -> V
         .collect()
 }
 
-/// Runs the nodes until quiet: delivers every datagram (unless `drop` says
-/// so), advances the virtual clock by `step` per round.
+/// Runs the nodes for `rounds × step` of virtual time on the shared harness
+/// ([`crate::sim`]): each node is woken only when its `poll_timeout()` is
+/// due, datagrams take 10 ms, and the n-th handshake datagram sent (from 1)
+/// is dropped when `drop(n)` says so. Datagrams still in flight at the end
+/// are delivered before it returns (the clock moves on by that much).
 fn run(
-    nodes: &mut [Node],
+    nodes: &mut Vec<Node>,
     now: &mut Instant,
     rounds: usize,
     step: Duration,
-    drop: &mut dyn FnMut(usize) -> bool,
+    mut drop: impl FnMut(usize) -> bool + 'static,
 ) {
+    let mut sim = crate::sim::Sim::new(
+        nodes.drain(..).map(|n| SimMesh(n, Vec::new())).collect(),
+        crate::sim::Net::perfect(),
+    );
+    sim.now = *now;
     let mut sent = 0usize;
-    for _ in 0..rounds {
-        for n in nodes.iter_mut() {
-            n.mesh.handle_timeout(*now, &mut n.dp);
+    sim.filter = Some(Box::new(move |p: &crate::sim::Packet| {
+        if p.bytes.starts_with(PROBE_TAG) {
+            return crate::sim::Verdict::Pass;
         }
-        let mut inflight = Vec::new();
-        for n in nodes.iter_mut() {
-            while let Some((family, to, bytes)) = n.mesh.poll_transmit() {
-                let from = SocketAddr::new(
-                    *n.addrs
-                        .iter()
-                        .find(|a| AddressFamily::of(**a) == family)
-                        .unwrap(),
-                    9341,
-                );
-                inflight.push((family, from, to, bytes));
-            }
+        sent += 1;
+        if drop(sent) {
+            crate::sim::Verdict::Drop
+        } else {
+            crate::sim::Verdict::Pass
         }
-        for (family, from, to, bytes) in inflight {
-            sent += 1;
-            if drop(sent) {
-                continue;
-            }
-            if let Some(dst) = nodes.iter_mut().find(|n| n.addrs.contains(&to.ip())) {
-                dst.mesh
-                    .handle_datagram(*now, family, from, &bytes, &mut dst.dp);
-            }
-        }
-        deliver_probes(nodes);
-        *now += step;
+    }));
+    sim.drive_for(step * rounds as u32);
+    // Nothing stays in flight between runs (the harness lives for one run):
+    // let what was sent arrive, and whatever it triggers, a few ms later.
+    while !sim.in_flight.is_empty() {
+        sim.drive_for(Duration::from_millis(10));
     }
+    *now = sim.now;
+    nodes.extend(sim.nodes.into_iter().map(|n| n.0));
 }
 
 /// Confirmation probes travel through the sender's outbound SA: the model
@@ -172,13 +169,9 @@ fn three_nodes_establish_crossed_sas_per_family() {
         let n = &mut nodes[i];
         n.mesh.set_members(now, &v, &mut n.dp);
     }
-    run(
-        &mut nodes,
-        &mut now,
-        20,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
+        false
+    });
 
     for (i, node) in nodes.iter_mut().enumerate() {
         let sas = sa_specs(node);
@@ -238,13 +231,9 @@ fn handshake_survives_loss_and_wrong_secret_installs_nothing() {
         n.mesh.set_members(now, &v, &mut n.dp);
     }
     // Drop every third datagram.
-    run(
-        &mut nodes,
-        &mut now,
-        200,
-        Duration::from_millis(100),
-        &mut |k| k % 3 == 0,
-    );
+    run(&mut nodes, &mut now, 200, Duration::from_millis(100), |k| {
+        k % 3 == 0
+    });
     assert_eq!(
         sa_specs(&mut nodes[0])
             .iter()
@@ -272,13 +261,9 @@ fn left_member_is_removed_and_vanished_sa_is_rekeyed_with_new_spis() {
         let n = &mut nodes[i];
         n.mesh.set_members(now, &v, &mut n.dp);
     }
-    run(
-        &mut nodes,
-        &mut now,
-        20,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
+        false
+    });
     let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(before.len(), 4);
 
@@ -287,13 +272,9 @@ fn left_member_is_removed_and_vanished_sa_is_rekeyed_with_new_spis() {
     nodes[0].dp.delete_sa(victim).unwrap();
     let n = &mut nodes[0];
     resync(n, now);
-    run(
-        &mut nodes,
-        &mut now,
-        30,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
     let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(after.len(), 4);
     assert!(
@@ -436,13 +417,9 @@ fn assert_outbound_accepted(nodes: &mut [Node], when: &str) {
 fn policies_stay_while_a_link_rekeys() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(2, now);
-    run(
-        &mut nodes,
-        &mut now,
-        20,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
+        false
+    });
     assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4);
     let victim = sa_specs(&mut nodes[0])[0].id();
     nodes[0].dp.delete_sa(victim).unwrap();
@@ -460,13 +437,9 @@ fn policies_stay_while_a_link_rekeys() {
 fn ten_forced_rekeys_in_30s_never_leave_an_unmatched_outbound_sa() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(3, now);
-    run(
-        &mut nodes,
-        &mut now,
-        30,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
     let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(before.len(), 8);
     for k in 0..10 {
@@ -475,13 +448,9 @@ fn ten_forced_rekeys_in_30s_never_leave_an_unmatched_outbound_sa() {
         let n = &mut nodes[who];
         assert!(n.mesh.force_rekey(now, None) > 0);
         for _ in 0..30 {
-            run(
-                &mut nodes,
-                &mut now,
-                1,
-                Duration::from_millis(100),
-                &mut |_| false,
-            );
+            run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+                false
+            });
             assert_outbound_accepted(&mut nodes, &format!("rekey {k}"));
         }
     }
@@ -490,7 +459,7 @@ fn ten_forced_rekeys_in_30s_never_leave_an_unmatched_outbound_sa() {
         &mut now,
         150,
         Duration::from_millis(100),
-        &mut |_| false,
+        |_| false,
     );
     let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(
@@ -576,13 +545,9 @@ fn replayed_initiation_after_a_restart_installs_nothing_lasting() {
     // The replayed session is never confirmed (10 s), a's own handshake then
     // replaces the adopted SAs, whose inbound half retires 10 s later.
     for round in 0..260 {
-        run(
-            &mut nodes,
-            &mut now,
-            1,
-            Duration::from_millis(100),
-            &mut |_| false,
-        );
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+            false
+        });
         assert_outbound_accepted(&mut nodes, &format!("round {round} after replay"));
     }
     assert!(
@@ -603,13 +568,9 @@ fn replayed_initiation_after_a_restart_installs_nothing_lasting() {
 fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(3, now);
-    run(
-        &mut nodes,
-        &mut now,
-        30,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
     let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
     assert_eq!(before.len(), 8);
     // Both ends of the 0-1 links restart (kill -9: the kernel keeps everything).
@@ -638,13 +599,9 @@ fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
         n.mesh.set_members(now, &v, &mut n.dp);
     }
     for round in 0..200 {
-        run(
-            &mut nodes,
-            &mut now,
-            1,
-            Duration::from_millis(100),
-            &mut |_| false,
-        );
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+            false
+        });
         assert_outbound_accepted(&mut nodes, &format!("round {round} after restart"));
     }
     let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
@@ -674,9 +631,7 @@ fn limited_pair(now: &mut Instant) -> Vec<Node> {
         let nd = &mut nodes[i];
         nd.mesh.set_members(*now, &v, &mut nd.dp);
     }
-    run(&mut nodes, now, 30, Duration::from_millis(100), &mut |_| {
-        false
-    });
+    run(&mut nodes, now, 30, Duration::from_millis(100), |_| false);
     for n in nodes.iter_mut() {
         let sas = sa_specs(n);
         assert_eq!(sas.len(), 4);
@@ -726,26 +681,18 @@ fn soft_expire_of_an_outbound_sa_rekeys_its_link_at_once_and_only_once() {
             hard: false,
         },
     );
-    run(
-        &mut nodes,
-        &mut now,
-        1,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+        false
+    });
     assert_eq!(
         nodes[0].mesh.counters().rekeys_started,
         1,
         "the sender re-keys at once"
     );
     for _ in 0..60 {
-        run(
-            &mut nodes,
-            &mut now,
-            1,
-            Duration::from_millis(100),
-            &mut |_| false,
-        );
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+            false
+        });
         assert_outbound_accepted(&mut nodes, "during the limit re-key");
     }
     assert!(
@@ -779,26 +726,18 @@ fn soft_expire_of_an_inbound_sa_rekeys_after_a_delay_if_the_peer_does_not() {
     );
     let t0 = now;
     while now < t0 + INBOUND_LIMIT_DELAY - Duration::from_millis(100) {
-        run(
-            &mut nodes,
-            &mut now,
-            1,
-            Duration::from_millis(100),
-            &mut |_| false,
-        );
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+            false
+        });
     }
     assert_eq!(
         nodes[1].mesh.counters().rekeys_started,
         0,
         "not before the delay"
     );
-    run(
-        &mut nodes,
-        &mut now,
-        40,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 40, Duration::from_millis(100), |_| {
+        false
+    });
     assert_eq!(nodes[1].mesh.counters().rekeys_started, 1);
     assert_ne!(outbound_v4(&mut nodes[0]), inbound, "the link has new SAs");
 }
@@ -819,13 +758,9 @@ fn counters_at_the_soft_limit_rekey_even_without_a_notification() {
     assert!(n.dp.record_traffic(out, 100, 1));
     resync(n, now);
     assert_eq!(n.mesh.counters().soft_limits_reached, 1);
-    run(
-        &mut nodes,
-        &mut now,
-        30,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
     assert_eq!(nodes[0].mesh.counters().rekeys_started, 1);
     assert_eq!(nodes[0].mesh.counters().kernel_soft_expires, 0);
     assert_ne!(outbound_v4(&mut nodes[0]), out);
@@ -851,13 +786,9 @@ fn expiry_of_unknown_sas_and_table_changes_rekey_nothing() {
         .mesh
         .handle_kernel_event(now, KernelEvent::TablesChanged);
     nodes[0].mesh.handle_kernel_event(now, KernelEvent::Overrun);
-    run(
-        &mut nodes,
-        &mut now,
-        40,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 40, Duration::from_millis(100), |_| {
+        false
+    });
     let c = nodes[0].mesh.counters();
     assert_eq!(
         (
@@ -881,13 +812,9 @@ fn a_table_change_event_repairs_drift_before_the_periodic_resync() {
         .mesh
         .handle_kernel_event(now, KernelEvent::TablesChanged);
     // `run` never asks for the periodic resync: only the event can notice.
-    run(
-        &mut nodes,
-        &mut now,
-        30,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
     assert_eq!(nodes[0].mesh.counters().sas_vanished, 1);
     assert_ne!(outbound_v4(&mut nodes[0]), victim);
     assert_outbound_accepted(&mut nodes, "after the repair");
@@ -897,13 +824,9 @@ fn a_table_change_event_repairs_drift_before_the_periodic_resync() {
 fn a_slow_rekey_handshake_rekeys_each_link_once() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(2, now);
-    run(
-        &mut nodes,
-        &mut now,
-        30,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
     let (started, established) = (
         nodes[0].mesh.counters().rekeys_started,
         nodes[0].mesh.counters().sessions_established,
@@ -920,7 +843,7 @@ fn a_slow_rekey_handshake_rekeys_each_link_once() {
             &mut now,
             1,
             Duration::from_millis(100),
-            &mut |_| cut,
+            move |_| cut,
         );
         clock.set(now);
     }
@@ -938,23 +861,15 @@ fn a_slow_rekey_handshake_rekeys_each_link_once() {
 fn a_new_initiating_secret_restarts_handshakes_in_flight() {
     let mut now = Instant::now();
     let mut nodes = mesh_of(2, now);
-    run(
-        &mut nodes,
-        &mut now,
-        30,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
     let established = nodes[0].mesh.counters().sessions_established;
     assert_eq!(nodes[0].mesh.force_rekey(now, None), 2);
     // The initiations (old secret) go out and are lost.
-    run(
-        &mut nodes,
-        &mut now,
-        1,
-        Duration::from_millis(100),
-        &mut |_| true,
-    );
+    run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+        true
+    });
     // Both ends move on: n1 already knows only the new secret, n0 initiates with it.
     let new = [9u8; 32];
     let n = &mut nodes[1];
@@ -962,13 +877,9 @@ fn a_new_initiating_secret_restarts_handshakes_in_flight() {
     let n = &mut nodes[0];
     n.mesh.set_keyring(now, &[new, [1; 32]], &mut n.dp).unwrap();
     // Well within the 20 s handshake timeout the links have new sessions.
-    run(
-        &mut nodes,
-        &mut now,
-        20,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
+        false
+    });
     assert_eq!(
         nodes[0].mesh.counters().sessions_established - established,
         2
@@ -999,13 +910,9 @@ fn kernel_writes_go_through_one_pipelined_apply_per_reconcile() {
         let n = &mut nodes[i];
         n.mesh.set_members(now, &v, &mut n.dp);
     }
-    run(
-        &mut nodes,
-        &mut now,
-        20,
-        Duration::from_millis(100),
-        &mut |_| false,
-    );
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
+        false
+    });
     for (i, n) in nodes.iter_mut().enumerate() {
         assert_eq!(sa_specs(n).len(), 8, "node {i} established");
         let calls = n.dp.write_calls();
