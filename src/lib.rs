@@ -1,13 +1,18 @@
 //! meshsec: every pair of hosts gets kernel transport-mode ESP, keyed by Noise,
 //! discovered through a sealed gossip cluster.
 //!
-//! Layout (each module is one concern; the agent wires them together):
-//! - [`aead`]: the one ESP transform enum (config, handshake and datapath share it).
-//! - [`config`]: flags + TOML file → a validated [`config::AgentConfig`].
+//! Layout (each module is one concern; imports only run downwards, see
+//! docs/architecture.md for the map and one membership change end to end):
+//! - [`aead`], [`throttle`], [`shutdown`]: the ESP transform enum, the log
+//!   throttle, the stop/leave signal (they depend on nothing in the crate).
 //! - [`identity`]: the node's static X25519 key pair and the cluster secret files.
+//! - [`handshake`]: the sans-IO Noise endpoint that keys each link.
+//! - [`datapath`]: the kernel's XFRM tables behind one trait (kernel and in-memory).
 //! - [`gossip`]: chitchat behind a sealing transport; the published key schema;
-//!   the membership view.
-//! - [`control`]: the Unix-socket JSON API and its client.
+//!   the typed membership view.
+//! - [`mesh`]: which links, the pure planner, reconciliation, the I/O driver.
+//! - [`control`]: the Unix-socket JSON API (listing rows, status) and its client.
+//! - [`config`]: flags + TOML file → a validated [`config::AgentConfig`].
 //! - [`agent`]: task wiring and the single shutdown path.
 //! - [`cli`]: the `meshsec` command line (the binary only calls [`cli::main`]).
 #![warn(missing_docs)]
