@@ -40,10 +40,10 @@ pub struct MemoryDatapath {
 }
 
 /// How the in-memory tables were written to, so tests can tell a pipelined
-/// [`Datapath::apply`] from one-at-a-time writes.
+/// [`crate::datapath::Datapath::apply`] from one-at-a-time writes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteCalls {
-    /// Calls of [`Datapath::apply`].
+    /// Calls of [`crate::datapath::Datapath::apply`].
     pub apply: u64,
     /// Changes handed to those calls.
     pub applied_changes: u64,

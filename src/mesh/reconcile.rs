@@ -78,8 +78,8 @@ impl Mesh {
 
     /// Makes the kernel match the links: observe (one dump of SAs and
     /// policies), update link state from it (confirmations, retirements,
-    /// vanished SAs), plan (the pure [`desired`] and [`plan`]), apply the
-    /// whole plan in one pipelined [`Datapath::apply`], record the outcome.
+    /// vanished SAs), plan (the pure [`super::desired`] and [`super::plan()`]), apply the
+    /// whole plan in one pipelined [`crate::datapath::Datapath::apply`], record the outcome.
     pub fn reconcile(&mut self, now: Instant, dp: &mut dyn Datapath) {
         self.last_reconcile = now;
         let Some(actual) = self.observe(now, dp) else {
@@ -160,7 +160,7 @@ impl Mesh {
         }
     }
 
-    /// The changes that make `actual` what the links want (pure, see [`plan`]).
+    /// The changes that make `actual` what the links want (pure, see [`super::plan()`]).
     fn plan(&self, actual: &KernelState) -> Vec<Change> {
         let adopted = self
             .adopted
