@@ -261,6 +261,15 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 esp_algorithm: cfg.esp_algorithm.to_string(),
                 handshake: report_rx.borrow().handshake.clone(),
                 mesh: report_rx.borrow().counters.clone(),
+                blocked: {
+                    let now = Instant::now();
+                    let report = report_rx.borrow();
+                    report
+                        .blocked
+                        .iter()
+                        .map(|b| control::BlockedRow::new(b, now))
+                        .collect()
+                },
             }
         })
     };

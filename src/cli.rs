@@ -85,6 +85,15 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Release a peer that will not come back: its addresses stop being bound
+    /// to it and its blocked pairs (policies kept so traffic is never sent in
+    /// clear) are removed, so traffic to those addresses flows unprotected.
+    Forget {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The peer's node name, or a peer address.
+        name: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -157,6 +166,7 @@ pub fn main() -> i32 {
         Cmd::Rekey { client, peer } => client_cmd(client, Request::Rekey { peer }),
         Cmd::Leave { client } => client_cmd(client, Request::Leave),
         Cmd::Reload { client } => client_cmd(client, Request::Reload),
+        Cmd::Forget { client, name } => client_cmd(client, Request::Forget { name }),
         Cmd::Flush {
             control_socket,
             json,
@@ -281,6 +291,7 @@ fn print_reply(reply: &Reply, json: bool) {
             Reply::Members(m) => serde_json::to_string(m),
             Reply::Status(s) => serde_json::to_string(s),
             Reply::Rekeying(n) => serde_json::to_string(&serde_json::json!({ "rekeying": n })),
+            Reply::Forgot(n) => serde_json::to_string(&serde_json::json!({ "forgotten": n })),
             Reply::Leaving => serde_json::to_string(&serde_json::json!({ "leaving": true })),
             Reply::Reloaded(r) => serde_json::to_string(r),
             other => serde_json::to_string(other),
@@ -305,6 +316,7 @@ fn print_reply(reply: &Reply, json: bool) {
             }
         }
         Reply::Rekeying(n) => println!("re-keying {n} link(s)"),
+        Reply::Forgot(n) => println!("released {n} binding(s) and blocked pair(s)"),
         Reply::Leaving => {
             println!("leaving the cluster; the agent removes its SAs and policies and exits")
         }
@@ -515,7 +527,30 @@ fn render_status(s: &Status) -> String {
         kv(&s.gossip),
         kv(&s.handshake),
         kv(&s.mesh),
-    )
+    ) + &render_blocked(&s.blocked)
+}
+
+/// One line per blocked pair: traffic to it is dropped, never sent in clear.
+fn render_blocked(rows: &[crate::control::BlockedRow]) -> String {
+    if rows.is_empty() {
+        return "blocked:      -\n".into();
+    }
+    let mut out = String::from("blocked:      traffic dropped (never clear) until the peer is back, leaves, or `meshsec forget`:\n");
+    for b in rows {
+        out.push_str(&format!(
+            "              {} -> {} ({}{}): {}, {}s\n",
+            b.local,
+            b.remote,
+            b.peer.as_deref().unwrap_or("unknown peer"),
+            b.fingerprint
+                .as_deref()
+                .map(|f| format!(" {f}"))
+                .unwrap_or_default(),
+            b.reason,
+            b.since_secs
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -46,6 +46,12 @@ pub enum Request {
     /// Re-read the cluster secret files (same paths as at start) and use
     /// them for gossip and handshakes from now on.
     Reload,
+    /// Release what is held for a peer that will not come back (its address
+    /// bindings and blocked pairs): by node name, or by peer address.
+    Forget {
+        /// Node name or peer address.
+        name: String,
+    },
 }
 
 /// What a keyring reload did.
@@ -98,6 +104,8 @@ pub enum Reply {
     Leaving,
     /// The keyring was reloaded.
     Reloaded(Reloaded),
+    /// This many bindings and blocked pairs were released.
+    Forgot(usize),
     /// The request could not be served.
     Error(String),
 }
@@ -139,6 +147,44 @@ pub struct Status {
     pub handshake: HandshakeCounters,
     /// Mesh counters (sessions, kernel changes).
     pub mesh: MeshCounters,
+    /// Pairs kept blocked (policies without SAs: the kernel drops, never
+    /// sends in clear), and why.
+    #[serde(default)]
+    pub blocked: Vec<BlockedRow>,
+}
+
+/// A blocked pair in `meshsec status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BlockedRow {
+    /// Our address.
+    pub local: std::net::IpAddr,
+    /// The peer address.
+    pub remote: std::net::IpAddr,
+    /// The peer's node name, when known.
+    pub peer: Option<String>,
+    /// The peer key's fingerprint, when known.
+    pub fingerprint: Option<String>,
+    /// Why it is blocked.
+    pub reason: crate::mesh::BlockReason,
+    /// Seconds since it was blocked.
+    pub since_secs: u64,
+}
+
+impl BlockedRow {
+    /// The row for `b`, timed against `now`.
+    pub fn new(b: &crate::mesh::Blocked, now: std::time::Instant) -> BlockedRow {
+        BlockedRow {
+            local: b.local,
+            remote: b.remote,
+            peer: b.peer.as_ref().map(|(n, _)| n.clone()),
+            fingerprint: b
+                .peer
+                .as_ref()
+                .map(|(_, k)| crate::identity::fingerprint(k)),
+            reason: b.reason,
+            since_secs: now.saturating_duration_since(b.since).as_secs(),
+        }
+    }
 }
 
 /// One row of `meshsec members` and its `--json` form (stable): a member
@@ -413,6 +459,18 @@ async fn handle(
             let _ = state.leave.try_send(());
             write_line(&mut w, &Reply::Leaving).await
         }
+        Request::Forget { name } => {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let cmd = crate::mesh::driver::MeshCommand::Forget { name, reply: tx };
+            let reply = match state.mesh.send(cmd).await {
+                Ok(()) => match rx.await {
+                    Ok(n) => Reply::Forgot(n),
+                    Err(_) => Reply::Error("the mesh is shutting down".into()),
+                },
+                Err(_) => Reply::Error("the mesh is shutting down".into()),
+            };
+            write_line(&mut w, &reply).await
+        }
         Request::Rekey { peer } => {
             let (tx, rx) = tokio::sync::oneshot::channel();
             let cmd = crate::mesh::driver::MeshCommand::Rekey { peer, reply: tx };
@@ -545,6 +603,7 @@ mod tests {
             esp_algorithm: "aes128-gcm".into(),
             handshake: Default::default(),
             mesh: Default::default(),
+            blocked: vec![],
         }
     }
 

@@ -28,6 +28,8 @@ pub struct MeshReport {
     pub counters: MeshCounters,
     /// Handshake counters (all families).
     pub handshake: HandshakeCounters,
+    /// Pairs kept blocked (policies without SAs), and why.
+    pub blocked: Vec<super::Blocked>,
 }
 
 /// Payload of a confirmation probe (see [`Mesh::poll_probe`]).
@@ -49,6 +51,14 @@ pub enum MeshCommand {
     Rekey {
         /// Peer name, or all.
         peer: Option<String>,
+        /// Where the count goes.
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
+    /// Release the bindings and blocked pairs of a peer (name or address);
+    /// answers how many entries were released.
+    Forget {
+        /// Node name or peer address.
+        name: String,
         /// Where the count goes.
         reply: tokio::sync::oneshot::Sender<usize>,
     },
@@ -280,6 +290,9 @@ pub async fn run(
                 }
             }
             Some(cmd) = commands.recv() => match cmd {
+                MeshCommand::Forget { name, reply } => {
+                    let _ = reply.send(mesh.forget(&name));
+                }
                 MeshCommand::Rekey { peer, reply } => {
                     let n = mesh.force_rekey(Instant::now(), peer.as_deref());
                     let _ = reply.send(n);
@@ -302,6 +315,7 @@ pub async fn run(
                 links: mesh.link_status(),
                 counters: mesh.counters().clone(),
                 handshake: mesh.handshake_counters(),
+                blocked: mesh.blocked(),
             }));
         }
     };

@@ -36,28 +36,40 @@ pub struct Target {
 /// Left members are dropped at once.
 ///
 /// Addresses are checked, since a member could publish anything: only
-/// unicast addresses that are not ours count, and an address (or a key)
-/// claimed by two members is used for neither, so one member can never make
-/// us require ESP towards somebody else.
+/// unicast addresses that are not ours count; an address bound to a peer
+/// (`bindings`: it had a link to that key) stays that peer's, whoever else
+/// claims it later; an unbound address (or a key) claimed by two members is
+/// used for neither. So one member can never make us require ESP towards
+/// somebody else, nor make two other members lose their link. A member that
+/// left claims nothing (its replacement may take its addresses).
 pub fn wanted_links(
     self_key: &PublicKey,
     self_addrs: &[IpAddr],
     members: &[Member],
     grace: Duration,
+    bindings: &BTreeMap<IpAddr, PublicKey>,
 ) -> BTreeMap<LinkId, Target> {
     let mut claims: HashMap<IpAddr, usize> = HashMap::new();
     let mut keys: HashMap<PublicKey, usize> = HashMap::new();
-    for m in members.iter().filter(|m| !m.is_self) {
+    let claiming = members
+        .iter()
+        .filter(|m| !m.is_self && m.state != MemberState::Left);
+    for m in claiming {
+        let Some(k) = m.public_key else {
+            continue;
+        };
+        *keys.entry(k).or_default() += 1;
         for a in &m.data_addrs {
-            *claims.entry(*a).or_default() += 1;
-        }
-        if let Some(k) = m.public_key {
-            *keys.entry(k).or_default() += 1;
+            // A claim on an address bound to another key does not count.
+            if bindings.get(a).is_none_or(|owner| *owner == k) {
+                *claims.entry(*a).or_default() += 1;
+            }
         }
     }
-    let usable = |a: &IpAddr| {
+    let usable = |a: &IpAddr, key: &PublicKey| {
         usable_peer_address(a)
             && !self_addrs.contains(a)
+            && bindings.get(a).is_none_or(|owner| owner == key)
             && claims.get(a).copied().unwrap_or(0) == 1
     };
     let mut out = BTreeMap::new();
@@ -85,7 +97,7 @@ pub fn wanted_links(
             let remote = m
                 .data_addrs
                 .iter()
-                .find(|a| AddressFamily::of(**a) == family && usable(a));
+                .find(|a| AddressFamily::of(**a) == family && usable(a, &key));
             if let (Some(local), Some(remote)) = (local, remote) {
                 out.insert(
                     LinkId { peer: key, family },

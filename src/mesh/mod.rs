@@ -22,7 +22,7 @@ use crate::datapath::{
     AddressFamily, Aead, Change, Datapath, ErrorKind, Lifetimes, PolicySpec, Reqid, SaCounters,
     SaId, SaSpec,
 };
-use crate::gossip::members::Member;
+use crate::gossip::members::{Member, MemberState};
 use crate::handshake::{
     Config as HsConfig, Counters as HandshakeCounters, Endpoint, Event, HandshakeContext,
     PublicKey, Role, Session, SpiAllocError, StaticKeypair,
@@ -30,11 +30,13 @@ use crate::handshake::{
 use crate::throttle::LogThrottle;
 
 pub mod driver;
+mod guard;
 mod links;
 mod plan;
 mod reconcile;
 mod status;
 
+pub use guard::{BlockReason, Blocked};
 pub use links::{usable_peer_address, wanted_links, LinkId, Target};
 pub use plan::{desired, link_objects, plan, sa_ids, AdoptedPlan, LinkPlan, REPLAY_WINDOW};
 pub use status::{LinkState, LinkStatus, MeshCounters};
@@ -169,6 +171,8 @@ pub struct Mesh {
     /// (monotonic, wall-clock since the epoch) at start: wall time for the
     /// listing without reading a clock.
     wall_anchor: (Instant, Duration),
+    /// Address bindings and blocked pairs (fail closed for good).
+    guard: guard::Guard,
 }
 
 struct Adopted {
@@ -219,6 +223,18 @@ impl HandshakeContext for Ctx<'_> {
     /// reservation through the same pipelined apply as every other write.
     fn install_inbound(&mut self, session: &Session) -> Result<(), SpiAllocError> {
         let target = self.target(&session.peer)?.clone();
+        // Address proof: a peer's handshake comes from its own data address.
+        if session.peer_addr.ip() != target.remote {
+            let _ = self.dp.delete_sa(SaId {
+                dst: target.local,
+                spi: session.local_spi,
+            });
+            return Err(SpiAllocError(format!(
+                "initiation from {} for a peer at {}",
+                session.peer_addr.ip(),
+                target.remote
+            )));
+        }
         let (inbound, _, _) = link_objects(&target, session, self.lifetimes);
         let id = inbound.id();
         let fill = [Change::FillSa(inbound)];
@@ -284,6 +300,7 @@ impl Mesh {
             kernel_resync_at: None,
             next_resync: now,
             wall_anchor: (now, unix_now),
+            guard: guard::Guard::default(),
         })
     }
 
@@ -306,13 +323,26 @@ impl Mesh {
         out
     }
 
-    /// Updates the wanted links from a membership view.
+    /// Updates the wanted links from a membership view. A protected pair
+    /// whose link is no longer wanted stays blocked (its policies stay, so
+    /// the kernel drops rather than sends in clear) unless its peer left.
     pub fn set_members(&mut self, now: Instant, members: &[Member], dp: &mut dyn Datapath) {
+        // A member that left gives up its addresses and blocked pairs.
+        for m in members.iter().filter(|m| m.state == MemberState::Left) {
+            if let Some(k) = m.public_key {
+                let released = self.guard.release_key(&k);
+                if released > 0 {
+                    info!(peer = %m.name, pairs = released, "peer left: its blocked pairs are released");
+                    self.dirty = true;
+                }
+            }
+        }
         let wanted = wanted_links(
             &self.self_key,
             &self.self_addrs,
             members,
             self.config.dead_grace,
+            &self.guard.bindings(),
         );
         let gone: Vec<LinkId> = self
             .links
@@ -322,7 +352,25 @@ impl Mesh {
             .collect();
         for id in gone {
             let link = self.links.remove(&id).expect("present");
-            info!(peer = %link.target.name, family = %id.family, "link removed");
+            let member = members.iter().find(|m| m.public_key == Some(id.peer));
+            let left = member.is_some_and(|m| m.state == MemberState::Left);
+            if link.protected && !left {
+                let reason = match member {
+                    None => BlockReason::PeerUnreachable,
+                    Some(m) if m.state == MemberState::Dead => BlockReason::PeerUnreachable,
+                    Some(_) => BlockReason::NoUsableRecord,
+                };
+                warn!(peer = %link.target.name, family = %id.family, %reason, "link removed; its traffic stays blocked (never clear) until the peer is back, leaves, or meshsec forget");
+                self.guard.block(Blocked {
+                    local: link.target.local,
+                    remote: link.target.remote,
+                    peer: Some((link.target.name.clone(), id.peer)),
+                    reason,
+                    since: now,
+                });
+            } else {
+                info!(peer = %link.target.name, family = %id.family, "link removed");
+            }
             if let Some(ep) = self.endpoints.get_mut(&id.family) {
                 if let Some(spi) = ep.forget(&id.peer) {
                     let _ = dp.delete_sa(SaId {
@@ -334,15 +382,19 @@ impl Mesh {
             self.dirty = true;
         }
         for (id, target) in wanted {
+            self.guard.bind(target.remote, id.peer, &target.name);
             match self.links.get_mut(&id) {
                 Some(link) if link.target == target => {}
                 Some(link) => {
                     // Addresses changed: the old session's SAs no longer fit.
+                    // The peer itself gave up the old address: it is released.
                     info!(peer = %target.name, family = %id.family, "link addresses changed; re-keying");
+                    self.guard.unbind(link.target.remote, &id.peer);
+                    let protected = self.guard.unblock(target.local, target.remote);
                     link.target = target;
                     link.session = None;
                     link.installed = false;
-                    link.protected = false;
+                    link.protected = protected;
                     link.next_attempt = now;
                     if let Some(ep) = self.endpoints.get_mut(&id.family) {
                         if let Some(spi) = ep.cancel(&id.peer) {
@@ -356,6 +408,8 @@ impl Mesh {
                 }
                 None => {
                     debug!(peer = %target.name, family = %id.family, "link wanted");
+                    // A blocked pair stays protected while the link re-keys.
+                    let protected = self.guard.unblock(target.local, target.remote);
                     self.links.insert(
                         id,
                         Link {
@@ -365,7 +419,7 @@ impl Mesh {
                             retiring: Vec::new(),
                             rekey_at: None,
                             installed: false,
-                            protected: false,
+                            protected,
                             established_at: None,
                             next_attempt: now,
                             failures: 0,
@@ -374,6 +428,23 @@ impl Mesh {
                 }
             }
         }
+    }
+
+    /// Releases what is held for the peer `name` (a node name, or a peer
+    /// address): its address bindings and blocked pairs, whose policies then
+    /// go at the next reconcile. Returns how many entries were released.
+    pub fn forget(&mut self, name: &str) -> usize {
+        let n = self.guard.forget(name);
+        if n > 0 {
+            info!(peer = %name, entries = n, "forgotten: bindings and blocked pairs released");
+            self.dirty = true;
+        }
+        n
+    }
+
+    /// The pairs kept blocked (policies without SAs), and why.
+    pub fn blocked(&self) -> Vec<Blocked> {
+        self.guard.blocked().cloned().collect()
     }
 
     /// Handles one handshake datagram received on the socket of `family`.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use super::guard::{BlockReason, Blocked};
 use super::plan::{self, desired, sa_ids, AdoptedPlan};
 use super::{backoff, jittered, Adopted, Mesh, INBOUND_LIMIT_DELAY, KERNEL_EVENT_DELAY};
 use crate::datapath::{
@@ -162,14 +163,15 @@ impl Mesh {
 
     /// The changes that make `actual` what the links want (pure, see [`super::plan()`]).
     fn plan(&self, actual: &KernelState) -> Vec<Change> {
-        let adopted = self
-            .adopted
-            .as_ref()
-            .map(|a| AdoptedPlan {
-                sas: &a.sas,
-                policies: &a.policies,
-            })
-            .unwrap_or_default();
+        // Adopted policies and blocked pairs both stay (policies without SAs).
+        let mut kept_policies = self.guard.policies();
+        if let Some(a) = &self.adopted {
+            kept_policies.extend(a.policies.iter().copied());
+        }
+        let adopted = AdoptedPlan {
+            sas: self.adopted.as_ref().map_or(&[][..], |a| &a.sas),
+            policies: &kept_policies,
+        };
         let links = self.links.values().map(|l| l.plan());
         let desired = desired(links, adopted, actual, self.config.lifetimes);
         let wanted_by: HashMap<SaId, u64> = self
@@ -334,11 +336,25 @@ impl Mesh {
             if !adopted.sas.is_empty() || !adopted.policies.is_empty() {
                 info!(
                     sas = adopted.sas.len(),
-                    "adoption period over; removing what no link replaced"
+                    policies = adopted.policies.len(),
+                    "adoption period over; removing the SAs no link replaced, keeping their policies (blocked)"
                 );
             }
             adopted.sas.clear();
-            adopted.policies.clear();
+            // The pairs stay protected: with no SA the kernel drops (fail closed).
+            for p in adopted.policies.drain(..) {
+                let (local, remote) = match p.id.direction {
+                    Direction::Out => (p.id.src, p.id.dst),
+                    Direction::In => (p.id.dst, p.id.src),
+                };
+                self.guard.block(Blocked {
+                    local,
+                    remote,
+                    peer: None,
+                    reason: BlockReason::Adopted,
+                    since: now,
+                });
+            }
             return;
         }
         for link in self.links.values_mut() {

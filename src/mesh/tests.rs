@@ -304,10 +304,17 @@ fn dead_member_keeps_sas_for_the_grace_period() {
         &a.addrs,
         &[member(&a, MemberState::Alive, true), dead.clone()],
         Duration::from_secs(60),
+        &BTreeMap::new(),
     );
     assert_eq!(links.len(), 2);
     dead.last_heard_ms = 61_000;
-    let links = wanted_links(a.key.public(), &a.addrs, &[dead], Duration::from_secs(60));
+    let links = wanted_links(
+        a.key.public(),
+        &a.addrs,
+        &[dead],
+        Duration::from_secs(60),
+        &BTreeMap::new(),
+    );
     assert!(links.is_empty());
 }
 
@@ -328,6 +335,7 @@ fn hostile_addresses_and_duplicate_claims_are_not_linked() {
         &a.addrs,
         &[me.clone(), mb.clone(), mc.clone()],
         Duration::from_secs(60),
+        &BTreeMap::new(),
     );
     let remotes: Vec<IpAddr> = links.values().map(|t| t.remote).collect();
     assert_eq!(
@@ -345,7 +353,8 @@ fn hostile_addresses_and_duplicate_claims_are_not_linked() {
         a.key.public(),
         &a.addrs,
         &[me.clone(), mb.clone()],
-        Duration::from_secs(60)
+        Duration::from_secs(60),
+        &BTreeMap::new()
     )
     .is_empty());
     // Two members with one key: neither is linked.
@@ -356,7 +365,8 @@ fn hostile_addresses_and_duplicate_claims_are_not_linked() {
         a.key.public(),
         &a.addrs,
         &[me, mb2, mc2],
-        Duration::from_secs(60)
+        Duration::from_secs(60),
+        &BTreeMap::new()
     )
     .is_empty());
 }
@@ -368,7 +378,13 @@ fn families_only_where_both_sides_have_addresses() {
     let b = node("b", 2, [1; 32], now);
     let mut mb = member(&b, MemberState::Alive, false);
     mb.data_addrs.retain(|x| x.is_ipv4());
-    let links = wanted_links(a.key.public(), &a.addrs, &[mb], Duration::from_secs(60));
+    let links = wanted_links(
+        a.key.public(),
+        &a.addrs,
+        &[mb],
+        Duration::from_secs(60),
+        &BTreeMap::new(),
+    );
     assert_eq!(
         links.keys().map(|k| k.family).collect::<Vec<_>>(),
         vec![AddressFamily::V4]
@@ -1157,4 +1173,207 @@ fn lost_handshakes_are_retried_on_the_mesh_s_own_timers() {
         .filter(|l| l.state == LinkState::Established)
         .count();
     assert_eq!(up, 4, "re-tried and established after the blackout");
+}
+
+/// Nodes 0..n established with each other (all alive), and the clock.
+fn established(n: usize) -> (Vec<Node>, Instant) {
+    let mut now = Instant::now();
+    let mut nodes: Vec<Node> = (0..n)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
+        .collect();
+    for i in 0..n {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let nd = &mut nodes[i];
+        nd.mesh.set_members(now, &v, &mut nd.dp);
+    }
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
+    for (i, nd) in nodes.iter().enumerate() {
+        assert!(
+            nd.mesh
+                .link_status()
+                .values()
+                .flatten()
+                .all(|l| l.state == LinkState::Established),
+            "node {i} established"
+        );
+    }
+    (nodes, now)
+}
+
+fn policy_pairs(n: &mut Node) -> usize {
+    n.dp.dump_policies().unwrap().len()
+}
+
+/// Finding 4: silence (gossip dropped, no secret needed) must never turn a
+/// protected pair into plaintext: past the grace period the SAs go, the
+/// policies stay (the kernel drops), and the link comes back by itself.
+#[test]
+fn a_peer_silent_past_the_grace_period_stays_blocked_never_clear() {
+    let (mut nodes, mut now) = established(2);
+    assert_eq!(policy_pairs(&mut nodes[0]), 4);
+    let mut v = view(&nodes, 0, |_| MemberState::Dead);
+    v[1].last_heard_ms = 120_000; // past the 60 s grace
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    resync(n, now);
+    assert!(sa_specs(&mut nodes[0]).is_empty(), "SAs removed");
+    assert_eq!(
+        policy_pairs(&mut nodes[0]),
+        4,
+        "policies kept: drop, never clear"
+    );
+    let blocked = nodes[0].mesh.blocked();
+    assert_eq!(blocked.len(), 2, "{blocked:?}");
+    assert!(blocked
+        .iter()
+        .all(|b| b.reason == BlockReason::PeerUnreachable));
+    // Gossip heals: the link re-keys and the pair is protected throughout.
+    let v = view(&nodes, 0, |_| MemberState::Alive);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    assert!(nodes[0].mesh.blocked().is_empty());
+    for _ in 0..30 {
+        run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
+            false
+        });
+        assert_eq!(policy_pairs(&mut nodes[0]), 4);
+    }
+    assert_eq!(sa_specs(&mut nodes[0]).len(), 4, "re-keyed");
+    // Gone from gossip altogether (GC): blocked again; `forget` releases it.
+    let v = view(&nodes[..1], 0, |_| MemberState::Alive);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    resync(n, now);
+    assert_eq!(policy_pairs(&mut nodes[0]), 4);
+    assert_eq!(nodes[0].mesh.forget("n1"), 4, "2 bindings + 2 pairs");
+    let n = &mut nodes[0];
+    resync(n, now);
+    assert_eq!(
+        policy_pairs(&mut nodes[0]),
+        0,
+        "forgotten: policies removed"
+    );
+}
+
+/// A peer that left (its own statement) releases its pairs at once.
+#[test]
+fn a_peer_that_left_releases_its_pairs() {
+    let (mut nodes, now) = established(2);
+    let v = view(&nodes, 0, |_| MemberState::Left);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    resync(n, now);
+    assert_eq!(policy_pairs(&mut nodes[0]), 0);
+    assert!(nodes[0].mesh.blocked().is_empty());
+}
+
+/// Finding 4, second half: policies found at start-up that no member
+/// re-keys within the adoption period stay (blocked), never deleted.
+#[test]
+fn adopted_policies_nobody_rekeys_stay_blocked() {
+    let (mut nodes, now) = established(2);
+    let key = nodes[0].key.clone();
+    nodes[0].mesh = Mesh::new(
+        MeshConfig::default(),
+        key,
+        &[[7; 32]],
+        nodes[0].addrs.clone(),
+        now,
+        wall(now),
+    )
+    .unwrap();
+    let n = &mut nodes[0];
+    resync(n, now);
+    // No member ever shows up; the adoption period (120 s) ends.
+    let later = now + Duration::from_secs(121);
+    resync(n, later);
+    resync(n, later);
+    assert!(sa_specs(&mut nodes[0]).is_empty(), "stale SAs removed");
+    assert_eq!(policy_pairs(&mut nodes[0]), 4, "policies kept");
+    assert!(nodes[0]
+        .mesh
+        .blocked()
+        .iter()
+        .all(|b| b.reason == BlockReason::Adopted && b.peer.is_none()));
+}
+
+/// Finding 3: a member claiming the addresses of two others must not make
+/// them drop their link (and policies): the addresses stay bound to the
+/// keys they were linked to, the late claimant gets nothing.
+#[test]
+fn a_member_claiming_others_addresses_changes_nothing_between_them() {
+    let (mut nodes, now) = established(3);
+    let spis_before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    let attacker = node("evil", 9, [7; 32], now);
+    for i in 0..3 {
+        let mut v = view(&nodes, i, |_| MemberState::Alive);
+        let mut fake = member(&attacker, MemberState::Alive, false);
+        fake.data_addrs = nodes[0]
+            .addrs
+            .iter()
+            .chain(&nodes[1].addrs)
+            .copied()
+            .collect();
+        v.push(fake);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+        resync(n, now);
+    }
+    let spis_after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(spis_before, spis_after, "n0's SAs untouched");
+    assert_eq!(policy_pairs(&mut nodes[0]), 8);
+    let st = nodes[2].mesh.link_status();
+    assert!(
+        !st.contains_key("evil"),
+        "the claimant gets no link: {st:?}"
+    );
+    assert_eq!(st.len(), 2);
+}
+
+/// Finding 7: a departed member's record does not block its replacement
+/// (a new key) on the same addresses.
+#[test]
+fn a_replacement_takes_over_the_addresses_of_a_member_that_left() {
+    let (mut nodes, now) = established(2);
+    let mut v = view(&nodes, 0, |_| MemberState::Alive);
+    v[1].state = MemberState::Left;
+    let replacement = node("n1-new", 42, [7; 32], now);
+    let mut r = member(&replacement, MemberState::Alive, false);
+    r.data_addrs = nodes[1].addrs.clone();
+    v.push(r);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    let st = nodes[0].mesh.link_status();
+    assert_eq!(st.get("n1-new").map(|l| l.len()), Some(2), "{st:?}");
+}
+
+/// Address proof: an initiation from a member's key must come from that
+/// member's address, or it gets no response (and nothing is installed).
+#[test]
+fn an_initiation_from_another_address_gets_no_response() {
+    let now = Instant::now();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
+        .collect();
+    for i in 0..2 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    let n = &mut nodes[0];
+    n.mesh.handle_timeout(now, &mut n.dp);
+    let (family, _, bytes) = nodes[0].mesh.poll_transmit().expect("an initiation");
+    let elsewhere: SocketAddr = if family == AddressFamily::V4 {
+        "192.0.2.99:9341".parse().unwrap()
+    } else {
+        "[2001:db8::99]:9341".parse().unwrap()
+    };
+    let n = &mut nodes[1];
+    n.mesh
+        .handle_datagram(now, family, elsewhere, &bytes, &mut n.dp);
+    assert!(nodes[1].mesh.poll_transmit().is_none(), "no response");
+    assert!(sa_specs(&mut nodes[1]).is_empty(), "nothing installed");
+    assert_eq!(nodes[1].mesh.handshake_counters().install_failed, 1);
 }
