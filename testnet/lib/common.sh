@@ -17,6 +17,7 @@ GUEST_MODULES=(
     xfrm_user esp4 esp6 aesni_intel gcm ghash_clmulni_intel seqiv echainiv
     authenc cbc drbg chacha20poly1305 chacha_x86_64 poly1305_x86_64
     veth bridge sch_netem tun wireguard
+    sch_ingress cls_u32 act_gact
 )
 
 # Host packages the bed, the VM path and the benchmark need (Debian names).
