@@ -225,6 +225,7 @@ impl HandshakeContext for Ctx<'_> {
         let target = self.target(&session.peer)?.clone();
         // Address proof: a peer's handshake comes from its own data address.
         if session.peer_addr.ip() != target.remote {
+            self.counters.refused_wrong_source += 1;
             let _ = self.dp.delete_sa(SaId {
                 dst: target.local,
                 spi: session.local_spi,
@@ -679,6 +680,16 @@ impl Mesh {
                         free_spi(&self.self_addrs, family, session.local_spi, dp);
                         continue;
                     };
+                    // Address proof: the response must come from the peer's address.
+                    if session.peer_addr.ip() != link.target.remote {
+                        warn!(peer = %link.target.name, family = %family, from = %session.peer_addr, "handshake response from another address than the peer's; refused");
+                        self.counters.refused_wrong_source += 1;
+                        self.counters.handshakes_failed += 1;
+                        link.failures += 1;
+                        link.next_attempt = now + backoff(link.failures);
+                        free_spi(&self.self_addrs, family, session.local_spi, dp);
+                        continue;
+                    }
                     info!(
                         peer = %link.target.name, family = %family, role = ?session.role,
                         spi_in = format_args!("0x{:08x}", session.local_spi),

@@ -80,6 +80,10 @@ pub struct MeshCounters {
     pub soft_limits_reached: u64,
     /// Kernel event notifications lost to a full socket buffer.
     pub kernel_event_overruns: u64,
+    /// Handshakes refused because they did not come from the peer's data
+    /// address (address proof; both roles).
+    #[serde(default)]
+    pub refused_wrong_source: u64,
 }
 
 impl super::Mesh {

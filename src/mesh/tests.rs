@@ -1377,3 +1377,43 @@ fn an_initiation_from_another_address_gets_no_response() {
     assert!(sa_specs(&mut nodes[1]).is_empty(), "nothing installed");
     assert_eq!(nodes[1].mesh.handshake_counters().install_failed, 1);
 }
+
+/// Address proof, initiator side: a response that does not come from the
+/// peer's data address establishes nothing.
+#[test]
+fn a_response_from_another_address_establishes_nothing() {
+    let now = Instant::now();
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
+        .collect();
+    for i in 0..2 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    let n = &mut nodes[0];
+    n.mesh.handle_timeout(now, &mut n.dp);
+    let (family, _, init) = nodes[0].mesh.poll_transmit().expect("an initiation");
+    let from0 = SocketAddr::new(
+        *nodes[0]
+            .addrs
+            .iter()
+            .find(|a| AddressFamily::of(**a) == family)
+            .unwrap(),
+        9341,
+    );
+    let n = &mut nodes[1];
+    n.mesh.handle_datagram(now, family, from0, &init, &mut n.dp);
+    let (_, _, resp) = nodes[1].mesh.poll_transmit().expect("a response");
+    let elsewhere: SocketAddr = if family == AddressFamily::V4 {
+        "192.0.2.99:9341".parse().unwrap()
+    } else {
+        "[2001:db8::99]:9341".parse().unwrap()
+    };
+    let n = &mut nodes[0];
+    n.mesh
+        .handle_datagram(now, family, elsewhere, &resp, &mut n.dp);
+    resync(n, now);
+    assert_eq!(nodes[0].mesh.counters().refused_wrong_source, 1);
+    assert!(sa_specs(&mut nodes[0]).is_empty(), "nothing installed");
+}
