@@ -270,6 +270,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                         .map(|b| control::BlockedRow::new(b, now))
                         .collect()
                 },
+                conflicts: report_rx.borrow().conflicts.clone(),
             }
         })
     };

@@ -528,6 +528,19 @@ fn render_status(s: &Status) -> String {
         kv(&s.handshake),
         kv(&s.mesh),
     ) + &render_blocked(&s.blocked)
+        + &render_conflicts(&s.conflicts)
+}
+
+/// One line per refused claim on a bound address.
+fn render_conflicts(rows: &[crate::mesh::Conflict]) -> String {
+    let mut out = String::new();
+    for c in rows {
+        out.push_str(&format!(
+            "conflict:     {} claims {}, bound to {}: ignored\n",
+            c.claimant, c.address, c.bound_to
+        ));
+    }
+    out
 }
 
 /// One line per blocked pair: traffic to it is dropped, never sent in clear.

@@ -151,6 +151,9 @@ pub struct Status {
     /// sends in clear), and why.
     #[serde(default)]
     pub blocked: Vec<BlockedRow>,
+    /// Members' claims on addresses bound to another peer: ignored.
+    #[serde(default)]
+    pub conflicts: Vec<crate::mesh::Conflict>,
 }
 
 /// A blocked pair in `meshsec status`.
@@ -604,6 +607,7 @@ mod tests {
             handshake: Default::default(),
             mesh: Default::default(),
             blocked: vec![],
+            conflicts: vec![],
         }
     }
 

@@ -30,6 +30,8 @@ pub struct MeshReport {
     pub handshake: HandshakeCounters,
     /// Pairs kept blocked (policies without SAs), and why.
     pub blocked: Vec<super::Blocked>,
+    /// Claims on addresses bound to another peer (ignored).
+    pub conflicts: Vec<super::Conflict>,
 }
 
 /// Payload of a confirmation probe (see [`Mesh::poll_probe`]).
@@ -316,6 +318,7 @@ pub async fn run(
                 counters: mesh.counters().clone(),
                 handshake: mesh.handshake_counters(),
                 blocked: mesh.blocked(),
+                conflicts: mesh.conflicts().to_vec(),
             }));
         }
     };

@@ -52,6 +52,17 @@ pub struct Blocked {
     pub since: Instant,
 }
 
+/// A member's claim on an address bound to another peer: ignored.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Conflict {
+    /// The claimant's node name.
+    pub claimant: String,
+    /// The address it claims.
+    pub address: IpAddr,
+    /// The peer the address is bound to.
+    pub bound_to: String,
+}
+
 /// Address bindings and blocked pairs.
 #[derive(Debug, Default)]
 pub struct Guard {
@@ -62,6 +73,33 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// Claims in `members` on addresses bound to another key (ignored by
+    /// [`super::wanted_links`]).
+    pub fn conflicts(&self, members: &[crate::gossip::members::Member]) -> Vec<Conflict> {
+        let mut out = Vec::new();
+        for m in members
+            .iter()
+            .filter(|m| !m.is_self && m.state != crate::gossip::members::MemberState::Left)
+        {
+            let Some(k) = m.public_key else {
+                continue;
+            };
+            for a in &m.data_addrs {
+                if let Some((owner, name)) = self.bindings.get(a) {
+                    if *owner != k {
+                        out.push(Conflict {
+                            claimant: m.name.clone(),
+                            address: *a,
+                            bound_to: name.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
     /// The address → key bindings, for [`super::wanted_links`].
     pub fn bindings(&self) -> BTreeMap<IpAddr, PublicKey> {
         self.bindings.iter().map(|(a, (k, _))| (*a, *k)).collect()

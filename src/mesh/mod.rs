@@ -36,7 +36,7 @@ mod plan;
 mod reconcile;
 mod status;
 
-pub use guard::{BlockReason, Blocked};
+pub use guard::{BlockReason, Blocked, Conflict};
 pub use links::{usable_peer_address, wanted_links, LinkId, Target};
 pub use plan::{desired, link_objects, plan, sa_ids, AdoptedPlan, LinkPlan, REPLAY_WINDOW};
 pub use status::{LinkState, LinkStatus, MeshCounters};
@@ -173,6 +173,8 @@ pub struct Mesh {
     wall_anchor: (Instant, Duration),
     /// Address bindings and blocked pairs (fail closed for good).
     guard: guard::Guard,
+    /// Claims on addresses bound to another peer, as of the last view.
+    conflicts: Vec<Conflict>,
 }
 
 struct Adopted {
@@ -302,6 +304,7 @@ impl Mesh {
             next_resync: now,
             wall_anchor: (now, unix_now),
             guard: guard::Guard::default(),
+            conflicts: Vec::new(),
         })
     }
 
@@ -338,6 +341,12 @@ impl Mesh {
                 }
             }
         }
+        let conflicts = self.guard.conflicts(members);
+        for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
+            self.counters.refused_claims += 1;
+            warn!(claimant = %c.claimant, address = %c.address, bound_to = %c.bound_to, "claim on an address bound to another peer; ignored");
+        }
+        self.conflicts = conflicts;
         let wanted = wanted_links(
             &self.self_key,
             &self.self_addrs,
@@ -441,6 +450,11 @@ impl Mesh {
             self.dirty = true;
         }
         n
+    }
+
+    /// Claims on addresses bound to another peer (ignored), as of the last view.
+    pub fn conflicts(&self) -> &[Conflict] {
+        &self.conflicts
     }
 
     /// The pairs kept blocked (policies without SAs), and why.

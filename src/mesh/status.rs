@@ -84,6 +84,9 @@ pub struct MeshCounters {
     /// address (address proof; both roles).
     #[serde(default)]
     pub refused_wrong_source: u64,
+    /// Claims on an address bound to another peer (each claim once): ignored.
+    #[serde(default)]
+    pub refused_claims: u64,
 }
 
 impl super::Mesh {

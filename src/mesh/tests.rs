@@ -1330,6 +1330,11 @@ fn a_member_claiming_others_addresses_changes_nothing_between_them() {
         "the claimant gets no link: {st:?}"
     );
     assert_eq!(st.len(), 2);
+    // Shown and counted: on n2, evil's 4 claims (n0's and n1's v4 and v6).
+    let c = nodes[2].mesh.conflicts();
+    assert_eq!(c.len(), 4, "{c:?}");
+    assert!(c.iter().all(|c| c.claimant == "evil"));
+    assert_eq!(nodes[2].mesh.counters().refused_claims, 4);
 }
 
 /// Finding 7: a departed member's record does not block its replacement
