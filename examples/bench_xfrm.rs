@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use meshsec::datapath::{
-    Aead, Change, Datapath, Direction, Lifetimes, PolicySpec, Reqid, SaSpec, XfrmDatapath,
+    Aead, Change, Datapath, Direction, Lifetimes, PolicySpec, Reqid, SaKey, SaSpec, XfrmDatapath,
 };
 
 fn peer_addr(i: u32, v6: bool) -> IpAddr {
@@ -76,7 +76,10 @@ fn main() {
     for i in 0..peers {
         let peer = peer_addr(i, v6);
         if !policies_only {
-            let key: Vec<u8> = (0..aead.key_len()).map(|k| (i as u8) ^ (k as u8)).collect();
+            let key: SaKey = (0..aead.key_len())
+                .map(|k| (i as u8) ^ (k as u8))
+                .collect::<Vec<u8>>()
+                .into();
             changes.push(Change::AddSa(SaSpec {
                 src: peer,
                 dst: local,

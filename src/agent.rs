@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,6 +31,7 @@ use crate::identity::{self, KeyOrigin, NodeKey};
 use crate::mesh::driver::{bind_handshake_sockets, MeshChannels, MeshReport};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::shutdown::{self, Stop, StopReceiver};
+use crate::throttle::LogThrottle;
 
 /// Chitchat cluster id; sealing already separates clusters, this only guards
 /// against a meshsec gossip port being pointed at another chitchat user.
@@ -218,6 +220,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 
     let started = Instant::now();
     let (members_tx, members_rx) = watch::channel(Arc::new(Vec::<Member>::new()));
+    // Nodes the view refuses for their name (see members::valid_name).
+    let refused = Arc::new(AtomicUsize::new(0));
     let (changes_tx, _) = broadcast::channel(256);
     let (stop_tx, stop_rx) = shutdown::channel();
 
@@ -226,12 +230,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let status_fn = {
         let report_rx = report_rx.clone();
         let members_rx = members_rx.clone();
+        let refused = refused.clone();
         let cfg = cfg.clone();
         let public = *node_key.public();
         let counters = transport.counters();
         Arc::new(move || {
             let members = members_rx.borrow().clone();
-            let mut counts = MemberCounts::default();
+            let mut counts = MemberCounts {
+                refused: refused.load(Ordering::Relaxed),
+                ..MemberCounts::default()
+            };
             for m in members.iter() {
                 match m.state {
                     MemberState::Alive => counts.alive += 1,
@@ -333,6 +341,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg.node_name.clone(),
         members_tx,
         changes_tx,
+        refused,
         stop_rx.clone(),
     ));
 
@@ -408,9 +417,11 @@ async fn track_members(
     self_name: String,
     members_tx: watch::Sender<Arc<Vec<Member>>>,
     changes_tx: broadcast::Sender<Arc<(Vec<members::Change>, Vec<Member>)>>,
+    refused: Arc<AtomicUsize>,
     mut stop: StopReceiver,
 ) {
     let mut tracker = HeardTracker::default();
+    let refused_log = LogThrottle::new(Duration::from_secs(60));
     let mut ticker = tokio::time::interval(VIEW_INTERVAL);
     let mut current: Vec<Member> = Vec::new();
     loop {
@@ -425,6 +436,14 @@ async fn track_members(
         let now = Instant::now();
         let heard = tracker.observe(&observed, now);
         let next = members::view(&observed, &heard, &self_name, now, suspect_after());
+        let n_refused = members::refused_names(&observed);
+        refused.store(n_refused, Ordering::Relaxed);
+        if n_refused > 0 {
+            if let Some(suppressed) = refused_log.check(now, "refused_member_name") {
+                // The names themselves are not logged: they are what is refused.
+                warn!(refused = n_refused, suppressed, "gossip carries nodes whose name is not 1-63 characters of letters, digits, '-', '_' or '.': not listed, not linked");
+            }
+        }
         let changes = members::diff(&current, &next);
         let heard_changed = next
             .iter()

@@ -506,7 +506,7 @@ fn kv<T: serde::Serialize>(counters: &T) -> String {
 
 fn render_status(s: &Status) -> String {
     format!(
-        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left\ndatapath:     {} ({})\ngossip stats: {}\nhandshakes:   {}\nmesh:         {}\n",
+        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left, {} refused (bad name)\ndatapath:     {} ({})\ngossip stats: {}\nhandshakes:   {}\nmesh:         {}\n",
         s.name,
         s.version,
         s.public_key,
@@ -522,6 +522,7 @@ fn render_status(s: &Status) -> String {
         s.members.suspect,
         s.members.dead,
         s.members.left,
+        s.members.refused,
         s.datapath,
         s.esp_algorithm,
         kv(&s.gossip),

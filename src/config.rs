@@ -374,12 +374,7 @@ pub fn hostname() -> Option<String> {
 }
 
 fn validate_node_name(name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+    if crate::gossip::members::valid_name(name) {
         Ok(())
     } else {
         Err(ConfigError::new(

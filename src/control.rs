@@ -319,6 +319,10 @@ pub struct MemberCounts {
     pub dead: usize,
     /// Left.
     pub left: usize,
+    /// Nodes gossip knows whose name breaks the node-name rule: not listed,
+    /// not linked (a real agent never publishes such a name).
+    #[serde(default)]
+    pub refused: usize,
 }
 
 /// What the server reads to answer requests.

@@ -114,6 +114,7 @@ pub fn load_secrets(path: &Path) -> Result<Vec<ClusterSecret>, IdentityError> {
         reason,
     };
     let text = Zeroizing::new(fs::read_to_string(path).map_err(|e| err(e.to_string()))?);
+    warn_if_readable_by_others(path);
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -149,6 +150,50 @@ pub fn load_keyring(paths: &[PathBuf]) -> Result<Vec<ClusterSecret>, IdentityErr
         out.extend(load_secrets(p)?);
     }
     Ok(out)
+}
+
+/// A secret file (cluster secret or node key) that users other than its
+/// owner can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadableByOthers {
+    /// The file.
+    pub path: PathBuf,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+impl std::fmt::Display for ReadableByOthers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is readable by its group or by everyone (mode {:04o}); fix: chmod 600 {}",
+            self.path.display(),
+            self.mode,
+            self.path.display()
+        )
+    }
+}
+
+/// Which of `paths` their group or everyone may read. A file whose metadata
+/// cannot be read is skipped: reading it reports the problem.
+pub fn readable_by_others<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Vec<ReadableByOthers> {
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            let mode = fs::metadata(p).ok()?.permissions().mode() & 0o7777;
+            (mode & 0o044 != 0).then(|| ReadableByOthers {
+                path: p.to_path_buf(),
+                mode,
+            })
+        })
+        .collect()
+}
+
+/// Warns (does not refuse) when a secret file just loaded is readable by others.
+fn warn_if_readable_by_others(path: &Path) {
+    for finding in readable_by_others([path]) {
+        tracing::warn!(file = %finding.path.display(), mode = format_args!("{:04o}", finding.mode), "{finding}");
+    }
 }
 
 /// The node's static X25519 key pair.
@@ -208,7 +253,10 @@ impl NodeKey {
         check_state_dir(state_dir)?;
         let path = state_dir.join(NODE_KEY_FILE);
         match read_key_file(&path) {
-            Ok(key) => Ok((key, KeyOrigin::Loaded)),
+            Ok(key) => {
+                warn_if_readable_by_others(&path);
+                Ok((key, KeyOrigin::Loaded))
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Ok((NodeKey::generate(), KeyOrigin::Generated))
             }
@@ -467,6 +515,46 @@ mod tests {
         std::fs::write(&ring, format!("{}\nnot-base64\n", ta.trim())).unwrap();
         let e = load_keyring(&[ring]).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("not base64"), "{e}");
+    }
+
+    #[test]
+    fn secret_files_readable_by_others_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str, mode: u32| {
+            let p = dir.path().join(name);
+            fs::write(&p, "x\n").unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            p
+        };
+        let private = at("private", 0o600);
+        let world = at("world", 0o644);
+        let group = at("group", 0o640);
+        let owner_only_ro = at("ro", 0o400);
+        let missing = dir.path().join("missing");
+        let found = readable_by_others(
+            [&private, &world, &group, &owner_only_ro, &missing].map(|p| p.as_path()),
+        );
+        assert_eq!(
+            found,
+            vec![
+                ReadableByOthers {
+                    path: world.clone(),
+                    mode: 0o644
+                },
+                ReadableByOthers {
+                    path: group.clone(),
+                    mode: 0o640
+                },
+            ]
+        );
+        let text = found[0].to_string();
+        assert!(
+            text.contains(&format!("chmod 600 {}", world.display())),
+            "{text}"
+        );
+        // Loading warns but does not refuse.
+        fs::write(&world, format!("{}\n", B64.encode([7u8; 32]))).unwrap();
+        assert_eq!(load_keyring(&[world]).unwrap().len(), 1);
     }
 
     #[test]

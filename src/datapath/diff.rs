@@ -81,7 +81,7 @@ impl KernelState {
                     direction,
                     reqid: s.reqid,
                     aead,
-                    key: Vec::new(),
+                    key: Default::default(),
                     replay_window: s.replay_window,
                     lifetimes: s.lifetimes,
                 },
@@ -146,7 +146,7 @@ mod tests {
             direction: Direction::Out,
             reqid: Reqid::DEFAULT,
             aead: Aead::Aes128Gcm,
-            key: vec![1; 20],
+            key: vec![1; 20].into(),
             replay_window: 1024,
             lifetimes: Lifetimes::default(),
         }

@@ -106,7 +106,7 @@ impl MemoryDatapath {
     /// both ends agree; the kernel never gives keys back to meshsec).
     pub fn key_of(&self, id: SaId) -> Option<&[u8]> {
         match self.sas.get(&id) {
-            Some(MemSa::Full { spec, .. }) => Some(&spec.key),
+            Some(MemSa::Full { spec, .. }) => Some(spec.key.as_bytes()),
             _ => None,
         }
     }

@@ -20,6 +20,8 @@
 use std::fmt;
 use std::net::IpAddr;
 
+use zeroize::Zeroizing;
+
 mod bypass;
 mod diff;
 mod error;
@@ -105,7 +107,7 @@ pub struct SaSpec {
     /// The AEAD transform.
     pub aead: Aead,
     /// Key material, `aead.key_len()` bytes (salt included).
-    pub key: Vec<u8>,
+    pub key: SaKey,
     /// Inbound anti-replay window in packets (≥ [`MIN_INBOUND_REPLAY_WINDOW`]).
     /// Ignored for outbound SAs, whose window is the kernel minimum.
     pub replay_window: u32,
@@ -133,10 +135,41 @@ impl fmt::Debug for SaSpec {
             .field("direction", &self.direction)
             .field("reqid", &self.reqid)
             .field("aead", &self.aead)
-            .field("key", &format_args!("<{} bytes redacted>", self.key.len()))
+            .field("key", &self.key)
             .field("replay_window", &self.replay_window)
             .field("lifetimes", &self.lifetimes)
             .finish()
+    }
+}
+
+/// SA key material (key ‖ salt, the kernel's layout): zeroed on drop,
+/// redacted in Debug, so no copy of a session key outlives its SA spec.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SaKey(Zeroizing<Vec<u8>>);
+
+impl SaKey {
+    /// The raw bytes, for the netlink message (and simulation checks).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&[u8]> for SaKey {
+    fn from(bytes: &[u8]) -> SaKey {
+        SaKey(Zeroizing::new(bytes.to_vec()))
+    }
+}
+
+impl From<Vec<u8>> for SaKey {
+    fn from(bytes: Vec<u8>) -> SaKey {
+        SaKey(Zeroizing::new(bytes))
+    }
+}
+
+// Keys never reach logs, also when a key is formatted on its own.
+impl fmt::Debug for SaKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes redacted>", self.0.len())
     }
 }
 
@@ -424,12 +457,12 @@ pub(crate) fn validate_sa(op: Op, sa: &SaSpec) -> Result<(), DatapathError> {
     if sa.src.is_ipv4() != sa.dst.is_ipv4() {
         return invalid(format!("mixed address families {} -> {}", sa.src, sa.dst));
     }
-    if sa.key.len() != sa.aead.key_len() {
+    if sa.key.as_bytes().len() != sa.aead.key_len() {
         return invalid(format!(
             "{} needs a {}-byte key (salt included), got {}",
             sa.aead,
             sa.aead.key_len(),
-            sa.key.len()
+            sa.key.as_bytes().len()
         ));
     }
     // SPIs 1..=255 are reserved by IANA; 0 means "none".

@@ -171,7 +171,7 @@ mod tests {
             direction: Direction::Out,
             reqid,
             aead: Aead::Aes128Gcm,
-            key: vec![7; 20],
+            key: vec![7; 20].into(),
             replay_window: 0,
             lifetimes: Lifetimes::default(),
         };

@@ -219,8 +219,11 @@ impl NlSocket {
             };
             encode(&r.msg, flags, self.seq, &mut self.tx);
         }
-        let sent = self.sock.send(&self.tx, 0)?;
-        if sent != self.tx.len() {
+        let sent = self.sock.send(&self.tx, 0);
+        let len = self.tx.len();
+        // The datagram carried SA keys: wipe it before the buffer is reused.
+        zeroize::Zeroize::zeroize(&mut self.tx);
+        if sent? != len {
             return Err(io::Error::other("short netlink send"));
         }
         let base = outcomes.len();

@@ -10,10 +10,22 @@ pub(crate) fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
-pub(crate) fn key(aead: Aead, fill: u8) -> Vec<u8> {
+pub(crate) fn key(aead: Aead, fill: u8) -> SaKey {
     (0..aead.key_len())
         .map(|i| fill.wrapping_add(i as u8))
-        .collect()
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+#[test]
+fn debug_of_an_sa_spec_or_its_key_shows_no_key_bytes() {
+    let mut s = sa("192.0.2.1", "192.0.2.2", 1, Direction::In, Aead::Aes128Gcm);
+    s.key = vec![0xab; Aead::Aes128Gcm.key_len()].into();
+    for text in [format!("{s:?}"), format!("{s:#?}"), format!("{:?}", s.key)] {
+        assert!(!text.contains("171") && !text.contains("ab, ab"), "{text}");
+        assert!(!text.contains("0xab") && !text.contains("[ab"), "{text}");
+        assert!(text.contains("20 bytes redacted"), "{text}");
+    }
 }
 
 pub(crate) fn sa(src: &str, dst: &str, spi: u32, direction: Direction, aead: Aead) -> SaSpec {
@@ -289,7 +301,8 @@ pub(crate) fn sas(dp: &mut dyn Datapath, aead: Aead) {
             ErrorKind::NotFound
         );
         let mut short = missing.clone();
-        short.key.pop();
+        let k = missing.key.as_bytes();
+        short.key = SaKey::from(&k[..k.len() - 1]);
         assert_eq!(
             dp.install_sa(&short).unwrap_err().kind(),
             ErrorKind::Invalid
@@ -430,7 +443,7 @@ mod memory_tests {
         m.install_sa(&s).unwrap();
         assert!(m.record_traffic(s.id(), 1500, 1));
         assert_eq!(m.dump_sas().unwrap()[0].counters.bytes, 1500);
-        assert_eq!(m.key_of(s.id()), Some(&s.key[..]));
+        assert_eq!(m.key_of(s.id()), Some(s.key.as_bytes()));
         let i = sa(
             "10.21.0.2",
             "10.21.0.1",

@@ -84,6 +84,32 @@ pub struct Observed {
     pub dead: bool,
 }
 
+/// The longest node name, in bytes (a DNS label's limit).
+pub const MAX_NAME_LEN: usize = 63;
+
+/// The one rule for node names: 1-63 characters of ASCII letters, digits,
+/// '-', '_' or '.'. `--node-name` must follow it, so a real agent never
+/// publishes anything else; a name from gossip that breaks it (terminal
+/// escapes, control characters, unbounded length) is never shown or linked.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+}
+
+/// How many distinct node names in `observed` break [`valid_name`]: the
+/// members [`view`] refuses (counted in `meshsec status`).
+pub fn refused_names(observed: &[Observed]) -> usize {
+    observed
+        .iter()
+        .filter(|o| !valid_name(&o.name))
+        .map(|o| o.name.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
 /// Remembers when each node's heartbeat last advanced, so "last heard" and
 /// "suspect" need no clock inside chitchat.
 #[derive(Debug, Default)]
@@ -116,7 +142,9 @@ impl HeardTracker {
     }
 }
 
-/// Computes the view: one row per node name (newest generation), sorted by name.
+/// Computes the view: one row per node name (newest generation), sorted by
+/// name. Nodes whose name breaks [`valid_name`] are left out
+/// ([`refused_names`] counts them).
 pub fn view(
     observed: &[Observed],
     heard: &HashMap<(String, u64), Instant>,
@@ -134,7 +162,7 @@ pub fn view(
         )
     };
     let mut newest: BTreeMap<&str, &Observed> = BTreeMap::new();
-    for o in observed {
+    for o in observed.iter().filter(|o| valid_name(&o.name)) {
         match newest.get(o.name.as_str()) {
             Some(prev) if rank(prev) >= rank(o) => {}
             _ => {
@@ -326,6 +354,28 @@ mod tests {
             view(&o2, &heard, "a", t1, Duration::from_secs(4))[0].last_heard_ms,
             0
         );
+    }
+
+    #[test]
+    fn names_breaking_the_rule_are_refused_and_counted() {
+        let now = Instant::now();
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        let o = vec![
+            obs("b", 1, 10, true, false, false),
+            obs("evil\u{1b}]0;pwned\u{7}", 1, 10, true, false, false),
+            obs("evil\u{1b}]0;pwned\u{7}", 2, 10, true, false, false),
+            obs("sp ace", 1, 10, true, false, false),
+            obs("", 1, 10, true, false, false),
+            obs(&long, 1, 10, true, false, false),
+            obs(&"y".repeat(MAX_NAME_LEN), 1, 10, true, false, false),
+        ];
+        let heard = HeardTracker::default().observe(&o, now);
+        let v = view(&o, &heard, "a", now, Duration::from_secs(4));
+        let names: Vec<&str> = v.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, vec!["b", "y".repeat(MAX_NAME_LEN).as_str()]);
+        assert_eq!(refused_names(&o), 4);
+        assert!(valid_name("host-1.example_a"));
+        assert!(!valid_name("h\u{e9}te"));
     }
 
     #[test]

@@ -125,6 +125,13 @@ pub struct MeshConfig {
     pub adopt_grace: Duration,
     /// How often the kernel is re-read even when nothing happened.
     pub resync_interval: Duration,
+    /// Handshake initiations (each an SPI reservation and a datagram to the
+    /// peer's handshake port) started in any one second, over all links;
+    /// the rest wait for a later tick, oldest due first.
+    pub max_initiations_per_sec: usize,
+    /// Links kept at most (one per peer and address family); links a view
+    /// wants beyond that are refused until others go.
+    pub max_links: usize,
 }
 
 impl Default for MeshConfig {
@@ -139,6 +146,10 @@ impl Default for MeshConfig {
             retire_after: Duration::from_secs(10),
             adopt_grace: Duration::from_secs(120),
             resync_interval: RESYNC_INTERVAL,
+            // A 100-host dual-stack cluster (198 links) starts in one go.
+            max_initiations_per_sec: 256,
+            // 4096 dual-stack peers.
+            max_links: 8192,
         }
     }
 }
@@ -175,6 +186,8 @@ pub struct Mesh {
     guard: guard::Guard,
     /// Claims on addresses bound to another peer, as of the last view.
     conflicts: Vec<Conflict>,
+    /// When the initiations of the last second started (the per-second cap).
+    started: std::collections::VecDeque<Instant>,
 }
 
 struct Adopted {
@@ -305,6 +318,7 @@ impl Mesh {
             wall_anchor: (now, unix_now),
             guard: guard::Guard::default(),
             conflicts: Vec::new(),
+            started: std::collections::VecDeque::new(),
         })
     }
 
@@ -391,8 +405,12 @@ impl Mesh {
             }
             self.dirty = true;
         }
+        let mut refused = 0u64;
         for (id, target) in wanted {
-            self.guard.bind(target.remote, id.peer, &target.name);
+            let full = self.links.len() >= self.config.max_links;
+            if !full || self.links.contains_key(&id) {
+                self.guard.bind(target.remote, id.peer, &target.name);
+            }
             match self.links.get_mut(&id) {
                 Some(link) if link.target == target => {}
                 Some(link) => {
@@ -416,6 +434,7 @@ impl Mesh {
                     }
                     self.dirty = true;
                 }
+                None if full => refused += 1,
                 None => {
                     debug!(peer = %target.name, family = %id.family, "link wanted");
                     // A blocked pair stays protected while the link re-keys.
@@ -436,6 +455,17 @@ impl Mesh {
                         },
                     );
                 }
+            }
+        }
+        if refused > 0 {
+            self.counters.links_refused += refused;
+            if let Some(suppressed) = self.error_log.check(now, "links_refused") {
+                warn!(
+                    refused,
+                    max_links = self.config.max_links,
+                    suppressed,
+                    "membership wants more links than the cap; the rest are not linked"
+                );
             }
         }
     }
@@ -535,7 +565,8 @@ impl Mesh {
                         .is_some_and(|e| e.is_initiating(&id.peer))
             })
             .map(|(_, l)| l.next_attempt)
-            .min();
+            .min()
+            .map(|t| self.initiation_slot().map_or(t, |slot| t.max(slot)));
         let rekeys = self
             .links
             .iter()
@@ -547,7 +578,8 @@ impl Mesh {
                         .is_some_and(|e| e.is_initiating(&id.peer))
             })
             .filter_map(|(_, l)| l.rekey_at)
-            .min();
+            .min()
+            .map(|t| self.initiation_slot().map_or(t, |slot| t.max(slot)));
         // Pending confirmations and retiring SAs need the kernel re-read soon.
         let kernel = self
             .needs_kernel_poll()
@@ -635,8 +667,27 @@ impl Mesh {
         n
     }
 
+    /// When the per-second initiation cap lets the next one start, if it
+    /// is reached now (`None`: one may start at once).
+    fn initiation_slot(&self) -> Option<Instant> {
+        if self.started.len() < self.config.max_initiations_per_sec.max(1) {
+            return None;
+        }
+        self.started.front().map(|t| *t + INITIATION_WINDOW)
+    }
+
     fn initiate_due(&mut self, now: Instant, dp: &mut dyn Datapath) {
-        for (id, link) in self.links.iter_mut() {
+        while self
+            .started
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= INITIATION_WINDOW)
+        {
+            self.started.pop_front();
+        }
+        // Due links, oldest due first, so one held back by the cap is never
+        // overtaken by links that became due after it.
+        let mut due: Vec<(Instant, LinkId, bool)> = Vec::new();
+        for (id, link) in &self.links {
             let rekey = link.session.is_some()
                 && link.pending.is_none()
                 && link.rekey_at.is_some_and(|t| now >= t);
@@ -645,12 +696,40 @@ impl Mesh {
             {
                 continue;
             }
-            let Some(ep) = self.endpoints.get_mut(&id.family) else {
+            let Some(ep) = self.endpoints.get(&id.family) else {
                 continue;
             };
             if ep.is_initiating(&id.peer) {
                 continue;
             }
+            let since = match link.rekey_at {
+                Some(t) if rekey => t,
+                _ => link.next_attempt,
+            };
+            due.push((since, *id, rekey));
+        }
+        due.sort();
+        let cap = self.config.max_initiations_per_sec.max(1);
+        let room = cap - self.started.len().min(cap);
+        let held_back = due.len().saturating_sub(room);
+        if held_back > 0 {
+            self.counters.initiations_deferred += held_back as u64;
+            if let Some(suppressed) = self.error_log.check(now, "initiations_deferred") {
+                warn!(
+                    held_back,
+                    cap,
+                    suppressed,
+                    "more handshakes due than the per-second cap; the rest start on later ticks"
+                );
+            }
+        }
+        for (_, id, rekey) in due.into_iter().take(room) {
+            let (Some(link), Some(ep)) =
+                (self.links.get_mut(&id), self.endpoints.get_mut(&id.family))
+            else {
+                continue;
+            };
+            self.started.push_back(now);
             if rekey {
                 // Retried at the normal backoff if this attempt fails.
                 link.rekey_at = Some(now + backoff(link.failures));
@@ -803,6 +882,9 @@ fn free_spi(self_addrs: &[IpAddr], family: AddressFamily, spi: u32, dp: &mut dyn
         let _ = dp.delete_sa(SaId { dst: *local, spi });
     }
 }
+
+/// The window of [`MeshConfig::max_initiations_per_sec`].
+const INITIATION_WINDOW: Duration = Duration::from_secs(1);
 
 fn backoff(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.min(5)).min(Duration::from_secs(30))

@@ -29,7 +29,7 @@ pub fn link_objects(
         direction: Direction::In,
         reqid: Reqid::DEFAULT,
         aead,
-        key: session.key_in.as_bytes().to_vec(),
+        key: session.key_in.as_bytes().into(),
         replay_window: REPLAY_WINDOW.max(MIN_INBOUND_REPLAY_WINDOW),
         lifetimes,
     };
@@ -40,7 +40,7 @@ pub fn link_objects(
         direction: Direction::Out,
         reqid: Reqid::DEFAULT,
         aead,
-        key: session.key_out.as_bytes().to_vec(),
+        key: session.key_out.as_bytes().into(),
         replay_window: 0,
         lifetimes,
     };

@@ -87,6 +87,15 @@ pub struct MeshCounters {
     /// Claims on an address bound to another peer (each claim once): ignored.
     #[serde(default)]
     pub refused_claims: u64,
+    /// Due handshake initiations (new links, retries, re-keys) held back to
+    /// a later tick by the per-second cap (`MeshConfig::max_initiations_per_sec`),
+    /// never dropped; a link held back at several ticks counts at each.
+    #[serde(default)]
+    pub initiations_deferred: u64,
+    /// Links a membership view wanted but did not get because
+    /// `MeshConfig::max_links` links exist (counted at each view change).
+    #[serde(default)]
+    pub links_refused: u64,
 }
 
 impl super::Mesh {

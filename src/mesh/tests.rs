@@ -1422,3 +1422,103 @@ fn a_response_from_another_address_establishes_nothing() {
     assert_eq!(nodes[0].mesh.counters().refused_wrong_source, 1);
     assert!(sa_specs(&mut nodes[0]).is_empty(), "nothing installed");
 }
+
+/// `n` members that publish a key, an address and a handshake port but
+/// never answer (what a holder of the cluster secret can make up).
+fn fake_members(n: u32) -> Vec<Member> {
+    (0..n)
+        .map(|i| {
+            let mut private = [7u8; 32];
+            private[1..5].copy_from_slice(&i.to_le_bytes());
+            let addr = IpAddr::from([10, 1, (i >> 8) as u8, i as u8]);
+            Member {
+                name: format!("fake{i}"),
+                gossip_addr: SocketAddr::new(addr, 9340),
+                data_addrs: vec![addr],
+                state: MemberState::Alive,
+                public_key: Some(*StaticKeypair::from_private(private).public()),
+                generation: 1,
+                handshake_port: Some(9341),
+                protocol: Some(1),
+                last_heard_ms: 0,
+                is_self: false,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn fake_members_get_initiations_at_most_at_the_cap_and_all_eventually() {
+    let t0 = Instant::now();
+    let cap = 100;
+    let config = MeshConfig {
+        max_initiations_per_sec: cap,
+        ..MeshConfig::default()
+    };
+    let mut a = node_with("a", 1, [9; 32], t0, config);
+    let mut members = fake_members(500);
+    members.push(member(&a, MemberState::Alive, true));
+    a.mesh.set_members(t0, &members, &mut a.dp);
+    // A new initiation is a datagram never sent before (retransmissions
+    // repeat their bytes); its time is when the mesh was woken to send it.
+    let mut seen = std::collections::HashSet::new();
+    let mut starts: Vec<Instant> = Vec::new();
+    let mut peers = std::collections::HashSet::new();
+    let mut now = t0;
+    let end = t0 + Duration::from_secs(8);
+    for _ in 0..100_000 {
+        a.mesh.handle_timeout(now, &mut a.dp);
+        while let Some((_, to, bytes)) = a.mesh.poll_transmit() {
+            if seen.insert(bytes) {
+                starts.push(now);
+                peers.insert(to);
+            }
+        }
+        now = a.mesh.poll_timeout().unwrap().max(now);
+        if now > end {
+            break;
+        }
+    }
+    assert_eq!(peers.len(), 500, "every link is attempted");
+    for (i, t) in starts.iter().enumerate() {
+        let in_window = starts[i..]
+            .iter()
+            .take_while(|u| **u < *t + Duration::from_secs(1))
+            .count();
+        assert!(
+            in_window <= cap,
+            "{in_window} initiations in the second from {t:?}"
+        );
+    }
+    // The mesh woke exactly when the cap let the next batch start.
+    assert_eq!(starts[cap], t0 + Duration::from_secs(1));
+    assert!(a.mesh.counters().initiations_deferred >= 400);
+}
+
+#[test]
+fn links_beyond_the_cap_are_refused_and_counted() {
+    let t0 = Instant::now();
+    let config = MeshConfig {
+        max_links: 10,
+        ..MeshConfig::default()
+    };
+    let mut a = node_with("a", 1, [9; 32], t0, config);
+    let members = fake_members(50);
+    a.mesh.set_members(t0, &members, &mut a.dp);
+    let links: usize = a.mesh.link_status().values().map(Vec::len).sum();
+    assert_eq!(links, 10);
+    assert_eq!(a.mesh.counters().links_refused, 40);
+    // Existing links stay; once members go, refused ones get their room.
+    let kept = a.mesh.link_status();
+    a.mesh.set_members(t0, &members, &mut a.dp);
+    assert_eq!(a.mesh.link_status(), kept);
+    assert_eq!(a.mesh.counters().links_refused, 80);
+    let rest: Vec<Member> = members
+        .into_iter()
+        .filter(|m| !kept.contains_key(&m.name))
+        .collect();
+    a.mesh.set_members(t0, &rest, &mut a.dp);
+    let now_linked = a.mesh.link_status();
+    assert_eq!(now_linked.len(), 10);
+    assert!(now_linked.keys().all(|k| !kept.contains_key(k)));
+}

@@ -122,9 +122,9 @@ pub(crate) fn sa_message(sa: &SaSpec, flavor: KernelFlavor) -> SaModifyMessage {
     let mut nlas = vec![
         XfrmAttrs::EncryptionAlgAead(AlgAead {
             alg_name: name64(sa.aead.kernel_name()),
-            alg_key_len: (sa.key.len() * 8) as u32,
+            alg_key_len: (sa.key.as_bytes().len() * 8) as u32,
             alg_icv_len: ICV_BITS,
-            alg_key: sa.key.clone(),
+            alg_key: sa.key.as_bytes().to_vec(),
         }),
         XfrmAttrs::ReplayStateEsn(ReplayEsn {
             bmp_len,

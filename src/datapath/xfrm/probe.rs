@@ -99,7 +99,7 @@ impl XfrmDatapath {
             direction: Direction::In,
             reqid: Reqid::PROBE,
             aead,
-            key: vec![0x5a; aead.key_len()],
+            key: vec![0x5a; aead.key_len()].into(),
             replay_window: MIN_INBOUND_REPLAY_WINDOW,
             // If the agent dies mid-probe the kernel removes these by itself.
             lifetimes: Lifetimes {
@@ -172,7 +172,7 @@ impl XfrmDatapath {
                     direction: Direction::In,
                     reqid: Reqid::PROBE,
                     aead: Aead::Aes128Gcm,
-                    key: vec![0; Aead::Aes128Gcm.key_len()],
+                    key: vec![0; Aead::Aes128Gcm.key_len()].into(),
                     replay_window: MIN_INBOUND_REPLAY_WINDOW,
                     lifetimes: Lifetimes {
                         hard_seconds: 30,

@@ -124,7 +124,7 @@ fn inbound_aes128_sa_bytes() {
         "key length in bits (16 key + 4 salt)"
     );
     assert_eq!(u32_at(&aead, 68), 128, "ICV length in bits");
-    assert_eq!(&aead[72..], &s.key[..]);
+    assert_eq!(&aead[72..], s.key.as_bytes());
     let esn = attr(&list, XFRMA_REPLAY_ESN_VAL).unwrap();
     assert_eq!(u32_at(&esn, 0), 64, "bmp_len = 2048 / 32");
     assert_eq!(u32_at(&esn, 20), 2048, "replay window");
@@ -822,7 +822,7 @@ fn install_side(ns: &str, me: IpAddr, peer: IpAddr, in_spi: u32, out_spi: u32, a
             direction: Direction::In,
             reqid: Reqid::DEFAULT,
             aead,
-            key: k(peer, me),
+            key: k(peer, me).into(),
             replay_window: 1024,
             lifetimes,
         };
@@ -833,7 +833,7 @@ fn install_side(ns: &str, me: IpAddr, peer: IpAddr, in_spi: u32, out_spi: u32, a
             dst: peer,
             spi: out_spi,
             direction: Direction::Out,
-            key: k(me, peer),
+            key: k(me, peer).into(),
             ..inbound
         };
         dp.install_sa(&outbound).unwrap();
