@@ -20,6 +20,10 @@
 //! - `sent_at_ms` (the sender's Unix clock, milliseconds) sits inside the ciphertext, so it is
 //!   authenticated; the opener rejects boxes outside its freshness window and remembers the nonces
 //!   it accepted within the window, so a captured datagram opens at most once per receiver.
+//! - The replay cache is bounded, and no flood can make it refuse honest traffic stamped now:
+//!   nonces stamped at or before our clock are forgotten oldest-timestamp first behind a floor
+//!   that therefore never passes our clock; nonces stamped ahead of it are never forgotten but
+//!   get a smaller share that shrinks with how far ahead they are (see [`Opener`]).
 //!
 //! The opener is sans-IO: it takes `now` as a parameter and never reads a clock.
 
@@ -76,17 +80,22 @@ pub enum OpenError {
     /// Authentic and fresh, but this exact datagram was already accepted.
     #[error("datagram already seen")]
     Replayed,
+    /// Authentic, but stamped ahead of our clock while the replay cache's share for datagrams
+    /// that far ahead is full (a flood of future-stamped datagrams, or a clock far ahead).
+    #[error("no room left for datagrams stamped this far ahead")]
+    FutureFull,
 }
 
 impl OpenError {
     /// Every variant, in a stable order (used to lay out counters).
-    pub const ALL: [OpenError; 6] = [
+    pub const ALL: [OpenError; 7] = [
         OpenError::TooShort,
         OpenError::BadVersion,
         OpenError::UnknownKey,
         OpenError::BadTag,
         OpenError::Stale,
         OpenError::Replayed,
+        OpenError::FutureFull,
     ];
 
     /// A short stable name, for counters and structured logs.
@@ -98,6 +107,7 @@ impl OpenError {
             OpenError::BadTag => "bad_tag",
             OpenError::Stale => "stale",
             OpenError::Replayed => "replayed",
+            OpenError::FutureFull => "future_full",
         }
     }
 }
@@ -309,9 +319,10 @@ pub struct ReplayConfig {
     pub max_age: Duration,
     /// How far in our future a sender's clock may be.
     pub max_future_skew: Duration,
-    /// Upper bound on remembered nonces. When full, the oldest is forgotten and nothing at or
-    /// before its timestamp is accepted any more, so memory stays bounded under a flood without
-    /// ever reopening a door to replays.
+    /// Upper bound on remembered nonces. A quarter of it is the share of nonces stamped ahead of
+    /// our clock (see [`Opener`]); the rest holds nonces stamped at or before it and, when full,
+    /// forgets the oldest and accepts nothing at or before its timestamp any more, so memory
+    /// stays bounded under a flood without ever reopening a door to replays.
     pub max_remembered: usize,
 }
 
@@ -326,11 +337,27 @@ impl Default for ReplayConfig {
 }
 
 /// Opens sealed datagrams and refuses replays. One per receiving socket.
+///
+/// Accepted nonces are remembered until they leave the freshness window, in two parts:
+///
+/// - `past`: stamped at or before our clock, at most `max_remembered - max_remembered / 4`.
+///   When full, the entry with the smallest timestamp is forgotten and the floor rises to it:
+///   nothing stamped at or before the floor opens any more. Every entry here is stamped at or
+///   before our clock, so the floor never passes it; a flood of current stamps only makes the
+///   floor trail behind the flood by as long as the flood takes to fill this part.
+/// - `future`: stamped ahead of our clock, at most `max_remembered / 4`. Forgetting one of these
+///   would need a floor in the future, so they are never forgotten: they move to `past` when
+///   our clock reaches their stamp. A new one that finds no room is refused
+///   ([`OpenError::FutureFull`]) and not remembered, so it may still open later, once. The room
+///   shrinks with how far ahead a datagram is stamped (see [`Opener::future_room`]): datagrams
+///   stamped far ahead can take only a small part, so they cannot crowd out peers whose clocks
+///   run a few milliseconds ahead of ours.
 pub struct Opener {
     keyring: std::sync::Arc<Keyring>,
     config: ReplayConfig,
-    // Ordered by timestamp first so expiry and eviction take from the front.
-    seen: BTreeSet<(u64, [u8; NONCE_LEN])>,
+    // Ordered by timestamp first so expiry, eviction and moving from `future` take from the front.
+    past: BTreeSet<(u64, [u8; NONCE_LEN])>,
+    future: BTreeSet<(u64, [u8; NONCE_LEN])>,
     // Nothing with a timestamp <= floor is accepted: its nonce may have been forgotten.
     floor_ms: Option<u64>,
 }
@@ -340,7 +367,8 @@ impl fmt::Debug for Opener {
         f.debug_struct("Opener")
             .field("keyring", &self.keyring)
             .field("config", &self.config)
-            .field("remembered", &self.seen.len())
+            .field("remembered", &self.remembered())
+            .field("remembered_future", &self.future.len())
             .finish()
     }
 }
@@ -351,14 +379,15 @@ impl Opener {
         Opener {
             keyring,
             config,
-            seen: BTreeSet::new(),
+            past: BTreeSet::new(),
+            future: BTreeSet::new(),
             floor_ms: None,
         }
     }
 
     /// Number of nonces currently remembered.
     pub fn remembered(&self) -> usize {
-        self.seen.len()
+        self.past.len() + self.future.len()
     }
 
     /// Opens `datagram` received at `now_unix_ms`, returning the payload.
@@ -371,28 +400,75 @@ impl Opener {
         if ts < oldest_ok || ts > now_unix_ms.saturating_add(max_future) {
             return Err(OpenError::Stale);
         }
-        self.expire(oldest_ok);
+        self.advance(now_unix_ms, oldest_ok);
         if self.floor_ms.is_some_and(|floor| ts <= floor) {
             return Err(OpenError::Replayed);
         }
-        if !self.seen.insert((ts, authentic.nonce)) {
-            return Err(OpenError::Replayed);
-        }
-        while self.seen.len() > self.config.max_remembered.max(1) {
-            if let Some((evicted_ts, _)) = self.seen.pop_first() {
-                self.floor_ms = Some(self.floor_ms.map_or(evicted_ts, |f| f.max(evicted_ts)));
+        let entry = (ts, authentic.nonce);
+        if ts > now_unix_ms {
+            if self.future.contains(&entry) {
+                return Err(OpenError::Replayed);
             }
+            if self.future.len() >= self.future_room(ts - now_unix_ms) {
+                return Err(OpenError::FutureFull);
+            }
+            self.future.insert(entry);
+        } else {
+            if !self.past.insert(entry) {
+                return Err(OpenError::Replayed);
+            }
+            self.evict();
         }
         Ok(authentic.payload)
     }
 
-    fn expire(&mut self, oldest_ok: u64) {
-        // Anything older than the window is refused as stale before this cache is consulted.
-        while let Some(&(ts, _)) = self.seen.first() {
+    /// How many nonces stamped ahead of our clock may be held when one stamped `lead_ms` ahead
+    /// arrives: the future share split into one band per bit of the largest lead (16 bands for
+    /// 60 s in milliseconds); a lead of `b` bits may fill all but `b - 1` bands. A lead under 2 ms
+    /// may use the whole share; the far end of the window only one band. To hold the share above
+    /// what a lead of `b` bits may use, a flood must keep a band's worth of nonces stamped less
+    /// than `2^b` ms ahead, which it must renew every `2^b` ms.
+    fn future_room(&self, lead_ms: u64) -> usize {
+        let share = self.future_share();
+        let bands = u64::from(u64::BITS - duration_ms(self.config.max_future_skew).leading_zeros());
+        let bands = bands.max(1);
+        let band = u64::from(u64::BITS - lead_ms.leading_zeros()).clamp(1, bands);
+        let room = u128::from(bands + 1 - band) * share as u128 / u128::from(bands);
+        usize::try_from(room).unwrap_or(usize::MAX)
+    }
+
+    /// Brings the cache to `now_unix_ms`: nonces our clock has reached move from `future` to
+    /// `past`, nonces older than the window are dropped (anything that old is refused as stale
+    /// before the cache is consulted), and `past` is brought back within its bound.
+    fn advance(&mut self, now_unix_ms: u64, oldest_ok: u64) {
+        while let Some(&entry) = self.future.first() {
+            if entry.0 > now_unix_ms {
+                break;
+            }
+            self.future.pop_first();
+            self.past.insert(entry);
+        }
+        while let Some(&(ts, _)) = self.past.first() {
             if ts >= oldest_ok {
                 break;
             }
-            self.seen.pop_first();
+            self.past.pop_first();
+        }
+        self.evict();
+    }
+
+    /// The most nonces stamped ahead of our clock ever held: a quarter of the cache.
+    fn future_share(&self) -> usize {
+        self.config.max_remembered / 4
+    }
+
+    /// Forgets the oldest nonces of `past` beyond its bound, raising the floor behind them.
+    fn evict(&mut self) {
+        let bound = (self.config.max_remembered - self.future_share()).max(1);
+        while self.past.len() > bound {
+            if let Some((evicted_ts, _)) = self.past.pop_first() {
+                self.floor_ms = Some(self.floor_ms.map_or(evicted_ts, |f| f.max(evicted_ts)));
+            }
         }
     }
 }
@@ -675,6 +751,113 @@ mod tests {
         assert_eq!(o.open(NOW + 101, &first).unwrap_err(), OpenError::Replayed);
         // A fresh datagram still opens.
         assert!(o.open(NOW + 101, &k.seal(NOW + 101, b"fresh")).is_ok());
+    }
+
+    /// Finding 5, "gossip deafness": a member holding the secret floods more datagrams than the
+    /// cache holds, all stamped at the edge of the future window. Nothing it sends may push the
+    /// floor into the future: an honest datagram stamped now opens, and so does honest traffic
+    /// (a little behind, on time, a little ahead) at every later instant.
+    #[test]
+    fn future_stamped_flood_never_deafens() {
+        let (k, mut o, cfg) = with_cache(ReplayConfig::default().max_remembered);
+        let mut refused = 0;
+        for _ in 0..cfg.max_remembered + 1_000 {
+            if let Err(e) = o.open(
+                NOW,
+                &k.seal(NOW + duration_ms(cfg.max_future_skew), b"flood"),
+            ) {
+                assert_eq!(e, OpenError::FutureFull);
+                refused += 1;
+            }
+            assert!(o.remembered() <= cfg.max_remembered);
+        }
+        assert!(
+            refused > cfg.max_remembered,
+            "the flood is refused and counted"
+        );
+        honest_traffic_keeps_opening(&mut o, &k, |_, _| {});
+    }
+
+    /// The same attacker, sustained: every 500 ms it sends, for each of three leads (the edge of
+    /// the window, 1 s and 2 ms), as many datagrams as the whole future share holds, plus current
+    /// ones at a rate the cache absorbs. Honest traffic a little behind, on time and 1 ms ahead keeps opening.
+    #[test]
+    fn sustained_flood_never_deafens() {
+        let (k, mut o, cfg) = with_cache(64);
+        let edge = duration_ms(cfg.max_future_skew);
+        honest_traffic_keeps_opening(&mut o, &k, |o, now| {
+            for lead in [edge, 1_000, 2] {
+                for _ in 0..cfg.max_remembered / 4 {
+                    let _ = o.open(now, &k.seal(now + lead, b"flood"));
+                }
+            }
+            for _ in 0..cfg.max_remembered / 5 {
+                let _ = o.open(now, &k.seal(now, b"flood"));
+            }
+        });
+    }
+
+    /// A keyring and an opener over it with the default window and a cache of `max_remembered`.
+    fn with_cache(max_remembered: usize) -> (Arc<Keyring>, Opener, ReplayConfig) {
+        let k = ring(&[[7; 32]]);
+        let cfg = ReplayConfig {
+            max_remembered,
+            ..ReplayConfig::default()
+        };
+        (k.clone(), Opener::new(k, cfg), cfg)
+    }
+
+    /// Every 500 ms from `NOW` until twice the window later, lets `attack` send, then checks
+    /// that honest datagrams stamped 1 ms behind, on time and 1 ms ahead all open.
+    fn honest_traffic_keeps_opening(
+        o: &mut Opener,
+        k: &Keyring,
+        mut attack: impl FnMut(&mut Opener, u64),
+    ) {
+        let edge = duration_ms(o.config.max_future_skew);
+        for step in 0..=2 * edge / 500 + 10 {
+            let now = NOW + step * 500;
+            attack(o, now);
+            assert!(o.remembered() <= o.config.max_remembered);
+            for sent in [now - 1, now, now + 1] {
+                assert_eq!(
+                    o.open(now, &k.seal(sent, b"honest")).map(|_| ()),
+                    Ok(()),
+                    "honest datagram stamped {} ms from now, {} ms after the start",
+                    sent as i64 - now as i64,
+                    now - NOW
+                );
+            }
+        }
+    }
+
+    /// Datagrams stamped ahead of our clock are never forgotten early: whatever floods the cache
+    /// and however time moves, each one opens at most once until it is stale. One refused for
+    /// lack of room is not remembered, so it may open later, still at most once.
+    #[test]
+    fn future_stamped_datagrams_open_at_most_once() {
+        let (k, mut o, cfg) = with_cache(16);
+        let edge = duration_ms(cfg.max_future_skew);
+        let captured: Vec<Vec<u8>> = [1, 1, 3, 100, 100, 5_000, 30_000, edge, edge]
+            .iter()
+            .map(|lead| k.seal(NOW + lead, b"captured"))
+            .collect();
+        let mut opened = vec![0usize; captured.len()];
+        for step in 0..=2 * edge / 250 + 10 {
+            let now = NOW + step * 250;
+            // More current datagrams than the cache holds: the floor rises every step.
+            for _ in 0..cfg.max_remembered {
+                let _ = o.open(now, &k.seal(now, b"flood"));
+            }
+            for (d, n) in captured.iter().zip(opened.iter_mut()) {
+                if o.open(now, d).is_ok() {
+                    *n += 1;
+                }
+            }
+            assert!(o.remembered() <= cfg.max_remembered);
+        }
+        assert!(opened.iter().all(|&n| n <= 1), "{opened:?}");
+        assert_eq!(opened[0], 1, "a datagram 1 ms ahead opens at once");
     }
 
     /// Fuzz-style: random garbage, random mutations and splices of valid datagrams. The opener

@@ -48,6 +48,10 @@ pub struct GossipCountersSnapshot {
     pub dropped_stale: u64,
     /// Dropped: already received.
     pub dropped_replayed: u64,
+    /// Dropped: stamped ahead of our clock while the replay cache's share for datagrams that far
+    /// ahead was full. Absent from older agents' status, hence the default.
+    #[serde(default)]
+    pub dropped_future_full: u64,
     /// Outbound datagrams too large to send once sealed.
     pub dropped_oversize: u64,
     /// Inbound envelopes whose loopback source no longer maps to a peer (proxy just evicted).
@@ -74,6 +78,7 @@ impl GossipCountersSnapshot {
             + self.dropped_bad_tag
             + self.dropped_stale
             + self.dropped_replayed
+            + self.dropped_future_full
     }
 }
 
@@ -94,6 +99,7 @@ impl GossipCounters {
             dropped_bad_tag: dropped(OpenError::BadTag),
             dropped_stale: dropped(OpenError::Stale),
             dropped_replayed: dropped(OpenError::Replayed),
+            dropped_future_full: dropped(OpenError::FutureFull),
             dropped_oversize: get(&self.dropped_oversize),
             dropped_unmapped: get(&self.dropped_unmapped),
             send_errors: get(&self.send_errors),
@@ -152,6 +158,7 @@ mod tests {
             "dropped_bad_tag",
             "dropped_stale",
             "dropped_replayed",
+            "dropped_future_full",
             "dropped_oversize",
             "dropped_unmapped",
             "send_errors",
