@@ -28,7 +28,7 @@ honest_established() {
 honest_state() {
     local i
     for i in 1 2 3 4; do
-XX
+        echo "h$i spis: $(on "$i" ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort | tr '\n' ' ')"
         echo "h$i fingerprints: $(agent_ctl "$i" members --json | grep -o '"fingerprint":"[^"]*"' | sort | tr '\n' ' ')"
     done
 }
