@@ -24,11 +24,24 @@ honest_established() {
     local i
     for i in 1 2 3 4; do [[ $(established_links "$i") == 3 ]] || return 1; done
 }
-# honest_state: every honest host's outbound SPIs and the fingerprints it lists.
+HONEST=" $(host_ip4 1) $(host_ip4 2) $(host_ip4 3) $(host_ip4 4) "
+# honest_spis I: "src dst spi" of host I's SAs between honest hosts (larval
+# SPI reservations towards the claimed addresses do not count).
+honest_spis() {
+    local f1 f2 f3 f4 rest src= dst=
+    on "$1" ip xfrm state | while read -r f1 f2 f3 f4 rest; do
+        if [[ $f1 == src ]]; then
+            src=$f2 dst=$f4
+        elif [[ $f1 == proto && $f3 == spi && $HONEST == *" $src "* && $HONEST == *" $dst "* ]]; then
+            echo "$src $dst $f4"
+        fi
+    done | sort
+}
+# honest_state: every honest host's SPIs and the fingerprints it lists.
 honest_state() {
     local i
     for i in 1 2 3 4; do
-        echo "h$i spis: $(on "$i" ip xfrm state | grep -o 'spi 0x[0-9a-f]*' | sort | tr '\n' ' ')"
+        echo "h$i spis: $(honest_spis "$i" | tr '\n' ' ')"
         echo "h$i fingerprints: $(agent_ctl "$i" members --json | grep -o '"fingerprint":"[^"]*"' | sort | tr '\n' ' ')"
     done
 }
