@@ -42,7 +42,7 @@ honest_state() {
     local i
     for i in 1 2 3 4; do
         echo "h$i spis: $(honest_spis "$i" | tr '\n' ' ')"
-        echo "h$i fingerprints: $(agent_ctl "$i" members --json | grep -o '"fingerprint":"[^"]*"' | sort | tr '\n' ' ')"
+        echo "h$i fingerprints: $(agent_ctl "$i" members --json | grep -o '"name":"h[1-4]","gossip_addr"[^}]*"fingerprint":"[^"]*"' | sed 's/,"gossip_addr.*"fingerprint"/ /' | sort | tr '\n' ' ')"
     done
 }
 # steal_address I ADDR: configure ADDR on host I's port without answering ARP
