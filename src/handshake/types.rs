@@ -45,11 +45,17 @@ pub struct Config {
     pub load_burst: u32,
     /// Once the budget is exhausted, stay under load at least this long.
     pub under_load_hold: Duration,
-    /// Under load: initiations per second accepted from one cookie-proven source IP.
+    /// Under load: global budget of DH-bearing initiations per second from cookie-proven
+    /// sources, shared fairly among source prefixes (proto/handshake.md §8).
+    pub proven_rate: u32,
+    /// Burst of that budget.
+    pub proven_burst: u32,
+    /// Under load: at most this many initiations per second from one cookie-proven source
+    /// prefix (an IPv4 address, an IPv6 /64), less when many prefixes share `proven_rate`.
     pub per_source_rate: u32,
-    /// Under load: burst per source IP.
+    /// Under load: burst per source prefix.
     pub per_source_burst: u32,
-    /// Bound on the number of tracked source IPs.
+    /// Bound on the number of tracked source prefixes.
     pub max_sources: usize,
     /// Global cap on cookie replies per second (they go to unproven addresses).
     pub cookie_reply_rate: u32,
@@ -69,6 +75,8 @@ impl Default for Config {
             load_rate: 1000,
             load_burst: 200,
             under_load_hold: Duration::from_secs(1),
+            proven_rate: 1000,
+            proven_burst: 200,
             per_source_rate: 20,
             per_source_burst: 10,
             max_sources: 4096,
@@ -214,7 +222,8 @@ pub enum Rejected {
     /// Under load without a valid mac2: a cookie reply was sent instead of doing DH work.
     #[error("under load: cookie reply sent")]
     CookieSent,
-    /// Rate limit (per source under load, or the global cookie-reply cap).
+    /// Rate limit (under load: the source prefix's share or the global proven-source budget;
+    /// or the global cookie-reply cap).
     #[error("rate limited")]
     RateLimited,
     /// Noise decryption failed (wrong PSK, corrupted, or forged).
