@@ -4,7 +4,9 @@
 //! runs dry the responder is "under load" for a while and does DH work only for initiations
 //! whose mac2 proves the source address (with a cookie it sent there), within a second global
 //! budget shared fairly among source prefixes (IPv4 /32, IPv6 /64), each prefix also limited
-//! on its own. Everything else gets a cookie reply, itself globally capped.
+//! on its own. Everything else gets a cookie reply, itself globally capped. Under load each
+//! member's static key is limited too, once the initiation has been read (see
+//! [`DosGuard::admit_peer`]).
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -15,7 +17,7 @@ use zeroize::Zeroizing;
 
 use super::crypto::{mac16, mac_eq, make_cookie, seal_cookie, COOKIE_NONCE_LEN, MAC_LEN};
 use super::ratelimit::{KeyedLimiter, TokenBucket};
-use super::types::{Config, COOKIE_SECRET_LIFETIME};
+use super::types::{Config, PublicKey, COOKIE_SECRET_LIFETIME};
 use super::wire::{
     encode_cookie_reply, Initiation, COOKIE_REPLY_LEN, INITIATION_LEN, INITIATION_MAC2_OFF,
 };
@@ -58,6 +60,7 @@ pub(super) struct DosGuard {
     under_load_until: Option<Instant>,
     /// Keyed by [`source_prefix`], sharing the proven-source budget.
     sources: KeyedLimiter<IpAddr>,
+    peers: KeyedLimiter<PublicKey>,
     cookie_bucket: TokenBucket,
     cookie_secret: CookieSecret,
 }
@@ -79,6 +82,12 @@ impl DosGuard {
                 config.per_source_burst,
                 config.max_sources,
                 TokenBucket::new(now, config.proven_rate, config.proven_burst),
+            ),
+            peers: KeyedLimiter::new(
+                now,
+                config.per_peer_rate,
+                config.per_peer_burst,
+                config.max_sources,
             ),
             cookie_bucket: TokenBucket::new(
                 now,
@@ -126,6 +135,15 @@ impl DosGuard {
             return Admission::RateLimited;
         }
         Admission::Proceed
+    }
+
+    /// Under load, whether an initiation from static key `peer` may go on to the response.
+    /// The key is only known once the initiation is decrypted, so its DH work (es, ss) is
+    /// already spent; this bounds what follows per key: the response's DH work (ee, se), SPI
+    /// allocations, SA installs and session replacements. Callers check it after the replay
+    /// check, so replays of a member's old initiations cannot use up that member's budget.
+    pub(super) fn admit_peer(&mut self, now: Instant, peer: &PublicKey) -> bool {
+        !self.is_under_load(now) || self.peers.take(now, peer)
     }
 
     /// Test hook: fixes the cookie secret and forces the under-load state until `until`.

@@ -55,8 +55,13 @@ pub struct Config {
     pub per_source_rate: u32,
     /// Under load: burst per source prefix.
     pub per_source_burst: u32,
-    /// Bound on the number of tracked source prefixes.
+    /// Bound on the number of tracked source prefixes (and of tracked static keys).
     pub max_sources: usize,
+    /// Under load: initiations per second from one member's static key that may go on past
+    /// the replay check to the response, the SPI and the SA (proto/handshake.md §8).
+    pub per_peer_rate: u32,
+    /// Under load: burst per static key.
+    pub per_peer_burst: u32,
     /// Global cap on cookie replies per second (they go to unproven addresses).
     pub cookie_reply_rate: u32,
     /// Burst of cookie replies.
@@ -80,6 +85,8 @@ impl Default for Config {
             per_source_rate: 20,
             per_source_burst: 10,
             max_sources: 4096,
+            per_peer_rate: 2,
+            per_peer_burst: 5,
             cookie_reply_rate: 2000,
             cookie_reply_burst: 200,
         }
@@ -226,6 +233,10 @@ pub enum Rejected {
     /// or the global cookie-reply cap).
     #[error("rate limited")]
     RateLimited,
+    /// Under load: the initiator's static key is over its own rate (checked after the DH work
+    /// of reading the initiation, before the response's).
+    #[error("peer rate limited")]
+    PeerRateLimited,
     /// Noise decryption failed (wrong PSK, corrupted, or forged).
     #[error("decryption failed")]
     DecryptFailed,
@@ -287,6 +298,9 @@ pub struct Counters {
     pub alg_mismatch: u64,
     /// See [`Rejected::RateLimited`].
     pub rate_limited: u64,
+    /// See [`Rejected::PeerRateLimited`].
+    #[serde(default)]
+    pub peer_rate_limited: u64,
     /// See [`Rejected::CookieSent`].
     pub cookie_sent: u64,
     /// Valid cookie replies received.
@@ -332,6 +346,7 @@ impl Counters {
             stale_response,
             alg_mismatch,
             rate_limited,
+            peer_rate_limited,
             cookie_sent,
             cookie_received,
             bad_cookie,
@@ -359,6 +374,7 @@ impl Counters {
             (&mut self.stale_response, stale_response),
             (&mut self.alg_mismatch, alg_mismatch),
             (&mut self.rate_limited, rate_limited),
+            (&mut self.peer_rate_limited, peer_rate_limited),
             (&mut self.cookie_sent, cookie_sent),
             (&mut self.cookie_received, cookie_received),
             (&mut self.bad_cookie, bad_cookie),
@@ -385,6 +401,7 @@ impl Counters {
             Rejected::BadMac => &mut self.bad_mac,
             Rejected::CookieSent => &mut self.cookie_sent,
             Rejected::RateLimited => &mut self.rate_limited,
+            Rejected::PeerRateLimited => &mut self.peer_rate_limited,
             Rejected::DecryptFailed => &mut self.decrypt_failed,
             Rejected::BadPayload => &mut self.bad_payload,
             Rejected::UnknownPeer => &mut self.unknown_peer,
@@ -420,6 +437,7 @@ mod tests {
             stale_response: 11,
             alg_mismatch: 12,
             rate_limited: 13,
+            peer_rate_limited: 26,
             cookie_sent: 14,
             cookie_received: 15,
             bad_cookie: 16,
@@ -438,7 +456,7 @@ mod tests {
         sum.add(&Counters::default());
         let after = serde_json::to_value(&sum).unwrap();
         let fields = before.as_object().unwrap();
-        assert_eq!(fields.len(), 25);
+        assert_eq!(fields.len(), 26);
         for (name, v) in fields {
             let v = v.as_u64().unwrap();
             assert!(v > 0, "{name}");
