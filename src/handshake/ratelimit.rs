@@ -45,6 +45,12 @@ impl TokenBucket {
         }
     }
 
+    /// Refills at the old rate up to `now`, then refills at `rate` from then on.
+    fn set_rate(&mut self, now: Instant, rate: f64) {
+        self.refill(now);
+        self.rate = rate;
+    }
+
     /// Whether the bucket has refilled completely (its state is then indistinguishable from new).
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -52,7 +58,8 @@ impl TokenBucket {
     }
 }
 
-/// One bucket per key (source IP), bounded in memory.
+/// One bucket per key (source prefix, static key), bounded in memory; optionally with a
+/// global budget that all keys share fairly.
 #[derive(Debug)]
 pub struct KeyedLimiter<K> {
     buckets: HashMap<K, TokenBucket>,
@@ -60,6 +67,7 @@ pub struct KeyedLimiter<K> {
     burst: u32,
     max_keys: usize,
     last_prune: Instant,
+    shared: Option<TokenBucket>,
 }
 
 impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
@@ -71,29 +79,59 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             burst,
             max_keys: max_keys.max(1),
             last_prune: now,
+            shared: None,
+        }
+    }
+
+    /// Like [`KeyedLimiter::new`], and every take also needs a token from `shared`, a global
+    /// budget. Shared fairly: with `n` keys tracked, each key's bucket refills at
+    /// `min(rate, shared rate / n)`, so the keys' refill rates sum to at most the global one
+    /// and `n - 1` busy keys cannot take all of it from the `n`-th (proto/handshake.md §8).
+    pub fn with_shared_budget(
+        now: Instant,
+        rate: u32,
+        burst: u32,
+        max_keys: usize,
+        shared: TokenBucket,
+    ) -> Self {
+        KeyedLimiter {
+            shared: Some(shared),
+            ..KeyedLimiter::new(now, rate, burst, max_keys)
         }
     }
 
     /// Takes a token from `key`'s bucket. When the table is full of busy keys, new keys are
     /// refused: callers only reach this limiter with a source address proven by a cookie, so
     /// the table cannot be filled with spoofed addresses.
+    ///
+    /// With a shared budget the key's token is spent even when the global budget then refuses:
+    /// a key that keeps asking while the budget is dry cannot hoard tokens for later.
     pub fn take(&mut self, now: Instant, key: &K) -> bool {
-        if let Some(b) = self.buckets.get_mut(key) {
-            return b.take(now);
+        if !self.buckets.contains_key(key) {
+            if self.buckets.len() >= self.max_keys
+                || now.saturating_duration_since(self.last_prune) > Duration::from_secs(1)
+            {
+                self.last_prune = now;
+                self.buckets.retain(|_, b| !b.is_full(now));
+            }
+            if self.buckets.len() >= self.max_keys {
+                return false;
+            }
+            let b = TokenBucket::new(now, self.rate, self.burst);
+            self.buckets.insert(key.clone(), b);
         }
-        if self.buckets.len() >= self.max_keys
-            || now.saturating_duration_since(self.last_prune) > Duration::from_secs(1)
-        {
-            self.last_prune = now;
-            self.buckets.retain(|_, b| !b.is_full(now));
-        }
-        if self.buckets.len() >= self.max_keys {
+        let n = self.buckets.len();
+        let Some(b) = self.buckets.get_mut(key) else {
             return false;
+        };
+        match &mut self.shared {
+            None => b.take(now),
+            Some(shared) => {
+                // usize -> f64 is exact for any table size that fits in memory.
+                b.set_rate(now, f64::from(self.rate).min(shared.rate / n as f64));
+                b.take(now) && shared.take(now)
+            }
         }
-        let mut b = TokenBucket::new(now, self.rate, self.burst);
-        let ok = b.take(now);
-        self.buckets.insert(key.clone(), b);
-        ok
     }
 
     #[cfg(test)]

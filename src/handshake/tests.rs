@@ -196,6 +196,16 @@ impl Sim<HsNode> {
         *self.nodes[B].ep.public_key()
     }
 
+    /// The last initiation the network carried.
+    pub fn last_initiation(&self) -> Packet {
+        self.capture
+            .iter()
+            .rev()
+            .find(|c| c.bytes.len() == INITIATION_LEN)
+            .expect("an initiation was sent")
+            .clone()
+    }
+
     /// Delivers one datagram to whichever node owns `p.to` right now; what its endpoint
     /// returned (None: nobody owns the address).
     pub fn deliver_result(&mut self, p: &Packet) -> Option<Result<(), Rejected>> {
@@ -924,13 +934,7 @@ fn mac2_is_bound_to_source_address() {
     p.drive_for(Duration::from_millis(100));
     assert_eq!(p.nodes[A].established().len(), 1);
     // The initiation that carried a valid mac2, replayed from another address, gets a cookie.
-    let with_mac2 = p
-        .capture
-        .iter()
-        .rev()
-        .find(|c| c.bytes.len() == INITIATION_LEN)
-        .unwrap()
-        .clone();
+    let with_mac2 = p.last_initiation();
     let r = p.deliver_result(&Packet {
         from: "127.8.8.8:8".parse().unwrap(),
         ..with_mac2
@@ -1010,6 +1014,73 @@ fn cookie_holding_source_is_rate_limited_per_ip() {
     // 1 s elapsed: budget 1 (before load) + per-source burst 3 + ~1 refill.
     assert!(c.dh_work <= 1 + 3 + 1, "{c:?}");
     assert!(c.rate_limited >= 40, "{c:?}");
+}
+
+/// A pair whose B is under load for 60 s, with this per-static-key rate and burst.
+fn pair_under_load(per_peer_rate: u32, per_peer_burst: u32) -> Pair {
+    let cb = Config {
+        per_peer_rate,
+        per_peer_burst,
+        ..fast_config()
+    };
+    let mut p = pair_with(Net::perfect(), fast_config(), cb, &[SECRET], &[SECRET]);
+    let until = p.now + Duration::from_secs(60);
+    p.nodes[B].ep.force_under_load(p.now, until, [4; 32]);
+    p
+}
+
+#[test]
+fn under_load_one_static_key_is_rate_limited_after_its_initiation_is_read() {
+    // A member (or a thief of its key) re-handshakes 20 times in 1 s from a proven address,
+    // each initiation fresh. Under load B reads each one (es, ss: the key is only known then)
+    // but answers, allocates SPIs and installs SAs only at the per-key rate.
+    let mut p = pair_under_load(1, 2);
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    for i in 0..20u32 {
+        p.nodes[A].ep.cancel(&pb);
+        p.nodes[A]
+            .ep
+            .initiate(p.now, pb, baddr, 0x1111 + i)
+            .unwrap();
+        p.drive_for(Duration::from_millis(50));
+    }
+    let c = p.nodes[B].ep.counters().clone();
+    assert!(p.nodes[B].ep.is_under_load(p.now));
+    let sessions = p.nodes[B].established().len();
+    // Burst 2 + 1/s × 1 s.
+    assert!((2..=3).contains(&sessions), "{sessions} sessions: {c:?}");
+    assert_eq!(c.dh_work, 20, "{c:?}");
+    assert_eq!(c.peer_rate_limited, 20 - sessions as u64, "{c:?}");
+    assert_eq!(p.nodes[A].established().len(), sessions);
+}
+
+#[test]
+fn under_load_replays_do_not_spend_the_members_key_budget() {
+    // The per-key check comes after the replay check: an attacker replaying a member's old
+    // initiation (from the member's address, so its mac2 still proves the source) costs B the
+    // reading DH work, but cannot lock the member out.
+    let mut p = pair_under_load(0, 2);
+    let (pb, baddr) = (p.pb(), p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1111).unwrap();
+    p.drive_for(Duration::from_millis(50));
+    assert_eq!(p.nodes[B].established().len(), 1);
+    let old = p.last_initiation();
+    // After the response cache expired, replays cost DH work and are rejected as replays.
+    p.advance(Duration::from_secs(21));
+    for _ in 0..10 {
+        let r = p.deliver_result(&Packet {
+            at: p.now,
+            ..old.clone()
+        });
+        assert_eq!(r, Some(Err(Rejected::Replayed)));
+    }
+    // The replays did spend the source's budget (they came from A's address): let it refill.
+    p.advance(Duration::from_secs(1));
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0x1112).unwrap();
+    p.drive_for(Duration::from_millis(50));
+    let c = p.nodes[B].ep.counters();
+    assert_eq!(p.nodes[B].established().len(), 2, "{c:?}");
+    assert_eq!(c.peer_rate_limited, 0, "{c:?}");
 }
 
 #[test]

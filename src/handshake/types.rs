@@ -45,12 +45,23 @@ pub struct Config {
     pub load_burst: u32,
     /// Once the budget is exhausted, stay under load at least this long.
     pub under_load_hold: Duration,
-    /// Under load: initiations per second accepted from one cookie-proven source IP.
+    /// Under load: global budget of DH-bearing initiations per second from cookie-proven
+    /// sources, shared fairly among source prefixes (proto/handshake.md §8).
+    pub proven_rate: u32,
+    /// Burst of that budget.
+    pub proven_burst: u32,
+    /// Under load: at most this many initiations per second from one cookie-proven source
+    /// prefix (an IPv4 address, an IPv6 /64), less when many prefixes share `proven_rate`.
     pub per_source_rate: u32,
-    /// Under load: burst per source IP.
+    /// Under load: burst per source prefix.
     pub per_source_burst: u32,
-    /// Bound on the number of tracked source IPs.
+    /// Bound on the number of tracked source prefixes (and of tracked static keys).
     pub max_sources: usize,
+    /// Under load: initiations per second from one member's static key that may go on past
+    /// the replay check to the response, the SPI and the SA (proto/handshake.md §8).
+    pub per_peer_rate: u32,
+    /// Under load: burst per static key.
+    pub per_peer_burst: u32,
     /// Global cap on cookie replies per second (they go to unproven addresses).
     pub cookie_reply_rate: u32,
     /// Burst of cookie replies.
@@ -69,9 +80,13 @@ impl Default for Config {
             load_rate: 1000,
             load_burst: 200,
             under_load_hold: Duration::from_secs(1),
+            proven_rate: 1000,
+            proven_burst: 200,
             per_source_rate: 20,
             per_source_burst: 10,
             max_sources: 4096,
+            per_peer_rate: 2,
+            per_peer_burst: 5,
             cookie_reply_rate: 2000,
             cookie_reply_burst: 200,
         }
@@ -214,9 +229,14 @@ pub enum Rejected {
     /// Under load without a valid mac2: a cookie reply was sent instead of doing DH work.
     #[error("under load: cookie reply sent")]
     CookieSent,
-    /// Rate limit (per source under load, or the global cookie-reply cap).
+    /// Rate limit (under load: the source prefix's share or the global proven-source budget;
+    /// or the global cookie-reply cap).
     #[error("rate limited")]
     RateLimited,
+    /// Under load: the initiator's static key is over its own rate (checked after the DH work
+    /// of reading the initiation, before the response's).
+    #[error("peer rate limited")]
+    PeerRateLimited,
     /// Noise decryption failed (wrong PSK, corrupted, or forged).
     #[error("decryption failed")]
     DecryptFailed,
@@ -278,6 +298,9 @@ pub struct Counters {
     pub alg_mismatch: u64,
     /// See [`Rejected::RateLimited`].
     pub rate_limited: u64,
+    /// See [`Rejected::PeerRateLimited`].
+    #[serde(default)]
+    pub peer_rate_limited: u64,
     /// See [`Rejected::CookieSent`].
     pub cookie_sent: u64,
     /// Valid cookie replies received.
@@ -323,6 +346,7 @@ impl Counters {
             stale_response,
             alg_mismatch,
             rate_limited,
+            peer_rate_limited,
             cookie_sent,
             cookie_received,
             bad_cookie,
@@ -350,6 +374,7 @@ impl Counters {
             (&mut self.stale_response, stale_response),
             (&mut self.alg_mismatch, alg_mismatch),
             (&mut self.rate_limited, rate_limited),
+            (&mut self.peer_rate_limited, peer_rate_limited),
             (&mut self.cookie_sent, cookie_sent),
             (&mut self.cookie_received, cookie_received),
             (&mut self.bad_cookie, bad_cookie),
@@ -376,6 +401,7 @@ impl Counters {
             Rejected::BadMac => &mut self.bad_mac,
             Rejected::CookieSent => &mut self.cookie_sent,
             Rejected::RateLimited => &mut self.rate_limited,
+            Rejected::PeerRateLimited => &mut self.peer_rate_limited,
             Rejected::DecryptFailed => &mut self.decrypt_failed,
             Rejected::BadPayload => &mut self.bad_payload,
             Rejected::UnknownPeer => &mut self.unknown_peer,
@@ -411,6 +437,7 @@ mod tests {
             stale_response: 11,
             alg_mismatch: 12,
             rate_limited: 13,
+            peer_rate_limited: 26,
             cookie_sent: 14,
             cookie_received: 15,
             bad_cookie: 16,
@@ -429,7 +456,7 @@ mod tests {
         sum.add(&Counters::default());
         let after = serde_json::to_value(&sum).unwrap();
         let fields = before.as_object().unwrap();
-        assert_eq!(fields.len(), 25);
+        assert_eq!(fields.len(), 26);
         for (name, v) in fields {
             let v = v.as_u64().unwrap();
             assert!(v > 0, "{name}");

@@ -16,7 +16,7 @@ use crate::handshake::wire::{
 
 impl Endpoint {
     /// An initiation (proto/handshake.md §6): mac1, admission, cache, DH, membership,
-    /// replay and collision checks, then the response and the session.
+    /// replay, per-key (under load) and collision checks, then the response and the session.
     pub(super) fn handle_initiation<C: HandshakeContext + ?Sized>(
         &mut self,
         now: Instant,
@@ -83,6 +83,11 @@ impl Endpoint {
         let entry = self.peers.entry(peer).or_insert_with(PeerEntry::new);
         if payload.timestamp <= entry.last_accepted_ts {
             return Err(Rejected::Replayed);
+        }
+        // Under load, per static key: after the replay check, so that replays of old
+        // initiations cannot spend the member's budget.
+        if !self.dos.admit_peer(now, &peer) {
+            return Err(Rejected::PeerRateLimited);
         }
 
         // 5. Simultaneous initiation: the lower static key is the initiator.
