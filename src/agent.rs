@@ -3,7 +3,9 @@
 //!
 //! Start-up either completes or leaves nothing behind: secrets and the state
 //! directory are checked first, sockets are bound next, and a freshly
-//! generated node key is written only once everything else succeeded.
+//! generated node key or signing key is written only once everything else
+//! succeeded. Everything the node publishes in gossip is signed by its
+//! signing key (proto/records.md), and re-signed when it changes (leave).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,9 +27,10 @@ use crate::datapath::{
     bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor,
 };
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
-use crate::gossip::schema::{NodeInfo, KEY_STATUS, PROTOCOL_VERSION};
+use crate::gossip::records::{signed_key_values, RecordCounters, RecordTracker};
+use crate::gossip::schema::{NodeInfo, PROTOCOL_VERSION};
 use crate::handshake::StaticKeypair;
-use crate::identity::{self, KeyOrigin, NodeKey};
+use crate::identity::{self, KeyOrigin, NodeKey, SigningKey};
 use crate::mesh::driver::{bind_handshake_sockets, MeshChannels, MeshReport};
 use crate::mesh::{Mesh, MeshConfig};
 use crate::shutdown::{self, Stop, StopReceiver};
@@ -91,6 +94,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         .ok();
     let keyring = identity::load_keyring(&cfg.secret_files).map_err(StartError::from)?;
     let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(StartError::from)?;
+    let (signing_key, signing_origin) =
+        SigningKey::load_or_generate(&cfg.state_dir).map_err(StartError::from)?;
     // Generations must grow across restarts even if the clock steps back,
     // or the live node would hide behind its own dead record.
     let last_generation = std::fs::read_to_string(cfg.state_dir.join(GENERATION_FILE))
@@ -185,7 +190,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     let gossip = spawn_chitchat(
         chitchat_config,
-        info.to_key_values(),
+        signed_key_values(&info, &cfg.node_name, generation, &signing_key),
         transport.as_transport(),
     )
     .await
@@ -206,6 +211,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
         info!(fingerprint = %identity::fingerprint(node_key.public()), dir = %cfg.state_dir.display(), "created node key");
     }
+    if signing_origin == KeyOrigin::Generated {
+        if let Err(e) = signing_key.persist(&cfg.state_dir) {
+            let _ = gossip.shutdown().await;
+            let _ = std::fs::remove_file(&cfg.control_socket);
+            return Err(StartError::from(e).into());
+        }
+        info!(fingerprint = %signing_key.public().fingerprint(), dir = %cfg.state_dir.display(), "created signing key");
+    }
     if let Err(e) = std::fs::write(
         cfg.state_dir.join(GENERATION_FILE),
         format!("{generation}\n"),
@@ -214,7 +227,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     }
     info!(
         node = %cfg.node_name, generation, listen = %cfg.listen, advertise = %cfg.advertise,
-        fingerprint = %identity::fingerprint(node_key.public()), seeds = cfg.seeds.len(),
+        fingerprint = %identity::fingerprint(node_key.public()),
+        signing_fingerprint = %signing_key.public().fingerprint(), seeds = cfg.seeds.len(),
         "agent started"
     );
 
@@ -222,6 +236,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (members_tx, members_rx) = watch::channel(Arc::new(Vec::<Member>::new()));
     // Nodes the view refuses for their name (see members::valid_name).
     let refused = Arc::new(AtomicUsize::new(0));
+    let (records_tx, records_rx) = watch::channel(RecordCounters::default());
     let (changes_tx, _) = broadcast::channel(256);
     let (stop_tx, stop_rx) = shutdown::channel();
 
@@ -233,6 +248,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let refused = refused.clone();
         let cfg = cfg.clone();
         let public = *node_key.public();
+        let signing_public = signing_key.public();
         let counters = transport.counters();
         Arc::new(move || {
             let members = members_rx.borrow().clone();
@@ -253,6 +269,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 version: env!("CARGO_PKG_VERSION").to_string(),
                 public_key: identity::encode_public(&public),
                 fingerprint: identity::fingerprint(&public),
+                signing_fingerprint: signing_public.fingerprint(),
                 generation,
                 gossip_listen: cfg.listen.to_string(),
                 gossip_advertise: cfg.advertise.to_string(),
@@ -262,6 +279,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 uptime_secs: started.elapsed().as_secs(),
                 members: counts,
                 gossip: counters.snapshot(),
+                records: *records_rx.borrow(),
                 datapath: match cfg.datapath {
                     DatapathKind::Kernel => "kernel".into(),
                     DatapathKind::Memory => "memory".into(),
@@ -342,6 +360,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         members_tx,
         changes_tx,
         refused,
+        records_tx,
         stop_rx.clone(),
     ));
 
@@ -361,8 +380,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let how = if cfg.leave_on_stop { Stop::Leave } else { how };
     if how == Stop::Leave {
         info!("leaving the cluster: announcing it");
+        // Re-signed: `left` counts only under this node's signature. The
+        // changed values are written before the signature (chitchat versions
+        // grow in that order), so peers see the new record as incomplete, not
+        // forged, until the signature arrives.
+        let left = NodeInfo { left: true, ..info };
+        let record = signed_key_values(&left, &cfg.node_name, generation, &signing_key);
         gossip
-            .with_chitchat(|c| c.self_node_state().set(KEY_STATUS, "left"))
+            .with_chitchat(|c| {
+                let state = c.self_node_state();
+                for (k, v) in &record {
+                    state.set(k, v);
+                }
+            })
             .await;
         tokio::time::sleep(cfg.gossip_interval * 3).await;
     } else {
@@ -418,10 +448,12 @@ async fn track_members(
     members_tx: watch::Sender<Arc<Vec<Member>>>,
     changes_tx: broadcast::Sender<Arc<(Vec<members::Change>, Vec<Member>)>>,
     refused: Arc<AtomicUsize>,
+    records_tx: watch::Sender<RecordCounters>,
     mut stop: StopReceiver,
 ) {
     let mut tracker = HeardTracker::default();
     let refused_log = LogThrottle::new(Duration::from_secs(60));
+    let mut records = RecordTracker::default();
     let mut ticker = tokio::time::interval(VIEW_INTERVAL);
     let mut current: Vec<Member> = Vec::new();
     loop {
@@ -435,7 +467,16 @@ async fn track_members(
         };
         let now = Instant::now();
         let heard = tracker.observe(&observed, now);
-        let next = members::view(&observed, &heard, &self_name, now, suspect_after());
+        let signed = records.observe(&observed, now);
+        records_tx.send_if_modified(|c| std::mem::replace(c, signed.counters) != signed.counters);
+        let next = members::view(
+            &observed,
+            &heard,
+            &signed.valid,
+            &self_name,
+            now,
+            suspect_after(),
+        );
         let n_refused = members::refused_names(&observed);
         refused.store(n_refused, Ordering::Relaxed);
         if n_refused > 0 {
@@ -487,6 +528,11 @@ fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
                 .key_values()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<BTreeMap<_, _>>(),
+            versions: state
+                .key_values_including_deleted()
+                .filter(|(_, v)| !v.is_deleted())
+                .map(|(k, v)| (k.to_string(), v.version))
+                .collect(),
             heartbeat: u64::from(state.heartbeat()),
             live: live.contains(id),
             dead: dead.contains(id),

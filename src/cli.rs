@@ -142,10 +142,13 @@ pub fn main() -> i32 {
             Ok(k) => {
                 let pk = identity::encode_public(k.public());
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"public_key": pk, "fingerprint": identity::fingerprint(k.public())})
-                    );
+                    let mut out = serde_json::json!({"public_key": pk, "fingerprint": identity::fingerprint(k.public())});
+                    // The gossip record's signing key, once the agent created it.
+                    if let Ok(s) = identity::SigningKey::load(&state_dir) {
+                        out["signing_key"] = s.public().to_string().into();
+                        out["signing_fingerprint"] = s.public().fingerprint().into();
+                    }
+                    println!("{out}");
                 } else {
                     println!("{pk}");
                 }
@@ -506,11 +509,12 @@ fn kv<T: serde::Serialize>(counters: &T) -> String {
 
 fn render_status(s: &Status) -> String {
     format!(
-        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left, {} refused (bad name)\ndatapath:     {} ({})\ngossip stats: {}\nhandshakes:   {}\nmesh:         {}\n",
+        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\nsigning key:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left, {} refused (bad name)\ndatapath:     {} ({})\ngossip stats: {}\nrecords:      {}\nhandshakes:   {}\nmesh:         {}\n",
         s.name,
         s.version,
         s.public_key,
         s.fingerprint,
+        s.signing_fingerprint,
         s.generation,
         s.gossip_listen,
         s.gossip_advertise,
@@ -526,6 +530,7 @@ fn render_status(s: &Status) -> String {
         s.datapath,
         s.esp_algorithm,
         kv(&s.gossip),
+        kv(&s.records),
         kv(&s.handshake),
         kv(&s.mesh),
     ) + &render_blocked(&s.blocked)

@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::datapath::AddressFamily;
 use crate::gossip::members::{Change, Member, MemberState};
+use crate::gossip::records::RecordCounters;
 use crate::gossip::transport::GossipCountersSnapshot;
 use crate::handshake::Counters as HandshakeCounters;
 use crate::mesh::{LinkState, LinkStatus, MeshCounters};
@@ -121,6 +122,8 @@ pub struct Status {
     pub public_key: String,
     /// Its fingerprint.
     pub fingerprint: String,
+    /// Fingerprint of the Ed25519 key that signs this node's gossip record.
+    pub signing_fingerprint: String,
     /// Current generation.
     pub generation: u64,
     /// Gossip bind address.
@@ -139,6 +142,9 @@ pub struct Status {
     pub members: MemberCounts,
     /// Gossip transport counters (datagrams sealed/opened and drops by reason).
     pub gossip: GossipCountersSnapshot,
+    /// Signed-record counters (proto/records.md): bad signatures (total),
+    /// incomplete records (now).
+    pub records: RecordCounters,
     /// `kernel` or `memory`.
     pub datapath: String,
     /// Cluster-wide ESP transform.
@@ -597,6 +603,7 @@ mod tests {
             version: "0".into(),
             public_key: "k".into(),
             fingerprint: "f".into(),
+            signing_fingerprint: "s".into(),
             generation: 1,
             gossip_listen: "l".into(),
             gossip_advertise: "a".into(),
@@ -606,6 +613,7 @@ mod tests {
             uptime_secs: 0,
             members: MemberCounts::default(),
             gossip: Default::default(),
+            records: Default::default(),
             datapath: "memory".into(),
             esp_algorithm: "aes128-gcm".into(),
             handshake: Default::default(),

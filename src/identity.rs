@@ -1,5 +1,5 @@
-//! The node's long-term identity (static X25519 key pair) and the cluster
-//! secret files.
+//! The node's long-term identity (static X25519 key pair for Noise, Ed25519
+//! signing key for its gossip records) and the cluster secret files.
 //!
 //! Files holding secrets are created with mode 0600 and written atomically
 //! (temporary file + rename), so a crash never leaves a half-written key.
@@ -17,6 +17,8 @@ use zeroize::Zeroizing;
 
 /// File name of the node key inside the state directory.
 pub const NODE_KEY_FILE: &str = "node.key";
+/// File name of the node's Ed25519 signing key inside the state directory.
+pub const SIGNING_KEY_FILE: &str = "signing.key";
 
 /// Errors about key material, each naming the file and the flag that points at it.
 #[derive(Debug, thiserror::Error)]
@@ -250,77 +252,189 @@ impl NodeKey {
     /// anything. The directory is checked for writability (not created), so a
     /// start that would fail later to persist the key fails here instead.
     pub fn load_or_generate(state_dir: &Path) -> Result<(NodeKey, KeyOrigin), IdentityError> {
-        check_state_dir(state_dir)?;
-        let path = state_dir.join(NODE_KEY_FILE);
-        match read_key_file(&path) {
-            Ok(key) => {
-                warn_if_readable_by_others(&path);
-                Ok((key, KeyOrigin::Loaded))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok((NodeKey::generate(), KeyOrigin::Generated))
-            }
-            Err(e) => Err(IdentityError::State {
-                path,
-                reason: e.to_string(),
-            }),
-        }
+        let (private, origin) = load_or_generate_private(state_dir, NODE_KEY_FILE)?;
+        Ok((NodeKey::from_private(*private), origin))
     }
 
     /// Loads the node key; an absent key is an error (used by `meshsec pubkey`).
     pub fn load(state_dir: &Path) -> Result<NodeKey, IdentityError> {
-        let path = state_dir.join(NODE_KEY_FILE);
-        read_key_file(&path).map_err(|e| {
-            let reason = if e.kind() == std::io::ErrorKind::NotFound {
-                "no node key yet (it is created when the agent first starts)".to_string()
-            } else {
-                e.to_string()
-            };
-            IdentityError::State { path, reason }
-        })
+        Ok(NodeKey::from_private(*load_private(
+            state_dir,
+            NODE_KEY_FILE,
+        )?))
     }
 
     /// Writes the key to `state_dir/node.key` (0600) atomically.
     pub fn persist(&self, state_dir: &Path) -> Result<(), IdentityError> {
-        let path = state_dir.join(NODE_KEY_FILE);
-        let tmp = state_dir.join(format!(".{NODE_KEY_FILE}.tmp{}", std::process::id()));
-        let serr = |e: std::io::Error| IdentityError::State {
-            path: path.clone(),
-            reason: e.to_string(),
-        };
-        let text = Zeroizing::new(format!("{}\n", B64.encode(self.private.as_ref())));
-        let result = (|| {
-            create_state_dir(state_dir)?;
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        })();
-        if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
-            return Err(serr(e));
-        }
-        Ok(())
+        persist_private(state_dir, NODE_KEY_FILE, &self.private)
     }
 }
 
-fn read_key_file(path: &Path) -> std::io::Result<NodeKey> {
+/// The node's long-term Ed25519 signing key: it signs the node's gossip
+/// record (proto/records.md). Kept in `state_dir/signing.key` exactly like
+/// the node key (base64 of the 32-byte seed, 0600, written atomically, only
+/// once start-up succeeded).
+#[derive(Clone)]
+pub struct SigningKey {
+    key: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey({})", self.public().fingerprint())
+    }
+}
+
+impl SigningKey {
+    /// Builds a signing key from its 32-byte seed (RFC 8032 private key).
+    pub fn from_seed(seed: [u8; 32]) -> SigningKey {
+        SigningKey {
+            key: ed25519_dalek::SigningKey::from_bytes(&seed),
+        }
+    }
+
+    /// The public half.
+    pub fn public(&self) -> SigningPublicKey {
+        SigningPublicKey(self.key.verifying_key().to_bytes())
+    }
+
+    /// Signs `message` (Ed25519, RFC 8032, deterministic).
+    pub fn sign(&self, message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer;
+        self.key.sign(message).to_bytes()
+    }
+
+    /// Loads the signing key from `state_dir`, or generates one without
+    /// writing anything (see [`NodeKey::load_or_generate`]).
+    pub fn load_or_generate(state_dir: &Path) -> Result<(SigningKey, KeyOrigin), IdentityError> {
+        let (seed, origin) = load_or_generate_private(state_dir, SIGNING_KEY_FILE)?;
+        Ok((SigningKey::from_seed(*seed), origin))
+    }
+
+    /// Loads the signing key; an absent key is an error.
+    pub fn load(state_dir: &Path) -> Result<SigningKey, IdentityError> {
+        Ok(SigningKey::from_seed(*load_private(
+            state_dir,
+            SIGNING_KEY_FILE,
+        )?))
+    }
+
+    /// Writes the key to `state_dir/signing.key` (0600) atomically.
+    pub fn persist(&self, state_dir: &Path) -> Result<(), IdentityError> {
+        let seed = Zeroizing::new(self.key.to_bytes());
+        persist_private(state_dir, SIGNING_KEY_FILE, &seed)
+    }
+}
+
+/// A node's Ed25519 signing public key, as published in gossip (`sig_key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SigningPublicKey(pub [u8; 32]);
+
+impl SigningPublicKey {
+    /// The raw 32 bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Short fingerprint, same form as the node key's.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.0)
+    }
+
+    /// Whether `signature` is a valid Ed25519 signature of `message` by this
+    /// key (strict verification: no small-order keys, canonical `S`).
+    pub fn verify(&self, message: &[u8], signature: &[u8; 64]) -> bool {
+        let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&self.0) else {
+            return false;
+        };
+        let sig = ed25519_dalek::Signature::from_bytes(signature);
+        key.verify_strict(message, &sig).is_ok()
+    }
+}
+
+impl std::fmt::Display for SigningPublicKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&encode_public(&self.0))
+    }
+}
+
+/// Reads `state_dir/file`, or generates 32 random bytes without writing anything.
+fn load_or_generate_private(
+    state_dir: &Path,
+    file: &str,
+) -> Result<(Zeroizing<[u8; 32]>, KeyOrigin), IdentityError> {
+    check_state_dir(state_dir)?;
+    let path = state_dir.join(file);
+    match read_key_file(&path) {
+        Ok(key) => {
+            warn_if_readable_by_others(&path);
+            Ok((key, KeyOrigin::Loaded))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut fresh = Zeroizing::new([0u8; 32]);
+            rand::rngs::OsRng.fill_bytes(fresh.as_mut());
+            Ok((fresh, KeyOrigin::Generated))
+        }
+        Err(e) => Err(IdentityError::State {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Reads `state_dir/file`; an absent file is an error naming who creates it.
+fn load_private(state_dir: &Path, file: &str) -> Result<Zeroizing<[u8; 32]>, IdentityError> {
+    let path = state_dir.join(file);
+    read_key_file(&path).map_err(|e| {
+        let reason = if e.kind() == std::io::ErrorKind::NotFound {
+            "no node key yet (it is created when the agent first starts)".to_string()
+        } else {
+            e.to_string()
+        };
+        IdentityError::State { path, reason }
+    })
+}
+
+/// Writes 32 secret bytes as base64 to `state_dir/file` (0600) atomically.
+fn persist_private(state_dir: &Path, file: &str, private: &[u8; 32]) -> Result<(), IdentityError> {
+    let path = state_dir.join(file);
+    let tmp = state_dir.join(format!(".{file}.tmp{}", std::process::id()));
+    let serr = |e: std::io::Error| IdentityError::State {
+        path: path.clone(),
+        reason: e.to_string(),
+    };
+    let text = Zeroizing::new(format!("{}\n", B64.encode(private)));
+    let result = (|| {
+        create_state_dir(state_dir)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(serr(e));
+    }
+    Ok(())
+}
+
+fn read_key_file(path: &Path) -> std::io::Result<Zeroizing<[u8; 32]>> {
     let text = Zeroizing::new(fs::read_to_string(path)?);
     let invalid = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
     let bytes = Zeroizing::new(
         B64.decode(text.trim())
-            .map_err(|_| invalid("node key is not base64"))?,
+            .map_err(|_| invalid("key is not base64"))?,
     );
     let private: [u8; 32] = bytes
         .as_slice()
         .try_into()
-        .map_err(|_| invalid("node key is not 32 bytes"))?;
-    Ok(NodeKey::from_private(private))
+        .map_err(|_| invalid("key is not 32 bytes"))?;
+    Ok(Zeroizing::new(private))
 }
 
 /// Checks, without creating anything, that `dir` is (or can become) a
@@ -413,6 +527,46 @@ mod tests {
         assert_eq!(o2, KeyOrigin::Loaded);
         assert_eq!(k1.public(), k2.public());
         assert_eq!(NodeKey::load(&state).unwrap().public(), k1.public());
+    }
+
+    #[test]
+    fn signing_key_persists_beside_the_node_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (s1, o1) = SigningKey::load_or_generate(&state).unwrap();
+        assert_eq!(o1, KeyOrigin::Generated);
+        assert!(!state.exists(), "generate must not write before persist");
+        s1.persist(&state).unwrap();
+        let mode = fs::metadata(state.join(SIGNING_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let (s2, o2) = SigningKey::load_or_generate(&state).unwrap();
+        assert_eq!(o2, KeyOrigin::Loaded);
+        assert_eq!(s1.public(), s2.public());
+        assert_eq!(SigningKey::load(&state).unwrap().public(), s1.public());
+        let sig = s1.sign(b"m");
+        assert!(s2.public().verify(b"m", &sig));
+        assert!(!s2.public().verify(b"n", &sig));
+    }
+
+    #[test]
+    fn signing_key_matches_rfc8032() {
+        // RFC 8032 section 7.1, TEST 1 (empty message).
+        let k = SigningKey::from_seed(hex32(
+            "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60",
+        ));
+        let public = hex32("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a");
+        assert_eq!(k.public().0, public);
+        let sig = k.sign(b"");
+        assert_eq!(
+            sig[..32],
+            hex32("e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e06522490155")
+        );
+        assert!(k.public().verify(b"", &sig));
+        assert!(!SigningPublicKey([0u8; 32]).verify(b"", &sig));
     }
 
     #[test]

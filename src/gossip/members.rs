@@ -3,7 +3,10 @@
 //!
 //! Chitchat keys nodes by (name, generation, address); a restarted node is a
 //! new generation while the old one lingers as dead until garbage collection.
-//! The view shows each *name* once: its newest generation.
+//! The view shows each *name* once: its newest generation whose record is
+//! validly signed (proto/records.md; [`super::records`] judges the records).
+//! A record that does not verify never counts: it gives the mesh no key, no
+//! addresses, no handshake port, and cannot make a member `left`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -11,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use super::schema::NodeInfo;
+use super::records::SignedRecord;
 use crate::handshake::PublicKey;
+use crate::identity::SigningPublicKey;
 
 /// A node's liveness as the operator sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,8 +55,12 @@ pub struct Member {
     pub data_addrs: Vec<IpAddr>,
     /// Liveness.
     pub state: MemberState,
-    /// Static public key, or `None` if it published none (yet).
+    /// Static public key, or `None` if it published none (yet) or its
+    /// record is not validly signed.
     pub public_key: Option<PublicKey>,
+    /// The Ed25519 key that signed the record shown, or `None` if no record
+    /// of this generation verified (yet).
+    pub signing_key: Option<SigningPublicKey>,
     /// Generation (start time of that agent, ms since the epoch).
     pub generation: u64,
     /// Handshake UDP port.
@@ -76,6 +84,9 @@ pub struct Observed {
     pub gossip_addr: SocketAddr,
     /// The node's key-values.
     pub key_values: BTreeMap<String, String>,
+    /// Chitchat's version of each of those key-values (a record whose
+    /// values are newer than its signature is still arriving).
+    pub versions: BTreeMap<String, u64>,
     /// Its current heartbeat.
     pub heartbeat: u64,
     /// Chitchat considers it live.
@@ -142,22 +153,26 @@ impl HeardTracker {
     }
 }
 
-/// Computes the view: one row per node name (newest generation), sorted by
-/// name. Nodes whose name breaks [`valid_name`] are left out
-/// ([`refused_names`] counts them).
+/// Computes the view: one row per node name (newest validly signed
+/// generation), sorted by name. `records` holds the valid records
+/// ([`super::records::RecordTracker::observe`]); every other record reads
+/// as if nothing was published. Nodes whose name breaks [`valid_name`] are
+/// left out ([`refused_names`] counts them).
 pub fn view(
     observed: &[Observed],
     heard: &HashMap<(String, u64), Instant>,
+    records: &HashMap<(String, u64), SignedRecord>,
     self_name: &str,
     now: Instant,
     suspect_after: Duration,
 ) -> Vec<Member> {
-    // A restarted node's new generation can be known before its key-values
-    // arrive; until it has published its key, the previous generation (whose
-    // links carry traffic) stays the one shown.
+    let record = |o: &Observed| records.get(&(o.name.clone(), o.generation));
+    // A restarted node's new generation can be known before its signed
+    // record arrives; until then, the previous generation (whose links carry
+    // traffic) stays the one shown.
     let rank = |o: &Observed| {
         (
-            o.key_values.contains_key(super::schema::KEY_PUBKEY),
+            record(o).is_some_and(|r| r.info.public_key.is_some()),
             o.generation,
         )
     };
@@ -173,7 +188,8 @@ pub fn view(
     newest
         .into_values()
         .map(|o| {
-            let info = NodeInfo::from_key_values(&o.key_values);
+            let signed = record(o);
+            let info = signed.map(|r| r.info.clone()).unwrap_or_default();
             let is_self = o.name == self_name;
             let since = heard
                 .get(&(o.name.clone(), o.generation))
@@ -198,6 +214,7 @@ pub fn view(
                 data_addrs: info.data_addrs.clone(),
                 state,
                 public_key: info.public_key,
+                signing_key: signed.map(|r| r.signing_key),
                 generation: o.generation,
                 handshake_port: info.handshake_port,
                 protocol: info.protocol,
@@ -264,26 +281,105 @@ pub fn diff(old: &[Member], new: &[Member]) -> Vec<Change> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::gossip::schema::NodeInfo;
+    use crate::gossip::records::{signed_key_values, RecordTracker};
+    use crate::gossip::schema::{NodeInfo, KEY_DATA_ADDRS, KEY_STATUS};
+    use crate::identity::SigningKey;
 
-    fn obs(name: &str, gen: u64, hb: u64, live: bool, dead: bool, left: bool) -> Observed {
+    /// An observed record holding `kv`, chitchat versions in that order.
+    pub(crate) fn observed_from(name: &str, gen: u64, kv: &[(String, String)]) -> Observed {
+        let mut o = Observed {
+            name: name.into(),
+            generation: gen,
+            gossip_addr: "192.0.2.1:9340".parse().unwrap(),
+            key_values: BTreeMap::new(),
+            versions: BTreeMap::new(),
+            heartbeat: 1,
+            live: true,
+            dead: false,
+        };
+        for (n, (k, v)) in kv.iter().enumerate() {
+            o.key_values.insert(k.clone(), v.clone());
+            o.versions.insert(k.clone(), n as u64 + 1);
+        }
+        o
+    }
+
+    /// A validly signed record of `name`/`gen` with Noise key `noise`.
+    pub(crate) fn signed_obs(
+        name: &str,
+        gen: u64,
+        key: &SigningKey,
+        noise: [u8; 32],
+        left: bool,
+    ) -> Observed {
         let info = NodeInfo {
-            public_key: Some([gen as u8; 32]),
+            public_key: Some(noise),
             data_addrs: vec!["192.0.2.1".parse().unwrap()],
             handshake_port: Some(9341),
             protocol: Some(1),
             left,
         };
+        observed_from(name, gen, &signed_key_values(&info, name, gen, key))
+    }
+
+    /// A node's signing key in these tests, one per name.
+    fn key_of(name: &str) -> SigningKey {
+        use sha2::Digest;
+        SigningKey::from_seed(sha2::Sha256::digest(name.as_bytes()).into())
+    }
+
+    /// Sets `key` to `value` as a newer chitchat version (what anyone holding
+    /// the cluster secret can do to any node's state).
+    fn overwrite(o: &mut Observed, key: &str, value: &str) {
+        let top = o.versions.values().copied().max().unwrap_or(0);
+        o.key_values.insert(key.into(), value.into());
+        o.versions.insert(key.into(), top + 1);
+    }
+
+    /// The view as node "a" sees it, with these valid records, nothing heard.
+    fn view_of(
+        o: &[Observed],
+        records: &HashMap<(String, u64), crate::gossip::records::SignedRecord>,
+        now: Instant,
+    ) -> Vec<Member> {
+        super::view(
+            o,
+            &HashMap::new(),
+            records,
+            "a",
+            now,
+            Duration::from_secs(4),
+        )
+    }
+
+    /// A member whose record does not count: no key, addresses or port.
+    fn gives_the_mesh_nothing(m: &Member) {
+        assert_eq!(m.public_key, None);
+        assert!(m.data_addrs.is_empty());
+        assert_eq!(m.handshake_port, None);
+        assert_eq!(m.signing_key, None);
+        assert_ne!(m.state, MemberState::Left);
+    }
+
+    fn view(
+        o: &[Observed],
+        heard: &HashMap<(String, u64), Instant>,
+        me: &str,
+        now: Instant,
+        suspect_after: Duration,
+    ) -> Vec<Member> {
+        let records = RecordTracker::default().observe(o, now).valid;
+        super::view(o, heard, &records, me, now, suspect_after)
+    }
+
+    fn obs(name: &str, gen: u64, hb: u64, live: bool, dead: bool, left: bool) -> Observed {
         Observed {
-            name: name.into(),
-            generation: gen,
-            gossip_addr: "192.0.2.1:9340".parse().unwrap(),
-            key_values: info.to_key_values().into_iter().collect(),
             heartbeat: hb,
             live,
             dead,
+            ..signed_obs(name, gen, &key_of(name), [gen as u8; 32], left)
         }
     }
 
@@ -316,6 +412,132 @@ mod tests {
         assert_eq!(v.len(), 1);
         assert_eq!(v[0].generation, 1);
         assert!(v[0].public_key.is_some());
+    }
+
+    #[test]
+    fn valid_signed_record_round_trips_into_the_view() {
+        let now = Instant::now();
+        let o = vec![obs("b", 3, 1, true, false, false)];
+        let v = view(&o, &HashMap::new(), "a", now, Duration::from_secs(4));
+        assert_eq!(v[0].public_key, Some([3; 32]));
+        assert_eq!(v[0].signing_key, Some(key_of("b").public()));
+        assert_eq!(
+            v[0].data_addrs,
+            vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+        );
+        assert_eq!(v[0].handshake_port, Some(9341));
+        assert_eq!(v[0].protocol, Some(1));
+    }
+
+    #[test]
+    fn forged_record_under_a_members_name_is_not_used() {
+        let now = Instant::now();
+        let real = obs("b", 1, 10, true, false, false);
+        let forger = SigningKey::from_seed([0x66; 32]);
+        let forged_info = NodeInfo {
+            public_key: Some([0x66; 32]),
+            data_addrs: vec!["198.51.100.66".parse().unwrap()],
+            handshake_port: Some(6666),
+            protocol: Some(1),
+            left: false,
+        };
+        // Higher generation, another Noise key and addresses, claiming b's
+        // signing key: signed by the forger's key, or replaying b's signature.
+        let mut signed_by_forger = signed_key_values(&forged_info, "b", 2, &forger);
+        signed_by_forger[5].1 = crate::identity::encode_public(key_of("b").public().as_bytes());
+        let mut replayed = signed_key_values(&forged_info, "b", 2, &forger);
+        replayed[5].1 = real.key_values[crate::gossip::schema::KEY_SIGNING_KEY].clone();
+        replayed[6].1 = real.key_values[crate::gossip::schema::KEY_SIGNATURE].clone();
+        for forged in [signed_by_forger, replayed] {
+            let o = vec![real.clone(), observed_from("b", 2, &forged)];
+            let mut tracker = RecordTracker::default();
+            let records = tracker.observe(&o, now);
+            assert_eq!(records.counters.records_bad_signature, 1);
+            let v = view_of(&o, &records.valid, now);
+            assert_eq!(v.len(), 1);
+            assert_eq!(v[0].generation, 1);
+            assert_eq!(v[0].public_key, Some([1; 32]));
+            assert_eq!(
+                v[0].data_addrs,
+                vec!["192.0.2.1".parse::<IpAddr>().unwrap()]
+            );
+            assert_eq!(v[0].handshake_port, Some(9341));
+            // Alone, the forged generation gives the mesh nothing.
+            let alone = vec![observed_from("b", 2, &forged)];
+            gives_the_mesh_nothing(
+                &view(&alone, &HashMap::new(), "a", now, Duration::from_secs(4))[0],
+            );
+        }
+    }
+
+    #[test]
+    fn forged_left_does_not_make_a_member_left() {
+        let now = Instant::now();
+        let real = obs("b", 1, 10, true, false, false);
+        let forger = SigningKey::from_seed([0x66; 32]);
+        // status=left written over b's record, with b's old signature, with
+        // a garbage one, or with a signature by another key.
+        let mut just_status = real.clone();
+        overwrite(&mut just_status, KEY_STATUS, "left");
+        let mut old_sig = just_status.clone();
+        let sig = old_sig.key_values[crate::gossip::schema::KEY_SIGNATURE].clone();
+        overwrite(&mut old_sig, crate::gossip::schema::KEY_SIGNATURE, &sig);
+        let mut garbage = just_status.clone();
+        overwrite(&mut garbage, crate::gossip::schema::KEY_SIGNATURE, "AAAA");
+        let mut other_key = just_status.clone();
+        let left_info = NodeInfo::from_key_values(&just_status.key_values);
+        let by_forger = signed_key_values(&left_info, "b", 1, &forger);
+        overwrite(
+            &mut other_key,
+            crate::gossip::schema::KEY_SIGNATURE,
+            &by_forger[6].1,
+        );
+        for forged in [just_status, old_sig, garbage, other_key] {
+            // Whether or not this node saw b's valid record first.
+            let mut tracker = RecordTracker::default();
+            tracker.observe(std::slice::from_ref(&real), now);
+            for records in [
+                tracker.observe(std::slice::from_ref(&forged), now),
+                RecordTracker::default().observe(std::slice::from_ref(&forged), now),
+            ] {
+                let v = view_of(std::slice::from_ref(&forged), &records.valid, now);
+                assert_ne!(v[0].state, MemberState::Left);
+            }
+        }
+        // Signed by b itself, it counts.
+        let left = obs("b", 1, 10, true, false, true);
+        let v = view(&[left], &HashMap::new(), "a", now, Duration::from_secs(4));
+        assert_eq!(v[0].state, MemberState::Left);
+    }
+
+    #[test]
+    fn tampered_value_makes_the_record_not_count() {
+        let now = Instant::now();
+        let mut o = obs("b", 1, 10, true, false, false);
+        // Changed after signing, in place (no newer version than the signature).
+        o.key_values
+            .insert(KEY_DATA_ADDRS.into(), "198.51.100.66".into());
+        let records = RecordTracker::default().observe(std::slice::from_ref(&o), now);
+        assert_eq!(records.counters.records_bad_signature, 1);
+        let v = view_of(&[o], &records.valid, now);
+        gives_the_mesh_nothing(&v[0]);
+    }
+
+    #[test]
+    fn half_arrived_new_generation_is_incomplete_and_keeps_the_old_one() {
+        let now = Instant::now();
+        let key = key_of("b");
+        let info = NodeInfo::from_key_values(&obs("b", 2, 1, true, false, false).key_values);
+        let published = signed_key_values(&info, "b", 2, &key);
+        // Everything but the signature has arrived.
+        let half = observed_from("b", 2, &published[..published.len() - 1]);
+        let o = vec![obs("b", 1, 10, true, false, false), half];
+        let records = RecordTracker::default().observe(&o, now);
+        assert_eq!(records.counters.records_incomplete, 1);
+        assert_eq!(records.counters.records_bad_signature, 0);
+        let v = view_of(&o, &records.valid, now);
+        assert_eq!(v[0].generation, 1);
+        assert_eq!(v[0].public_key, Some([1; 32]));
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! - [`seal`]: the datagram sealing format and the replay-refusing opener.
 //! - [`transport`]: a chitchat `Transport` whose datagrams are sealed on the wire.
 //! - [`schema`]: the key-values each node publishes.
+//! - [`records`]: signed records (proto/records.md): signing, checking, counting.
 //! - [`members`]: the membership view (pure) behind `meshsec members`.
 
 pub mod members;
+pub mod records;
 pub mod schema;
 pub mod seal;
 pub mod transport;

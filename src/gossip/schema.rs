@@ -21,6 +21,18 @@ pub const KEY_HANDSHAKE_PORT: &str = "hs_port";
 pub const KEY_PROTOCOL: &str = "proto";
 /// Key: `up` or `left`.
 pub const KEY_STATUS: &str = "status";
+/// Key: base64 Ed25519 public key that signs this record (proto/records.md).
+pub const KEY_SIGNING_KEY: &str = "sig_key";
+/// Key: base64 Ed25519 signature over the record (proto/records.md).
+pub const KEY_SIGNATURE: &str = "sig";
+/// The published keys a record's signature covers, in signing order.
+pub const SIGNED_KEYS: [&str; 5] = [
+    KEY_PUBKEY,
+    KEY_DATA_ADDRS,
+    KEY_HANDSHAKE_PORT,
+    KEY_PROTOCOL,
+    KEY_STATUS,
+];
 
 /// Upper bound on published data addresses read from a peer.
 const MAX_DATA_ADDRS: usize = 16;

@@ -67,6 +67,7 @@ fn member(n: &Node, state: MemberState, is_self: bool) -> Member {
         data_addrs: n.addrs.clone(),
         state,
         public_key: Some(*n.key.public()),
+        signing_key: None,
         generation: 1,
         handshake_port: Some(9341),
         protocol: Some(1),
@@ -1442,6 +1443,7 @@ fn fake_members(n: u32) -> Vec<Member> {
                 protocol: Some(1),
                 last_heard_ms: 0,
                 is_self: false,
+                signing_key: None,
             }
         })
         .collect()

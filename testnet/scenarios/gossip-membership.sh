@@ -5,7 +5,8 @@
 # list 5 alive members within 10 s; kill -9 of one is seen as dead within 15 s;
 # its restart is alive again with the same fingerprint, listed once; an agent
 # with a different secret never appears and its datagrams are dropped unparsed;
-# `meshsec leave` announces "left" and exits 0; SIGTERM stops with exit 0.
+# `meshsec leave` announces a re-signed "left" and exits 0, and no agent ever
+# counts a bad record signature; SIGTERM stops with exit 0.
 . "$(dirname "$0")/../lib/bed.sh"
 
 N=5
@@ -80,6 +81,11 @@ leave_rc=$?
 assert_eq "$leave_rc" 0 "agent 4 exit status after leave"
 AGENT_PID[4]=
 wait_until 10 all_say h4 left 1 2 3 5
+# Every record was signed, the re-signed leave included: nothing was ever
+# counted as a bad signature (proto/records.md).
+for i in 1 2 3 5; do
+    assert_eq "$(agent_status "$i" records records_bad_signature)" 0 "bad record signatures on host $i"
+done
 # A plain stop (SIGTERM) also exits 0; it is not a leave.
 agent_stop 3
 assert_eq "$AGENT_STATUS" 0 "agent 3 exit status after SIGTERM"
