@@ -558,6 +558,39 @@ xfrm_policy_pair() {
     ip -n "$(bed_ns "$1")" -batch - <<<"$(xfrm_policy_cmds "$2" "$3" "$4")"
 }
 
+# --- kernel ESP state ----------------------------------------------------------
+# The one parser of `ip xfrm state` listings; filters run as bash builtins
+# (every exec is slow in the emulated VM).
+
+# xfrm_sas I: host I's ESP SAs, one "SRC DST SPI" line each, in the kernel's order.
+xfrm_sas() {
+    on "$1" ip xfrm state | awk '/^src/ {p = $2 " " $4} /proto esp spi/ {print p, $4}'
+}
+# xfrm_spis I SRC DST: the SPIs of host I's ESP SAs whose source and
+# destination match the bash patterns SRC and DST ('*' = any).
+xfrm_spis() {
+    local src dst spi
+    xfrm_sas "$1" | while read -r src dst spi; do
+        # shellcheck disable=SC2053 # patterns on purpose
+        if [[ $src == $2 && $dst == $3 ]]; then echo "$spi"; fi
+    done
+}
+# xfrm_dirs I [ADDR]: "OUT IN", how many of host I's ESP SAs go from / to
+# ADDR (default host I's IPv4 address).
+xfrm_dirs() {
+    local addr=${2:-$(host_ip4 "$1")}
+    xfrm_sas "$1" | {
+        local src dst _ out=0 in=0
+        while read -r src dst _; do
+            if [[ $src == "$addr" ]]; then out=$((out + 1)); fi
+            if [[ $dst == "$addr" ]]; then in=$((in + 1)); fi
+        done
+        echo "$out $in"
+    }
+}
+# xfrm_sa_count I: how many SAs host I's kernel holds (`ip xfrm state count`).
+xfrm_sa_count() { on "$1" ip xfrm state count | awk '{print $NF}'; }
+
 # --- cleanup ------------------------------------------------------------------
 
 bed_cleanup() {
