@@ -71,7 +71,7 @@ fn run(args: Vec<String>) -> Result<String, String> {
             let m = listing
                 .iter()
                 .find(|m| m.name == *name)
-                .ok_or_else(|| format!("no member named {name} in the listing"))?;
+                .ok_or_else(|| format!("member-field: no member named {name} in the listing"))?;
             member_field(m, field)
         }
         ["states"] => {
