@@ -12,7 +12,7 @@ dp_meshsec_up() {
         --data-address "$(host_ip4 1)" >/dev/null
     agent_start 2 --listen "$(host_ip4 2):9340" --secret-file "$WORK/bench-secret" --node-name b2 \
         --data-address "$(host_ip4 2)" --seed "$(host_ip4 1):9340" >/dev/null
-    dp_meshsec_ready() { [[ $(on 1 ip xfrm state count | awk '{print $NF}') == 2 && $(on 2 ip xfrm state count | awk '{print $NF}') == 2 ]]; }
+    dp_meshsec_ready() { [[ $(xfrm_sa_count 1) == 2 && $(xfrm_sa_count 2) == 2 ]]; }
     wait_until 120 dp_meshsec_ready
     DP_TARGET=$(host_ip4 2)
 }

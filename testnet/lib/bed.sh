@@ -15,6 +15,8 @@
 #
 # Environment (set by testnet/run; defaults make a scenario runnable by hand):
 #   MESHSEC_BIN   the binary agent_* runs (default: REPO/target/release/meshsec)
+#   MESHSEC_BED_QUERY  the typed control-API client bedq runs (examples/bed_query.rs;
+#                 default: REPO/target/release/examples/bed_query)
 #   MESHSEC_WORK  this scenario's folder for logs, state and captures
 #   MESHSEC_BED_ID  short unique id used in namespace and interface names
 
@@ -25,6 +27,7 @@ BED_LIB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 BED_REPO=$(cd "$BED_LIB_DIR/../.." && pwd)
 MESHSEC_BIN=${MESHSEC_BIN:-$BED_REPO/target/release/meshsec}
+MESHSEC_BED_QUERY=${MESHSEC_BED_QUERY:-$BED_REPO/target/release/examples/bed_query}
 # Interface names are limited to 15 bytes: "mv" + id + "h" + index must fit.
 BED_ID=${MESHSEC_BED_ID:-$$}
 if [[ -z ${MESHSEC_WORK:-} ]]; then
@@ -254,28 +257,31 @@ agent_ctl() {
     on "$i" "$MESHSEC_BIN" "$@" --control-socket "$(agent_socket "$i")"
 }
 
-# agent_status I KEY...: one value of host I's `meshsec status --json`, e.g.
+# bedq I QUERY [ARG...]: asks host I's agent through the library's own typed
+# control client (examples/bed_query.rs) and prints one plain value; a change
+# to the control API's shape breaks its build, not a scenario in the VM.
+# Queries: status KEY... | established-links | count [STATE] | listed NAME |
+# state NAME (or "absent") | member-field NAME FIELD | states.
+bedq() {
+    local i=$1
+    shift
+    [[ -x $MESHSEC_BED_QUERY ]] || fail "MESHSEC_BED_QUERY=$MESHSEC_BED_QUERY is not executable (cargo build --release --example bed_query)"
+    on "$i" "$MESHSEC_BED_QUERY" --control-socket "$(agent_socket "$i")" "$@"
+}
+
+# agent_status I KEY...: one value of host I's status, e.g.
 # agent_status 1 mesh rekeys_started.
 agent_status() {
     local i=$1
     shift
-    agent_ctl "$i" status --json | python3 -c 'import json, sys
-v = json.load(sys.stdin)
-for k in sys.argv[1:]:
-    v = v[k]
-print(v)' "$@"
+    bedq "$i" status "$@"
 }
 
 # established_links I: how many links host I's listing shows established.
-established_links() {
-    agent_ctl "$1" members --json |
-        python3 -c "import json,sys; print(sum(1 for m in json.load(sys.stdin) for l in m['links'] if l['sa']=='established'))"
-}
+established_links() { bedq "$1" established-links; }
 
 # listed I NAME: how many members named NAME host I's listing shows.
-listed() {
-    agent_ctl "$1" members --json | python3 -c "import json,sys; print(sum(1 for x in json.load(sys.stdin) if x['name']==sys.argv[1]))" "$2"
-}
+listed() { bedq "$1" listed "$2"; }
 
 # --- network conditions -----------------------------------------------------
 
@@ -486,11 +492,8 @@ listings_start() {
             for i in $(seq 1 "$n"); do
                 up=$(agent_status "$i" uptime_secs 2>/dev/null) || continue
                 ((up >= 10)) || continue
-                agent_ctl "$i" members --json 2>/dev/null | python3 -c "
-import json, sys
-m = json.load(sys.stdin)
-print(len(m), 'h$i', ','.join(x['name'] + ':' + x['state'] for x in m))
-" >>"$WORK/listing.txt" 2>/dev/null || true
+                line=$(bedq "$i" states 2>/dev/null) || continue
+                echo "${line%% *} h$i ${line#* }" >>"$WORK/listing.txt"
             done
         done
     ) &
@@ -554,6 +557,39 @@ xfrm_policy_cmds() {
 xfrm_policy_pair() {
     ip -n "$(bed_ns "$1")" -batch - <<<"$(xfrm_policy_cmds "$2" "$3" "$4")"
 }
+
+# --- kernel ESP state ----------------------------------------------------------
+# The one parser of `ip xfrm state` listings; filters run as bash builtins
+# (every exec is slow in the emulated VM).
+
+# xfrm_sas I: host I's ESP SAs, one "SRC DST SPI" line each, in the kernel's order.
+xfrm_sas() {
+    on "$1" ip xfrm state | awk '/^src/ {p = $2 " " $4} /proto esp spi/ {print p, $4}'
+}
+# xfrm_spis I SRC DST: the SPIs of host I's ESP SAs whose source and
+# destination match the bash patterns SRC and DST ('*' = any).
+xfrm_spis() {
+    local src dst spi
+    xfrm_sas "$1" | while read -r src dst spi; do
+        # shellcheck disable=SC2053 # patterns on purpose
+        if [[ $src == $2 && $dst == $3 ]]; then echo "$spi"; fi
+    done
+}
+# xfrm_dirs I [ADDR]: "OUT IN", how many of host I's ESP SAs go from / to
+# ADDR (default host I's IPv4 address).
+xfrm_dirs() {
+    local addr=${2:-$(host_ip4 "$1")}
+    xfrm_sas "$1" | {
+        local src dst _ out=0 in=0
+        while read -r src dst _; do
+            if [[ $src == "$addr" ]]; then out=$((out + 1)); fi
+            if [[ $dst == "$addr" ]]; then in=$((in + 1)); fi
+        done
+        echo "$out $in"
+    }
+}
+# xfrm_sa_count I: how many SAs host I's kernel holds (`ip xfrm state count`).
+xfrm_sa_count() { on "$1" ip xfrm state count | awk '{print $NF}'; }
 
 # --- cleanup ------------------------------------------------------------------
 

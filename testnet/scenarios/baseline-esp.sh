@@ -66,5 +66,5 @@ assert_cmp "$esp" -gt 0 "ESP packets on the wire"
 
 # The kernel agrees: both SAs on host 1 carried traffic.
 on 1 ip -s xfrm state >"$WORK/h1/xfrm-state.txt"
-assert_cmp "$(on 1 ip xfrm state count | awk '{print $NF}')" -eq 4 "SAs on host 1"
+assert_cmp "$(xfrm_sa_count 1)" -eq 4 "SAs on host 1"
 log "baseline ESP datapath ok"

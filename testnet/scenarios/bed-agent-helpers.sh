@@ -3,9 +3,11 @@
 # timeout: 120
 # Proves the agent_* helpers with a stand-in binary (a small bash script, not
 # meshsec): it runs in the right namespace with its own state dir, socket and
-# log, agent_ctl reaches it, agent_stop delivers SIGTERM and collects the exit
-# status, agent_kill9 gives no chance to clean up, agent_restart reuses the
-# arguments, and an agent that ignores SIGTERM fails agent_stop.
+# log, agent_ctl reaches it, bedq reaches the same socket (and, the answer not
+# being the control API's, fails with one line naming what failed), agent_stop
+# delivers SIGTERM and collects the exit status, agent_kill9 gives no chance to
+# clean up, agent_restart reuses the arguments, and an agent that ignores
+# SIGTERM fails agent_stop.
 . "$(dirname "$0")/../lib/bed.sh"
 
 bed_up 2
@@ -51,6 +53,12 @@ assert_eq "$ns" "$(on 1 stat -L -c %i /proc/self/ns/net)" "agent 1 runs in host 
 refute test "$ns" = "$(stat -L -c %i /proc/self/ns/net)"
 read -r name _ <<<"$(agent_ctl 2 status)"
 assert_eq "$name" beta "name answered on host 2's control socket"
+# bedq: the typed client reaches host 1's socket and rejects the stand-in's answer.
+if bedq 1 count >"$WORK/bedq.out" 2>"$WORK/bedq.err"; then
+    fail "bedq accepted the stand-in's answer: $(<"$WORK/bedq.out")"
+fi
+assert_eq "$(wc -l <"$WORK/bedq.err")" 1 "bedq error lines"
+assert grep -qF "bed_query: members from $(agent_socket 1): " "$WORK/bedq.err"
 assert grep -q -- "--state-dir $(agent_state_dir 1) --control-socket $(agent_socket 1) --node-name alpha --listen $(host_ip4 1):9340" "$(agent_log 1)"
 
 # SIGTERM: the stand-in exits 7 on it, and agent_stop reports that status.

@@ -23,12 +23,8 @@ start() { # start I SECRET [extra args]
     agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$secret" --node-name "h$i" --datapath memory "${seed[@]}" "$@"
 }
 
-# members_field I EXPR: evaluates a Python expression over the JSON listing `m`.
-members_eval() {
-    agent_ctl "$1" members --json | python3 -c "import json,sys; m=json.load(sys.stdin); print($2)"
-}
-count_state() { members_eval "$1" "sum(1 for x in m if x['state']=='$2')"; }
-state_of() { members_eval "$1" "next((x['state'] for x in m if x['name']=='$2'), 'absent')"; }
+count_state() { bedq "$1" count "$2"; }
+state_of() { bedq "$1" state "$2"; }
 all_see() { # all_see STATE COUNT HOSTS...: every host lists COUNT members in STATE
     local state=$1 want=$2 i
     shift 2
@@ -46,8 +42,8 @@ start $((N + 1)) "$WORK/foreign"
 wait_until 10 all_see alive $N $(seq 1 $N)
 log "all $N agents list $N alive members after $((SECONDS - t0)) s"
 
-fp5=$(members_eval 1 "next(x['fingerprint'] for x in m if x['name']=='h5')")
-gen5=$(members_eval 1 "next(x['generation'] for x in m if x['name']=='h5')")
+fp5=$(bedq 1 member-field h5 fingerprint)
+gen5=$(bedq 1 member-field h5 generation)
 
 agent_kill9 5
 t1=$SECONDS
@@ -57,10 +53,10 @@ log "h5 listed dead by all after $((SECONDS - t1)) s"
 start 5 "$WORK/secret"
 wait_until 10 all_say h5 alive 1 2 3 4 5
 for i in 1 2 3 4 5; do
-    assert_eq "$(members_eval "$i" "sum(1 for x in m if x['name']=='h5')")" 1 "h5 rows on host $i"
-    assert_eq "$(members_eval "$i" "next(x['fingerprint'] for x in m if x['name']=='h5')")" "$fp5" "h5 fingerprint on host $i"
+    assert_eq "$(listed "$i" h5)" 1 "h5 rows on host $i"
+    assert_eq "$(bedq "$i" member-field h5 fingerprint)" "$fp5" "h5 fingerprint on host $i"
 done
-gen5b=$(members_eval 1 "next(x['generation'] for x in m if x['name']=='h5')")
+gen5b=$(bedq 1 member-field h5 generation)
 assert_cmp "$gen5b" -gt "$gen5" "restarted h5 has a newer generation"
 
 # The foreign agent: never listed anywhere, sees nobody, and its datagrams
@@ -68,7 +64,7 @@ assert_cmp "$gen5b" -gt "$gen5" "restarted h5 has a newer generation"
 for i in $(seq 1 $N); do
     assert_eq "$(state_of "$i" h6)" absent "foreign agent in host $i's listing"
 done
-assert_eq "$(members_eval 6 "len(m)")" 1 "foreign agent's own listing"
+assert_eq "$(bedq 6 count)" 1 "foreign agent's own listing"
 dropped=$(agent_status 1 gossip dropped_unknown_key)
 assert_cmp "$dropped" -gt 0 "foreign datagrams dropped by the seed's sealing layer (unknown key)"
 

@@ -26,15 +26,14 @@ start() {
     agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$WORK/secret" --node-name "h$i" \
         --data-address "$(host_ip4 "$i")" --peer-grace-secs "$GRACE" "${seed[@]}"
 }
-sa_count() { on "$1" ip xfrm state count | awk '{print $NF}'; }
-spis() { on "$1" ip xfrm state | awk '/^src/ {p=$2" "$4} /proto esp spi/ {print p, $4}' | sort; }
+spis() { xfrm_sas "$1" | sort; }
 # mesh_whole N...: each listed host has exactly one outbound SA per other
 # listed host and at least one inbound (replaced inbound SAs linger 10 s for
 # packets in flight, so more is fine).
 mesh_whole() {
     local want=$(($# - 1)) i counts
     for i in "$@"; do
-        counts=$(on "$i" ip xfrm state | awk -v me="$(host_ip4 "$i")" '/^src/ {if ($2 == me) o++; if ($4 == me) n++} END {print o+0, n+0}')
+        counts=$(xfrm_dirs "$i")
         [[ ${counts% *} == "$want" && ${counts#* } -ge "$want" ]] || return 1
     done
 }
@@ -71,7 +70,9 @@ within() {
     awk -v t="$took" -v l="$limit" 'BEGIN {exit !(t <= l)}' || fail "$what took $took s (> $limit s)"
 }
 sas_towards() { # sas_towards I J: SAs on host I that involve host J's address
-    on "$1" ip xfrm state | grep -c "^src.*\b$(host_ip4 "$2")\b" || true
+    local counts
+    counts=$(xfrm_dirs "$1" "$(host_ip4 "$2")")
+    echo $((${counts% *} + ${counts#* }))
 }
 
 for i in 1 2 3 4; do start "$i"; done
@@ -138,7 +139,7 @@ for i in 1 2 3 4 5 6; do
 done
 within 5 "graceful leave: every peer removed h7's SAs and policies after the request" "$t_stop" "${times[@]}"
 wait_until 10 bash -c "! kill -0 ${AGENT_PID[7]} 2>/dev/null"
-assert_eq "$(sa_count 7)" 0 "SAs left on the departed host"
+assert_eq "$(xfrm_sa_count 7)" 0 "SAs left on the departed host"
 AGENT_PID[7]=
 
 # Silent failure of host 6: SAs kept during the grace period, removed after it.

@@ -22,12 +22,13 @@ start() {
         --data-address "$(host_ip4 "$i")" --seed "$(host_ip4 "$other"):9340" --rekey-after-packets "$LIMIT"
 }
 out_spi() { # host 1's outbound SPI towards host 2
-    on 1 ip xfrm state | awk -v a="$(host_ip4 1)" '/^src/ {o = ($2 == a)} /proto esp spi/ && o {print $4}'
+    xfrm_spis 1 "$(host_ip4 1)" '*'
 }
 whole() {
-    local i
+    local i counts
     for i in 1 2; do
-        [[ $(on "$i" ip xfrm state | awk -v me="$(host_ip4 "$i")" '/^src/ && $2 == me {o++} END {print o+0}') == 1 ]] || return 1
+        counts=$(xfrm_dirs "$i")
+        [[ ${counts% *} == 1 ]] || return 1
     done
 }
 

@@ -21,13 +21,15 @@ start() {
         --data-address "$(host_ip4 "$i")" "${seed[@]}"
 }
 pair_spis() { # the SPIs between hosts 1 and 2, as host 1 sees them
-    on 1 ip xfrm state | awk -v a="$(host_ip4 1)" -v b="$(host_ip4 2)" \
-        '/^src/ {p = ($2 == a && $4 == b) || ($2 == b && $4 == a)} /proto esp spi/ && p {print $4}' | sort
+    # (Either address at either end: no SA goes from an address to itself.)
+    local ends="@($(host_ip4 1)|$(host_ip4 2))"
+    xfrm_spis 1 "$ends" "$ends" | sort
 }
 whole() {
-    local i
+    local i counts
     for i in 1 2 3; do
-        [[ $(on "$i" ip xfrm state | awk -v me="$(host_ip4 "$i")" '/^src/ && $2 == me {o++} END {print o+0}') == 2 ]] || return 1
+        counts=$(xfrm_dirs "$i")
+        [[ ${counts% *} == 2 ]] || return 1
     done
 }
 

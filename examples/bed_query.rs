@@ -1,0 +1,184 @@
+//! The test bed's typed view of an agent (testnet/lib/bed.sh, `bedq`): asks
+//! the agent's control socket through the library's own client and reply
+//! types and prints one plain value, so a change to the control API's shape
+//! breaks this build instead of a scenario inside the VM.
+//!
+//! `bed_query --control-socket PATH QUERY [ARG...]`, QUERY one of:
+//!
+//! - `status KEY...`: one value of the status, by field path, e.g.
+//!   `status uptime_secs`, `status mesh rekeys_started`, `status members alive`
+//! - `established-links`: how many links of the listing are established
+//! - `count [STATE]`: how many members the listing has (in STATE)
+//! - `listed NAME`: how many members named NAME the listing has
+//! - `state NAME`: NAME's state, or `absent`
+//! - `member-field NAME FIELD`: one field of NAME's row (an absent optional
+//!   value prints as an empty line); NAME not listed is an error
+//! - `states`: `COUNT name:state,...` for the whole listing
+//!
+//! Errors: one line on stderr naming what failed, exit status 1.
+
+use std::path::{Path, PathBuf};
+
+use meshsec::control::{Client, Reply, Request, Status};
+use meshsec::gossip::members::{Member, MemberState};
+use meshsec::mesh::{LinkStatus, SaState};
+
+const USAGE: &str = "usage: bed_query --control-socket PATH \
+    (status KEY... | established-links | count [STATE] | listed NAME | state NAME \
+    | member-field NAME FIELD | states)";
+
+fn main() {
+    match run(std::env::args().skip(1).collect()) {
+        Ok(line) => println!("{line}"),
+        Err(e) => {
+            eprintln!("bed_query: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: Vec<String>) -> Result<String, String> {
+    let (socket, query) = match args.as_slice() {
+        [flag, socket, query @ ..] if flag == "--control-socket" && !query.is_empty() => {
+            (PathBuf::from(socket), query)
+        }
+        _ => return Err(USAGE.into()),
+    };
+    let words: Vec<&str> = query.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["status", keys @ ..] if !keys.is_empty() => status_value(&status(&socket)?, keys),
+        ["established-links"] => Ok(established(&members(&socket)?).to_string()),
+        ["count"] => Ok(members(&socket)?.len().to_string()),
+        ["count", state] => {
+            let state: MemberState = serde_json::from_value(state.to_string().into())
+                .map_err(|_| format!("count: no member state {state}"))?;
+            let n = members(&socket)?
+                .iter()
+                .filter(|m| m.state == state)
+                .count();
+            Ok(n.to_string())
+        }
+        ["listed", name] => {
+            let n = members(&socket)?.iter().filter(|m| m.name == *name).count();
+            Ok(n.to_string())
+        }
+        ["state", name] => Ok(members(&socket)?
+            .iter()
+            .find(|m| m.name == *name)
+            .map_or("absent".into(), |m| m.state.to_string())),
+        ["member-field", name, field] => {
+            let listing = members(&socket)?;
+            let m = listing
+                .iter()
+                .find(|m| m.name == *name)
+                .ok_or_else(|| format!("member-field: no member named {name} in the listing"))?;
+            member_field(m, field)
+        }
+        ["states"] => {
+            let listing = members(&socket)?;
+            let states: Vec<String> = listing
+                .iter()
+                .map(|m| format!("{}:{}", m.name, m.state))
+                .collect();
+            Ok(format!("{} {}", listing.len(), states.join(",")))
+        }
+        _ => Err(format!("unknown query '{}'; {USAGE}", words.join(" "))),
+    }
+}
+
+/// Sends one request and returns its one reply.
+fn ask(socket: &Path, req: Request) -> Result<Reply, String> {
+    let name = format!("{req:?}").to_lowercase();
+    let what = format!("{name} from {}", socket.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the tokio runtime: {e}"))?;
+    rt.block_on(async {
+        let mut client = Client::request(socket, &req).await?;
+        client.next().await
+    })
+    .map_err(|e| format!("{what}: {e}"))?
+    .ok_or_else(|| format!("{what}: the agent closed the connection without a reply"))
+}
+
+fn members(socket: &Path) -> Result<Vec<Member>, String> {
+    match ask(socket, Request::Members)? {
+        Reply::Members(m) => Ok(m),
+        other => Err(format!("members: unexpected reply {other:?}")),
+    }
+}
+
+fn status(socket: &Path) -> Result<Status, String> {
+    match ask(socket, Request::Status)? {
+        Reply::Status(s) => Ok(*s),
+        other => Err(format!("status: unexpected reply {other:?}")),
+    }
+}
+
+fn established(listing: &[Member]) -> usize {
+    listing
+        .iter()
+        .flat_map(|m| &m.links)
+        .filter(|l: &&LinkStatus| l.sa == SaState::Established)
+        .count()
+}
+
+/// One value of the status by field path; the counter maps (`gossip`,
+/// `handshake`, `mesh`) by counter name.
+fn status_value(s: &Status, keys: &[&str]) -> Result<String, String> {
+    let counter = |map: &meshsec::control::BTreeMapU64, group: &str, key: &str| {
+        map.get(key)
+            .map(u64::to_string)
+            .ok_or_else(|| format!("status: no counter {group}.{key}"))
+    };
+    Ok(match keys {
+        ["name"] => s.name.clone(),
+        ["version"] => s.version.clone(),
+        ["public_key"] => s.public_key.clone(),
+        ["fingerprint"] => s.fingerprint.clone(),
+        ["generation"] => s.generation.to_string(),
+        ["gossip_listen"] => s.gossip_listen.clone(),
+        ["gossip_advertise"] => s.gossip_advertise.clone(),
+        ["data_addrs"] => s.data_addrs.join(" "),
+        ["handshake_port"] => s.handshake_port.to_string(),
+        ["protocol"] => s.protocol.to_string(),
+        ["uptime_secs"] => s.uptime_secs.to_string(),
+        ["members", "alive"] => s.members.alive.to_string(),
+        ["members", "suspect"] => s.members.suspect.to_string(),
+        ["members", "dead"] => s.members.dead.to_string(),
+        ["members", "left"] => s.members.left.to_string(),
+        ["datapath"] => s.datapath.clone(),
+        ["esp_algorithm"] => s.esp_algorithm.clone(),
+        ["gossip", key] => counter(&s.gossip, "gossip", key)?,
+        ["handshake", key] => counter(&s.handshake, "handshake", key)?,
+        ["mesh", key] => counter(&s.mesh, "mesh", key)?,
+        _ => return Err(format!("status: no field {}", keys.join("."))),
+    })
+}
+
+/// One field of a member's row.
+fn member_field(m: &Member, field: &str) -> Result<String, String> {
+    fn opt<T: ToString>(v: &Option<T>) -> String {
+        v.as_ref().map(T::to_string).unwrap_or_default()
+    }
+    Ok(match field {
+        "name" => m.name.clone(),
+        "gossip_addr" => m.gossip_addr.to_string(),
+        "data_addrs" => m
+            .data_addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+        "state" => m.state.to_string(),
+        "fingerprint" => opt(&m.fingerprint),
+        "public_key" => opt(&m.public_key),
+        "generation" => m.generation.to_string(),
+        "handshake_port" => opt(&m.handshake_port),
+        "protocol" => opt(&m.protocol),
+        "last_heard_ms" => m.last_heard_ms.to_string(),
+        "is_self" => m.is_self.to_string(),
+        _ => return Err(format!("members: no member field {field}")),
+    })
+}
