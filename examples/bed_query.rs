@@ -19,9 +19,9 @@
 
 use std::path::{Path, PathBuf};
 
-use meshsec::control::{Client, Reply, Request, Status};
-use meshsec::gossip::members::{Member, MemberState};
-use meshsec::mesh::{LinkStatus, SaState};
+use meshsec::control::{Client, LinkRow, MemberRow, Reply, Request, Status};
+use meshsec::gossip::members::MemberState;
+use meshsec::mesh::LinkState;
 
 const USAGE: &str = "usage: bed_query --control-socket PATH \
     (status KEY... | established-links | count [STATE] | listed NAME | state NAME \
@@ -102,7 +102,7 @@ fn ask(socket: &Path, req: Request) -> Result<Reply, String> {
     .ok_or_else(|| format!("{what}: the agent closed the connection without a reply"))
 }
 
-fn members(socket: &Path) -> Result<Vec<Member>, String> {
+fn members(socket: &Path) -> Result<Vec<MemberRow>, String> {
     match ask(socket, Request::Members)? {
         Reply::Members(m) => Ok(m),
         other => Err(format!("members: unexpected reply {other:?}")),
@@ -116,22 +116,26 @@ fn status(socket: &Path) -> Result<Status, String> {
     }
 }
 
-fn established(listing: &[Member]) -> usize {
+fn established(listing: &[MemberRow]) -> usize {
     listing
         .iter()
         .flat_map(|m| &m.links)
-        .filter(|l: &&LinkStatus| l.sa == SaState::Established)
+        .filter(|l: &&LinkRow| l.sa == LinkState::Established)
         .count()
 }
 
 /// One value of the status by field path; the counter maps (`gossip`,
 /// `handshake`, `mesh`) by counter name.
 fn status_value(s: &Status, keys: &[&str]) -> Result<String, String> {
-    let counter = |map: &meshsec::control::BTreeMapU64, group: &str, key: &str| {
-        map.get(key)
-            .map(u64::to_string)
+    // Counter snapshots are typed structs; a counter is looked up by its
+    // (JSON) name, so a misspelt or renamed one fails here, in one line.
+    fn counter<T: serde::Serialize>(c: &T, group: &str, key: &str) -> Result<String, String> {
+        serde_json::to_value(c)
+            .ok()
+            .and_then(|v| v.get(key).and_then(|n| n.as_u64()))
+            .map(|n| n.to_string())
             .ok_or_else(|| format!("status: no counter {group}.{key}"))
-    };
+    }
     Ok(match keys {
         ["name"] => s.name.clone(),
         ["version"] => s.version.clone(),
@@ -148,17 +152,21 @@ fn status_value(s: &Status, keys: &[&str]) -> Result<String, String> {
         ["members", "suspect"] => s.members.suspect.to_string(),
         ["members", "dead"] => s.members.dead.to_string(),
         ["members", "left"] => s.members.left.to_string(),
+        ["members", "refused"] => s.members.refused.to_string(),
+        ["blocked"] => s.blocked.len().to_string(),
+        ["conflicts"] => s.conflicts.len().to_string(),
         ["datapath"] => s.datapath.clone(),
         ["esp_algorithm"] => s.esp_algorithm.clone(),
         ["gossip", key] => counter(&s.gossip, "gossip", key)?,
         ["handshake", key] => counter(&s.handshake, "handshake", key)?,
         ["mesh", key] => counter(&s.mesh, "mesh", key)?,
+        ["records", key] => counter(&s.records, "records", key)?,
         _ => return Err(format!("status: no field {}", keys.join("."))),
     })
 }
 
 /// One field of a member's row.
-fn member_field(m: &Member, field: &str) -> Result<String, String> {
+fn member_field(m: &MemberRow, field: &str) -> Result<String, String> {
     fn opt<T: ToString>(v: &Option<T>) -> String {
         v.as_ref().map(T::to_string).unwrap_or_default()
     }
