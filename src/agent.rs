@@ -27,6 +27,7 @@ use crate::datapath::{
     bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor,
 };
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
+use crate::gossip::pins::{Conflicts, Pins};
 use crate::gossip::records::{signed_key_values, RecordCounters, RecordTracker};
 use crate::gossip::schema::{NodeInfo, PROTOCOL_VERSION};
 use crate::handshake::StaticKeypair;
@@ -82,6 +83,9 @@ pub enum StartError {
     /// The control socket.
     #[error(transparent)]
     Control(#[from] control::ControlSocketError),
+    /// The identity pins in the state directory.
+    #[error(transparent)]
+    Pins(#[from] crate::gossip::pins::PinsError),
 }
 
 /// Runs the agent until `shutdown` completes, then announces leaving, stops
@@ -94,6 +98,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         .ok();
     let keyring = identity::load_keyring(&cfg.secret_files).map_err(StartError::from)?;
     let (node_key, origin) = NodeKey::load_or_generate(&cfg.state_dir).map_err(StartError::from)?;
+    let pins = Arc::new(std::sync::Mutex::new(
+        Pins::load(&cfg.state_dir).map_err(StartError::from)?,
+    ));
     let (signing_key, signing_origin) =
         SigningKey::load_or_generate(&cfg.state_dir).map_err(StartError::from)?;
     // Generations must grow across restarts even if the clock steps back,
@@ -237,6 +244,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // Nodes the view refuses for their name (see members::valid_name).
     let refused = Arc::new(AtomicUsize::new(0));
     let (records_tx, records_rx) = watch::channel(RecordCounters::default());
+    let (conflicts_tx, conflicts_rx) = watch::channel(Conflicts::default());
     let (changes_tx, _) = broadcast::channel(256);
     let (stop_tx, stop_rx) = shutdown::channel();
 
@@ -246,6 +254,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let report_rx = report_rx.clone();
         let members_rx = members_rx.clone();
         let refused = refused.clone();
+        let conflicts_rx = conflicts_rx.clone();
         let cfg = cfg.clone();
         let public = *node_key.public();
         let signing_public = signing_key.public();
@@ -280,6 +289,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 members: counts,
                 gossip: counters.snapshot(),
                 records: *records_rx.borrow(),
+                identity_conflicts: conflicts_rx.borrow().clone(),
                 datapath: match cfg.datapath {
                     DatapathKind::Kernel => "kernel".into(),
                     DatapathKind::Memory => "memory".into(),
@@ -316,6 +326,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             mesh: mesh_cmd_tx.clone(),
             leave: leave_tx,
             reload: reload_tx,
+            pins: pins.clone(),
+            identity_conflicts: conflicts_rx.clone(),
         },
         stop_rx.clone(),
     ));
@@ -357,10 +369,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tasks.spawn(track_members(
         gossip.chitchat(),
         cfg.node_name.clone(),
-        members_tx,
-        changes_tx,
-        refused,
-        records_tx,
+        pins.clone(),
+        ViewOutputs {
+            members_tx,
+            changes_tx,
+            refused,
+            records_tx,
+            conflicts_tx,
+        },
         stop_rx.clone(),
     ));
 
@@ -442,15 +458,29 @@ fn gossip_open_error(cfg: &AgentConfig, e: &anyhow::Error) -> String {
     }
 }
 
-async fn track_members(
-    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
-    self_name: String,
+/// Where the membership view and what it refused are published.
+struct ViewOutputs {
     members_tx: watch::Sender<Arc<Vec<Member>>>,
     changes_tx: broadcast::Sender<Arc<(Vec<members::Change>, Vec<Member>)>>,
     refused: Arc<AtomicUsize>,
     records_tx: watch::Sender<RecordCounters>,
+    conflicts_tx: watch::Sender<Conflicts>,
+}
+
+async fn track_members(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    self_name: String,
+    pins: Arc<std::sync::Mutex<Pins>>,
+    out: ViewOutputs,
     mut stop: StopReceiver,
 ) {
+    let ViewOutputs {
+        members_tx,
+        changes_tx,
+        refused,
+        records_tx,
+        conflicts_tx,
+    } = out;
     let mut tracker = HeardTracker::default();
     let refused_log = LogThrottle::new(Duration::from_secs(60));
     let mut records = RecordTracker::default();
@@ -469,14 +499,24 @@ async fn track_members(
         let heard = tracker.observe(&observed, now);
         let signed = records.observe(&observed, now);
         records_tx.send_if_modified(|c| std::mem::replace(c, signed.counters) != signed.counters);
-        let next = members::view(
-            &observed,
-            &heard,
-            &signed.valid,
-            &self_name,
-            now,
-            suspect_after(),
-        );
+        // Pinning: a name's first signing identity stays its identity.
+        let mut valid = signed.valid;
+        let found = pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(&mut valid);
+        conflicts_tx.send_if_modified(|c| {
+            if c.current == found {
+                return false;
+            }
+            for f in found.iter().filter(|f| !c.current.contains(f)) {
+                c.total += 1;
+                warn!(peer = %f.name, pinned = %f.pinned, offered = %f.offered, generation = f.generation, "record under a pinned name signed by another identity; refused (meshsec forget NAME accepts it)");
+            }
+            c.current = found;
+            true
+        });
+        let next = members::view(&observed, &heard, &valid, &self_name, now, suspect_after());
         let n_refused = members::refused_names(&observed);
         refused.store(n_refused, Ordering::Relaxed);
         if n_refused > 0 {

@@ -468,6 +468,14 @@ pub fn render_members(members: &[MemberRow]) -> String {
             ]
         })
         .collect();
+    for m in members {
+        if let Some(c) = &m.identity_conflict {
+            out.push_str(&format!(
+                "identity conflict: {}: {c}; the refused identity gets nothing (meshsec forget {} accepts it)\n",
+                m.name, m.name
+            ));
+        }
+    }
     if !links.is_empty() {
         out.push('\n');
         out.push_str(&table(
@@ -535,6 +543,19 @@ fn render_status(s: &Status) -> String {
         kv(&s.mesh),
     ) + &render_blocked(&s.blocked)
         + &render_conflicts(&s.conflicts)
+        + &render_identity_conflicts(&s.identity_conflicts)
+}
+
+/// One line per record refused for its identity (impersonation).
+fn render_identity_conflicts(c: &crate::gossip::pins::Conflicts) -> String {
+    let mut out = format!("identities:   {} record(s) refused so far\n", c.total);
+    for f in &c.current {
+        out.push_str(&format!(
+            "              {} (generation {}): pinned {}, refused {}\n",
+            f.name, f.generation, f.pinned, f.offered
+        ));
+    }
+    out
 }
 
 /// One line per refused claim on a bound address.
@@ -592,6 +613,7 @@ mod tests {
             last_heard_ms: 2500,
             is_self: false,
             links: vec![],
+            identity_conflict: None,
         };
         let out = render_members(&[
             m("a", MemberState::Alive),

@@ -160,6 +160,10 @@ pub struct Status {
     /// Members' claims on addresses bound to another peer: ignored.
     #[serde(default)]
     pub conflicts: Vec<crate::mesh::Conflict>,
+    /// Records refused because their name is pinned to another signing
+    /// identity (impersonation), now, and how many so far.
+    #[serde(default)]
+    pub identity_conflicts: crate::gossip::pins::Conflicts,
 }
 
 /// A blocked pair in `meshsec status`.
@@ -226,6 +230,11 @@ pub struct MemberRow {
     /// this node itself.
     #[serde(default)]
     pub links: Vec<LinkRow>,
+    /// Set when gossip carries a record under this name signed by another
+    /// identity than the pinned one: "pinned FP, refused FP" (the impostor
+    /// gets nothing; `meshsec forget NAME` accepts the new identity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_conflict: Option<String>,
 }
 
 impl MemberRow {
@@ -244,6 +253,7 @@ impl MemberRow {
             last_heard_ms: m.last_heard_ms,
             is_self: m.is_self,
             links: links.iter().map(LinkRow::from).collect(),
+            identity_conflict: None,
         }
     }
 }
@@ -347,6 +357,11 @@ pub struct ControlState {
     /// Asks the agent to reload its keyring.
     pub reload: tokio::sync::mpsc::Sender<ReloadRequest>,
     /// Links per peer name, merged into the listing.
+    /// Name → pinned signing identity (`forget` drops a pin).
+    pub pins: Arc<std::sync::Mutex<crate::gossip::pins::Pins>>,
+    /// Records refused for an identity other than their name's pin.
+    pub identity_conflicts: watch::Receiver<crate::gossip::pins::Conflicts>,
+    /// Links per peer name, from the mesh.
     pub links:
         watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
 }
@@ -441,7 +456,18 @@ async fn write_line(w: &mut (impl AsyncWriteExt + Unpin), reply: &Reply) -> std:
 fn snapshot(state: &ControlState) -> Vec<MemberRow> {
     let members = state.members.borrow().clone();
     let links = state.links.borrow().clone();
-    rows(&members, &links)
+    with_conflicts(rows(&members, &links), state)
+}
+
+/// Marks the rows whose name is claimed by another identity than its pin.
+fn with_conflicts(mut rows: Vec<MemberRow>, state: &ControlState) -> Vec<MemberRow> {
+    let conflicts = state.identity_conflicts.borrow();
+    for r in rows.iter_mut() {
+        if let Some(c) = conflicts.current.iter().find(|c| c.name == r.name) {
+            r.identity_conflict = Some(format!("pinned {}, refused {}", c.pinned, c.offered));
+        }
+    }
+    rows
 }
 
 /// The listing: each member with the mesh's links to it.
@@ -473,11 +499,18 @@ async fn handle(
             write_line(&mut w, &Reply::Leaving).await
         }
         Request::Forget { name } => {
+            let unpinned = usize::from(
+                state
+                    .pins
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .forget(&name),
+            );
             let (tx, rx) = tokio::sync::oneshot::channel();
             let cmd = crate::mesh::driver::MeshCommand::Forget { name, reply: tx };
             let reply = match state.mesh.send(cmd).await {
                 Ok(()) => match rx.await {
-                    Ok(n) => Reply::Forgot(n),
+                    Ok(n) => Reply::Forgot(n + unpinned),
                     Err(_) => Reply::Error("the mesh is shutting down".into()),
                 },
                 Err(_) => Reply::Error("the mesh is shutting down".into()),
@@ -516,7 +549,7 @@ async fn handle(
                     _ = crate::shutdown::fired(&mut shutdown) => return Ok(()),
                     ev = rx.recv() => match ev {
                         Ok(ev) => {
-                            let members = rows(&ev.1, &state.links.borrow().clone());
+                            let members = with_conflicts(rows(&ev.1, &state.links.borrow().clone()), &state);
                             write_line(&mut w, &Reply::Changes { changes: ev.0.clone(), members }).await?
                         }
                         // A slow reader skipped some changes: resend the full listing.
@@ -620,6 +653,7 @@ mod tests {
             mesh: Default::default(),
             blocked: vec![],
             conflicts: vec![],
+            identity_conflicts: Default::default(),
         }
     }
 
@@ -644,6 +678,8 @@ mod tests {
             mesh: mesh_tx,
             leave: leave_tx,
             reload: reload_tx,
+            pins: Arc::new(std::sync::Mutex::new(crate::gossip::pins::Pins::in_memory())),
+            identity_conflicts: watch::channel(Default::default()).1,
         };
         // The agent's side of reloads: refuse the first, accept the second.
         tokio::spawn(async move {

@@ -470,6 +470,53 @@ pub(crate) mod tests {
         }
     }
 
+    /// Finding 1 (impersonation by name): an impostor holding the secret
+    /// signs a record under b's name with its own identity and a higher
+    /// generation. Signed records alone accept it (a valid signature, a
+    /// newer generation: a restart); with b's identity pinned it is refused
+    /// and the view keeps the real b.
+    #[test]
+    fn an_impostor_under_a_pinned_name_is_refused() {
+        let now = Instant::now();
+        let real = obs("b", 1, 10, true, false, false);
+        let impostor_info = NodeInfo {
+            public_key: Some([0x66; 32]),
+            data_addrs: vec!["198.51.100.66".parse().unwrap()],
+            handshake_port: Some(6666),
+            protocol: Some(1),
+            left: false,
+        };
+        let impostor =
+            signed_key_values(&impostor_info, "b", 2, &SigningKey::from_seed([0x66; 32]));
+        let mut pins = crate::gossip::pins::Pins::in_memory();
+        // b is seen (and pinned) first.
+        let first = vec![real.clone()];
+        let mut valid = RecordTracker::default().observe(&first, now).valid;
+        assert!(pins.apply(&mut valid).is_empty());
+        // Then the impostor's validly signed, newer record arrives.
+        let o = vec![real.clone(), observed_from("b", 2, &impostor)];
+        let mut valid = RecordTracker::default().observe(&o, now).valid;
+        assert_eq!(valid.len(), 2, "both signatures verify");
+        let unpinned = view_of(&o, &valid, now);
+        assert_eq!(
+            unpinned[0].public_key,
+            Some([0x66; 32]),
+            "without pins the impostor wins"
+        );
+        let conflicts = pins.apply(&mut valid);
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!(conflicts[0].generation, 2);
+        let v = view_of(&o, &valid, now);
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].generation, 1);
+        assert_eq!(v[0].public_key, Some([1; 32]));
+        // The impostor alone (the real b gone from gossip) gives the mesh nothing.
+        let alone = vec![observed_from("b", 2, &impostor)];
+        let mut valid = RecordTracker::default().observe(&alone, now).valid;
+        assert_eq!(pins.apply(&mut valid).len(), 1);
+        gives_the_mesh_nothing(&view_of(&alone, &valid, now)[0]);
+    }
+
     #[test]
     fn forged_left_does_not_make_a_member_left() {
         let now = Instant::now();

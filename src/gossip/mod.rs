@@ -8,6 +8,7 @@
 //! - [`members`]: the membership view (pure) behind `meshsec members`.
 
 pub mod members;
+pub mod pins;
 pub mod records;
 pub mod schema;
 pub mod seal;
