@@ -2,14 +2,14 @@
 # needs: esp
 # timeout: 480
 # Trust issue, adversary scenario: 4 honest hosts form the mesh; then a member
-# holding the right secret (host 5) (b) publishes a member's address (host
-# 2's, configured on its own port so its agent can bind it, ARP off), then (c)
-# the address of a host running no agent (host 6). Throughout: the honest
-# pairs keep their SPIs and fingerprints, the wire between hosts 1 and 2
-# carries only ESP and meshsec's UDP, the bystander stays reachable in
-# plaintext from every honest host, and the refusals are counted and visible
-# in `meshsec status`. (a), another member's --node-name, needs pinning of
-# signed identities and is not run yet.
+# holding the right secret (host 5) (a) runs with another member's
+# --node-name (h2), (b) publishes a member's address (host 2's, configured on
+# its own port so its agent can bind it, ARP off), then (c) the address of a
+# host running no agent (host 6). Throughout: the honest pairs keep their SPIs
+# and fingerprints, the wire between hosts 1 and 2 carries only ESP and
+# meshsec's UDP, the bystander stays reachable in plaintext from every honest
+# host, and the refusals are counted and visible in `meshsec status` and
+# `meshsec members`.
 . "$(dirname "$0")/../lib/bed.sh"
 
 bed_up 6
@@ -68,6 +68,23 @@ before=$(honest_state)
 echo "$before" >"$WORK/honest-before.txt"
 capture_start honest "host $(host_ip4 1) and host $(host_ip4 2)"
 bystander_reachable
+
+# (a) a member runs with host 2's name: its own signing identity is refused.
+start 5 --node-name h2 --data-address "$(host_ip4 5)"
+impostor_refused() {
+    local i
+    for i in 1 3 4; do
+        [[ $(status_field_count "$i" '"name":"h2","pinned"') -ge 1 ]] || return 1
+    done
+}
+wait_until 60 impostor_refused
+nap 10
+for i in 1 3 4; do
+    assert_cmp "$(agent_ctl "$i" members --json | grep -o '"identity_conflict":"pinned' | wc -l)" -eq 1 "host $i shows h2's identity conflict"
+done
+assert_eq "$(honest_state)" "$before" "honest SPIs and fingerprints with an impostor named h2"
+bystander_reachable
+agent_stop 5
 
 # (b) a member publishes host 2's address.
 steal_address 5 "$(host_ip4 2)"
