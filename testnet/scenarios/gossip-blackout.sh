@@ -24,7 +24,7 @@ all_established() {
     for i in 1 2 3; do [[ $(established_links "$i") == 2 ]] || return 1; done
 }
 # blocked_pairs I: how many pairs host I's status lists as blocked.
-blocked_pairs() { agent_ctl "$1" status --json | grep -o '"reason":"[a-z_]*"' | wc -l; }
+blocked_pairs() { agent_ctl "$1" status --json | { grep -o '"reason":"[a-z_]*"' || true; } | wc -l; }
 # udp_block I / udp_unblock I: drop meshsec's gossip (9340) and handshake
 # (9341) UDP in both directions on host I's port; ESP and ICMP pass.
 udp_block() {
