@@ -74,7 +74,18 @@ fn run(args: Vec<String>) -> Result<String, String> {
                 .ok_or_else(|| format!("member-field: no member named {name} in the listing"))?;
             member_field(m, field)
         }
-        ["states"] => {
+        ["states", rest @ ..] if rest.len() <= 1 => {
+            // With MIN_UPTIME: only from an agent up that long (one exec per
+            // sample: every exec is slow in the emulated VM).
+            if let Some(min) = rest.first() {
+                let min: u64 = min.parse().map_err(|_| {
+                    format!("states: MIN_UPTIME {min:?} is not a number of seconds")
+                })?;
+                let up = status(&socket)?.uptime_secs;
+                if up < min {
+                    return Err(format!("states: agent up {up} s, less than {min} s"));
+                }
+            }
             let listing = members(&socket)?;
             let states: Vec<String> = listing
                 .iter()

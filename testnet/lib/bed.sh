@@ -490,9 +490,7 @@ listings_start() {
     (
         while :; do
             for i in $(seq 1 "$n"); do
-                up=$(agent_status "$i" uptime_secs 2>/dev/null) || continue
-                ((up >= 10)) || continue
-                line=$(bedq "$i" states 2>/dev/null) || continue
+                line=$(bedq "$i" states 10 2>/dev/null) || continue
                 echo "${line%% *} h$i ${line#* }" >>"$WORK/listing.txt"
             done
         done

@@ -46,12 +46,18 @@ listings_start $N
 flow_start 1 2
 sleep 2
 
+# A pause after each round, as an operator's rollout has: the listing
+# watch samples only agents up 10 s or more (a fresh one knows only itself),
+# and a fast round restarts every host within 10 s.
 for i in $(seq 1 $N); do restart "$i" old new; done
 log "step 2 done: every host opens both, seals with the old"
+sleep 6
 for i in $(seq 1 $N); do restart "$i" new old; done
 log "step 3 done: every host seals with the new"
+sleep 6
 for i in $(seq 1 $N); do restart "$i" new; done
 log "step 4 done: the old secret is gone everywhere"
+sleep 6
 wait_until 60 all_established
 
 # The rotation is over: stop and check the flows.
