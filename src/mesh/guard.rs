@@ -63,11 +63,23 @@ pub struct Conflict {
     pub bound_to: String,
 }
 
+/// What is bound, for [`super::wanted_links`]: addresses to keys, keys to
+/// the names that own them.
+#[derive(Debug, Default, Clone)]
+pub struct Bound {
+    /// Peer address → the key it is bound to.
+    pub addrs: BTreeMap<IpAddr, PublicKey>,
+    /// Peer key → the name that owns it.
+    pub keys: BTreeMap<PublicKey, String>,
+}
+
 /// Address bindings and blocked pairs.
 #[derive(Debug, Default)]
 pub struct Guard {
     /// Peer address → the key (and name) it is bound to.
     bindings: BTreeMap<IpAddr, (PublicKey, String)>,
+    /// Peer key → the name it was first protected under.
+    key_owners: BTreeMap<PublicKey, String>,
     /// (local, remote) → why its policies stay without SAs.
     blocked: BTreeMap<(IpAddr, IpAddr), Blocked>,
 }
@@ -100,16 +112,28 @@ impl Guard {
         out
     }
 
-    /// The address → key bindings, for [`super::wanted_links`].
+    /// The address → key bindings.
     pub fn bindings(&self) -> BTreeMap<IpAddr, PublicKey> {
         self.bindings.iter().map(|(a, (k, _))| (*a, *k)).collect()
     }
 
-    /// Binds `remote` to `key` unless it is bound already.
+    /// Addresses and keys bound so far, for [`super::wanted_links`].
+    pub fn bound(&self) -> Bound {
+        Bound {
+            addrs: self.bindings(),
+            keys: self.key_owners.clone(),
+        }
+    }
+
+    /// Binds `remote` to `key` and `key` to `name` (once a link to them is
+    /// protected), unless they are bound already.
     pub fn bind(&mut self, remote: IpAddr, key: PublicKey, name: &str) {
         self.bindings
             .entry(remote)
             .or_insert_with(|| (key, name.to_string()));
+        self.key_owners
+            .entry(key)
+            .or_insert_with(|| name.to_string());
     }
 
     /// Releases `remote` if it is bound to `key` (the peer gave it up).
@@ -130,13 +154,21 @@ impl Guard {
         self.blocked.remove(&(local, remote)).is_some()
     }
 
-    /// Releases everything held for `key` (it left): its bindings and its
-    /// blocked pairs. Returns how many pairs were released.
-    pub fn release_key(&mut self, key: &PublicKey) -> usize {
-        self.bindings.retain(|_, (k, _)| k != key);
+    /// Releases what is held for the peer `name` with `key` (its own signed
+    /// `left`): bindings and blocked pairs held for exactly that name and
+    /// key, so another member's record carrying the same key releases
+    /// nothing. Returns how many pairs were released.
+    pub fn release(&mut self, name: &str, key: &PublicKey) -> usize {
+        self.bindings.retain(|_, (k, n)| !(k == key && n == name));
+        if self.key_owners.get(key).is_some_and(|n| n == name) {
+            self.key_owners.remove(key);
+        }
         let before = self.blocked.len();
-        self.blocked
-            .retain(|_, b| b.peer.as_ref().is_none_or(|(_, k)| k != key));
+        self.blocked.retain(|_, b| {
+            b.peer
+                .as_ref()
+                .is_none_or(|(n, k)| !(k == key && n == name))
+        });
         before - self.blocked.len()
     }
 
@@ -147,6 +179,7 @@ impl Guard {
         let before = self.bindings.len() + self.blocked.len();
         self.bindings
             .retain(|a, (_, n)| n != name && Some(*a) != addr);
+        self.key_owners.retain(|_, n| n != name);
         self.blocked.retain(|(_, remote), b| {
             b.peer.as_ref().is_none_or(|(n, _)| n != name) && Some(*remote) != addr
         });
@@ -189,7 +222,12 @@ mod tests {
             since: Instant::now(),
         });
         assert_eq!(g.policies().len(), 2);
-        assert_eq!(g.release_key(&[9; 32]), 0);
+        assert_eq!(g.release("impostor", &[9; 32]), 0);
+        assert_eq!(
+            g.release("c", &[2; 32]),
+            0,
+            "another name with b's key releases nothing"
+        );
         assert_eq!(g.forget("c"), 0);
         assert_eq!(g.forget("b"), 2);
         assert!(g.bindings().is_empty() && g.policies().is_empty());

@@ -37,9 +37,10 @@ pub struct Target {
 ///
 /// Addresses are checked, since a member could publish anything: only
 /// unicast addresses that are not ours count; an address bound to a peer
-/// (`bindings`: it had a link to that key) stays that peer's, whoever else
-/// claims it later; an unbound address (or a key) claimed by two members is
-/// used for neither. So one member can never make us require ESP towards
+/// (`bound.addrs`: it had a protected link to that key) stays that peer's,
+/// whoever else claims it later, and a bound key (`bound.keys`) stays the
+/// name's it was protected under; an unbound address (or key) claimed by
+/// two members is used for neither. So one member can never make us require ESP towards
 /// somebody else, nor make two other members lose their link. A member that
 /// left claims nothing (its replacement may take its addresses).
 pub fn wanted_links(
@@ -47,8 +48,11 @@ pub fn wanted_links(
     self_addrs: &[IpAddr],
     members: &[Member],
     grace: Duration,
-    bindings: &BTreeMap<IpAddr, PublicKey>,
+    bound: &super::guard::Bound,
 ) -> BTreeMap<LinkId, Target> {
+    let bindings = &bound.addrs;
+    // A claim on a key bound to another name does not count, nor get a link.
+    let owns_key = |m: &Member, k: &PublicKey| bound.keys.get(k).is_none_or(|n| *n == m.name);
     let mut claims: HashMap<IpAddr, usize> = HashMap::new();
     let mut keys: HashMap<PublicKey, usize> = HashMap::new();
     let claiming = members
@@ -58,6 +62,9 @@ pub fn wanted_links(
         let Some(k) = m.public_key else {
             continue;
         };
+        if !owns_key(m, &k) {
+            continue;
+        }
         *keys.entry(k).or_default() += 1;
         for a in &m.data_addrs {
             // A claim on an address bound to another key does not count.
@@ -87,6 +94,7 @@ pub fn wanted_links(
         };
         if !keep
             || &key == self_key
+            || !owns_key(m, &key)
             || keys.get(&key).copied().unwrap_or(0) != 1
             || m.protocol != Some(1)
         {

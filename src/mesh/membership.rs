@@ -18,10 +18,23 @@ impl Mesh {
         // A member that left gives up its addresses and blocked pairs.
         for m in members.iter().filter(|m| m.state == MemberState::Left) {
             if let Some(k) = m.public_key {
-                let released = self.guard.release_key(&k);
+                let released = self.guard.release(&m.name, &k);
                 if released > 0 {
                     info!(peer = %m.name, pairs = released, "peer left: its blocked pairs are released");
                     self.dirty = true;
+                }
+            }
+        }
+        let bound = self.guard.bound();
+        for m in members
+            .iter()
+            .filter(|m| !m.is_self && m.state != MemberState::Left)
+        {
+            let Some(k) = m.public_key else { continue };
+            if let Some(owner) = bound.keys.get(&k).filter(|o| **o != m.name) {
+                if self.key_claims.insert((m.name.clone(), k)) {
+                    self.counters.refused_key_claims += 1;
+                    warn!(claimant = %m.name, owner = %owner, "record carries a peer key bound to another name; ignored");
                 }
             }
         }
@@ -36,7 +49,7 @@ impl Mesh {
             &self.self_addrs,
             members,
             self.config.dead_grace,
-            &self.guard.bindings(),
+            &self.guard.bound(),
         );
         let gone: Vec<LinkId> = self
             .links
@@ -78,9 +91,6 @@ impl Mesh {
         let mut refused = 0u64;
         for (id, target) in wanted {
             let full = self.links.len() >= self.config.max_links;
-            if !full || self.links.contains_key(&id) {
-                self.guard.bind(target.remote, id.peer, &target.name);
-            }
             match self.links.get_mut(&id) {
                 Some(link) if link.target == target => {}
                 Some(link) => {

@@ -37,7 +37,7 @@ mod reconcile;
 mod status;
 
 use context::Ctx;
-pub use guard::{BlockReason, Blocked, Conflict};
+pub use guard::{BlockReason, Blocked, Bound, Conflict};
 pub use links::{usable_peer_address, wanted_links, LinkId, Target};
 pub use plan::{desired, link_objects, plan, sa_ids, AdoptedPlan, LinkPlan, REPLAY_WINDOW};
 pub use status::{LinkState, LinkStatus, MeshCounters};
@@ -187,6 +187,8 @@ pub struct Mesh {
     guard: guard::Guard,
     /// Claims on addresses bound to another peer, as of the last view.
     conflicts: Vec<Conflict>,
+    /// (claimant, key) pairs already counted as refused key claims.
+    key_claims: std::collections::BTreeSet<(String, PublicKey)>,
     /// When the initiations of the last second started (the per-second cap).
     started: std::collections::VecDeque<Instant>,
 }
@@ -240,6 +242,7 @@ impl Mesh {
             wall_anchor: (now, unix_now),
             guard: guard::Guard::default(),
             conflicts: Vec::new(),
+            key_claims: Default::default(),
             started: std::collections::VecDeque::new(),
         })
     }

@@ -255,6 +255,9 @@ impl Mesh {
             if !link.installed {
                 link.installed = true;
                 link.protected = true;
+                // From now on the address and the key are this peer's.
+                self.guard
+                    .bind(link.target.remote, session.peer, &link.target.name);
                 link.rekey_at =
                     Some(now + jittered(self.config.rekey_interval, session.session_id));
                 let family = AddressFamily::of(link.target.local);

@@ -87,6 +87,9 @@ pub struct MeshCounters {
     /// Claims on an address bound to another peer (each claim once): ignored.
     #[serde(default)]
     pub refused_claims: u64,
+    /// Members publishing a peer key bound to another name (each once): ignored.
+    #[serde(default)]
+    pub refused_key_claims: u64,
     /// Due handshake initiations (new links, retries, re-keys) held back to
     /// a later tick by the per-second cap (`MeshConfig::max_initiations_per_sec`),
     /// never dropped; a link held back at several ticks counts at each.

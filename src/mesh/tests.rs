@@ -305,7 +305,7 @@ fn dead_member_keeps_sas_for_the_grace_period() {
         &a.addrs,
         &[member(&a, MemberState::Alive, true), dead.clone()],
         Duration::from_secs(60),
-        &BTreeMap::new(),
+        &Default::default(),
     );
     assert_eq!(links.len(), 2);
     dead.last_heard_ms = 61_000;
@@ -314,7 +314,7 @@ fn dead_member_keeps_sas_for_the_grace_period() {
         &a.addrs,
         &[dead],
         Duration::from_secs(60),
-        &BTreeMap::new(),
+        &Default::default(),
     );
     assert!(links.is_empty());
 }
@@ -336,7 +336,7 @@ fn hostile_addresses_and_duplicate_claims_are_not_linked() {
         &a.addrs,
         &[me.clone(), mb.clone(), mc.clone()],
         Duration::from_secs(60),
-        &BTreeMap::new(),
+        &Default::default(),
     );
     let remotes: Vec<IpAddr> = links.values().map(|t| t.remote).collect();
     assert_eq!(
@@ -355,7 +355,7 @@ fn hostile_addresses_and_duplicate_claims_are_not_linked() {
         &a.addrs,
         &[me.clone(), mb.clone()],
         Duration::from_secs(60),
-        &BTreeMap::new()
+        &Default::default()
     )
     .is_empty());
     // Two members with one key: neither is linked.
@@ -367,7 +367,7 @@ fn hostile_addresses_and_duplicate_claims_are_not_linked() {
         &a.addrs,
         &[me, mb2, mc2],
         Duration::from_secs(60),
-        &BTreeMap::new()
+        &Default::default()
     )
     .is_empty());
 }
@@ -384,7 +384,7 @@ fn families_only_where_both_sides_have_addresses() {
         &a.addrs,
         &[mb],
         Duration::from_secs(60),
-        &BTreeMap::new(),
+        &Default::default(),
     );
     assert_eq!(
         links.keys().map(|k| k.family).collect::<Vec<_>>(),
@@ -1523,4 +1523,74 @@ fn links_beyond_the_cap_are_refused_and_counted() {
     let now_linked = a.mesh.link_status();
     assert_eq!(now_linked.len(), 10);
     assert!(now_linked.keys().all(|k| !kept.contains_key(k)));
+}
+
+/// Review attack 1: under names of its own, a member publishes records
+/// carrying the honest peer's Noise key, one up and one `left`. The key is
+/// bound to the name it was protected under, so neither claim counts, and a
+/// `left` releases only what is held for its own name: the honest pair keeps
+/// its link and its policies.
+#[test]
+fn records_carrying_a_peers_key_under_other_names_change_nothing() {
+    let (mut nodes, now) = established(2);
+    let spis: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    let mut c1 = member(&nodes[1], MemberState::Alive, false);
+    c1.name = "c1".into();
+    c1.data_addrs = vec!["192.0.2.99".parse().unwrap()];
+    let mut c2 = c1.clone();
+    c2.name = "c2".into();
+    c2.state = MemberState::Left;
+    let mut v = view(&nodes, 0, |_| MemberState::Alive);
+    v.push(c1);
+    for round in 0..2 {
+        if round == 1 {
+            v.push(c2.clone());
+        }
+        let n = &mut nodes[0];
+        n.mesh.set_members(now, &v, &mut n.dp);
+        resync(n, now);
+        let now_spis: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+        assert_eq!(now_spis, spis, "round {round}: n0-n1 SAs untouched");
+        assert_eq!(policy_pairs(&mut nodes[0]), 4, "round {round}");
+        assert!(nodes[0].mesh.blocked().is_empty(), "round {round}");
+    }
+    assert!(nodes[0].mesh.counters().refused_key_claims >= 1);
+}
+
+/// Review attack 3: after a restart (bindings empty), an attacker claims an
+/// honest peer's addresses while the peer's record is not valid here yet.
+/// Addresses are bound only once a link is protected, so the attacker (who
+/// cannot complete a handshake from those addresses) binds nothing, and the
+/// honest peer is never refused in its favour.
+#[test]
+fn after_a_restart_a_claim_alone_binds_nothing() {
+    let (mut nodes, now) = established(2);
+    let key = nodes[0].key.clone();
+    nodes[0].mesh = Mesh::new(
+        MeshConfig::default(),
+        key,
+        &[[7; 32]],
+        nodes[0].addrs.clone(),
+        now,
+        wall(now),
+    )
+    .unwrap();
+    let attacker = StaticKeypair::from_private([77; 32]);
+    let mut c = member(&nodes[1], MemberState::Alive, false);
+    c.name = "c".into();
+    c.public_key = Some(*attacker.public());
+    let mut v = view(&nodes, 0, |_| MemberState::Alive);
+    v[1].public_key = None;
+    v.push(c.clone());
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    let mut v = view(&nodes, 0, |_| MemberState::Alive);
+    v.push(c);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    assert!(
+        nodes[0].mesh.conflicts().iter().all(|x| x.bound_to != "c"),
+        "{:?}",
+        nodes[0].mesh.conflicts()
+    );
 }
