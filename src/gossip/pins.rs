@@ -110,29 +110,32 @@ impl Pins {
         had
     }
 
-    /// Pins the names not pinned yet (the lowest generation's key when a
-    /// new name shows several at once: the one that was there first), and
-    /// removes from `valid` every record whose name is pinned to another
-    /// key, returning those conflicts.
+    /// Pins the names not pinned yet whose records all carry one signing
+    /// key, and removes from `valid` every record whose name is pinned to
+    /// another key, returning those conflicts. A new name seen with several
+    /// identities at once is pinned to none of them (generations are the
+    /// publisher's choice, so no order among them can be trusted): all its
+    /// records are refused and listed until one identity remains.
     pub fn apply(
         &mut self,
         valid: &mut HashMap<(String, u64), SignedRecord>,
     ) -> Vec<IdentityConflict> {
-        let mut first: BTreeMap<&str, (u64, SigningPublicKey)> = BTreeMap::new();
-        for ((name, generation), r) in valid.iter() {
-            if self.pins.contains_key(name) {
-                continue;
-            }
-            let e = first
-                .entry(name.as_str())
-                .or_insert((*generation, r.signing_key));
-            if *generation < e.0 {
-                *e = (*generation, r.signing_key);
+        let mut seen: BTreeMap<&str, std::collections::BTreeSet<SigningPublicKey>> =
+            BTreeMap::new();
+        for ((name, _), r) in valid.iter() {
+            if !self.pins.contains_key(name) {
+                seen.entry(name.as_str()).or_default().insert(r.signing_key);
             }
         }
-        let new: Vec<(String, SigningPublicKey)> = first
+        let ambiguous: std::collections::BTreeSet<String> = seen
+            .iter()
+            .filter(|(_, keys)| keys.len() > 1)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let new: Vec<(String, SigningPublicKey)> = seen
             .into_iter()
-            .map(|(n, (_, k))| (n.to_string(), k))
+            .filter(|(_, keys)| keys.len() == 1)
+            .filter_map(|(n, keys)| keys.into_iter().next().map(|k| (n.to_string(), k)))
             .collect();
         if !new.is_empty() {
             for (name, key) in new {
@@ -142,17 +145,28 @@ impl Pins {
             self.save();
         }
         let mut conflicts = Vec::new();
-        valid.retain(|(name, generation), r| match self.pins.get(name) {
-            Some(pinned) if *pinned != r.signing_key => {
+        valid.retain(|(name, generation), r| {
+            if ambiguous.contains(name) {
                 conflicts.push(IdentityConflict {
                     name: name.clone(),
-                    pinned: pinned.fingerprint(),
+                    pinned: "none (several identities at once)".into(),
                     offered: r.signing_key.fingerprint(),
                     generation: *generation,
                 });
-                false
+                return false;
             }
-            _ => true,
+            match self.pins.get(name) {
+                Some(pinned) if *pinned != r.signing_key => {
+                    conflicts.push(IdentityConflict {
+                        name: name.clone(),
+                        pinned: pinned.fingerprint(),
+                        offered: r.signing_key.fingerprint(),
+                        generation: *generation,
+                    });
+                    false
+                }
+                _ => true,
+            }
         });
         conflicts.sort();
         conflicts
@@ -243,14 +257,21 @@ mod tests {
         assert_eq!(again.get("b"), Some(&SigningPublicKey([9; 32])));
     }
 
+    /// Review attack 4: a new name seen with two identities at once pins
+    /// neither (an attacker's generation 0 must not win); once one remains,
+    /// it is pinned.
     #[test]
-    fn a_new_name_seen_twice_at_once_pins_the_older_generation() {
+    fn a_new_name_seen_with_two_identities_at_once_pins_neither() {
         let mut pins = Pins::in_memory();
         let mut valid: HashMap<(String, u64), SignedRecord> =
-            [(("c".into(), 5), rec(5)), (("c".into(), 3), rec(3))].into();
+            [(("c".into(), 5), rec(5)), (("c".into(), 0), rec(3))].into();
         let conflicts = pins.apply(&mut valid);
-        assert_eq!(pins.get("c"), Some(&SigningPublicKey([3; 32])));
-        assert_eq!(conflicts.len(), 1);
+        assert_eq!(pins.get("c"), None);
+        assert_eq!(conflicts.len(), 2);
+        assert!(valid.is_empty(), "neither counts");
+        let mut valid: HashMap<(String, u64), SignedRecord> = [(("c".into(), 5), rec(5))].into();
+        assert!(pins.apply(&mut valid).is_empty());
+        assert_eq!(pins.get("c"), Some(&SigningPublicKey([5; 32])));
     }
 
     #[test]
