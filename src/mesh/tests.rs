@@ -919,14 +919,7 @@ fn a_new_initiating_secret_restarts_handshakes_in_flight() {
 #[test]
 fn kernel_writes_go_through_one_pipelined_apply_per_reconcile() {
     let mut now = Instant::now();
-    let mut nodes: Vec<Node> = (0..3)
-        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
-        .collect();
-    for i in 0..3 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    let mut nodes = introduced(3, now);
     run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
         false
     });
@@ -1091,14 +1084,7 @@ fn a_mesh_woken_only_at_its_poll_timeout_establishes_rekeys_and_retires() {
 #[test]
 fn the_responder_installs_its_inbound_sa_before_the_response_leaves() {
     let now = Instant::now();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
-        .collect();
-    for i in 0..2 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    let mut nodes = introduced(2, now);
     // Only n0 runs its timers: it initiates on both families.
     let n = &mut nodes[0];
     n.mesh.handle_timeout(now, &mut n.dp);
@@ -1176,17 +1162,24 @@ fn lost_handshakes_are_retried_on_the_mesh_s_own_timers() {
     assert_eq!(up, 4, "re-tried and established after the blackout");
 }
 
+/// Nodes n0..n{k-1} (secret [7; 32]), each told about all the others at
+/// `now`; nothing run yet.
+fn introduced(k: usize, now: Instant) -> Vec<Node> {
+    let mut nodes: Vec<Node> = (0..k)
+        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
+        .collect();
+    for i in 0..k {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    nodes
+}
+
 /// Nodes 0..n established with each other (all alive), and the clock.
 fn established(n: usize) -> (Vec<Node>, Instant) {
     let mut now = Instant::now();
-    let mut nodes: Vec<Node> = (0..n)
-        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
-        .collect();
-    for i in 0..n {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let nd = &mut nodes[i];
-        nd.mesh.set_members(now, &v, &mut nd.dp);
-    }
+    let mut nodes = introduced(n, now);
     run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
         false
     });
@@ -1360,14 +1353,7 @@ fn a_replacement_takes_over_the_addresses_of_a_member_that_left() {
 #[test]
 fn an_initiation_from_another_address_gets_no_response() {
     let now = Instant::now();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
-        .collect();
-    for i in 0..2 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    let mut nodes = introduced(2, now);
     let n = &mut nodes[0];
     n.mesh.handle_timeout(now, &mut n.dp);
     let (family, _, bytes) = nodes[0].mesh.poll_transmit().expect("an initiation");
@@ -1389,14 +1375,7 @@ fn an_initiation_from_another_address_gets_no_response() {
 #[test]
 fn a_response_from_another_address_establishes_nothing() {
     let now = Instant::now();
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
-        .collect();
-    for i in 0..2 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    let mut nodes = introduced(2, now);
     let n = &mut nodes[0];
     n.mesh.handle_timeout(now, &mut n.dp);
     let (family, _, init) = nodes[0].mesh.poll_transmit().expect("an initiation");
