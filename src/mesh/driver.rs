@@ -322,6 +322,10 @@ pub async fn run(
             }));
         }
     };
+    // The loop can also end because the membership channel closed (its task
+    // heard the same shutdown first): the shutdown value decides, never
+    // which of the two the select saw first.
+    let how = (*stop.borrow()).unwrap_or(how);
     if how == Stop::Leave {
         match mesh.remove_all(dp.as_mut()) {
             Ok((sas, policies)) => info!(
