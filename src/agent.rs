@@ -86,6 +86,9 @@ pub enum StartError {
     /// The identity pins in the state directory.
     #[error(transparent)]
     Pins(#[from] crate::gossip::pins::PinsError),
+    /// The bindings and blocked pairs saved in the state directory.
+    #[error("{0}")]
+    Guard(String),
 }
 
 /// Runs the agent until `shutdown` completes, then announces leaving, stops
@@ -156,7 +159,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass)
         .map_err(StartError::from)?;
     let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
-    let mesh = Mesh::new(
+    let guard_path = cfg.state_dir.join(crate::mesh::GUARD_FILE);
+    let saved_guard = crate::mesh::driver::load_guard(&guard_path).map_err(StartError::Guard)?;
+    let mut mesh = Mesh::new(
         MeshConfig {
             algorithm: cfg.esp_algorithm,
             dead_grace: cfg.peer_grace,
@@ -173,6 +178,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             .unwrap_or_default(),
     )
     .map_err(StartError::from)?;
+    if let Some(saved) = &saved_guard {
+        mesh.restore_guard(saved).map_err(|e| {
+            StartError::Guard(format!(
+                "--state-dir: {}: {e} (fix or remove the file; removing it forgets what fail-closed holds)",
+                guard_path.display()
+            ))
+        })?;
+    }
 
     let transport = crate::gossip::transport_for(&keyring, on_bind).map_err(StartError::from)?;
     let info = NodeInfo {
@@ -339,6 +352,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             members: members_rx.clone(),
             report: report_tx,
             commands: mesh_cmd_rx,
+            guard_file: Some(guard_path),
         },
         stop_rx.clone(),
         monitor,

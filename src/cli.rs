@@ -62,11 +62,14 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Remove every SA and policy meshsec installed on this host (the agent must be stopped).
+    /// Remove every SA and policy meshsec installed on this host, and the bindings and blocked pairs it holds (the agent must be stopped).
     Flush {
         /// Control socket of the agent, to make sure it is not running.
         #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL_SOCKET)]
         control_socket: PathBuf,
+        /// State directory whose saved bindings and blocked pairs (guard.json) go too.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -172,8 +175,9 @@ pub fn main() -> i32 {
         Cmd::Forget { client, name } => client_cmd(client, Request::Forget { name }),
         Cmd::Flush {
             control_socket,
+            state_dir,
             json,
-        } => flush(&control_socket, json),
+        } => flush(&control_socket, &state_dir, json),
     }
 }
 
@@ -255,7 +259,7 @@ fn client_cmd(args: ClientArgs, req: Request) -> i32 {
     })
 }
 
-fn flush(control_socket: &std::path::Path, json: bool) -> i32 {
+fn flush(control_socket: &std::path::Path, state_dir: &std::path::Path, json: bool) -> i32 {
     use crate::datapath::Datapath;
     if std::os::unix::net::UnixStream::connect(control_socket).is_ok() {
         return fail(
@@ -267,23 +271,40 @@ fn flush(control_socket: &std::path::Path, json: bool) -> i32 {
         Ok(d) => d,
         Err(e) => return fail(1, e),
     };
-    match dp.flush_owned() {
-        Ok(r) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"sas": r.sas, "policies": r.policies})
-                );
-            } else {
-                println!(
-                    "removed {} SAs and {} policies owned by meshsec",
-                    r.sas, r.policies
-                );
-            }
-            0
+    let r = match dp.flush_owned() {
+        Ok(r) => r,
+        Err(e) => return fail(1, e),
+    };
+    // What fail closed held goes with the policies that enforced it.
+    let guard = state_dir.join(crate::mesh::GUARD_FILE);
+    let guard_removed = match std::fs::remove_file(&guard) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            return fail(
+                1,
+                format!("--state-dir: cannot remove {}: {e}", guard.display()),
+            )
         }
-        Err(e) => fail(1, e),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"sas": r.sas, "policies": r.policies, "guard_removed": guard_removed})
+        );
+    } else {
+        println!(
+            "removed {} SAs and {} policies owned by meshsec{}",
+            r.sas,
+            r.policies,
+            if guard_removed {
+                ", and the saved bindings and blocked pairs"
+            } else {
+                ""
+            }
+        );
     }
+    0
 }
 
 fn print_reply(reply: &Reply, json: bool) {

@@ -404,23 +404,29 @@ fn persist_private(state_dir: &Path, file: &str, private: &[u8; 32]) -> Result<(
         reason: e.to_string(),
     };
     let text = Zeroizing::new(format!("{}\n", B64.encode(private)));
+    create_state_dir(state_dir)
+        .and_then(|()| write_owner_only(&path, &tmp, text.as_bytes()))
+        .map_err(serr)
+}
+
+/// Writes `bytes` to `path` owner-only (0600), atomically: through `tmp`
+/// (removed on failure), synced, then renamed over `path`.
+pub fn write_owner_only(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let result = (|| {
-        create_state_dir(state_dir)?;
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
+            .open(tmp)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, &path)
+        fs::rename(tmp, path)
     })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(serr(e));
+    if result.is_err() {
+        let _ = fs::remove_file(tmp);
     }
-    Ok(())
+    result
 }
 
 fn read_key_file(path: &Path) -> std::io::Result<Zeroizing<[u8; 32]>> {

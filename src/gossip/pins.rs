@@ -16,6 +16,11 @@ use crate::identity::SigningPublicKey;
 /// File in the state directory holding the pins.
 pub const PINS_FILE: &str = "pins.json";
 
+/// Names pinned at most. A member holding the cluster secret can mint names
+/// without end; past the cap a new name is refused (listed as a conflict,
+/// counted) rather than pinned, until `meshsec forget` frees a pin.
+pub const MAX_PINS: usize = 16_384;
+
 /// The identity conflicts of the last view, and how many refusals so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conflicts {
@@ -49,10 +54,21 @@ pub struct PinsError {
 }
 
 /// Name → pinned signing key.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Pins {
     pins: BTreeMap<String, SigningPublicKey>,
     path: Option<PathBuf>,
+    max: usize,
+}
+
+impl Default for Pins {
+    fn default() -> Self {
+        Pins {
+            pins: BTreeMap::new(),
+            path: None,
+            max: MAX_PINS,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -92,6 +108,7 @@ impl Pins {
         Ok(Pins {
             pins,
             path: Some(path),
+            max: MAX_PINS,
         })
     }
 
@@ -137,19 +154,35 @@ impl Pins {
             .filter(|(_, keys)| keys.len() == 1)
             .filter_map(|(n, keys)| keys.into_iter().next().map(|k| (n.to_string(), k)))
             .collect();
+        let mut unpinned = std::collections::BTreeSet::new();
         if !new.is_empty() {
+            let mut added = 0;
             for (name, key) in new {
+                if self.pins.len() >= self.max {
+                    unpinned.insert(name);
+                    continue;
+                }
                 tracing::info!(peer = %name, signing_key = %key.fingerprint(), "identity pinned");
                 self.pins.insert(name, key);
+                added += 1;
             }
-            self.save();
+            if added > 0 {
+                self.save();
+            }
         }
         let mut conflicts = Vec::new();
         valid.retain(|(name, generation), r| {
-            if ambiguous.contains(name) {
+            let refused = if ambiguous.contains(name) {
+                Some("none (several identities at once)")
+            } else if unpinned.contains(name) {
+                Some("none (pin table full: meshsec forget NAME frees one)")
+            } else {
+                None
+            };
+            if let Some(pinned) = refused {
                 conflicts.push(IdentityConflict {
                     name: name.clone(),
-                    pinned: "none (several identities at once)".into(),
+                    pinned: pinned.into(),
                     offered: r.signing_key.fingerprint(),
                     generation: *generation,
                 });
@@ -191,7 +224,7 @@ impl Pins {
             }
         };
         let tmp = path.with_extension("json.tmp");
-        let result = std::fs::write(&tmp, text + "\n").and_then(|()| std::fs::rename(&tmp, path));
+        let result = crate::identity::write_owner_only(path, &tmp, (text + "\n").as_bytes());
         if let Err(e) = result {
             // Pins still hold in memory; only a restart would forget them.
             tracing::warn!(path = %path.display(), error = %e, "cannot save the identity pins");
@@ -283,5 +316,28 @@ mod tests {
             e.to_string().contains("pins.json") && e.to_string().contains("\"b\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn past_the_cap_new_names_are_refused_not_pinned() {
+        let mut pins = Pins {
+            max: 2,
+            ..Pins::in_memory()
+        };
+        let mut valid: HashMap<(String, u64), SignedRecord> =
+            (1..=3u8).map(|i| ((format!("n{i}"), 1), rec(i))).collect();
+        let conflicts = pins.apply(&mut valid);
+        assert_eq!(valid.len(), 2);
+        assert_eq!(conflicts.len(), 1);
+        assert!(conflicts[0].pinned.contains("pin table full"));
+        // Forgetting one frees room for the refused name.
+        let kept: Vec<String> = valid.keys().map(|(n, _)| n.clone()).collect();
+        assert!(pins.forget(&kept[0]));
+        let mut valid: HashMap<(String, u64), SignedRecord> = [(conflicts[0].name.clone(), 1)]
+            .into_iter()
+            .map(|k| (k, rec(9)))
+            .collect();
+        assert!(pins.apply(&mut valid).is_empty());
+        assert_eq!(valid.len(), 1);
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,7 +14,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{LinkStatus, Mesh, MeshCounters};
+use super::{GuardFile, LinkStatus, Mesh, MeshCounters};
 use crate::datapath::{bypass_socket, AddressFamily, Datapath, KernelEvent, XfrmMonitor};
 use crate::gossip::members::Member;
 use crate::handshake::Counters as HandshakeCounters;
@@ -211,6 +212,57 @@ pub struct MeshChannels {
     pub report: watch::Sender<Arc<MeshReport>>,
     /// Commands from the control API.
     pub commands: tokio::sync::mpsc::Receiver<MeshCommand>,
+    /// Where the guard (bindings and blocked pairs) is saved after each
+    /// change (`state_dir/guard.json`); none keeps it in memory only.
+    pub guard_file: Option<std::path::PathBuf>,
+}
+
+/// Loads the guard saved by a previous run (`None` when there is none).
+/// The error names the file and what is wrong with it.
+pub fn load_guard(path: &Path) -> Result<Option<GuardFile>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| format!("--state-dir: {}: unreadable: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("--state-dir: {}: {e}", path.display())),
+    }
+}
+
+/// Saves the guard (owner-only, replaced atomically).
+pub fn save_guard(path: &Path, file: &GuardFile) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(file).map_err(std::io::Error::other)? + "\n";
+    crate::identity::write_owner_only(path, &path.with_extension("json.tmp"), text.as_bytes())
+}
+
+/// Saves the guard when it changed since the last save; a failed save is
+/// logged once per failure streak and retried at the next change.
+struct GuardSaver {
+    path: Option<std::path::PathBuf>,
+    saved: Option<u64>,
+    failing: bool,
+}
+
+impl GuardSaver {
+    fn save_if_changed(&mut self, mesh: &Mesh) {
+        let Some(path) = &self.path else { return };
+        let rev = mesh.guard_revision();
+        if self.saved == Some(rev) {
+            return;
+        }
+        match save_guard(path, &mesh.guard_file()) {
+            Ok(()) => {
+                self.saved = Some(rev);
+                self.failing = false;
+            }
+            Err(e) => {
+                if !self.failing {
+                    warn!(path = %path.display(), error = %e, "cannot save the bindings and blocked pairs; a restart would start without them");
+                }
+                self.failing = true;
+            }
+        }
+    }
 }
 
 /// Runs the mesh until `stop` fires. On [`Stop::Leave`] everything meshsec
@@ -228,7 +280,14 @@ pub async fn run(
         mut members,
         report,
         mut commands,
+        guard_file,
     } = channels;
+    let mut saver = GuardSaver {
+        path: guard_file,
+        // What was restored is on disk already.
+        saved: Some(mesh.guard_revision()),
+        failing: false,
+    };
     let mut monitor = monitor.and_then(|m| {
         // SAFETY: the monitor owns its netlink socket, which stays open (and
         // the same descriptor) until the monitor, hence the AsyncFd, is dropped.
@@ -311,6 +370,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(wake.into()) => {}
         }
         let resync = mesh.handle_timeout(Instant::now(), dp.as_mut());
+        saver.save_if_changed(&mesh);
         if resync || *mesh.counters() != published {
             published = mesh.counters().clone();
             report.send_replace(Arc::new(MeshReport {
@@ -334,5 +394,41 @@ pub async fn run(
             ),
             Err(e) => warn!(error = %e, "could not remove meshsec's SAs and policies"),
         }
+        // Nothing is held any more, for anyone.
+        saver.save_if_changed(&mesh);
+    }
+}
+
+#[cfg(test)]
+mod guard_file_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_guard_file_round_trips_owner_only_and_a_broken_one_is_named() {
+        let dir = std::env::temp_dir().join(format!("meshsec-guard-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(crate::mesh::GUARD_FILE);
+        assert_eq!(
+            load_guard(&path).unwrap(),
+            None,
+            "absent: nothing saved yet"
+        );
+        let file = GuardFile {
+            version: 1,
+            ..GuardFile::default()
+        };
+        save_guard(&path, &file).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "owner-only: {mode:o}");
+        assert_eq!(load_guard(&path).unwrap(), Some(file));
+        std::fs::write(&path, "{\"version\": 1, \"bindings\": [").unwrap();
+        let e = load_guard(&path).unwrap_err();
+        assert!(
+            e.starts_with("--state-dir: ") && e.contains("guard.json: unreadable"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

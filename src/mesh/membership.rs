@@ -25,19 +25,25 @@ impl Mesh {
                 }
             }
         }
+        // Claims are judged per view (so the set is bounded by the view);
+        // each counts when it appears.
         let bound = self.guard.bound();
+        let mut key_claims = std::collections::BTreeSet::new();
         for m in members
             .iter()
             .filter(|m| !m.is_self && m.state != MemberState::Left)
         {
             let Some(k) = m.public_key else { continue };
             if let Some(owner) = bound.keys.get(&k).filter(|o| **o != m.name) {
-                if self.key_claims.insert((m.name.clone(), k)) {
+                let claim = (m.name.clone(), k);
+                if !self.key_claims.contains(&claim) {
                     self.counters.refused_key_claims += 1;
                     warn!(claimant = %m.name, owner = %owner, "record carries a peer key bound to another name; ignored");
                 }
+                key_claims.insert(claim);
             }
         }
+        self.key_claims = key_claims;
         let conflicts = self.guard.conflicts(members);
         for c in conflicts.iter().filter(|c| !self.conflicts.contains(c)) {
             self.counters.refused_claims += 1;
@@ -90,7 +96,10 @@ impl Mesh {
         }
         let mut refused = 0u64;
         for (id, target) in wanted {
-            let full = self.links.len() >= self.config.max_links;
+            // Blocked pairs count against the cap too (each keeps two
+            // policies); a link that takes a blocked pair back adds nothing.
+            let full = self.links.len() + self.guard.blocked_len() >= self.config.max_links
+                && !self.guard.is_blocked(target.local, target.remote);
             match self.links.get_mut(&id) {
                 Some(link) if link.target == target => {}
                 Some(link) => {

@@ -37,7 +37,7 @@ mod reconcile;
 mod status;
 
 use context::Ctx;
-pub use guard::{BlockReason, Blocked, Bound, Conflict};
+pub use guard::{BlockReason, Blocked, Bound, Conflict, GuardFile, GuardFileError, GUARD_FILE};
 pub use links::{usable_peer_address, wanted_links, LinkId, Target};
 pub use plan::{desired, link_objects, plan, sa_ids, AdoptedPlan, LinkPlan, REPLAY_WINDOW};
 pub use status::{LinkState, LinkStatus, MeshCounters};
@@ -187,7 +187,7 @@ pub struct Mesh {
     guard: guard::Guard,
     /// Claims on addresses bound to another peer, as of the last view.
     conflicts: Vec<Conflict>,
-    /// (claimant, key) pairs already counted as refused key claims.
+    /// (claimant, key) pairs refused as key claims in the last view.
     key_claims: std::collections::BTreeSet<(String, PublicKey)>,
     /// When the initiations of the last second started (the per-second cap).
     started: std::collections::VecDeque<Instant>,
@@ -604,8 +604,40 @@ impl Mesh {
         dp: &mut dyn Datapath,
     ) -> Result<(usize, usize), crate::datapath::DatapathError> {
         self.links.clear();
+        self.guard.clear();
         let r = dp.flush_owned()?;
         Ok((r.sas, r.policies))
+    }
+
+    /// Takes over the guard a previous run saved (bindings and blocked
+    /// pairs, see [`guard::GuardFile`]); call before the first
+    /// [`Mesh::handle_timeout`]. A restored blocked pair of which the kernel
+    /// holds no policy at the first look is released (the operator flushed
+    /// it while the agent was down).
+    pub fn restore_guard(&mut self, file: &GuardFile) -> Result<(), GuardFileError> {
+        let (at, unix) = self.wall_anchor;
+        let restored = guard::Guard::from_file(file, |secs| {
+            let age = unix.saturating_sub(Duration::from_secs(secs));
+            at.checked_sub(age).unwrap_or(at)
+        })?;
+        info!(
+            bindings = file.bindings.len(),
+            blocked = file.blocked.len(),
+            "restored the address bindings and blocked pairs of the previous run"
+        );
+        self.guard = restored;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// The guard as it should be saved.
+    pub fn guard_file(&self) -> GuardFile {
+        self.guard.to_file(|t| self.unix_secs(t))
+    }
+
+    /// Bumped by every change of the guard: save [`Mesh::guard_file`] when it moved.
+    pub fn guard_revision(&self) -> u64 {
+        self.guard.revision()
     }
 
     fn log_error(&mut self, now: Instant, msg: &str) {

@@ -4,6 +4,7 @@
 //! record. Kernel events feed the same loop.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
@@ -275,9 +276,12 @@ impl Mesh {
     }
 
     /// Wall-clock seconds at `now`, from the anchor taken at start.
-    fn unix_secs(&self, now: Instant) -> u64 {
+    pub(super) fn unix_secs(&self, now: Instant) -> u64 {
         let (at, unix) = self.wall_anchor;
-        (unix + now.saturating_duration_since(at)).as_secs()
+        match now.checked_duration_since(at) {
+            Some(after) => (unix + after).as_secs(),
+            None => unix.saturating_sub(at - now).as_secs(),
+        }
     }
 
     /// The counters' view of soft limits: catches what a lost (or never
@@ -315,8 +319,31 @@ impl Mesh {
     /// inbound SAs retire like any replaced inbound SA.
     fn adopt(&mut self, now: Instant, actual: &KernelState) {
         if self.adopted.is_none() {
+            let has_policy = |local: IpAddr, remote: IpAddr| {
+                actual.policies.values().any(|p| {
+                    (p.id.src == local && p.id.dst == remote)
+                        || (p.id.src == remote && p.id.dst == local)
+                })
+            };
+            let released = self.guard.drop_restored_absent(has_policy);
+            if released > 0 {
+                info!(
+                    pairs = released,
+                    "blocked pairs of the previous run whose policies were removed while the agent was down: released"
+                );
+            }
             let sas: Vec<SaSpec> = actual.sas.values().cloned().collect();
-            let policies: Vec<PolicySpec> = actual.policies.values().copied().collect();
+            // Pairs the restored guard blocks are its own (released by the
+            // peer's leave or forget), not anonymous adopted policies.
+            let policies: Vec<PolicySpec> = actual
+                .policies
+                .values()
+                .filter(|p| {
+                    !(self.guard.is_blocked(p.id.src, p.id.dst)
+                        || self.guard.is_blocked(p.id.dst, p.id.src))
+                })
+                .copied()
+                .collect();
             if !sas.is_empty() || !policies.is_empty() {
                 info!(
                     sas = sas.len(),

@@ -60,6 +60,20 @@ fn node_with(name: &str, i: u8, secret: [u8; 32], now: Instant, config: MeshConf
     }
 }
 
+/// The node's agent restarts (kill -9: the kernel keeps everything) with
+/// the same key, default config and cluster secret `secret`.
+fn restart(n: &mut Node, secret: [u8; 32], now: Instant) {
+    n.mesh = Mesh::new(
+        MeshConfig::default(),
+        n.key.clone(),
+        &[secret],
+        n.addrs.clone(),
+        now,
+        wall(now),
+    )
+    .unwrap();
+}
+
 fn member(n: &Node, state: MemberState, is_self: bool) -> Member {
     Member {
         name: n.name.clone(),
@@ -541,16 +555,7 @@ fn replayed_initiation_after_a_restart_installs_nothing_lasting() {
         .all(|l| l.state == LinkState::Established));
     // a's agent restarts (same key, same kernel); the attacker replays b's old datagrams at once.
     now += Duration::from_secs(5);
-    let key = nodes[0].key.clone();
-    nodes[0].mesh = Mesh::new(
-        MeshConfig::default(),
-        key,
-        &[[1; 32]],
-        nodes[0].addrs.clone(),
-        now,
-        wall(now),
-    )
-    .unwrap();
+    restart(&mut nodes[0], [1; 32], now);
     let v = view(&nodes, 0, |_| MemberState::Alive);
     let n = &mut nodes[0];
     n.mesh.set_members(now, &v, &mut n.dp);
@@ -592,16 +597,7 @@ fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
     assert_eq!(before.len(), 8);
     // Both ends of the 0-1 links restart (kill -9: the kernel keeps everything).
     for i in [0, 1] {
-        let key = nodes[i].key.clone();
-        nodes[i].mesh = Mesh::new(
-            MeshConfig::default(),
-            key,
-            &[[1; 32]],
-            nodes[i].addrs.clone(),
-            now,
-            wall(now),
-        )
-        .unwrap();
+        restart(&mut nodes[i], [1; 32], now);
     }
     // Before it knows any member, the restarted agent must not touch what it found.
     for i in [0, 1] {
@@ -1268,16 +1264,7 @@ fn a_peer_that_left_releases_its_pairs() {
 #[test]
 fn adopted_policies_nobody_rekeys_stay_blocked() {
     let (mut nodes, now) = established(2);
-    let key = nodes[0].key.clone();
-    nodes[0].mesh = Mesh::new(
-        MeshConfig::default(),
-        key,
-        &[[7; 32]],
-        nodes[0].addrs.clone(),
-        now,
-        wall(now),
-    )
-    .unwrap();
+    restart(&mut nodes[0], [7; 32], now);
     let n = &mut nodes[0];
     resync(n, now);
     // No member ever shows up; the adoption period (120 s) ends.
@@ -1544,16 +1531,7 @@ fn records_carrying_a_peers_key_under_other_names_change_nothing() {
 #[test]
 fn after_a_restart_a_claim_alone_binds_nothing() {
     let (mut nodes, now) = established(2);
-    let key = nodes[0].key.clone();
-    nodes[0].mesh = Mesh::new(
-        MeshConfig::default(),
-        key,
-        &[[7; 32]],
-        nodes[0].addrs.clone(),
-        now,
-        wall(now),
-    )
-    .unwrap();
+    restart(&mut nodes[0], [7; 32], now);
     let attacker = StaticKeypair::from_private([77; 32]);
     let mut c = member(&nodes[1], MemberState::Alive, false);
     c.name = "c".into();
@@ -1572,4 +1550,148 @@ fn after_a_restart_a_claim_alone_binds_nothing() {
         "{:?}",
         nodes[0].mesh.conflicts()
     );
+}
+
+/// n1 dead past the grace period, seen from n0: its pairs blocked (for n1).
+fn blocked_for_n1(nodes: &mut [Node], now: Instant) {
+    let mut v = view(nodes, 0, |_| MemberState::Dead);
+    v[1].last_heard_ms = 120_000;
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    resync(n, now);
+    assert_eq!(nodes[0].mesh.blocked().len(), 2);
+}
+
+/// The guard through its file format, as the driver saves it.
+fn saved(n: &Node) -> GuardFile {
+    let text = serde_json::to_string(&n.mesh.guard_file()).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A restart keeps what fail closed holds *and for whom*: blocked pairs
+/// still name their peer (so its signed `left` releases them at once, and
+/// `forget NAME` finds them), and addresses stay bound (a claimant with
+/// another key is refused). Without the saved guard the pairs come back as
+/// anonymous adopted policies that a `left` cannot release.
+#[test]
+fn a_restart_keeps_the_blocked_pairs_and_bindings_and_whose_they_are() {
+    let (mut nodes, now) = established(2);
+    blocked_for_n1(&mut nodes, now);
+    let file = saved(&nodes[0]);
+    assert_eq!((file.bindings.len(), file.blocked.len()), (2, 2));
+    restart(&mut nodes[0], [7; 32], now);
+    nodes[0].mesh.restore_guard(&file).unwrap();
+    let n = &mut nodes[0];
+    resync(n, now);
+    let blocked = nodes[0].mesh.blocked();
+    assert_eq!(blocked.len(), 2, "{blocked:?}");
+    assert!(blocked.iter().all(|b| {
+        b.reason == BlockReason::PeerUnreachable && b.peer.as_ref().is_some_and(|(n, _)| n == "n1")
+    }));
+    assert_eq!(policy_pairs(&mut nodes[0]), 4);
+    // An impostor claiming n1's addresses with its own key is refused.
+    let mut c = member(&nodes[1], MemberState::Alive, false);
+    c.name = "c".into();
+    c.public_key = Some(*StaticKeypair::from_private([77; 32]).public());
+    let mut v = view(&nodes, 0, |_| MemberState::Dead);
+    v[1].last_heard_ms = 120_000;
+    v.push(c);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    assert_eq!(nodes[0].mesh.conflicts().len(), 2, "both of n1's addresses");
+    assert!(!nodes[0].mesh.link_status().contains_key("c"));
+    // n1 leaves for good: its pairs go at once, not after the adoption period.
+    let v = view(&nodes, 0, |_| MemberState::Left);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    resync(n, now);
+    assert!(nodes[0].mesh.blocked().is_empty());
+    assert_eq!(policy_pairs(&mut nodes[0]), 0);
+    assert!(saved(&nodes[0]).blocked.is_empty() && saved(&nodes[0]).bindings.is_empty());
+}
+
+/// What the operator removed while the agent was down (`meshsec flush`)
+/// is not put back from the saved guard.
+#[test]
+fn restored_pairs_whose_policies_were_flushed_are_released() {
+    let (mut nodes, now) = established(2);
+    blocked_for_n1(&mut nodes, now);
+    let file = saved(&nodes[0]);
+    nodes[0].dp.flush_owned().unwrap();
+    restart(&mut nodes[0], [7; 32], now);
+    nodes[0].mesh.restore_guard(&file).unwrap();
+    let rev = nodes[0].mesh.guard_revision();
+    let n = &mut nodes[0];
+    resync(n, now);
+    assert!(nodes[0].mesh.blocked().is_empty());
+    assert_eq!(policy_pairs(&mut nodes[0]), 0);
+    assert_ne!(nodes[0].mesh.guard_revision(), rev, "a change to save");
+}
+
+/// Blocked pairs count against `max_links`: a member cycling identities
+/// (each linked, then silent) cannot grow the kernel's policy table past
+/// the cap; a blocked pair's own link is never refused.
+#[test]
+fn blocked_pairs_count_against_the_link_cap() {
+    let mut now = Instant::now();
+    let config = MeshConfig {
+        max_links: 2,
+        ..MeshConfig::default()
+    };
+    let mut nodes: Vec<Node> = (0..2)
+        .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [7; 32], now, config.clone()))
+        .collect();
+    for i in 0..2 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
+    blocked_for_n1(&mut nodes, now);
+    // Then n2 joins.
+    nodes.push(node_with("n2", 3, [7; 32], now, config));
+    let v = {
+        let mut v = view(&nodes, 0, |i| {
+            if i == 1 {
+                MemberState::Dead
+            } else {
+                MemberState::Alive
+            }
+        });
+        v[1].last_heard_ms = 120_000;
+        v
+    };
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    assert!(
+        !nodes[0].mesh.link_status().contains_key("n2"),
+        "n2 refused"
+    );
+    assert_eq!(nodes[0].mesh.counters().links_refused, 2);
+    // n1 back: its link takes its blocked pair back.
+    let v = view(&nodes[..2], 0, |_| MemberState::Alive);
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    assert_eq!(nodes[0].mesh.link_status()["n1"].len(), 2);
+    assert!(nodes[0].mesh.blocked().is_empty());
+}
+
+/// Refused key claims are remembered per view only: a member minting
+/// claimant names cannot grow the set without bound.
+#[test]
+fn refused_key_claims_are_kept_per_view() {
+    let (mut nodes, now) = established(2);
+    for i in 0..50 {
+        let mut c = member(&nodes[1], MemberState::Alive, false);
+        c.name = format!("c{i}");
+        c.data_addrs = vec!["192.0.2.99".parse().unwrap()];
+        let mut v = view(&nodes, 0, |_| MemberState::Alive);
+        v.push(c);
+        let n = &mut nodes[0];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    assert_eq!(nodes[0].mesh.counters().refused_key_claims, 50);
+    assert_eq!(nodes[0].mesh.key_claims.len(), 1);
 }
