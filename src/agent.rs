@@ -83,6 +83,9 @@ pub enum StartError {
     /// The control socket.
     #[error(transparent)]
     Control(#[from] control::ControlSocketError),
+    /// The metrics listener (`--metrics-listen`).
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsBindError),
     /// The identity pins in the state directory.
     #[error(transparent)]
     Pins(#[from] crate::gossip::pins::PinsError),
@@ -223,6 +226,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             return Err(StartError::from(e).into());
         }
     };
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => match crate::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = gossip.shutdown().await;
+                let _ = std::fs::remove_file(&cfg.control_socket);
+                return Err(StartError::from(e).into());
+            }
+        },
+        None => None,
+    };
     if origin == KeyOrigin::Generated {
         if let Err(e) = node_key.persist(&cfg.state_dir) {
             let _ = gossip.shutdown().await;
@@ -329,6 +343,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel::<control::ReloadRequest>(4);
     let gossip_keyring = transport.keyring();
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = metrics_listener {
+        info!(listen = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving Prometheus metrics at /metrics");
+        tasks.spawn(crate::metrics::serve(
+            l,
+            crate::metrics::MetricsSource {
+                status: status_fn.clone(),
+                links: links_rx.clone(),
+                xfrm_stat: crate::metrics::XFRM_STAT_PATH.into(),
+            },
+            stop_rx.clone(),
+        ));
+    }
     tasks.spawn(control::serve(
         listener,
         ControlState {

@@ -106,6 +106,8 @@ pub struct FileConfig {
     pub rekey_after_bytes: Option<u64>,
     /// Re-key a link once one of its SAs has carried this many packets.
     pub rekey_after_packets: Option<u64>,
+    /// Serve Prometheus metrics over HTTP on this `ADDR:PORT` (default: off).
+    pub metrics_listen: Option<String>,
 }
 
 /// Flag values, as parsed by the CLI (all optional: flags win over the file).
@@ -172,6 +174,10 @@ pub struct AgentFlags {
     /// (kernel soft limit; default: no limit).
     #[arg(long, value_name = "PACKETS")]
     pub rekey_after_packets: Option<u64>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics, bound to exactly
+    /// that address (default: off).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<String>,
 }
 
 /// When links re-key. Byte and packet limits become the SAs' kernel soft
@@ -241,6 +247,8 @@ pub struct AgentConfig {
     pub leave_on_stop: bool,
     /// When links re-key.
     pub rekey: RekeyPolicy,
+    /// Where the Prometheus endpoint listens, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Reads and parses a TOML config file.
@@ -600,6 +608,29 @@ impl AgentConfig {
             ));
         }
 
+        let metrics_key = source(
+            "--metrics-listen",
+            "metrics_listen",
+            flags.metrics_listen.is_some(),
+        );
+        let metrics_listen = match flags
+            .metrics_listen
+            .as_deref()
+            .or(file.metrics_listen.as_deref())
+        {
+            Some(s) => {
+                let addr = parse_listen(&metrics_key, s)?;
+                if addr.port() == 0 {
+                    return Err(ConfigError::new(
+                        metrics_key,
+                        "port 0 is not allowed: Prometheus needs a fixed port",
+                    ));
+                }
+                Some(addr)
+            }
+            None => None,
+        };
+
         Ok(AgentConfig {
             seeds,
             listen,
@@ -635,6 +666,7 @@ impl AgentConfig {
             peer_grace: Duration::from_secs(peer_secs),
             leave_on_stop: flags.leave_on_stop || file.leave_on_stop.unwrap_or(false),
             rekey,
+            metrics_listen,
         })
     }
 }
@@ -716,6 +748,41 @@ mod tests {
         assert_eq!(cfg.node_name, "from-file");
         assert_eq!(cfg.handshake_port, 7777);
         assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_checked() {
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        assert_eq!(cfg.metrics_listen, None);
+        let file = parse_file("metrics_listen = \"[::1]:9342\"").unwrap();
+        let cfg = AgentConfig::merge(&f, file).unwrap();
+        assert_eq!(cfg.metrics_listen, Some("[::1]:9342".parse().unwrap()));
+        // The flag wins over the file.
+        let mut g = f.clone();
+        g.metrics_listen = Some("127.0.0.1:9100".into());
+        let file = parse_file("metrics_listen = \"[::1]:9342\"").unwrap();
+        let cfg = AgentConfig::merge(&g, file).unwrap();
+        assert_eq!(cfg.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        for bad in [
+            "9342",
+            "localhost:9342",
+            "127.0.0.1:0",
+            "::1:9342",
+            "127.0.0.1:99999",
+        ] {
+            let mut b = f.clone();
+            b.metrics_listen = Some(bad.into());
+            let e = AgentConfig::merge(&b, FileConfig::default()).unwrap_err();
+            assert_eq!(e.key, "--metrics-listen", "{bad}: {e}");
+            assert!(!e.to_string().contains('\n'), "{e}");
+            let file = parse_file(&format!("metrics_listen = {bad:?}")).unwrap();
+            let e = AgentConfig::merge(&f, file).unwrap_err();
+            assert_eq!(e.key, "config key \"metrics_listen\"", "{bad}: {e}");
+        }
+        let e = parse_file("metrics_listen = 9342").unwrap_err();
+        assert_eq!(e.key, "config key \"metrics_listen\"", "{e}");
     }
 
     #[test]

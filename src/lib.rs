@@ -12,6 +12,7 @@
 //!   the typed membership view.
 //! - [`mesh`]: which links, the pure planner, reconciliation, the I/O driver.
 //! - [`control`]: the Unix-socket JSON API (listing rows, status) and its client.
+//! - [`metrics`]: the Prometheus endpoint, rendered from the status at each scrape.
 //! - [`config`]: flags + TOML file → a validated [`config::AgentConfig`].
 //! - [`agent`]: task wiring and the single shutdown path.
 //! - [`cli`]: the `meshsec` command line (the binary only calls [`cli::main`]).
@@ -27,6 +28,7 @@ pub mod gossip;
 pub mod handshake;
 pub mod identity;
 pub mod mesh;
+pub mod metrics;
 pub mod shutdown;
 #[cfg(test)]
 pub(crate) mod sim;

@@ -26,7 +26,7 @@ HOST_PACKAGES=(
     qemu-system-x86:qemu-system-x86_64 busybox-static:/bin/busybox cpio:cpio
     kmod:depmod iproute2:ip iperf3:iperf3 tcpdump:tcpdump iputils-ping:ping
     wireguard-tools:wg tinc:tincd procps:pgrep util-linux:unshare
-    coreutils:timeout socat:socat python3:python3
+    coreutils:timeout socat:socat python3:python3 prometheus:promtool
 )
 
 say() { printf '%s\n' "$*" >&2; }
