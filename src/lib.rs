@@ -14,6 +14,7 @@
 //! - [`control`]: the Unix-socket JSON API (listing rows, status) and its client.
 //! - [`config`]: flags + TOML file → a validated [`config::AgentConfig`].
 //! - [`agent`]: task wiring and the single shutdown path.
+//! - [`notify`]: systemd notifications (ready, status, watchdog, stopping).
 //! - [`cli`]: the `meshsec` command line (the binary only calls [`cli::main`]).
 #![warn(missing_docs)]
 
@@ -27,6 +28,7 @@ pub mod gossip;
 pub mod handshake;
 pub mod identity;
 pub mod mesh;
+pub mod notify;
 pub mod shutdown;
 #[cfg(test)]
 pub(crate) mod sim;
