@@ -27,6 +27,7 @@ HOST_PACKAGES=(
     kmod:depmod iproute2:ip iperf3:iperf3 tcpdump:tcpdump iputils-ping:ping
     wireguard-tools:wg tinc:tincd procps:pgrep util-linux:unshare
     coreutils:timeout socat:socat python3:python3
+    lintian:lintian man-db:man systemd:systemd-analyze binutils:readelf
 )
 
 say() { printf '%s\n' "$*" >&2; }
