@@ -420,6 +420,23 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         stop_rx.clone(),
     ));
 
+    // Every socket is bound and served: tell systemd (Type=notify), then keep
+    // its status line and watchdog fed (crate::notify).
+    crate::notify::ready(&crate::notify::status_text(
+        &members_rx.borrow(),
+        &report_rx.borrow().links,
+    ));
+    tasks.spawn(crate::notify::supervise(
+        crate::notify::Watched {
+            members: members_rx.clone(),
+            report: report_rx.clone(),
+            chitchat: gossip.chitchat(),
+            mesh: mesh_cmd_tx.clone(),
+        },
+        sd_notify::watchdog_enabled(),
+        stop_rx.clone(),
+    ));
+
     let mut gossip_died = Box::pin(gossip.termination_watcher());
     let (how, outcome) = tokio::select! {
         _ = shutdown => (Stop::Stop, Ok(())),
@@ -434,6 +451,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // announces it, gives peers a few gossip rounds to hear it, and removes
     // everything meshsec installed here, as the peers do on their side.
     let how = if cfg.leave_on_stop { Stop::Leave } else { how };
+    crate::notify::stopping();
     if how == Stop::Leave {
         info!("leaving the cluster: announcing it");
         // Re-signed: `left` counts only under this node's signature. The

@@ -25,6 +25,12 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// The command line as a clap command, for the man pages and shell
+/// completions the package ships (examples/gen_assets.rs).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Create a new cluster secret (32 random bytes, base64, mode 0600).

@@ -15,6 +15,7 @@
 //! - [`metrics`]: the Prometheus endpoint, rendered from the status at each scrape.
 //! - [`config`]: flags + TOML file → a validated [`config::AgentConfig`].
 //! - [`agent`]: task wiring and the single shutdown path.
+//! - [`notify`]: systemd notifications (ready, status, watchdog, stopping).
 //! - [`cli`]: the `meshsec` command line (the binary only calls [`cli::main`]).
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod handshake;
 pub mod identity;
 pub mod mesh;
 pub mod metrics;
+pub mod notify;
 pub mod shutdown;
 #[cfg(test)]
 pub(crate) mod sim;

@@ -72,6 +72,12 @@ pub enum MeshCommand {
         /// The outcome.
         reply: tokio::sync::oneshot::Sender<Result<(), crate::handshake::ConfigError>>,
     },
+    /// Answer at once: proves the driver's loop is turning (the service
+    /// watchdog, see `crate::notify`).
+    Ping {
+        /// Where the answer goes.
+        reply: tokio::sync::oneshot::Sender<()>,
+    },
 }
 
 /// The handshake sockets, one per family we have a data address in, plus
@@ -360,6 +366,9 @@ pub async fn run(
                 }
                 MeshCommand::SetKeyring { secrets, reply } => {
                     let _ = reply.send(mesh.set_keyring(Instant::now(), &secrets.0, dp.as_mut()));
+                }
+                MeshCommand::Ping { reply } => {
+                    let _ = reply.send(());
                 }
             },
             changed = members.changed() => {

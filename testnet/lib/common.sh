@@ -24,6 +24,7 @@ GUEST_MODULES=(
 # Each entry is "package:command-that-proves-it".
 HOST_PACKAGES=(
     qemu-system-x86:qemu-system-x86_64 busybox-static:/bin/busybox cpio:cpio
+    lintian:lintian man-db:man systemd:systemd-analyze binutils:readelf
     kmod:depmod iproute2:ip iperf3:iperf3 tcpdump:tcpdump iputils-ping:ping
     wireguard-tools:wg tinc:tincd procps:pgrep util-linux:unshare
     coreutils:timeout socat:socat python3:python3 prometheus:promtool
