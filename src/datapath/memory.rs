@@ -155,6 +155,10 @@ fn kernel(op: Op, target: String, errno: i32) -> DatapathError {
 }
 
 impl super::Datapath for MemoryDatapath {
+    fn probe_arrived(&mut self, sa: SaId) {
+        self.record_traffic(sa, crate::mesh::driver::PROBE_LEN as u64, 1);
+    }
+
     fn apply(&mut self, changes: &[super::Change]) -> Vec<Result<(), DatapathError>> {
         self.calls.apply += 1;
         self.calls.applied_changes += changes.len() as u64;

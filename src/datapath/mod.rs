@@ -401,6 +401,13 @@ pub trait Datapath: Send {
     /// Remove meshsec's neighbour-discovery bypass policies; returns how many.
     fn remove_nd_bypass(&mut self) -> Result<usize, DatapathError>;
 
+    /// A confirmation probe for the inbound SA `sa` arrived on the handshake
+    /// port. The kernel counted it already (it came through ESP), so this
+    /// does nothing there; the in-memory datapath, which carries no packets,
+    /// counts it here as the kernel would, so that memory-mode agents confirm
+    /// sessions like real ones.
+    fn probe_arrived(&mut self, _sa: SaId) {}
+
     /// Delete every meshsec-owned policy, then every meshsec-owned SA.
     /// Policies go first so traffic is never sent unprotected: with the
     /// policies gone and before the SAs go, packets simply flow in clear as

@@ -35,8 +35,29 @@ pub struct MeshReport {
     pub conflicts: Vec<super::Conflict>,
 }
 
-/// Payload of a confirmation probe (see [`Mesh::poll_probe`]).
+/// Start of a confirmation probe (see [`Mesh::poll_probe`]), followed by
+/// the SPI of the SA it travels on (big-endian), so that a datapath that
+/// carries no packets can count it where the kernel would
+/// ([`Datapath::probe_arrived`]).
 pub const PROBE_PAYLOAD: &[u8] = b"meshsec-confirm";
+
+/// Length of a probe datagram's payload.
+pub const PROBE_LEN: usize = PROBE_PAYLOAD.len() + 4;
+
+/// The probe for the SA with this SPI.
+pub fn probe_datagram(spi: u32) -> [u8; PROBE_LEN] {
+    let mut out = [0u8; PROBE_LEN];
+    out[..PROBE_PAYLOAD.len()].copy_from_slice(PROBE_PAYLOAD);
+    out[PROBE_PAYLOAD.len()..].copy_from_slice(&spi.to_be_bytes());
+    out
+}
+
+/// Whether `bytes` is a probe (never a handshake datagram), and the SPI it
+/// names when it has one (a probe from an older agent names none).
+pub fn parse_probe(bytes: &[u8]) -> Option<Option<u32>> {
+    let rest = bytes.strip_prefix(PROBE_PAYLOAD)?;
+    Some(rest.try_into().ok().map(u32::from_be_bytes))
+}
 
 /// Cluster secrets in transit to the mesh: wiped on drop, never printed.
 pub struct Secrets(pub zeroize::Zeroizing<Vec<[u8; 32]>>);
@@ -210,6 +231,39 @@ async fn recv_on(sock: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(u
     }
 }
 
+/// A datagram on a handshake socket bound to `local`: a probe did its work
+/// in the kernel (counted on the inbound SA; the datapath is told, for a
+/// datapath without packets), anything else goes to the mesh.
+fn received(
+    mesh: &mut Mesh,
+    dp: &mut dyn Datapath,
+    sockets: &HandshakeSockets,
+    family: AddressFamily,
+    from: SocketAddr,
+    bytes: &[u8],
+) {
+    match parse_probe(bytes) {
+        Some(Some(spi)) => {
+            if let Some(dst) = sockets.local(family) {
+                dp.probe_arrived(crate::datapath::SaId { dst, spi });
+            }
+        }
+        Some(None) => {}
+        None => mesh.handle_datagram(Instant::now(), family, from, bytes, dp),
+    }
+}
+
+impl HandshakeSockets {
+    /// The data address the handshake socket of `family` is bound to.
+    fn local(&self, family: AddressFamily) -> Option<IpAddr> {
+        let sock = match family {
+            AddressFamily::V4 => self.v4.as_ref(),
+            AddressFamily::V6 => self.v6.as_ref(),
+        };
+        sock.and_then(|s| s.local_addr().ok()).map(|a| a.ip())
+    }
+}
+
 /// The channels the mesh task talks through.
 pub struct MeshChannels {
     /// Membership views from gossip.
@@ -317,7 +371,7 @@ pub async fn run(
                 }
             }
         }
-        while let Some((family, to, _sa)) = mesh.poll_probe() {
+        while let Some((family, to, sa)) = mesh.poll_probe() {
             let sock = match family {
                 AddressFamily::V4 => sockets.probe_v4.as_ref(),
                 AddressFamily::V6 => sockets.probe_v6.as_ref(),
@@ -325,7 +379,7 @@ pub async fn run(
             if let Some(s) = sock {
                 // A few copies: one lost probe would cost the peer a confirm timeout.
                 for _ in 0..3 {
-                    let _ = s.send_to(PROBE_PAYLOAD, to).await;
+                    let _ = s.send_to(&probe_datagram(sa.spi), to).await;
                 }
             }
         }
@@ -338,17 +392,12 @@ pub async fn run(
             how = shutdown::fired(&mut stop) => break how,
             r = recv_on(&sockets.v4, &mut buf4) => {
                 if let Ok((n, from)) = r {
-                    // Probes did their work in the kernel (counted on the inbound SA).
-                    if &buf4[..n] != PROBE_PAYLOAD {
-                        mesh.handle_datagram(Instant::now(), AddressFamily::V4, from, &buf4[..n], dp.as_mut());
-                    }
+                    received(&mut mesh, dp.as_mut(), &sockets, AddressFamily::V4, from, &buf4[..n]);
                 }
             }
             r = recv_on(&sockets.v6, &mut buf6) => {
                 if let Ok((n, from)) = r {
-                    if &buf6[..n] != PROBE_PAYLOAD {
-                        mesh.handle_datagram(Instant::now(), AddressFamily::V6, from, &buf6[..n], dp.as_mut());
-                    }
+                    received(&mut mesh, dp.as_mut(), &sockets, AddressFamily::V6, from, &buf6[..n]);
                 }
             }
             _ = kernel_events(&mut monitor, &mut events) => {
@@ -439,5 +488,33 @@ mod guard_file_tests {
         );
         assert!(!e.contains('\n'));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod probe_tests {
+    use super::*;
+    use crate::datapath::{MemoryDatapath, SaId};
+
+    #[test]
+    fn a_probe_names_its_sa_and_the_memory_datapath_counts_it() {
+        let p = probe_datagram(0x0102_0304);
+        assert_eq!(parse_probe(&p), Some(Some(0x0102_0304)));
+        assert_eq!(
+            parse_probe(PROBE_PAYLOAD),
+            Some(None),
+            "an older agent's probe"
+        );
+        assert_eq!(parse_probe(&p[..PROBE_LEN - 1]), Some(None));
+        assert_eq!(parse_probe(b"meshsec-confirX\0\0\0\x01"), None);
+        assert_eq!(parse_probe(&[]), None);
+        // Nothing installed: nothing to count, nothing created.
+        let mut dp = MemoryDatapath::new();
+        let sa = SaId {
+            dst: "192.0.2.1".parse().unwrap(),
+            spi: 0x0102_0304,
+        };
+        dp.probe_arrived(sa);
+        assert!(dp.dump_sas().unwrap().is_empty());
     }
 }

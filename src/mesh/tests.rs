@@ -127,7 +127,7 @@ fn run(
     sim.now = *now;
     let mut sent = 0usize;
     sim.filter = Some(Box::new(move |p: &crate::sim::Packet| {
-        if p.bytes.starts_with(PROBE_TAG) {
+        if driver::parse_probe(&p.bytes).is_some() {
             return crate::sim::Verdict::Pass;
         }
         sent += 1;
@@ -936,8 +936,6 @@ fn kernel_writes_go_through_one_pipelined_apply_per_reconcile() {
 /// inbound SA with that id, as the kernel would.
 struct SimMesh(Node, Vec<(SocketAddr, SocketAddr, Vec<u8>)>);
 
-const PROBE_TAG: &[u8] = b"probe:";
-
 impl crate::sim::SimNode for SimMesh {
     fn owns(&self, addr: SocketAddr) -> bool {
         addr.port() == 9341 && self.0.addrs.contains(&addr.ip())
@@ -945,9 +943,13 @@ impl crate::sim::SimNode for SimMesh {
 
     fn handle_datagram(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
         let n = &mut self.0;
-        if let Some(spi) = bytes.strip_prefix(PROBE_TAG) {
-            let spi = u32::from_be_bytes(spi.try_into().expect("4-byte SPI"));
-            n.dp.record_traffic(SaId { dst: to.ip(), spi }, 64, 1);
+        // The driver's probe format; the in-memory datapath counts it as the
+        // kernel counts a probe that came through ESP.
+        if let Some(spi) = driver::parse_probe(bytes) {
+            n.dp.probe_arrived(SaId {
+                dst: to.ip(),
+                spi: spi.expect("probes name their SA"),
+            });
             return;
         }
         let family = AddressFamily::of(to.ip());
@@ -968,11 +970,7 @@ impl crate::sim::SimNode for SimMesh {
         }
         // Three copies, as the driver sends (one lost probe costs a confirm timeout).
         let (family, to, sa) = n.mesh.poll_probe()?;
-        let probe = (
-            from(family),
-            to,
-            [PROBE_TAG, &sa.spi.to_be_bytes()].concat(),
-        );
+        let probe = (from(family), to, driver::probe_datagram(sa.spi).to_vec());
         self.1.extend([probe.clone(), probe.clone()]);
         Some(probe)
     }
