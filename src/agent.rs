@@ -589,13 +589,7 @@ async fn track_members(
             .zip(current.iter())
             .any(|(a, b)| a.last_heard_ms != b.last_heard_ms);
         for c in &changes {
-            let from = c
-                .from
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| "new".into());
-            let to =
-                c.to.map(|s| s.to_string())
-                    .unwrap_or_else(|| "forgotten".into());
+            let (from, to) = (c.from_text(), c.to_text());
             info!(peer = %c.name, from = %from, to = %to, generation = c.generation, restarted = c.restarted, "membership changed");
         }
         if !changes.is_empty() || heard_changed || next.len() != current.len() {

@@ -334,14 +334,8 @@ fn print_reply(reply: &Reply, json: bool) {
         Reply::Status(s) => print!("{}", render_status(s)),
         Reply::Changes { changes, .. } => {
             for c in changes {
-                let from = c
-                    .from
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "new".into());
-                let to =
-                    c.to.map(|s| s.to_string())
-                        .unwrap_or_else(|| "forgotten".into());
                 let restart = if c.restarted { " (restarted)" } else { "" };
+                let (from, to) = (c.from_text(), c.to_text());
                 println!("{}  {}: {} -> {}{}", now_text(), c.name, from, to, restart);
             }
         }

@@ -240,6 +240,19 @@ pub struct Change {
     pub restarted: bool,
 }
 
+impl Change {
+    /// The previous state as shown in logs and `members --watch` ("new" when newly seen).
+    pub fn from_text(&self) -> String {
+        self.from.map_or_else(|| "new".into(), |s| s.to_string())
+    }
+
+    /// The new state as shown in logs and `members --watch` ("forgotten" when gone).
+    pub fn to_text(&self) -> String {
+        self.to
+            .map_or_else(|| "forgotten".into(), |s| s.to_string())
+    }
+}
+
 /// Changes in state, generation or presence between two views.
 pub fn diff(old: &[Member], new: &[Member]) -> Vec<Change> {
     let old_by: HashMap<&str, &Member> = old.iter().map(|m| (m.name.as_str(), m)).collect();
