@@ -211,13 +211,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         extra_liveness_predicate: None,
         protocol_version: ProtocolVersion::V1,
     };
-    let gossip = spawn_chitchat(
-        chitchat_config,
-        signed_key_values(&info, &cfg.node_name, generation, &signing_key),
-        transport.as_transport(),
-    )
-    .await
-    .map_err(|e| StartError::Gossip(gossip_open_error(&cfg, &e)))?;
+    // What we publish; the view task puts it back if a peer's delta for our
+    // own id writes over it (see gossip::own).
+    let published = Arc::new(std::sync::Mutex::new(signed_key_values(
+        &info,
+        &cfg.node_name,
+        generation,
+        &signing_key,
+    )));
+    let initial = published.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let gossip = spawn_chitchat(chitchat_config, initial, transport.as_transport())
+        .await
+        .map_err(|e| StartError::Gossip(gossip_open_error(&cfg, &e)))?;
 
     let listener = match control::bind(&cfg.control_socket).await {
         Ok(l) => l,
@@ -409,6 +414,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     tasks.spawn(track_members(
         gossip.chitchat(),
         cfg.node_name.clone(),
+        published.clone(),
         pins.clone(),
         ViewOutputs {
             members_tx,
@@ -460,6 +466,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         // forged, until the signature arrives.
         let left = NodeInfo { left: true, ..info };
         let record = signed_key_values(&left, &cfg.node_name, generation, &signing_key);
+        *published.lock().unwrap_or_else(|e| e.into_inner()) = record.clone();
         gossip
             .with_chitchat(|c| {
                 let state = c.self_node_state();
@@ -528,6 +535,7 @@ struct ViewOutputs {
 async fn track_members(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     self_name: String,
+    published: Arc<std::sync::Mutex<Vec<(String, String)>>>,
     pins: Arc<std::sync::Mutex<Pins>>,
     out: ViewOutputs,
     mut stop: StopReceiver,
@@ -541,6 +549,8 @@ async fn track_members(
     } = out;
     let mut tracker = HeardTracker::default();
     let refused_log = LogThrottle::new(Duration::from_secs(60));
+    let own_log = LogThrottle::new(Duration::from_secs(60));
+    let mut own_restored = 0u64;
     let mut records = RecordTracker::default();
     let mut ticker = tokio::time::interval(VIEW_INTERVAL);
     let mut current: Vec<Member> = Vec::new();
@@ -549,14 +559,26 @@ async fn track_members(
             _ = shutdown::fired(&mut stop) => return,
             _ = ticker.tick() => {}
         }
-        let observed = {
-            let c = chitchat.lock().await;
-            observe(&c)
+        let (observed, restored) = {
+            let mut c = chitchat.lock().await;
+            let record = published.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let restored = crate::gossip::own::restore(c.self_node_state(), &record);
+            (observe(&c), restored)
         };
         let now = Instant::now();
+        if !restored.is_empty() {
+            own_restored += 1;
+            if let Some(suppressed) = own_log.check(now, "own_record_restored") {
+                warn!(rewritten = ?restored.rewritten, removed = ?restored.removed, suppressed, "our own gossip record was overwritten by a peer's delta for our id (only a member holding the cluster secret can send one); put back");
+            }
+        }
         let heard = tracker.observe(&observed, now);
         let signed = records.observe(&observed, now);
-        records_tx.send_if_modified(|c| std::mem::replace(c, signed.counters) != signed.counters);
+        let counters = RecordCounters {
+            own_record_restored: own_restored,
+            ..signed.counters
+        };
+        records_tx.send_if_modified(|c| std::mem::replace(c, counters) != counters);
         // Pinning: a name's first signing identity stays its identity.
         let mut valid = signed.valid;
         let found = pins

@@ -452,6 +452,13 @@ pub fn render(
         None,
         one(s.records.records_bad_signature),
     );
+    counters(
+        &mut reg,
+        "gossip_own_record_restored",
+        "Times this node put back its own gossip record after a peer's delta for its id wrote over it",
+        None,
+        one(s.records.own_record_restored),
+    );
     gauges(
         &mut reg,
         "gossip_records_incomplete",

@@ -8,6 +8,7 @@
 //! - [`members`]: the membership view (pure) behind `meshsec members`.
 
 pub mod members;
+pub mod own;
 pub mod pins;
 pub mod records;
 pub mod schema;

@@ -90,6 +90,11 @@ pub struct RecordCounters {
     /// Records incomplete right now (a gauge, not a total): signature not
     /// yet arrived, or a value newer than its signature.
     pub records_incomplete: u64,
+    /// Times this node found its own record overwritten in its own gossip
+    /// state (a peer's delta for our id: only a member holding the cluster
+    /// secret can send one) and put it back.
+    #[serde(default)]
+    pub own_record_restored: u64,
 }
 
 /// The bytes a record's signature covers (proto/records.md): the label, the
@@ -266,6 +271,7 @@ impl RecordTracker {
             counters: RecordCounters {
                 records_bad_signature: self.bad_signature,
                 records_incomplete: incomplete,
+                own_record_restored: 0,
             },
         }
     }

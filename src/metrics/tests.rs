@@ -61,6 +61,7 @@ fn status() -> Status {
     s.mesh.refused_claims = 29;
     s.mesh.refused_key_claims = 31;
     s.records.records_bad_signature = 37;
+    s.records.own_record_restored = 4;
     s
 }
 
@@ -214,6 +215,7 @@ fn exposition_has_the_expected_families_labels_and_values() {
         "2"
     );
     assert_eq!(get("meshsec_gossip_records_bad_signature_total"), "37");
+    assert_eq!(get("meshsec_gossip_own_record_restored_total"), "4");
     assert_eq!(
         get(r#"meshsec_trust_refusals_total{reason="wrong_source"}"#),
         "23"

@@ -158,4 +158,9 @@ on 1 ip xfrm policy delete src "$(host_ip4 1)/32" dst "$(host_ip4 2)/32" dir out
 repaired() { on 1 ip xfrm policy get src "$(host_ip4 1)/32" dst "$(host_ip4 2)/32" dir out; }
 wait_until 10 repaired
 assert on 1 ping -c1 -W3 -q "$(host_ip4 2)"
+# No honest host ever found its own gossip record overwritten (the check
+# that puts a forged one back must not fire on a real mesh).
+for i in $(seq 1 $N); do
+    assert_cmp "$(bedq "$i" status records own_record_restored)" -eq 0 "host $i own record restorations"
+done
 log "mesh-esp ($ESP_ALG) ok"

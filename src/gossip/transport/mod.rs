@@ -1031,6 +1031,78 @@ mod tests {
         b.shutdown().await.unwrap();
     }
 
+    /// chitchat applies a delta for any node id, the receiver's own included:
+    /// an impostor holding the secret and a victim's id writes values over the
+    /// victim's record everywhere, and into the victim's own state, where
+    /// they stay after the impostor is gone (evicted by a rotation). The
+    /// victim's check of its own state ([`crate::gossip::own::restore`])
+    /// puts its record back everywhere.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn values_forged_under_our_id_are_put_back_everywhere() {
+        assert_root();
+        let (ta, tb, tm) = (transport(SECRET), transport(SECRET), transport(SECRET));
+        let (a, a_addr) = spawn("a", &[], &ta).await;
+        let b_addr = free_addr();
+        let published = vec![
+            ("who".to_string(), "b".to_string()),
+            ("x".to_string(), "honest".to_string()),
+        ];
+        let b = spawn_chitchat(config("b", b_addr, &[a_addr]), published.clone(), &tb)
+            .await
+            .unwrap();
+        let b_id = ChitchatId::new("b", 1, b_addr);
+        let x_at = |h: &ChitchatHandle| {
+            let (id, c) = (b_id.clone(), h.chitchat());
+            async move {
+                let c = c.lock().await;
+                c.node_state(&id)
+                    .and_then(|n| n.get("x").map(str::to_string))
+            }
+        };
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                x_at(&a).await.as_deref() == Some("honest")
+            })
+            .await
+        );
+        // The impostor: b's id, its own socket, newer versions.
+        let mut cfg = config("b", free_addr(), &[a_addr]);
+        cfg.chitchat_id = b_id.clone();
+        let forged: Vec<(String, String)> = (0..8)
+            .map(|i| (format!("f{i}"), "y".to_string()))
+            .chain([("x".to_string(), "forged".to_string())])
+            .collect();
+        let m = spawn_chitchat(cfg, forged, &tm).await.unwrap();
+        let forged_everywhere = eventually(Duration::from_secs(10), || async {
+            x_at(&a).await.as_deref() == Some("forged")
+                && x_at(&b).await.as_deref() == Some("forged")
+        })
+        .await;
+        assert!(
+            forged_everywhere,
+            "a: {:?}, b itself: {:?}",
+            x_at(&a).await,
+            x_at(&b).await
+        );
+        m.shutdown().await.unwrap();
+        // Evicted; what it wrote stays until b checks its own state.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(x_at(&a).await.as_deref(), Some("forged"));
+        let restored = b
+            .with_chitchat(|c| crate::gossip::own::restore(c.self_node_state(), &published))
+            .await;
+        assert_eq!(restored.rewritten, vec!["x".to_string()]);
+        let healed = eventually(Duration::from_secs(10), || async {
+            x_at(&a).await.as_deref() == Some("honest")
+                && a.with_chitchat(|c| c.node_state(&b_id).is_some_and(|n| n.get("f0").is_none()))
+                    .await
+        })
+        .await;
+        assert!(healed, "a still has {:?}", x_at(&a).await);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
     fn bad_cluster() -> ChitchatEnvelope {
         // The one message that can be built outside chitchat; enough to drive the plumbing.
         ChitchatEnvelope {
