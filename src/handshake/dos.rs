@@ -450,4 +450,63 @@ mod tests {
         // Its share is 100/65 per second: about 4 in 3 s.
         assert!(honest_granted >= 3, "honest got {honest_granted} of 12");
     }
+
+    /// Attack review (2026-11-30), not fixed: a member routing a /52 proves one address in
+    /// each of 4,000 /64s (fewer than `max_sources`, so the table is not full) and sends one
+    /// initiation from each every 2 s, ~2,000 packets/s (which also keeps the responder under
+    /// load by itself). The fair split bounds only each prefix's refill rate; every new prefix
+    /// brings a full burst (10), so the attacker holds a reservoir of 40,000 tokens and takes
+    /// every token of the shared 1000/s budget as it accrues, while an honest source that asks
+    /// when the shared budget is dry spends its own token anyway (by design, against hoarding).
+    /// Result: an honest member trying once a second (its initiator's first RTO; later retries
+    /// are sparser) gets no DH work for 30 s, longer than `handshake_timeout` (20 s). With
+    /// 1,000 prefixes (500 packets/s, under the shared rate) it gets through every time. The
+    /// global budget holds (finding 6 stays fixed); what fails is the fair share. Untested
+    /// reasoning: rotating through the /64s of a /48, whose idle buckets refill and are pruned,
+    /// renews the reservoir indefinitely. Tried and not kept: starting a new prefix's bucket
+    /// with one token instead of its burst makes this pass, but it changes the per-source burst
+    /// of proto/handshake.md §8 (limits per /48 as well as per /64 are the other option), so it
+    /// is left to a decision.
+    #[test]
+    #[ignore = "open: a member with 4,000 proven /64s starves other sources of the proven budget for 30 s+ (attack review 2026-11-30)"]
+    fn honest_source_gets_its_share_while_a_member_floods_from_4000_64s() {
+        let now = Instant::now();
+        let config = Config::default();
+        let n = 4_000;
+        assert!(n < config.max_sources);
+        let attacker: Vec<(String, Vec<u8>)> = (0..n)
+            .map(|p| {
+                let from = v6(u16::try_from(p).unwrap(), 1);
+                (from.to_string(), proven(from))
+            })
+            .collect();
+        let honest = "[2001:db8:ffff:1::7]:4000";
+        let honest_packet = proven(honest.parse().unwrap());
+        let (mut g, mut rng) = loaded(now, &config, Duration::from_secs(60));
+        // The flood is already on when the honest member starts.
+        let round = Duration::from_secs(2);
+        let spread = round / u32::try_from(n).unwrap();
+        for (i, (from, packet)) in attacker.iter().enumerate() {
+            let at = now + spread * u32::try_from(i).unwrap();
+            let _ = admit(&mut g, at, from, packet, &mut rng);
+        }
+        // Then for 30 s: the attacker keeps sending from each prefix every 2 s, the honest
+        // member tries once a second.
+        let secs = 30u32;
+        let mut next = 0usize;
+        let mut honest_granted = 0;
+        for sec in 0..secs {
+            let t0 = now + round + Duration::from_secs(1) * sec;
+            for j in 0..n / 2 {
+                let (from, packet) = &attacker[next % n];
+                next += 1;
+                let at = t0 + spread * u32::try_from(j).unwrap();
+                let _ = admit(&mut g, at, from, packet, &mut rng);
+            }
+            let at = t0 + Duration::from_millis(999);
+            honest_granted += u64::from(dh_granted(&mut g, at, honest, &honest_packet, &mut rng));
+        }
+        // Its fair share is 1000/4001 per second plus a burst of 10.
+        assert!(honest_granted >= 1, "honest got {honest_granted} of {secs}");
+    }
 }
