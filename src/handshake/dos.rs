@@ -451,24 +451,16 @@ mod tests {
         assert!(honest_granted >= 3, "honest got {honest_granted} of 12");
     }
 
-    /// Attack review (2026-11-30), not fixed: a member routing a /52 proves one address in
-    /// each of 4,000 /64s (fewer than `max_sources`, so the table is not full) and sends one
-    /// initiation from each every 2 s, ~2,000 packets/s (which also keeps the responder under
-    /// load by itself). The fair split bounds only each prefix's refill rate; every new prefix
-    /// brings a full burst (10), so the attacker holds a reservoir of 40,000 tokens and takes
-    /// every token of the shared 1000/s budget as it accrues, while an honest source that asks
-    /// when the shared budget is dry spends its own token anyway (by design, against hoarding).
-    /// Result: an honest member trying once a second (its initiator's first RTO; later retries
-    /// are sparser) gets no DH work for 30 s, longer than `handshake_timeout` (20 s). With
-    /// 1,000 prefixes (500 packets/s, under the shared rate) it gets through every time. The
-    /// global budget holds (finding 6 stays fixed); what fails is the fair share. Untested
-    /// reasoning: rotating through the /64s of a /48, whose idle buckets refill and are pruned,
-    /// renews the reservoir indefinitely. Tried and not kept: starting a new prefix's bucket
-    /// with one token instead of its burst makes this pass, but it changes the per-source burst
-    /// of proto/handshake.md §8 (limits per /48 as well as per /64 are the other option), so it
-    /// is left to a decision.
+    /// Attack review (2026-11-30): a member routing a /52 proves one address in each of 4,000
+    /// /64s (fewer than `max_sources`, so the table is not full) and sends one initiation from
+    /// each every 2 s, ~2,000 packets/s (which also keeps the responder under load by itself).
+    /// When every new prefix brought a full burst (10), the attacker held a reservoir of 40,000
+    /// tokens and took every token of the shared 1000/s budget as it accrued, while an honest
+    /// source asking when the budget was dry spent its own token anyway (by design, against
+    /// hoarding): an honest member trying once a second got no DH work for 30 s, longer than
+    /// `handshake_timeout` (20 s). Now a new prefix starts with one token and a prefix's burst
+    /// is split like its rate (about the shared burst over the prefixes tracked, at least 1).
     #[test]
-    #[ignore = "open: a member with 4,000 proven /64s starves other sources of the proven budget for 30 s+ (attack review 2026-11-30)"]
     fn honest_source_gets_its_share_while_a_member_floods_from_4000_64s() {
         let now = Instant::now();
         let config = Config::default();

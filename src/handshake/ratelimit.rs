@@ -51,6 +51,21 @@ impl TokenBucket {
         self.rate = rate;
     }
 
+    /// Lowers (or restores, up to `max`) the burst; tokens above it are dropped.
+    fn set_burst(&mut self, now: Instant, burst: f64) {
+        self.refill(now);
+        self.burst = burst.max(1.0);
+        self.tokens = self.tokens.min(self.burst);
+    }
+
+    /// A bucket holding one token, filling up to `burst` at `rate`.
+    fn starting_with_one(now: Instant, rate: u32, burst: u32) -> Self {
+        TokenBucket {
+            tokens: 1.0,
+            ..TokenBucket::new(now, rate, burst)
+        }
+    }
+
     /// Whether the bucket has refilled completely (its state is then indistinguishable from new).
     pub fn is_full(&mut self, now: Instant) -> bool {
         self.refill(now);
@@ -117,7 +132,14 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             if self.buckets.len() >= self.max_keys {
                 return false;
             }
-            let b = TokenBucket::new(now, self.rate, self.burst);
+            // Under a shared budget a new key starts with one token: a full
+            // burst per new key would let many keys hold a reservoir the
+            // size of the table (proto/handshake.md §8, "Fair share").
+            let b = if self.shared.is_some() {
+                TokenBucket::starting_with_one(now, self.rate, self.burst)
+            } else {
+                TokenBucket::new(now, self.rate, self.burst)
+            };
             self.buckets.insert(key.clone(), b);
         }
         let n = self.buckets.len();
@@ -127,8 +149,12 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
         match &mut self.shared {
             None => b.take(now),
             Some(shared) => {
+                // Rate and burst both split fairly: the keys' refill rates sum
+                // to at most the shared rate, and what they can hold back to
+                // about the shared burst (at least one token each).
                 // usize -> f64 is exact for any table size that fits in memory.
                 b.set_rate(now, f64::from(self.rate).min(shared.rate / n as f64));
+                b.set_burst(now, f64::from(self.burst).min(shared.burst / n as f64));
                 b.take(now) && shared.take(now)
             }
         }
