@@ -320,6 +320,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 uptime_secs: started.elapsed().as_secs(),
                 members: counts,
                 gossip: counters.snapshot(),
+                clock_offsets: counters.clock_offsets(
+                    SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                        .unwrap_or(0),
+                ),
                 records: *records_rx.borrow(),
                 identity_conflicts: conflicts_rx.borrow().clone(),
                 datapath: match cfg.datapath {

@@ -94,6 +94,11 @@ enum Cmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Check this host: kernel support, the agent and its config, secret and
+    /// key file modes, and per peer clock offset, gossip and handshake
+    /// reachability, ESP arriving, MTU headroom, shadowing IPsec policies.
+    /// One line per check (✔ or ✘ with the fix); exit status 1 if any fails.
+    Doctor(Box<DoctorArgs>),
     /// Release a peer that will not come back: its addresses stop being bound
     /// to it and its blocked pairs (policies kept so traffic is never sent in
     /// clear) are removed, so traffic to those addresses flows unprotected.
@@ -103,6 +108,20 @@ enum Cmd {
         /// The peer's node name, or a peer address.
         name: String,
     },
+}
+
+#[derive(clap::Args)]
+struct DoctorArgs {
+    /// The agent's configuration (same flags as `meshsec agent`; without
+    /// --config, /etc/meshsec/meshsec.toml is read if it exists).
+    #[command(flatten)]
+    agent: AgentFlags,
+    /// Machine-readable output: {"ok": bool, "checks": [{name, ok, detail, fix, peer}]}.
+    #[arg(long)]
+    json: bool,
+    /// Seconds between the two samples of link counters (1-60).
+    #[arg(long, value_name = "SECS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+    sample_secs: u64,
 }
 
 #[derive(clap::Args)]
@@ -179,6 +198,7 @@ pub fn main() -> i32 {
         Cmd::Leave { client } => client_cmd(client, Request::Leave),
         Cmd::Reload { client } => client_cmd(client, Request::Reload),
         Cmd::Forget { client, name } => client_cmd(client, Request::Forget { name }),
+        Cmd::Doctor(args) => doctor(*args),
         Cmd::Flush {
             control_socket,
             state_dir,
@@ -263,6 +283,23 @@ fn client_cmd(args: ClientArgs, req: Request) -> i32 {
             }
         }
     })
+}
+
+fn doctor(args: DoctorArgs) -> i32 {
+    let report = runtime().block_on(crate::doctor::gather::run(crate::doctor::gather::Options {
+        flags: args.agent,
+        sample: std::time::Duration::from_secs(args.sample_secs),
+    }));
+    if args.json {
+        println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ok {
+        0
+    } else {
+        1
+    }
 }
 
 fn flush(control_socket: &std::path::Path, state_dir: &std::path::Path, json: bool) -> i32 {

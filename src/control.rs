@@ -164,6 +164,10 @@ pub struct Status {
     /// identity (impersonation), now, and how many so far.
     #[serde(default)]
     pub identity_conflicts: crate::gossip::pins::Conflicts,
+    /// The last clock offset measured per gossip source address, from the sealed timestamps
+    /// of the datagrams received (what `meshsec doctor` checks against the seal's window).
+    #[serde(default)]
+    pub clock_offsets: Vec<crate::gossip::transport::ClockOffset>,
 }
 
 /// A blocked pair in `meshsec status`.
@@ -654,6 +658,7 @@ mod tests {
             blocked: vec![],
             conflicts: vec![],
             identity_conflicts: Default::default(),
+            clock_offsets: vec![],
         }
     }
 

@@ -16,6 +16,8 @@
 //! - [`config`]: flags + TOML file → a validated [`config::AgentConfig`].
 //! - [`agent`]: task wiring and the single shutdown path.
 //! - [`notify`]: systemd notifications (ready, status, watchdog, stopping).
+//! - [`doctor`]: `meshsec doctor`: pure checks over what it gathers (status,
+//!   kernel counters, foreign policies, MTUs, file modes).
 //! - [`cli`]: the `meshsec` command line (the binary only calls [`cli::main`]).
 #![warn(missing_docs)]
 
@@ -25,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod datapath;
+pub mod doctor;
 pub mod gossip;
 pub mod handshake;
 pub mod identity;

@@ -335,6 +335,103 @@ pub struct PolicyState {
     pub index: u32,
 }
 
+/// An XFRM policy meshsec did not install, as `meshsec doctor` reads it to
+/// find policies that would win over meshsec's (lower priority number) for a
+/// pair meshsec protects. Only the `in` and `out` directions: host traffic
+/// never meets `fwd` policies, and per-socket policies are not global.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignPolicy {
+    /// Kernel policy index.
+    pub index: u32,
+    /// `In` or `Out`.
+    pub direction: Direction,
+    /// Priority: lower wins.
+    pub priority: u32,
+    /// Selector source prefix.
+    pub src: IpAddr,
+    /// Its length in bits.
+    pub src_len: u8,
+    /// Selector destination prefix.
+    pub dst: IpAddr,
+    /// Its length in bits.
+    pub dst_len: u8,
+    /// IP protocol the selector is limited to (0: all).
+    pub proto: u8,
+    /// Action block (drop) rather than allow.
+    pub block: bool,
+    /// Number of templates (0 with allow: traffic passes in clear).
+    pub templates: usize,
+    /// Carries a mark or an interface id: applies only to traffic so marked.
+    pub marked: bool,
+}
+
+impl ForeignPolicy {
+    /// Whether its selector's addresses take in traffic from `src` to `dst`
+    /// (protocol and port limits aside: such a policy shadows part of it).
+    pub fn covers(&self, src: IpAddr, dst: IpAddr) -> bool {
+        prefix_covers(self.src, self.src_len, src) && prefix_covers(self.dst, self.dst_len, dst)
+    }
+
+    /// The selector as `ip xfrm policy` prints it, for messages.
+    pub fn describe(&self) -> String {
+        let dir = match self.direction {
+            Direction::In => "in",
+            Direction::Out => "out",
+        };
+        let action = match (self.block, self.templates) {
+            (true, _) => "block".to_string(),
+            (false, 0) => "allow, no template (clear text)".to_string(),
+            (false, n) => format!("allow, {n} template(s)"),
+        };
+        let proto = if self.proto == 0 {
+            String::new()
+        } else {
+            format!(" proto {}", self.proto)
+        };
+        format!(
+            "src {}/{} dst {}/{}{proto} dir {dir} priority {} index {} ({action}{})",
+            self.src,
+            self.src_len,
+            self.dst,
+            self.dst_len,
+            self.priority,
+            self.index,
+            if self.marked {
+                ", marked traffic only"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Whether `net/len` contains `addr` (same family only).
+pub fn prefix_covers(net: IpAddr, len: u8, addr: IpAddr) -> bool {
+    fn masked(bytes: &[u8], len: u8) -> Vec<u8> {
+        bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let bits = (len as usize).saturating_sub(i * 8).min(8);
+                if bits == 0 {
+                    0
+                } else {
+                    b & (0xffu8 << (8 - bits))
+                }
+            })
+            .collect()
+    }
+    match (net, addr) {
+        (IpAddr::V4(n), IpAddr::V4(a)) if len <= 32 => {
+            masked(&n.octets(), len) == masked(&a.octets(), len)
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) if len <= 128 => {
+            masked(&n.octets(), len) == masked(&a.octets(), len)
+        }
+        _ => false,
+    }
+}
+
 /// What [`Datapath::flush_owned`] removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FlushReport {

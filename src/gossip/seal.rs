@@ -392,7 +392,28 @@ impl Opener {
 
     /// Opens `datagram` received at `now_unix_ms`, returning the payload.
     pub fn open(&mut self, now_unix_ms: u64, datagram: &[u8]) -> Result<Vec<u8>, OpenError> {
-        let authentic = self.keyring.open_authentic(datagram)?;
+        self.open_stamped(now_unix_ms, datagram).1
+    }
+
+    /// Like [`Opener::open`], and also returns the sender's sealed timestamp whenever the
+    /// datagram is authentic, whether or not it is then refused (stale, replayed, ...): the
+    /// sender's clock minus ours is how far apart the two clocks are (plus the one-way delay),
+    /// which `meshsec doctor` checks against the freshness window.
+    pub fn open_stamped(
+        &mut self,
+        now_unix_ms: u64,
+        datagram: &[u8],
+    ) -> (Option<u64>, Result<Vec<u8>, OpenError>) {
+        match self.keyring.open_authentic(datagram) {
+            Ok(authentic) => {
+                let ts = authentic.sent_at_ms;
+                (Some(ts), self.accept(now_unix_ms, authentic))
+            }
+            Err(e) => (None, Err(e)),
+        }
+    }
+
+    fn accept(&mut self, now_unix_ms: u64, authentic: Authentic) -> Result<Vec<u8>, OpenError> {
         let ts = authentic.sent_at_ms;
         let max_age = duration_ms(self.config.max_age);
         let max_future = duration_ms(self.config.max_future_skew);
@@ -506,6 +527,38 @@ mod tests {
             assert_eq!(sealed.len(), payload.len() + OVERHEAD);
             assert_eq!(o.open(NOW, &sealed).unwrap(), payload);
         }
+    }
+
+    #[test]
+    fn the_sender_stamp_is_returned_for_authentic_datagrams_even_when_refused() {
+        let k = ring(&[[7; 32]]);
+        let mut o = Opener::new(k.clone(), ReplayConfig::default());
+        // A peer 20 s ahead: accepted, and its stamp tells us how far ahead.
+        let ahead = k.seal(NOW + 20_000, b"x");
+        let (stamp, r) = o.open_stamped(NOW, &ahead);
+        assert_eq!((stamp, r.unwrap()), (Some(NOW + 20_000), b"x".to_vec()));
+        // A peer 90 s behind: refused as stale, but the stamp still says why.
+        let behind = k.seal(NOW - 90_000, b"y");
+        assert_eq!(
+            o.open_stamped(NOW, &behind),
+            (Some(NOW - 90_000), Err(OpenError::Stale))
+        );
+        // A replay is authentic too.
+        assert_eq!(o.open_stamped(NOW, &ahead).0, Some(NOW + 20_000));
+        // Forgeries and garbage carry no stamp anyone could trust.
+        let mut forged = k.seal(NOW, b"z");
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(o.open_stamped(NOW, &forged), (None, Err(OpenError::BadTag)));
+        assert_eq!(
+            o.open_stamped(NOW, b"short"),
+            (None, Err(OpenError::TooShort))
+        );
+        let other = ring(&[[8; 32]]).seal(NOW, b"w");
+        assert_eq!(
+            o.open_stamped(NOW, &other),
+            (None, Err(OpenError::UnknownKey))
+        );
     }
 
     #[test]

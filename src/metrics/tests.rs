@@ -48,6 +48,7 @@ fn status() -> Status {
             }],
             total: 11,
         },
+        clock_offsets: vec![],
     };
     s.gossip.dropped_bad_tag = 13;
     s.gossip.sealed_out_datagrams = 100;

@@ -17,15 +17,16 @@ use netlink_packet_xfrm::{
 use super::netlink::{NlSocket, Outcome, RawMsg, Request};
 use super::{
     sort_policies, sort_sas, validate_policy, validate_sa, AddressFamily, Aead, Change, Datapath,
-    DatapathError, ErrorKind, Op, PolicyId, PolicySpec, PolicyState, Reqid, SaId, SaSpec, SaState,
+    DatapathError, ErrorKind, ForeignPolicy, Op, PolicyId, PolicySpec, PolicyState, Reqid, SaId,
+    SaSpec, SaState,
 };
 
 mod msg;
 mod probe;
 
 use msg::{
-    alloc_spi_message, nd_policy_message, parse_nd_policy, parse_policy, parse_sa,
-    policy_id_message, sa_id_message, ND_BYPASS,
+    alloc_spi_message, nd_policy_message, parse_foreign_policy, parse_nd_policy, parse_policy,
+    parse_sa, policy_id_message, sa_id_message, ND_BYPASS,
 };
 pub(crate) use msg::{policy_message, sa_message};
 use probe::permission;
@@ -70,6 +71,17 @@ impl XfrmDatapath {
     /// The flavour in use.
     pub fn flavor(&self) -> KernelFlavor {
         self.flavor
+    }
+
+    /// Every global `in`/`out` policy somebody else installed (read only;
+    /// `meshsec doctor` looks for ones that shadow meshsec's).
+    pub fn dump_foreign_policies(&mut self) -> Result<Vec<ForeignPolicy>, DatapathError> {
+        Ok(self
+            .raw_policy_dump()?
+            .iter()
+            .filter(|m| m.ty == XFRM_MSG_NEWPOLICY)
+            .filter_map(|m| parse_foreign_policy(&m.payload))
+            .collect())
     }
 
     fn one(

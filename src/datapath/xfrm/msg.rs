@@ -17,8 +17,8 @@ use netlink_packet_xfrm::{
 
 use super::super::ownership::{is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY};
 use super::super::{
-    Aead, Direction, Lifetimes, PolicyId, PolicySpec, PolicyState, Reqid, SaCounters, SaId, SaSpec,
-    SaState, ICV_BITS, MIN_INBOUND_REPLAY_WINDOW,
+    Aead, Direction, ForeignPolicy, Lifetimes, PolicyId, PolicySpec, PolicyState, Reqid,
+    SaCounters, SaId, SaSpec, SaState, ICV_BITS, MIN_INBOUND_REPLAY_WINDOW,
 };
 use super::KernelFlavor;
 
@@ -425,6 +425,52 @@ pub(crate) fn parse_policy(payload: &[u8]) -> Option<PolicyState> {
             reqid,
         },
         index: i.index,
+    })
+}
+
+/// Parse one policy from a `XFRM_MSG_NEWPOLICY` payload if it is somebody
+/// else's (not meshsec's by the ownership rule, not one of its ND bypasses)
+/// and a global `in` or `out` policy; `None` otherwise or if it does not
+/// decode (never panics on short input).
+pub(crate) fn parse_foreign_policy(payload: &[u8]) -> Option<ForeignPolicy> {
+    if payload.len() < XFRM_USER_POLICY_INFO_LEN
+        || parse_policy(payload).is_some()
+        || parse_nd_policy(payload).is_some()
+    {
+        return None;
+    }
+    let msg = PolicyModifyMessage::parse(payload).ok()?;
+    let i = &msg.user_policy_info;
+    let direction = match i.direction {
+        XFRM_POLICY_IN => Direction::In,
+        XFRM_POLICY_OUT => Direction::Out,
+        // fwd, and the per-socket directions (XFRM_POLICY_MAX + dir).
+        _ => return None,
+    };
+    let s = &i.selector;
+    let max = host_prefix_for(s.family)?;
+    let mut templates = 0;
+    let mut marked = false;
+    for nla in &msg.nlas {
+        match nla {
+            XfrmAttrs::Template(t) => templates = t.len(),
+            XfrmAttrs::Mark(m) if m.mask != 0 => marked = true,
+            XfrmAttrs::IfId(id) if *id != 0 => marked = true,
+            _ => {}
+        }
+    }
+    Some(ForeignPolicy {
+        index: i.index,
+        direction,
+        priority: i.priority,
+        src: addr_of(&s.saddr, s.family)?,
+        src_len: s.prefixlen_s.min(max),
+        dst: addr_of(&s.daddr, s.family)?,
+        dst_len: s.prefixlen_d.min(max),
+        proto: s.proto,
+        block: i.action != XFRM_POLICY_ALLOW,
+        templates,
+        marked,
     })
 }
 

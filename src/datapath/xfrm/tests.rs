@@ -338,6 +338,75 @@ fn parse_round_trip_and_hostile_input() {
 }
 
 #[test]
+fn foreign_policies_are_parsed_and_meshsecs_own_are_not() {
+    use netlink_packet_xfrm::{Address, Selector, UserPolicyInfo, XFRM_POLICY_BLOCK};
+    // meshsec's own pair policy and ND bypass: not foreign.
+    let own = PolicySpec::pair(
+        suite::ip("192.0.2.1"),
+        suite::ip("192.0.2.2"),
+        Reqid::DEFAULT,
+    )[0];
+    assert!(
+        msg::parse_foreign_policy(&emit(XfrmMessage::AddPolicy(policy_message(&own)))).is_none()
+    );
+    let nd = msg::nd_policy_message(0, 135);
+    assert!(msg::parse_foreign_policy(&emit(XfrmMessage::AddPolicy(nd))).is_none());
+    // An administrator's "block 192.0.2.0/24 -> 0.0.0.0/0 out, priority 10".
+    let mut sel = Selector {
+        family: netlink_packet_xfrm::AF_INET,
+        prefixlen_s: 24,
+        prefixlen_d: 0,
+        ..Default::default()
+    };
+    sel.saddr = Address::from_ip(&suite::ip("192.0.2.0"));
+    let mk = |dir: u8, sel: Selector| {
+        emit(XfrmMessage::AddPolicy(
+            netlink_packet_xfrm::policy::ModifyMessage {
+                user_policy_info: UserPolicyInfo {
+                    selector: sel,
+                    priority: 10,
+                    index: 77,
+                    direction: dir,
+                    action: XFRM_POLICY_BLOCK,
+                    ..Default::default()
+                },
+                nlas: vec![],
+            },
+        ))
+    };
+    let b = mk(1, sel);
+    let f = msg::parse_foreign_policy(&b).unwrap();
+    assert_eq!(
+        (
+            f.index,
+            f.direction,
+            f.priority,
+            f.src_len,
+            f.dst_len,
+            f.block,
+            f.templates
+        ),
+        (77, Direction::Out, 10, 24, 0, true, 0)
+    );
+    assert!(f.covers(suite::ip("192.0.2.11"), suite::ip("198.51.100.7")));
+    assert!(!f.covers(suite::ip("192.0.3.11"), suite::ip("198.51.100.7")));
+    assert!(!f.covers(suite::ip("2001:db8::1"), suite::ip("2001:db8::2")));
+    // fwd and per-socket directions are not considered.
+    assert!(msg::parse_foreign_policy(&mk(2, sel)).is_none());
+    assert!(msg::parse_foreign_policy(&mk(4, sel)).is_none());
+    // Unknown family, short or garbage input: nothing, and no panic.
+    let mut bad = sel;
+    bad.family = 99;
+    assert!(msg::parse_foreign_policy(&mk(0, bad)).is_none());
+    for n in 0..b.len() {
+        let _ = msg::parse_foreign_policy(&b[..n]);
+    }
+    let mut g = b.clone();
+    g.extend_from_slice(&[0xff; 9]);
+    let _ = msg::parse_foreign_policy(&g);
+}
+
+#[test]
 fn flavor_from_release() {
     assert_eq!(
         KernelFlavor::from_release("6.1.0-56-amd64"),

@@ -1,7 +1,10 @@
 //! The sealed transport's counters: live atomics updated by the pumps, and the plain snapshot
 //! `meshsec status` reports.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use crate::gossip::seal::OpenError;
 
@@ -21,6 +24,31 @@ pub struct GossipCounters {
     pub(super) proxies_opened: AtomicU64,
     pub(super) proxies_closed: AtomicU64,
     pub(super) loopback_drops: AtomicU64,
+    clocks: Mutex<HashMap<SocketAddr, ClockSample>>,
+}
+
+/// Most source addresses whose clock offset is remembered; beyond this the least recently
+/// heard is forgotten. Only authentic datagrams (sealed with a cluster secret) are recorded,
+/// so the table holds cluster members, not whoever sends garbage.
+pub const MAX_CLOCK_SAMPLES: usize = 1024;
+
+#[derive(Debug, Clone, Copy)]
+struct ClockSample {
+    offset_ms: i64,
+    at_unix_ms: u64,
+}
+
+/// The last clock offset measured for one gossip source address: the sender's sealed
+/// timestamp minus our clock when the datagram arrived (positive: the sender's clock is
+/// ahead; the one-way network delay is included, so it reads a few ms low).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClockOffset {
+    /// The sender's gossip address (as members list it).
+    pub addr: SocketAddr,
+    /// Sender's clock minus ours, in milliseconds.
+    pub offset_ms: i64,
+    /// How long ago that datagram arrived, in milliseconds.
+    pub age_ms: u64,
 }
 
 /// A point-in-time copy of [`GossipCounters`].
@@ -83,6 +111,42 @@ impl GossipCountersSnapshot {
 }
 
 impl GossipCounters {
+    /// Records the sealed timestamp `sent_at_ms` of an authentic datagram from `from`, received
+    /// at `now_ms` (both Unix milliseconds).
+    pub fn record_clock(&self, from: SocketAddr, sent_at_ms: u64, now_ms: u64) {
+        let offset = i128::from(sent_at_ms) - i128::from(now_ms);
+        let offset_ms =
+            i64::try_from(offset).unwrap_or(if offset < 0 { i64::MIN } else { i64::MAX });
+        let mut t = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() >= MAX_CLOCK_SAMPLES && !t.contains_key(&from) {
+            if let Some(oldest) = t.iter().min_by_key(|(_, s)| s.at_unix_ms).map(|(a, _)| *a) {
+                t.remove(&oldest);
+            }
+        }
+        t.insert(
+            from,
+            ClockSample {
+                offset_ms,
+                at_unix_ms: now_ms,
+            },
+        );
+    }
+
+    /// The last offset per source address, sorted by address; ages against `now_ms`.
+    pub fn clock_offsets(&self, now_ms: u64) -> Vec<ClockOffset> {
+        let t = self.clocks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<ClockOffset> = t
+            .iter()
+            .map(|(addr, s)| ClockOffset {
+                addr: *addr,
+                offset_ms: s.offset_ms,
+                age_ms: now_ms.saturating_sub(s.at_unix_ms),
+            })
+            .collect();
+        v.sort_by_key(|c| c.addr);
+        v
+    }
+
     /// Copies the current values.
     pub fn snapshot(&self) -> GossipCountersSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -131,6 +195,51 @@ pub(super) fn bump(c: &AtomicU64, by: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_offsets_keep_the_last_sample_per_source_and_stay_bounded() {
+        let c = GossipCounters::default();
+        let a: SocketAddr = "192.0.2.11:9340".parse().unwrap();
+        let b: SocketAddr = "[2001:db8::12]:9340".parse().unwrap();
+        c.record_clock(a, 1_000_000, 1_000_250);
+        c.record_clock(b, 2_000_000 + 40_000, 2_000_000);
+        c.record_clock(a, 3_000_000 - 10, 3_000_000);
+        assert_eq!(
+            c.clock_offsets(3_000_500),
+            vec![
+                ClockOffset {
+                    addr: a,
+                    offset_ms: -10,
+                    age_ms: 500
+                },
+                ClockOffset {
+                    addr: b,
+                    offset_ms: 40_000,
+                    age_ms: 1_000_500
+                },
+            ]
+        );
+        for p in 0..(MAX_CLOCK_SAMPLES as u16 + 10) {
+            let from = SocketAddr::from(([10, 0, (p >> 8) as u8, p as u8], 9340));
+            c.record_clock(from, 5, 4_000_000 + u64::from(p));
+        }
+        let kept = c.clock_offsets(0);
+        assert_eq!(kept.len(), MAX_CLOCK_SAMPLES);
+        // The least recently heard went first: a and b, then the first new ones.
+        assert!(!kept.iter().any(|k| k.addr == a || k.addr == b));
+        assert!(!kept
+            .iter()
+            .any(|k| k.addr == SocketAddr::from(([10, 0, 0, 7], 9340))));
+        assert!(kept
+            .iter()
+            .any(|k| k.addr == SocketAddr::from(([10, 0, 0, 10], 9340))));
+        // Hostile extremes saturate instead of overflowing.
+        let c = GossipCounters::default();
+        c.record_clock(a, u64::MAX, 0);
+        assert_eq!(c.clock_offsets(0)[0].offset_ms, i64::MAX);
+        c.record_clock(a, 0, u64::MAX);
+        assert_eq!(c.clock_offsets(u64::MAX)[0].offset_ms, i64::MIN);
+    }
 
     #[test]
     fn snapshot_json_names_are_stable() {

@@ -59,7 +59,7 @@ use tracing::{debug, warn};
 use super::seal::{Keyring, Opener, ReplayConfig};
 use crate::throttle::LogThrottle;
 use counters::bump;
-pub use counters::{GossipCounters, GossipCountersSnapshot};
+pub use counters::{ClockOffset, GossipCounters, GossipCountersSnapshot, MAX_CLOCK_SAMPLES};
 use netns::{udp_rcvbuf_errors, PrivateNetns};
 use proxy::{Proxy, ProxyTable};
 
@@ -385,7 +385,12 @@ async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
             }
         };
         let datagram = &buf[..len];
-        match opener.open(unix_ms_now(), datagram) {
+        let now_ms = unix_ms_now();
+        let (stamp, opened) = opener.open_stamped(now_ms, datagram);
+        if let Some(sent_at_ms) = stamp {
+            shared.counters.record_clock(from, sent_at_ms, now_ms);
+        }
+        match opened {
             Ok(plain) => {
                 bump(&shared.counters.opened_in_datagrams, 1);
                 bump(&shared.counters.opened_in_bytes, len as u64);
