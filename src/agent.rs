@@ -181,6 +181,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             .unwrap_or_default(),
     )
     .map_err(StartError::from)?;
+    mesh.set_boot_id(crate::mesh::current_boot_id());
     if let Some(saved) = &saved_guard {
         mesh.restore_guard(saved).map_err(|e| {
             StartError::Guard(format!(
