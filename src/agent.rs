@@ -17,7 +17,7 @@ use chitchat::{
     spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig, ProtocolVersion,
 };
 use tokio::sync::{broadcast, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use std::os::fd::{BorrowedFd, RawFd};
 
@@ -181,6 +181,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             .unwrap_or_default(),
     )
     .map_err(StartError::from)?;
+    mesh.set_boot_id(crate::mesh::current_boot_id());
     if let Some(saved) = &saved_guard {
         mesh.restore_guard(saved).map_err(|e| {
             StartError::Guard(format!(
@@ -472,12 +473,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         // forged, until the signature arrives.
         let left = NodeInfo { left: true, ..info };
         let record = signed_key_values(&left, &cfg.node_name, generation, &signing_key);
-        *published.lock().unwrap_or_else(|e| e.into_inner()) = record.clone();
         gossip
             .with_chitchat(|c| {
+                // Under the gossip lock, as the view task reads it: the view
+                // task never sees the new record published but not yet set
+                // (it would put it back itself and count a forgery).
+                *published.lock().unwrap_or_else(|e| e.into_inner()) = record.clone();
                 let state = c.self_node_state();
-                for (k, v) in &record {
-                    state.set(k, v);
+                if crate::gossip::own::has_room(state, record.len()) {
+                    for (k, v) in &record {
+                        state.set(k, v);
+                    }
+                } else {
+                    error!("cannot announce the leave: our gossip record's version was pushed to the top by a forged delta; peers keep their fail-closed policies for this node until meshsec forget");
                 }
             })
             .await;
@@ -572,7 +580,11 @@ async fn track_members(
             (observe(&c), restored)
         };
         let now = Instant::now();
-        if !restored.is_empty() {
+        if restored.exhausted {
+            if let Some(suppressed) = own_log.check(now, "own_record_restored") {
+                error!(suppressed, "a peer's delta for our id pushed our gossip record's version to the top (only a member holding the cluster secret can send one): it cannot be put back; restart the agent (a new generation publishes a fresh record)");
+            }
+        } else if !restored.is_empty() {
             own_restored += 1;
             if let Some(suppressed) = own_log.check(now, "own_record_restored") {
                 warn!(rewritten = ?restored.rewritten, removed = ?restored.removed, suppressed, "our own gossip record was overwritten by a peer's delta for our id (only a member holding the cluster secret can send one); put back");

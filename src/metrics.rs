@@ -5,8 +5,8 @@
 //! twice: every value already exists in the agent; this module only names it.
 //!
 //! The HTTP side is a deliberately small responder: `GET /metrics` (and
-//! `HEAD`), one request per connection, a bounded request head, a timeout
-//! and a cap on concurrent connections. docs/metrics.md lists the families.
+//! `HEAD`), one request per connection, a bounded request head, timeouts
+//! (for the request and for the answer) and a cap on concurrent connections. docs/metrics.md lists the families.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -40,6 +40,9 @@ const MAX_REQUEST_HEAD: usize = 8192;
 const MAX_CONNECTIONS: usize = 16;
 /// A client that has not sent its request head by then is dropped.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that has not taken its answer by then is dropped (one that
+/// never reads would otherwise hold its connection slot for good).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -667,8 +670,12 @@ async fn handle(mut stream: TcpStream, source: &MetricsSource) -> std::io::Resul
             "request head too large\n",
         )
     };
-    stream.write_all(&response.to_bytes()).await?;
-    stream.shutdown().await
+    tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(&response.to_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await
+    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
 /// An HTTP response, before serialisation.

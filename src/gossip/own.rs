@@ -7,7 +7,7 @@
 //! at versions above the forged ones, signature last (see
 //! [`super::records::signed_key_values`] for why the order matters).
 
-use chitchat::NodeState;
+use chitchat::{DeletionStatus, NodeState};
 
 use super::schema::{KEY_SIGNATURE, KEY_SIGNING_KEY};
 
@@ -18,6 +18,11 @@ pub struct Restored {
     pub rewritten: Vec<String>,
     /// Keys we never published, deleted.
     pub removed: Vec<String>,
+    /// Nothing could be written back: a forged delta pushed our state's
+    /// version so close to `u64::MAX` that the writes would overflow it
+    /// (chitchat panics there). Only a restart (new generation, new id)
+    /// gets the node a record again.
+    pub exhausted: bool,
 }
 
 impl Restored {
@@ -27,13 +32,24 @@ impl Restored {
     }
 }
 
+/// Whether `writes` more versions fit in `state` (each `set` or `delete`
+/// takes the next version; chitchat overflows, and panics, past `u64::MAX`).
+pub fn has_room(state: &NodeState, writes: usize) -> bool {
+    state.max_version().checked_add(writes as u64).is_some()
+}
+
 /// Puts `published` back into our own `state` where it differs, removes
 /// keys we never published, and re-writes the signature after the values so
 /// that receivers see a complete record again.
 pub fn restore(state: &mut NodeState, published: &[(String, String)]) -> Restored {
     let mut out = Restored::default();
     for (k, v) in published {
-        if state.get(k) != Some(v.as_str()) {
+        // A value marked for deletion after a TTL still reads as set, until
+        // the GC removes it everywhere at once: as different as a new value.
+        let as_published = state
+            .get_versioned(k)
+            .is_some_and(|vv| vv.value == *v && matches!(vv.status, DeletionStatus::Set));
+        if !as_published {
             out.rewritten.push(k.clone());
         }
     }
@@ -44,6 +60,12 @@ pub fn restore(state: &mut NodeState, published: &[(String, String)]) -> Restore
         .map(str::to_string)
         .collect();
     if out.is_empty() {
+        return out;
+    }
+    // At most: every removal, every value, and a delete and a set each for
+    // the signing key and the signature.
+    if !has_room(state, out.removed.len() + published.len() + 2) {
+        out.exhausted = true;
         return out;
     }
     for k in &out.removed {
@@ -121,5 +143,42 @@ mod tests {
             vec!["pubkey".to_string()]
         );
         assert_eq!(s.get("pubkey"), Some("K"));
+    }
+
+    #[test]
+    fn a_value_forged_as_deleted_after_a_ttl_is_put_back() {
+        let mut s = NodeState::for_test();
+        for (k, v) in published() {
+            s.set(k, v);
+        }
+        // Same value, but marked to vanish (everywhere) after the grace period.
+        s.set_with_ttl("addrs", "192.0.2.2");
+        assert_eq!(
+            restore(&mut s, &published()).rewritten,
+            vec!["addrs".to_string()]
+        );
+        assert!(matches!(
+            s.get_versioned("addrs").unwrap().status,
+            DeletionStatus::Set
+        ));
+        assert!(restore(&mut s, &published()).is_empty());
+    }
+
+    #[test]
+    fn a_forged_version_near_the_top_is_reported_not_a_panic() {
+        let mut s = NodeState::for_test();
+        for (k, v) in published() {
+            s.set(k, v);
+        }
+        // A peer's delta for our id at version u64::MAX.
+        s.set_max_version(u64::MAX - 1);
+        s.set("addrs", "203.0.113.9");
+        assert_eq!(s.max_version(), u64::MAX);
+        let r = restore(&mut s, &published());
+        assert!(r.exhausted, "{r:?}");
+        assert_eq!(r.rewritten, vec!["addrs".to_string()]);
+        assert_eq!(s.get("addrs"), Some("203.0.113.9"), "nothing written");
+        assert!(!has_room(&s, 1));
+        assert!(has_room(&s, 0));
     }
 }

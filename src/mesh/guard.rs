@@ -106,6 +106,19 @@ pub struct GuardFile {
     pub key_owners: Vec<SavedOwner>,
     /// Blocked pairs.
     pub blocked: Vec<SavedBlocked>,
+    /// The kernel's boot id when saved (`/proc/sys/kernel/random/boot_id`):
+    /// after a reboot the kernel holds no policy, and that is no reason to
+    /// release a pair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+/// The running kernel's boot id, if it can be read.
+pub fn current_boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// One address binding in [`GuardFile`].
@@ -277,6 +290,7 @@ impl Guard {
         use crate::identity::encode_public;
         GuardFile {
             version: 1,
+            boot_id: None,
             bindings: self
                 .bindings
                 .iter()
@@ -351,6 +365,13 @@ impl Guard {
             g.restored.insert((b.local, b.remote));
         }
         Ok(g)
+    }
+
+    /// Keeps every restored blocked pair whatever the kernel holds at the
+    /// first look (the host rebooted: an empty kernel says nothing about
+    /// what the operator wanted).
+    pub fn keep_restored(&mut self) {
+        self.restored.clear();
     }
 
     /// Releases the restored blocked pairs of which the kernel holds neither

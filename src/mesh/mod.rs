@@ -37,7 +37,9 @@ mod reconcile;
 mod status;
 
 use context::Ctx;
-pub use guard::{BlockReason, Blocked, Bound, Conflict, GuardFile, GuardFileError, GUARD_FILE};
+pub use guard::{
+    current_boot_id, BlockReason, Blocked, Bound, Conflict, GuardFile, GuardFileError, GUARD_FILE,
+};
 pub use links::{usable_peer_address, wanted_links, LinkId, Target};
 pub use plan::{desired, link_objects, plan, sa_ids, AdoptedPlan, LinkPlan, REPLAY_WINDOW};
 pub use status::{LinkState, LinkStatus, MeshCounters};
@@ -183,6 +185,9 @@ pub struct Mesh {
     /// (monotonic, wall-clock since the epoch) at start: wall time for the
     /// listing without reading a clock.
     wall_anchor: (Instant, Duration),
+    /// The kernel's boot id (saved with the guard: a different one at start
+    /// means a reboot wiped the kernel's policies, not the operator).
+    boot_id: Option<String>,
     /// Address bindings and blocked pairs (fail closed for good).
     guard: guard::Guard,
     /// Claims on addresses bound to another peer, as of the last view.
@@ -240,6 +245,7 @@ impl Mesh {
             kernel_resync_at: None,
             next_resync: now,
             wall_anchor: (now, unix_now),
+            boot_id: None,
             guard: guard::Guard::default(),
             conflicts: Vec::new(),
             key_claims: Default::default(),
@@ -625,6 +631,14 @@ impl Mesh {
             blocked = file.blocked.len(),
             "restored the address bindings and blocked pairs of the previous run"
         );
+        let mut restored = restored;
+        let rebooted = matches!((&file.boot_id, &self.boot_id), (Some(a), Some(b)) if a != b);
+        if rebooted {
+            // The reboot emptied the kernel, not the operator: the pairs stay
+            // blocked (their policies go back in), never sent in clear.
+            info!("the host rebooted since the guard was saved: its blocked pairs are put back");
+            restored.keep_restored();
+        }
         self.guard = restored;
         self.dirty = true;
         Ok(())
@@ -632,7 +646,16 @@ impl Mesh {
 
     /// The guard as it should be saved.
     pub fn guard_file(&self) -> GuardFile {
-        self.guard.to_file(|t| self.unix_secs(t))
+        GuardFile {
+            boot_id: self.boot_id.clone(),
+            ..self.guard.to_file(|t| self.unix_secs(t))
+        }
+    }
+
+    /// Sets the kernel's boot id ([`current_boot_id`]), saved with the guard;
+    /// call before [`Mesh::restore_guard`].
+    pub fn set_boot_id(&mut self, boot_id: Option<String>) {
+        self.boot_id = boot_id;
     }
 
     /// Bumped by every change of the guard: save [`Mesh::guard_file`] when it moved.

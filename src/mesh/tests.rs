@@ -1626,6 +1626,29 @@ fn restored_pairs_whose_policies_were_flushed_are_released() {
     assert_ne!(nodes[0].mesh.guard_revision(), rev, "a change to save");
 }
 
+/// A reboot empties the kernel, which is not the operator flushing: the
+/// restored blocked pairs stay blocked (their policies go back in), so a
+/// peer still unreachable after the reboot (an attacker dropping its gossip
+/// and handshakes) gets no traffic in clear.
+#[test]
+fn restored_pairs_stay_blocked_after_a_reboot() {
+    let (mut nodes, now) = established(2);
+    nodes[0].mesh.set_boot_id(Some("boot-1".into()));
+    blocked_for_n1(&mut nodes, now);
+    let file = saved(&nodes[0]);
+    assert_eq!(file.boot_id.as_deref(), Some("boot-1"));
+    // The reboot: the kernel holds nothing meshsec installed.
+    nodes[0].dp.flush_owned().unwrap();
+    restart(&mut nodes[0], [7; 32], now);
+    nodes[0].mesh.set_boot_id(Some("boot-2".into()));
+    nodes[0].mesh.restore_guard(&file).unwrap();
+    let n = &mut nodes[0];
+    resync(n, now);
+    assert_eq!(nodes[0].mesh.blocked().len(), 2);
+    assert_eq!(policy_pairs(&mut nodes[0]), 4, "policies back in");
+    assert_eq!(saved(&nodes[0]).boot_id.as_deref(), Some("boot-2"));
+}
+
 /// Blocked pairs count against `max_links`: a member cycling identities
 /// (each linked, then silent) cannot grow the kernel's policy table past
 /// the cap; a blocked pair's own link is never refused.

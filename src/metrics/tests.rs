@@ -439,3 +439,75 @@ async fn binding_a_used_address_names_the_flag() {
     );
     assert!(!msg.contains('\n'));
 }
+
+/// Links to `n` peers, two each: a scrape of about a megabyte.
+fn many_links(n: usize) -> BTreeMap<String, Vec<LinkStatus>> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("peer-with-a-rather-long-name-{i:05}"),
+                vec![
+                    link(AddressFamily::V4, LinkState::Established, i as u64),
+                    link(AddressFamily::V6, LinkState::Established, i as u64),
+                ],
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn clients_that_never_read_their_answer_do_not_hold_the_slots() {
+    let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_links_tx, links_rx) = watch::channel(Arc::new(many_links(MAX_LABELLED_PEERS)));
+    let source = MetricsSource {
+        status: Arc::new(status),
+        links: links_rx,
+        xfrm_stat: "/nonexistent".into(),
+    };
+    let body_len = source.scrape().len();
+    assert!(body_len > 1_000_000, "{body_len}");
+    let (stop_tx, stop_rx) = crate::shutdown::channel();
+    let server = tokio::spawn(serve(listener, source, stop_rx));
+    // Every slot: a full request, then never a byte read (tiny receive window).
+    let mut stuck = Vec::new();
+    for _ in 0..MAX_CONNECTIONS {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        // A small segment size, as over a real network: the server's send
+        // buffer then stays small (on loopback it would grow to megabytes).
+        let mss: libc::c_int = 536;
+        // SAFETY: a valid socket descriptor and a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::IPPROTO_TCP,
+                libc::TCP_MAXSEG,
+                (&mss as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "TCP_MAXSEG: {}", std::io::Error::last_os_error());
+        let mut s = sock.connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        stuck.push(s);
+    }
+    let answered = tokio::time::timeout(REQUEST_TIMEOUT + WRITE_TIMEOUT * 2, async {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    })
+    .await;
+    assert!(
+        answered.is_ok_and(|r| r.starts_with("HTTP/1.1 200 ")),
+        "{} clients that never read their answer kept the next one out",
+        MAX_CONNECTIONS
+    );
+    stop_tx.send_replace(Some(crate::shutdown::Stop::Stop));
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("the server stops on shutdown")
+        .unwrap();
+}
