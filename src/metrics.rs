@@ -107,6 +107,7 @@ fn block_reason_name(r: BlockReason) -> &'static str {
         BlockReason::PeerUnreachable => "peer_unreachable",
         BlockReason::NoUsableRecord => "no_usable_record",
         BlockReason::Adopted => "adopted",
+        BlockReason::Rebooted => "rebooted",
     }
 }
 
@@ -502,6 +503,7 @@ pub fn render(
         BlockReason::PeerUnreachable,
         BlockReason::NoUsableRecord,
         BlockReason::Adopted,
+        BlockReason::Rebooted,
     ]
     .into_iter()
     .map(|r| (block_reason_name(r), 0))

@@ -25,6 +25,9 @@ pub enum BlockReason {
     NoUsableRecord,
     /// Found in the kernel at start-up; no member re-keyed it in time.
     Adopted,
+    /// Protected before the host rebooted (its address binding was saved);
+    /// waits for its link to re-key.
+    Rebooted,
 }
 
 impl std::fmt::Display for BlockReason {
@@ -33,6 +36,7 @@ impl std::fmt::Display for BlockReason {
             BlockReason::PeerUnreachable => "peer unreachable (dead or gone from gossip)",
             BlockReason::NoUsableRecord => "peer's record gives no usable link",
             BlockReason::Adopted => "left by a previous run, no member re-keyed it",
+            BlockReason::Rebooted => "protected before the host rebooted, link not re-keyed yet",
         })
     }
 }
@@ -372,6 +376,35 @@ impl Guard {
     /// what the operator wanted).
     pub fn keep_restored(&mut self) {
         self.restored.clear();
+    }
+
+    /// After a reboot (the kernel lost every policy): blocks the pair of
+    /// every bound address, so that what was protected before the reboot
+    /// stays protected until its link re-keys. `local_for` gives our
+    /// address of the peer address's family. Returns how many were added.
+    pub fn block_bound_pairs(
+        &mut self,
+        now: Instant,
+        local_for: impl Fn(IpAddr) -> Option<IpAddr>,
+    ) -> usize {
+        let pairs: Vec<Blocked> = self
+            .bindings
+            .iter()
+            .filter_map(|(remote, (key, name))| {
+                Some(Blocked {
+                    local: local_for(*remote)?,
+                    remote: *remote,
+                    peer: Some((name.clone(), *key)),
+                    reason: BlockReason::Rebooted,
+                    since: now,
+                })
+            })
+            .collect();
+        let before = self.blocked.len();
+        for b in pairs {
+            self.block(b);
+        }
+        self.blocked.len() - before
     }
 
     /// Releases the restored blocked pairs of which the kernel holds neither

@@ -635,9 +635,21 @@ impl Mesh {
         let rebooted = matches!((&file.boot_id, &self.boot_id), (Some(a), Some(b)) if a != b);
         if rebooted {
             // The reboot emptied the kernel, not the operator: the pairs stay
-            // blocked (their policies go back in), never sent in clear.
-            info!("the host rebooted since the guard was saved: its blocked pairs are put back");
+            // blocked (their policies go back in), never sent in clear, and
+            // so does every pair that was protected (its address is bound)
+            // until its link re-keys.
             restored.keep_restored();
+            let self_addrs = self.self_addrs.clone();
+            let added = restored.block_bound_pairs(at, |remote| {
+                self_addrs
+                    .iter()
+                    .find(|a| AddressFamily::of(**a) == AddressFamily::of(remote))
+                    .copied()
+            });
+            info!(
+                added,
+                "the host rebooted since the guard was saved: its blocked pairs are put back, and the pairs protected before it stay blocked until their links re-key"
+            );
         }
         self.guard = restored;
         self.dirty = true;

@@ -1716,3 +1716,48 @@ fn refused_key_claims_are_kept_per_view() {
     assert_eq!(nodes[0].mesh.counters().refused_key_claims, 50);
     assert_eq!(nodes[0].mesh.key_claims.len(), 1);
 }
+
+/// After a reboot the kernel holds nothing; pairs whose links were up (their
+/// addresses bound) stay blocked until the links re-key, so an attacker who
+/// drops handshakes after a reboot gets no traffic in clear.
+#[test]
+fn pairs_protected_before_a_reboot_stay_blocked_until_their_links_rekey() {
+    let (mut nodes, mut now) = established(2);
+    nodes[0].mesh.set_boot_id(Some("boot-1".into()));
+    let file = saved(&nodes[0]);
+    assert_eq!((file.bindings.len(), file.blocked.len()), (2, 0));
+    nodes[0].dp.flush_owned().unwrap();
+    restart(&mut nodes[0], [7; 32], now);
+    nodes[0].mesh.set_boot_id(Some("boot-2".into()));
+    nodes[0].mesh.restore_guard(&file).unwrap();
+    let n = &mut nodes[0];
+    resync(n, now);
+    let blocked = nodes[0].mesh.blocked();
+    assert_eq!(blocked.len(), 2, "{blocked:?}");
+    assert!(blocked.iter().all(|b| b.reason == BlockReason::Rebooted));
+    assert_eq!(policy_pairs(&mut nodes[0]), 4, "dropped, not sent in clear");
+    // The same boot (an agent restart, the operator flushed): nothing added.
+    let mut same = file.clone();
+    same.boot_id = Some("boot-2".into());
+    restart(&mut nodes[0], [7; 32], now);
+    nodes[0].mesh.set_boot_id(Some("boot-2".into()));
+    nodes[0].mesh.restore_guard(&same).unwrap();
+    assert!(nodes[0].mesh.blocked().is_empty());
+    // Rebooted again: blocked, and the peer comes back: its link re-keys.
+    restart(&mut nodes[0], [7; 32], now);
+    nodes[0].mesh.set_boot_id(Some("boot-3".into()));
+    nodes[0].mesh.restore_guard(&file).unwrap();
+    for i in 0..2 {
+        let v = view(&nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+    run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
+        false
+    });
+    assert!(nodes[0].mesh.blocked().is_empty());
+    assert_eq!(nodes[0].mesh.link_status()["n1"].len(), 2);
+    assert!(nodes[0].mesh.link_status()["n1"]
+        .iter()
+        .all(|l| l.state == LinkState::Established));
+}
