@@ -6,7 +6,8 @@
 //! `bed_query --control-socket PATH QUERY [ARG...]`, QUERY one of:
 //!
 //! - `status KEY...`: one value of the status, by field path, e.g.
-//!   `status uptime_secs`, `status mesh rekeys_started`, `status members alive`
+//!   `status uptime_secs`, `status mesh rekeys_started`, `status members alive`,
+//!   `status esp_offload v4`
 //! - `established-links`: how many links of the listing are established
 //! - `count [STATE]`: how many members the listing has (in STATE)
 //! - `listed NAME`: how many members named NAME the listing has
@@ -168,6 +169,13 @@ fn status_value(s: &Status, keys: &[&str]) -> Result<String, String> {
         ["conflicts"] => s.conflicts.len().to_string(),
         ["datapath"] => s.datapath.clone(),
         ["esp_algorithm"] => s.esp_algorithm.clone(),
+        // "loaded", "autoloaded", "modprobed", "absent"; "none" when not probed.
+        ["esp_offload", family] => s.esp_offload.get(*family).map_or("none".into(), |v| {
+            serde_json::to_value(v)
+                .ok()
+                .and_then(|j| j.as_str().map(String::from))
+                .unwrap_or_default()
+        }),
         ["gossip", key] => counter(&s.gossip, "gossip", key)?,
         ["handshake", key] => counter(&s.handshake, "handshake", key)?,
         ["mesh", key] => counter(&s.mesh, "mesh", key)?,

@@ -24,7 +24,8 @@ use std::os::fd::{BorrowedFd, RawFd};
 use crate::config::{AgentConfig, DatapathKind};
 use crate::control::{self, ControlState, MemberCounts, Status};
 use crate::datapath::{
-    bypass_socket, AddressFamily, Datapath, MemoryDatapath, XfrmDatapath, XfrmMonitor,
+    bypass_socket, offload, AddressFamily, Datapath, MemoryDatapath, ProbeReport, XfrmDatapath,
+    XfrmMonitor,
 };
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
 use crate::gossip::pins::{Conflicts, Pins};
@@ -134,21 +135,36 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         f.dedup();
         f
     };
-    let (datapath, bypass, monitor): (Box<dyn Datapath>, bool, Option<XfrmMonitor>) = match cfg
-        .datapath
-    {
+    let (datapath, bypass, monitor, probe_report): (
+        Box<dyn Datapath>,
+        bool,
+        Option<XfrmMonitor>,
+        ProbeReport,
+    ) = match cfg.datapath {
         DatapathKind::Kernel => {
             let mut x = XfrmDatapath::open().map_err(StartError::from)?;
-            x.probe(aead, &families).map_err(StartError::from)?;
+            let report = x.probe(aead, &families).map_err(StartError::from)?;
+            for f in &report.esp_offload.families {
+                info!(family = %f.family, module = offload::module(f.family), state = %f.state, "ESP GSO offload");
+            }
+            if let Some(w) = offload::warning(&report.esp_offload) {
+                warn!("{w}");
+            }
             // Subscribed before the first reconcile, so no expiry goes unseen.
             let monitor = XfrmMonitor::open().map_err(StartError::Monitor)?;
-            (Box::new(x), true, Some(monitor))
+            (Box::new(x), true, Some(monitor), report)
         }
         DatapathKind::Memory => {
             warn!("--datapath memory: handshakes run but NOTHING is installed in the kernel and no traffic is protected (tests only)");
-            (Box::new(MemoryDatapath::new()), false, None)
+            (
+                Box::new(MemoryDatapath::new()),
+                false,
+                None,
+                ProbeReport::default(),
+            )
         }
     };
+    let esp_offload = probe_report.esp_offload.by_key();
     let on_bind: Option<Arc<dyn Fn(RawFd) -> std::io::Result<()> + Send + Sync>> = if bypass {
         let family = AddressFamily::of(cfg.listen.ip());
         Some(Arc::new(move |fd: RawFd| {
@@ -334,6 +350,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                     DatapathKind::Memory => "memory".into(),
                 },
                 esp_algorithm: cfg.esp_algorithm.to_string(),
+                esp_offload: esp_offload.clone(),
                 handshake: report_rx.borrow().handshake.clone(),
                 mesh: report_rx.borrow().counters.clone(),
                 blocked: {

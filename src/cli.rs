@@ -575,7 +575,7 @@ fn kv<T: serde::Serialize>(counters: &T) -> String {
 
 fn render_status(s: &Status) -> String {
     format!(
-        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\nsigning key:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left, {} refused (bad name)\ndatapath:     {} ({})\ngossip stats: {}\nrecords:      {}\nhandshakes:   {}\nmesh:         {}\n",
+        "name:         {}\nversion:      {}\npublic key:   {}\nfingerprint:  {}\nsigning key:  {}\ngeneration:   {}\ngossip:       listen {} advertise {}\ndata addrs:   {}\nhandshake:    udp/{}\nprotocol:     {}\nuptime:       {}s\nmembers:      {} alive, {} suspect, {} dead, {} left, {} refused (bad name)\ndatapath:     {} ({})\nesp offload:  {}\ngossip stats: {}\nrecords:      {}\nhandshakes:   {}\nmesh:         {}\n",
         s.name,
         s.version,
         s.public_key,
@@ -595,6 +595,7 @@ fn render_status(s: &Status) -> String {
         s.members.refused,
         s.datapath,
         s.esp_algorithm,
+        render_offload(&s.esp_offload),
         kv(&s.gossip),
         kv(&s.records),
         kv(&s.handshake),
@@ -602,6 +603,24 @@ fn render_status(s: &Status) -> String {
     ) + &render_blocked(&s.blocked)
         + &render_conflicts(&s.conflicts)
         + &render_identity_conflicts(&s.identity_conflicts)
+}
+
+/// ESP GSO offload per family, e.g. `v4 loaded, v6 absent: ESP without GSO`
+/// (`-` for the in-memory datapath).
+fn render_offload(
+    m: &std::collections::BTreeMap<String, crate::datapath::offload::OffloadState>,
+) -> String {
+    if m.is_empty() {
+        return "-".into();
+    }
+    let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {v}")).collect();
+    let mut out = parts.join(", ");
+    if m.values().any(|v| !v.active()) {
+        out.push_str(
+            " (fix: modprobe esp4_offload esp6_offload, then meshsec rekey: only SAs created after the load use it)",
+        );
+    }
+    out
 }
 
 /// One line per record refused for its identity (impersonation).
@@ -655,6 +674,27 @@ fn render_blocked(rows: &[crate::control::BlockedRow]) -> String {
 mod tests {
     use super::*;
     use crate::gossip::members::MemberState;
+
+    #[test]
+    fn offload_line_names_each_family_and_the_fix_when_absent() {
+        use crate::datapath::offload::OffloadState;
+        let m = |v: &[(&str, OffloadState)]| -> std::collections::BTreeMap<String, OffloadState> {
+            v.iter().map(|(k, s)| (k.to_string(), *s)).collect()
+        };
+        assert_eq!(render_offload(&m(&[])), "-");
+        let ok = render_offload(&m(&[
+            ("v4", OffloadState::Loaded),
+            ("v6", OffloadState::Autoloaded),
+        ]));
+        assert!(
+            ok.starts_with("v4 loaded, v6 loaded (kernel autoload"),
+            "{ok}"
+        );
+        assert!(!ok.contains("fix"), "{ok}");
+        let bad = render_offload(&m(&[("v4", OffloadState::Absent)]));
+        assert!(bad.starts_with("v4 absent: ESP without GSO"), "{bad}");
+        assert!(bad.contains("modprobe esp4_offload esp6_offload"), "{bad}");
+    }
 
     #[test]
     fn members_table_is_aligned() {

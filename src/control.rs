@@ -149,6 +149,11 @@ pub struct Status {
     pub datapath: String,
     /// Cluster-wide ESP transform.
     pub esp_algorithm: String,
+    /// ESP GSO offload per family ("v4", "v6"): `loaded`, `autoloaded`,
+    /// `modprobed` (all three: active) or `absent` (ESP without GSO). Empty
+    /// for the in-memory datapath.
+    #[serde(default)]
+    pub esp_offload: BTreeMap<String, crate::datapath::offload::OffloadState>,
     /// Handshake counters (datagrams, rejections by reason, cookies).
     pub handshake: HandshakeCounters,
     /// Mesh counters (sessions, kernel changes).
@@ -653,6 +658,12 @@ mod tests {
             records: Default::default(),
             datapath: "memory".into(),
             esp_algorithm: "aes128-gcm".into(),
+            esp_offload: [(
+                "v4".to_string(),
+                crate::datapath::offload::OffloadState::Autoloaded,
+            )]
+            .into_iter()
+            .collect(),
             handshake: Default::default(),
             mesh: Default::default(),
             blocked: vec![],

@@ -520,6 +520,15 @@ pub fn render(
             .into_iter()
             .map(|(r, n)| (labels([("reason", r)]), n)),
     );
+    gauges(
+        &mut reg,
+        "esp_offload",
+        "1 when ESP GSO offload (esp4_offload/esp6_offload) was active for the family at start, else 0",
+        None,
+        s.esp_offload
+            .iter()
+            .map(|(family, state)| (labels([("family", family.as_str())]), i64::from(state.active()))),
+    );
 
     if let Some(stat) = xfrm_stat {
         counters(

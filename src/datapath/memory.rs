@@ -168,13 +168,17 @@ impl super::Datapath for MemoryDatapath {
         results
     }
 
-    fn probe(&mut self, _aead: Aead, _families: &[AddressFamily]) -> Result<(), DatapathError> {
+    fn probe(
+        &mut self,
+        _aead: Aead,
+        _families: &[AddressFamily],
+    ) -> Result<super::ProbeReport, DatapathError> {
         match &self.probe_failure {
             Some((what, fix)) => Err(DatapathError::Unsupported {
                 what: what.clone(),
                 fix: fix.clone(),
             }),
-            None => Ok(()),
+            None => Ok(super::ProbeReport::default()),
         }
     }
 

@@ -28,6 +28,7 @@ mod error;
 mod memory;
 mod monitor;
 mod netlink;
+pub mod offload;
 pub mod ownership;
 mod xfrm;
 
@@ -441,6 +442,13 @@ pub struct FlushReport {
     pub policies: usize,
 }
 
+/// What [`Datapath::probe`] found besides "it works".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeReport {
+    /// ESP GSO offload per family (empty for the in-memory datapath).
+    pub esp_offload: offload::OffloadReport,
+}
+
 /// The kernel's XFRM tables as meshsec sees them.
 ///
 /// Methods are synchronous: netlink to the local kernel answers in
@@ -450,8 +458,14 @@ pub trait Datapath: Send {
     /// Before anything is installed: check XFRM user support, ESP for each
     /// family and the chosen AEAD, by adding and deleting throwaway SAs on
     /// documentation-prefix addresses. Returns one error naming what is
-    /// missing and how to fix it.
-    fn probe(&mut self, aead: Aead, families: &[AddressFamily]) -> Result<(), DatapathError>;
+    /// missing and how to fix it. Then makes sure ESP GSO offload is loaded
+    /// for each family ([`offload`]); that part never fails, the report says
+    /// what it found.
+    fn probe(
+        &mut self,
+        aead: Aead,
+        families: &[AddressFamily],
+    ) -> Result<ProbeReport, DatapathError>;
 
     /// Reserve a fresh inbound SPI for `src → dst` (`XFRM_MSG_ALLOCSPI`).
     /// The kernel holds a larval SA with that SPI (for `xfrm_acq_expires`,

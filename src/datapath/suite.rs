@@ -432,7 +432,11 @@ mod memory_tests {
     #[test]
     fn memory_counters_and_probe() {
         let mut m = MemoryDatapath::new();
-        m.probe(Aead::Aes128Gcm, &[AddressFamily::V4]).unwrap();
+        assert_eq!(
+            m.probe(Aead::Aes128Gcm, &[AddressFamily::V4]).unwrap(),
+            super::super::ProbeReport::default(),
+            "the in-memory datapath loads no module"
+        );
         let s = sa(
             "10.21.0.1",
             "10.21.0.2",

@@ -73,8 +73,11 @@ pub async fn run(mut opts: Options) -> Report {
         DatapathKind::Kernel => Some(XfrmDatapath::open()),
         DatapathKind::Memory => None,
     };
+    let mut offload = None;
     let probe = match xfrm.as_mut() {
-        Some(Ok(x)) => x.probe(aead, &families),
+        Some(Ok(x)) => x
+            .probe(aead, &families)
+            .map(|r| offload = Some(r.esp_offload)),
         Some(Err(e)) => Err(clone_err(e)),
         None => Ok(()),
     };
@@ -89,6 +92,9 @@ pub async fn run(mut opts: Options) -> Report {
             .as_ref()
             .map(|()| format!("XFRM netlink, transport-mode ESP and {aead} over {fams} accepted (the agent's start-up probe)")),
     ));
+    if let Some(report) = &offload {
+        checks.push(super::esp_offload(report));
+    }
     let mut xfrm = xfrm.and_then(|r| r.ok());
 
     checks.push(super::config(&source, &cfg));

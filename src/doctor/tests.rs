@@ -575,3 +575,38 @@ fn icmp_checksum_matches_rfc1071() {
     p[2..4].copy_from_slice(&c);
     assert_eq!(inet_checksum(&p), 0);
 }
+
+#[test]
+fn esp_offload_fails_naming_the_family_without_gso() {
+    use crate::datapath::offload::{FamilyOffload, OffloadReport, OffloadState};
+    use crate::datapath::AddressFamily;
+    let fam = |family, state| FamilyOffload {
+        family,
+        state,
+        failures: vec![],
+    };
+    let ok = esp_offload(&OffloadReport {
+        families: vec![
+            fam(AddressFamily::V4, OffloadState::Autoloaded),
+            fam(AddressFamily::V6, OffloadState::Loaded),
+        ],
+    });
+    assert!(ok.ok, "{}", ok.line());
+    let bad = esp_offload(&OffloadReport {
+        families: vec![
+            fam(AddressFamily::V4, OffloadState::Loaded),
+            fam(AddressFamily::V6, OffloadState::Absent),
+        ],
+    });
+    assert!(!bad.ok);
+    assert!(
+        bad.detail.contains("without GSO offload for v6"),
+        "{}",
+        bad.line()
+    );
+    assert!(bad
+        .fix
+        .as_deref()
+        .unwrap()
+        .contains("modprobe esp4_offload esp6_offload"));
+}

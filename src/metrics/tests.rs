@@ -26,6 +26,17 @@ fn status() -> Status {
         },
         gossip: Default::default(),
         records: Default::default(),
+        esp_offload: [
+            (
+                "v4".to_string(),
+                crate::datapath::offload::OffloadState::Autoloaded,
+            ),
+            (
+                "v6".to_string(),
+                crate::datapath::offload::OffloadState::Absent,
+            ),
+        ]
+        .into(),
         datapath: "kernel".into(),
         esp_algorithm: "aes128-gcm".into(),
         handshake: Default::default(),
@@ -217,6 +228,8 @@ fn exposition_has_the_expected_families_labels_and_values() {
     );
     assert_eq!(get("meshsec_gossip_records_bad_signature_total"), "37");
     assert_eq!(get("meshsec_gossip_own_record_restored_total"), "4");
+    assert_eq!(get(r#"meshsec_esp_offload{family="v4"}"#), "1");
+    assert_eq!(get(r#"meshsec_esp_offload{family="v6"}"#), "0");
     assert_eq!(
         get(r#"meshsec_trust_refusals_total{reason="wrong_source"}"#),
         "23"

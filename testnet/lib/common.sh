@@ -20,6 +20,20 @@ GUEST_MODULES=(
     sch_ingress cls_u32 act_gact
 )
 
+# Modules the guest can load but does not load at boot: they sit with
+# modules.dep/modules.alias under /lib/modules/VERSION in the initramfs, where
+# the kernel's own module autoload (request_module runs /sbin/modprobe, busybox
+# there, in the initramfs root) finds them. esp4_offload/esp6_offload give ESP
+# GSO; left out at boot so that scenarios can show the agent loading them
+# (testnet/scenarios/esp-offload.sh) and bench-datapath can measure ESP with
+# and without them.
+GUEST_LOADABLE=(esp4_offload esp6_offload)
+
+# The guest's kernel module tree as the host sees it (kmod's modprobe in the
+# guest's chroot has no /lib/modules of the guest kernel: use
+# `modprobe -d "$(guest_module_root)" NAME` there).
+guest_module_root() { echo "$CACHE_DIR/kernel/$(uname -r)"; }
+
 # Host packages the bed, the VM path and the benchmark need (Debian names).
 # Each entry is "package:command-that-proves-it".
 HOST_PACKAGES=(
@@ -42,7 +56,7 @@ cached_kernel_version() {
 # busybox). Part of its file name, so checkouts with different versions of
 # testnet/ share the cache without rebuilding each other's initramfs.
 initrd_stamp() {
-    { cat "$TESTNET_DIR/lib/guest-init"; printf '%s\n' "${GUEST_MODULES[@]}"; md5sum /bin/busybox; } \
+    { cat "$TESTNET_DIR/lib/guest-init"; printf '%s\n' "${GUEST_MODULES[@]}" -- "${GUEST_LOADABLE[@]}"; md5sum /bin/busybox; } \
         | md5sum | cut -c1-12
 }
 initrd_path() { echo "$CACHE_DIR/initrd-$1-$(initrd_stamp).gz"; }

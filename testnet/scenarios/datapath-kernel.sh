@@ -5,7 +5,8 @@
 # the probe passing and leaving nothing behind, two namespaces pinging through
 # SAs and policies installed by meshsec's netlink code (ESP on the wire), fail
 # closed + socket bypass, ownership, ALLOCSPI, replay/integrity counters, and
-# the kernel's soft/hard expiry notifications reaching the XFRM event monitor.
+# the kernel's soft/hard expiry notifications reaching the XFRM event monitor,
+# and the kernel loading esp4_offload/esp6_offload for the probe's offload SA.
 # Each test unshares its own network namespace. MESHSEC_UNIT_TEST_BIN is the
 # library's unit-test executable (testnet/run finds it with cargo).
 . "$(dirname "$0")/../lib/bed.sh"
@@ -19,6 +20,7 @@ tests=(
     datapath::xfrm::tests::esp_two_namespaces_ping
     datapath::xfrm::tests::esp_replay_and_integrity_counters
     datapath::xfrm::tests::esp_expire_notifications
+    datapath::xfrm::tests::esp_offload_autoload
     datapath::xfrm::tests::kernel_policies
     datapath::xfrm::tests::kernel_policy_deletion_events
     datapath::xfrm::tests::kernel_ownership

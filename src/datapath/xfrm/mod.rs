@@ -16,9 +16,9 @@ use netlink_packet_xfrm::{
 
 use super::netlink::{NlSocket, Outcome, RawMsg, Request};
 use super::{
-    sort_policies, sort_sas, validate_policy, validate_sa, AddressFamily, Aead, Change, Datapath,
-    DatapathError, ErrorKind, ForeignPolicy, Op, PolicyId, PolicySpec, PolicyState, Reqid, SaId,
-    SaSpec, SaState,
+    offload::SysModules, sort_policies, sort_sas, validate_policy, validate_sa, AddressFamily,
+    Aead, Change, Datapath, DatapathError, ErrorKind, ForeignPolicy, Op, PolicyId, PolicySpec,
+    PolicyState, ProbeReport, Reqid, SaId, SaSpec, SaState,
 };
 
 mod msg;
@@ -235,7 +235,11 @@ impl XfrmDatapath {
 }
 
 impl Datapath for XfrmDatapath {
-    fn probe(&mut self, aead: Aead, families: &[AddressFamily]) -> Result<(), DatapathError> {
+    fn probe(
+        &mut self,
+        aead: Aead,
+        families: &[AddressFamily],
+    ) -> Result<ProbeReport, DatapathError> {
         // Reading the policy table needs CAP_NET_ADMIN too: fail early and clearly.
         if let Err(e) = self.dump_policies() {
             return Err(if e.kind() == ErrorKind::Permission {
@@ -247,7 +251,9 @@ impl Datapath for XfrmDatapath {
         for f in families {
             self.probe_family(aead, *f)?;
         }
-        Ok(())
+        // Before any real SA: one created without the module never uses it.
+        let esp_offload = self.ensure_offload(aead, families, &SysModules::system());
+        Ok(ProbeReport { esp_offload })
     }
 
     fn alloc_spi(&mut self, src: IpAddr, dst: IpAddr, reqid: Reqid) -> Result<u32, DatapathError> {

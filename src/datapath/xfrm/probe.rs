@@ -4,8 +4,11 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use netlink_packet_xfrm::{Alg, XfrmAttrs, XfrmMessage};
+use netlink_packet_xfrm::{
+    Alg, UserOffloadDev, XfrmAttrs, XfrmMessage, XFRM_OFFLOAD_INBOUND, XFRM_OFFLOAD_IPV6,
+};
 
+use super::super::offload::{self, OffloadEnv, OffloadReport, SysModules};
 use super::super::{
     AddressFamily, Aead, Datapath, DatapathError, Direction, ErrorKind, Lifetimes, Op, Reqid, SaId,
     SaSpec, MIN_INBOUND_REPLAY_WINDOW,
@@ -146,6 +149,102 @@ impl XfrmDatapath {
             Ok(()) => Ok(()),
             Err(e) => Err(self.diagnose(aead, family, e)),
         }
+    }
+
+    /// Make sure ESP GSO offload is loaded for `families` (see
+    /// [`offload`]): already loaded, else the kernel's own autoload through
+    /// [`Self::offload_probe_sa`], else `modprobe`. Never fails.
+    pub(crate) fn ensure_offload(
+        &mut self,
+        aead: Aead,
+        families: &[AddressFamily],
+        modules: &SysModules,
+    ) -> OffloadReport {
+        struct Env<'a> {
+            dp: &'a mut XfrmDatapath,
+            aead: Aead,
+            modules: &'a SysModules,
+        }
+        impl OffloadEnv for Env<'_> {
+            fn loaded(&mut self, family: AddressFamily) -> bool {
+                self.modules.loaded(offload::module(family))
+            }
+            fn autoload(&mut self, family: AddressFamily) -> Result<(), String> {
+                self.dp
+                    .offload_probe_sa(self.aead, family)
+                    .map_err(|e| e.to_string())
+            }
+            fn modprobe(&mut self, family: AddressFamily) -> Result<(), String> {
+                offload::run_modprobe(offload::module(family))
+            }
+        }
+        offload::ensure(
+            &mut Env {
+                dp: self,
+                aead,
+                modules,
+            },
+            families,
+        )
+    }
+
+    /// Add and delete a throwaway inbound SA that asks for offload to `lo`.
+    /// Adding it makes the kernel request `xfrm-offload-<AF>-50` (the
+    /// family's offload module) through its own module autoload, which needs
+    /// only `CAP_NET_ADMIN`; `lo` has no offload driver, so the SA falls back
+    /// to software and the add succeeds (checked on Debian's 6.1). From 6.15
+    /// the kernel requests the module only for devices that offload, so this
+    /// loads nothing there (the caller then tries modprobe).
+    pub(crate) fn offload_probe_sa(
+        &mut self,
+        aead: Aead,
+        family: AddressFamily,
+    ) -> Result<(), DatapathError> {
+        let (src, dst) = Self::throwaway_pair(family);
+        let lo = std::ffi::CString::new("lo").expect("no NUL");
+        // SAFETY: a valid C string; the call only reads it.
+        let ifindex = unsafe { libc::if_nametoindex(lo.as_ptr()) };
+        if ifindex == 0 {
+            return Err(DatapathError::Invalid {
+                op: Op::Probe,
+                reason: "no loopback interface in this network namespace".into(),
+            });
+        }
+        let spi = self.alloc_spi(src, dst, Reqid::PROBE)?;
+        let spec = SaSpec {
+            src,
+            dst,
+            spi,
+            direction: Direction::In,
+            reqid: Reqid::PROBE,
+            aead,
+            key: vec![0x5a; aead.key_len()].into(),
+            replay_window: MIN_INBOUND_REPLAY_WINDOW,
+            lifetimes: Lifetimes {
+                hard_seconds: 30,
+                soft_seconds: 20,
+                ..Default::default()
+            },
+        };
+        // Release the larval SA: a kernel-chosen SPI is free by construction.
+        self.delete_sa(spec.id())?;
+        let mut msg = sa_message(&spec, self.flavor);
+        msg.nlas.push(XfrmAttrs::OffloadDevice(UserOffloadDev {
+            ifindex: ifindex as i32,
+            flags: XFRM_OFFLOAD_INBOUND
+                | match family {
+                    AddressFamily::V4 => 0,
+                    AddressFamily::V6 => XFRM_OFFLOAD_IPV6,
+                },
+        }));
+        let id = spec.id();
+        self.one(
+            Op::Probe,
+            &|| id.to_string(),
+            XfrmMessage::AddSa(msg),
+            false,
+        )?;
+        self.delete_sa(id)
     }
 
     /// Turn a failed probe SA into one actionable error.
