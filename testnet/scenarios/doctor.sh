@@ -53,10 +53,10 @@ for i in $(seq 1 $N); do
     doctor "$i"
     [[ $DOCTOR_RC == 0 ]] || fail "doctor on host $i exited $DOCTOR_RC on a healthy mesh: $(failed_lines) $(<"$DOCTOR_OUT.err")"
     assert_eq "$(failed_lines)" "" "doctor's failed checks on host $i"
-    # kernel, config, agent, permissions, 3 clocks, 3 gossip, 3 handshake, 3 esp, 2 mtu, policies
-    assert_eq "$(grep -c '^✔' "$DOCTOR_OUT")" 19 "doctor's passed checks on host $i"
+    # kernel, esp_offload, config, agent, permissions, 3 clocks, 3 gossip, 3 handshake, 3 esp, 2 mtu, policies
+    assert_eq "$(grep -c '^✔' "$DOCTOR_OUT")" 20 "doctor's passed checks on host $i"
 done
-log "healthy mesh: doctor passes all 19 checks on each of the 4 hosts; host 1 says:"
+log "healthy mesh: doctor passes all 20 checks (esp_offload included) on each of the 4 hosts; host 1 says:"
 sed 's/^/    /' "$WORK/doctor-h1-1.txt"
 for c in kernel config agent permissions mtu policies; do
     assert grep -q "^✔ $c: " "$WORK/doctor-h1-1.txt"
