@@ -5,26 +5,13 @@
 //! namespace).
 
 use std::io::Read;
-use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshsec");
-
-fn assert_root() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "run as root (CI is root)");
-}
-
-fn free_port(ip: &str) -> u16 {
-    UdpSocket::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{assert_root, free_port, secret, BIN};
 
 struct Agent {
     child: Child,
@@ -55,20 +42,6 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
-}
-
-fn secret(dir: &Path) -> PathBuf {
-    let path = dir.join("cluster.secret");
-    if !path.exists() {
-        let st = Command::new(BIN)
-            .args(["init", "--out"])
-            .arg(&path)
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    path
 }
 
 /// An agent with stderr to a pipe read by a thread.

@@ -9,25 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_meshsec");
-
-fn assert_root() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(
-        euid, 0,
-        "this test runs the agent, which creates a network namespace: run as root (CI is root)"
-    );
-}
-
-/// A UDP port free on `ip` right now.
-fn free_port(ip: &str) -> u16 {
-    UdpSocket::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod common;
+use common::{assert_root, free_port, secret, BIN};
 
 struct Agent {
     child: Child,
@@ -41,20 +24,6 @@ impl Drop for Agent {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn secret(dir: &Path) -> PathBuf {
-    let path = dir.join("cluster.secret");
-    if !path.exists() {
-        let st = Command::new(BIN)
-            .args(["init", "--out"])
-            .arg(&path)
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    path
 }
 
 /// Starts an agent on `ip` with the given service-manager environment.

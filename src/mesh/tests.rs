@@ -1159,8 +1159,13 @@ fn lost_handshakes_are_retried_on_the_mesh_s_own_timers() {
 /// Nodes n0..n{k-1} (secret [7; 32]), each told about all the others at
 /// `now`; nothing run yet.
 fn introduced(k: usize, now: Instant) -> Vec<Node> {
+    introduced_with(k, now, MeshConfig::default())
+}
+
+/// [`introduced`] with this mesh configuration on every node.
+fn introduced_with(k: usize, now: Instant, config: MeshConfig) -> Vec<Node> {
     let mut nodes: Vec<Node> = (0..k)
-        .map(|i| node(&format!("n{i}"), i as u8 + 1, [7; 32], now))
+        .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [7; 32], now, config.clone()))
         .collect();
     for i in 0..k {
         let v = view(&nodes, i, |_| MemberState::Alive);
@@ -1659,14 +1664,7 @@ fn blocked_pairs_count_against_the_link_cap() {
         max_links: 2,
         ..MeshConfig::default()
     };
-    let mut nodes: Vec<Node> = (0..2)
-        .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [7; 32], now, config.clone()))
-        .collect();
-    for i in 0..2 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    let mut nodes = introduced_with(2, now, config.clone());
     run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
         false
     });
