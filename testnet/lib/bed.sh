@@ -542,9 +542,10 @@ xfrm_pair() {
     ip -n "$(bed_ns "$j")" -batch - <<<"$cj"
     log "xfrm: ESP transport between hosts $i and $j (IPv$fams)"
 }
-# xfrm_sa_cmd SRC DST SPI KEY: the "ip xfrm" line for one SA.
+# xfrm_sa_cmd SRC DST SPI KEY: the "ip xfrm" line for one SA; XFRM_SA_EXTRA
+# (e.g. "flag esn replay-window 4096") is appended when set.
 xfrm_sa_cmd() {
-    echo "xfrm state add src $1 dst $2 proto esp spi $3 reqid 1 mode transport aead rfc4106(gcm(aes)) $4 128"
+    echo "xfrm state add src $1 dst $2 proto esp spi $3 reqid 1 mode transport aead rfc4106(gcm(aes)) $4 128${XFRM_SA_EXTRA:+ $XFRM_SA_EXTRA}"
 }
 # xfrm_policy_cmds LOCAL REMOTE PREFIXLEN: out and in policies requiring ESP.
 xfrm_policy_cmds() {
