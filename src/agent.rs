@@ -592,8 +592,11 @@ async fn track_members(
         }
         let (observed, restored) = {
             let mut c = chitchat.lock().await;
-            let record = published.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let restored = crate::gossip::own::restore(c.self_node_state(), &record);
+            // No await while the record is locked: compared in place, not copied each tick.
+            let restored = {
+                let record = published.lock().unwrap_or_else(|e| e.into_inner());
+                crate::gossip::own::restore(c.self_node_state(), &record)
+            };
             (observe(&c), restored)
         };
         let now = Instant::now();

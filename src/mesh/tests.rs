@@ -179,11 +179,7 @@ fn three_nodes_establish_crossed_sas_per_family() {
     let mut nodes: Vec<Node> = (0..3)
         .map(|i| node(&format!("n{i}"), i as u8 + 1, secret, now))
         .collect();
-    for i in 0..3 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    introduce(&mut nodes, 0..3, now);
     run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
         false
     });
@@ -240,11 +236,7 @@ fn handshake_survives_loss_and_wrong_secret_installs_nothing() {
         node("b", 2, [1; 32], now),
         node("evil", 3, [2; 32], now),
     ];
-    for i in 0..3 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    introduce(&mut nodes, 0..3, now);
     // Drop every third datagram.
     run(&mut nodes, &mut now, 200, Duration::from_millis(100), |k| {
         k % 3 == 0
@@ -271,11 +263,7 @@ fn handshake_survives_loss_and_wrong_secret_installs_nothing() {
 fn left_member_is_removed_and_vanished_sa_is_rekeyed_with_new_spis() {
     let mut now = Instant::now();
     let mut nodes = vec![node("a", 1, [1; 32], now), node("b", 2, [1; 32], now)];
-    for i in 0..2 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    introduce(&mut nodes, 0..2, now);
     run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
         false
     });
@@ -410,11 +398,7 @@ fn mesh_of(n: usize, now: Instant) -> Vec<Node> {
     let mut nodes: Vec<Node> = (0..n)
         .map(|i| node(&format!("n{i}"), i as u8 + 1, [1; 32], now))
         .collect();
-    for i in 0..n {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let nd = &mut nodes[i];
-        nd.mesh.set_members(now, &v, &mut nd.dp);
-    }
+    introduce(&mut nodes, 0..n, now);
     nodes
 }
 
@@ -606,11 +590,7 @@ fn restarted_agents_adopt_kernel_state_and_rekey_without_a_gap() {
     }
     assert_eq!(sa_specs(&mut nodes[0]).len(), 8, "adopted, not flushed");
     assert_outbound_accepted(&mut nodes, "right after restart");
-    for i in [0, 1] {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    introduce(&mut nodes, [0, 1], now);
     for round in 0..200 {
         run(&mut nodes, &mut now, 1, Duration::from_millis(100), |_| {
             false
@@ -639,11 +619,7 @@ fn limited_pair(now: &mut Instant) -> Vec<Node> {
     let mut nodes: Vec<Node> = (0..2)
         .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [1; 32], *now, config.clone()))
         .collect();
-    for i in 0..2 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let nd = &mut nodes[i];
-        nd.mesh.set_members(*now, &v, &mut nd.dp);
-    }
+    introduce(&mut nodes, 0..2, *now);
     run(&mut nodes, now, 30, Duration::from_millis(100), |_| false);
     for n in nodes.iter_mut() {
         let sas = sa_specs(n);
@@ -991,11 +967,7 @@ fn sim_cluster(config: MeshConfig, net: crate::sim::Net) -> crate::sim::Sim<SimM
     let mut nodes: Vec<Node> = (0..3)
         .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [7; 32], now, config.clone()))
         .collect();
-    for i in 0..3 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    introduce(&mut nodes, 0..3, now);
     let mut sim = crate::sim::Sim::new(
         nodes.into_iter().map(|n| SimMesh(n, Vec::new())).collect(),
         net,
@@ -1158,6 +1130,15 @@ fn lost_handshakes_are_retried_on_the_mesh_s_own_timers() {
 
 /// Nodes n0..n{k-1} (secret [7; 32]), each told about all the others at
 /// `now`; nothing run yet.
+/// Gives each node in `which` a view where every node is alive.
+fn introduce(nodes: &mut [Node], which: impl IntoIterator<Item = usize>, now: Instant) {
+    for i in which {
+        let v = view(nodes, i, |_| MemberState::Alive);
+        let n = &mut nodes[i];
+        n.mesh.set_members(now, &v, &mut n.dp);
+    }
+}
+
 fn introduced(k: usize, now: Instant) -> Vec<Node> {
     introduced_with(k, now, MeshConfig::default())
 }
@@ -1167,11 +1148,7 @@ fn introduced_with(k: usize, now: Instant, config: MeshConfig) -> Vec<Node> {
     let mut nodes: Vec<Node> = (0..k)
         .map(|i| node_with(&format!("n{i}"), i as u8 + 1, [7; 32], now, config.clone()))
         .collect();
-    for i in 0..k {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    introduce(&mut nodes, 0..k, now);
     nodes
 }
 
@@ -1745,11 +1722,7 @@ fn pairs_protected_before_a_reboot_stay_blocked_until_their_links_rekey() {
     restart(&mut nodes[0], [7; 32], now);
     nodes[0].mesh.set_boot_id(Some("boot-3".into()));
     nodes[0].mesh.restore_guard(&file).unwrap();
-    for i in 0..2 {
-        let v = view(&nodes, i, |_| MemberState::Alive);
-        let n = &mut nodes[i];
-        n.mesh.set_members(now, &v, &mut n.dp);
-    }
+    introduce(&mut nodes, 0..2, now);
     run(&mut nodes, &mut now, 30, Duration::from_millis(100), |_| {
         false
     });

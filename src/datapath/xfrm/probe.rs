@@ -95,22 +95,7 @@ impl XfrmDatapath {
         family: AddressFamily,
     ) -> Result<(), DatapathError> {
         let (src, dst) = Self::throwaway_pair(family);
-        let mut spec = SaSpec {
-            src,
-            dst,
-            spi: 0,
-            direction: Direction::In,
-            reqid: Reqid::PROBE,
-            aead,
-            key: vec![0x5a; aead.key_len()].into(),
-            replay_window: MIN_INBOUND_REPLAY_WINDOW,
-            // If the agent dies mid-probe the kernel removes these by itself.
-            lifetimes: Lifetimes {
-                hard_seconds: 30,
-                soft_seconds: 20,
-                ..Default::default()
-            },
-        };
+        let mut spec = probe_sa(src, dst, 0, aead);
         let spi = match self.alloc_spi(src, dst, Reqid::PROBE) {
             Ok(spi) => spi,
             Err(e) if e.kind() == ErrorKind::Permission => return Err(permission()),
@@ -211,21 +196,7 @@ impl XfrmDatapath {
             });
         }
         let spi = self.alloc_spi(src, dst, Reqid::PROBE)?;
-        let spec = SaSpec {
-            src,
-            dst,
-            spi,
-            direction: Direction::In,
-            reqid: Reqid::PROBE,
-            aead,
-            key: vec![0x5a; aead.key_len()].into(),
-            replay_window: MIN_INBOUND_REPLAY_WINDOW,
-            lifetimes: Lifetimes {
-                hard_seconds: 30,
-                soft_seconds: 20,
-                ..Default::default()
-            },
-        };
+        let spec = probe_sa(src, dst, spi, aead);
         // Release the larval SA: a kernel-chosen SPI is free by construction.
         self.delete_sa(spec.id())?;
         let mut msg = sa_message(&spec, self.flavor);
@@ -345,5 +316,25 @@ pub(super) fn permission() -> DatapathError {
     DatapathError::Unsupported {
         what: "permission denied on XFRM netlink".into(),
         fix: "run meshsec as root or grant it CAP_NET_ADMIN".into(),
+    }
+}
+
+/// A throwaway inbound SA for the probes (a fixed key; if the agent dies
+/// mid-probe the kernel removes it by itself after 30 s).
+fn probe_sa(src: IpAddr, dst: IpAddr, spi: u32, aead: Aead) -> SaSpec {
+    SaSpec {
+        src,
+        dst,
+        spi,
+        direction: Direction::In,
+        reqid: Reqid::PROBE,
+        aead,
+        key: vec![0x5a; aead.key_len()].into(),
+        replay_window: MIN_INBOUND_REPLAY_WINDOW,
+        lifetimes: Lifetimes {
+            hard_seconds: 30,
+            soft_seconds: 20,
+            ..Default::default()
+        },
     }
 }
