@@ -458,8 +458,8 @@ mod tests {
     /// tokens and took every token of the shared 1000/s budget as it accrued, while an honest
     /// source asking when the budget was dry spent its own token anyway (by design, against
     /// hoarding): an honest member trying once a second got no DH work for 30 s, longer than
-    /// `handshake_timeout` (20 s). Now a new prefix starts with one token and a prefix's burst
-    /// is split like its rate (about the shared burst over the prefixes tracked, at least 1).
+    /// `handshake_timeout` (20 s). Now a prefix's burst is split like its rate (the shared burst
+    /// over the prefixes tracked, at least 1), and a new prefix starts with that much.
     #[test]
     fn honest_source_gets_its_share_while_a_member_floods_from_4000_64s() {
         let now = Instant::now();

@@ -58,11 +58,13 @@ impl TokenBucket {
         self.tokens = self.tokens.min(self.burst);
     }
 
-    /// A bucket holding one token, filling up to `burst` at `rate`.
-    fn starting_with_one(now: Instant, rate: u32, burst: u32) -> Self {
+    /// A bucket holding `tokens` (at least one, at most `burst`), filling
+    /// up to `burst` at `rate`.
+    fn starting_with(now: Instant, rate: u32, burst: u32, tokens: f64) -> Self {
+        let b = TokenBucket::new(now, rate, burst);
         TokenBucket {
-            tokens: 1.0,
-            ..TokenBucket::new(now, rate, burst)
+            tokens: tokens.clamp(1.0, b.burst),
+            ..b
         }
     }
 
@@ -132,11 +134,14 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             if self.buckets.len() >= self.max_keys {
                 return false;
             }
-            // Under a shared budget a new key starts with one token: a full
-            // burst per new key would let many keys hold a reservoir the
-            // size of the table (proto/handshake.md §8, "Fair share").
-            let b = if self.shared.is_some() {
-                TokenBucket::starting_with_one(now, self.rate, self.burst)
+            // Under a shared budget a new key starts with what a full
+            // bucket holds at its fair share (see below): a full burst per
+            // new key would let many keys hold a reservoir the size of the
+            // table, and fewer would make a key that idled (and was pruned)
+            // come back poorer than one that stayed (proto/handshake.md §8).
+            let b = if let Some(shared) = &self.shared {
+                let n = (self.buckets.len() + 1) as f64;
+                TokenBucket::starting_with(now, self.rate, self.burst, shared.burst / n)
             } else {
                 TokenBucket::new(now, self.rate, self.burst)
             };
@@ -151,7 +156,7 @@ impl<K: Hash + Eq + Clone> KeyedLimiter<K> {
             Some(shared) => {
                 // Rate and burst both split fairly: the keys' refill rates sum
                 // to at most the shared rate, and what they can hold back to
-                // about the shared burst (at least one token each).
+                // at most max(n, shared burst) (one token each at least).
                 // usize -> f64 is exact for any table size that fits in memory.
                 b.set_rate(now, f64::from(self.rate).min(shared.rate / n as f64));
                 b.set_burst(now, f64::from(self.burst).min(shared.burst / n as f64));

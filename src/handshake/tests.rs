@@ -1049,8 +1049,8 @@ fn under_load_one_static_key_is_rate_limited_after_its_initiation_is_read() {
     let sessions = p.nodes[B].established().len();
     // Burst 2 + 1/s × 1 s.
     assert!((2..=3).contains(&sessions), "{sessions} sessions: {c:?}");
-    // Its source prefix starts with one token and refills at 20/s: all but
-    // at most one of the 20 (50 ms apart) are read.
+    // Its source prefix starts with its fair burst and refills at 20/s: all
+    // but at most one of the 20 (50 ms apart) are read.
     assert!((19..=20).contains(&c.dh_work), "{c:?}");
     assert_eq!(c.peer_rate_limited, c.dh_work - sessions as u64, "{c:?}");
     assert_eq!(p.nodes[A].established().len(), sessions);

@@ -344,8 +344,11 @@ pub async fn run(
     } = channels;
     let mut saver = GuardSaver {
         path: guard_file,
-        // What was restored is on disk already.
-        saved: Some(mesh.guard_revision()),
+        // Saved once at start even when nothing changed: the file then
+        // carries this boot's id (a file from an older version has none,
+        // and a later reboot would not be recognised) and the pairs
+        // restore_guard added after a reboot.
+        saved: None,
         failing: false,
     };
     let mut monitor = monitor.and_then(|m| {
