@@ -440,7 +440,7 @@ flow_start() {
     on_bg "$src" python3 "$py" tcp-client "$(host_ip4 "$dst")" 7101 "$cap" >"$WORK/flow-tcp-client.txt" 2>&1
     FLOW_TCP_CLI=$BG_PID
     wait_until 10 tcp_established "$src" 7101
-    FLOW_T0=$SECONDS
+    FLOW_T0=$SECONDS FLOW_SRC=$src FLOW_DST=$dst
     log "flows host $src -> host $dst running: UDP port 7100, TCP port 7101"
 }
 
@@ -465,12 +465,19 @@ flow_check() {
     tcp=$(<"$WORK/flow-tcp-client.txt")
     log "UDP over $secs s: $udp"
     log "TCP over $secs s: $tcp (exit status $tcp_rc)"
-    sent=$(sed -n 's/^sent=\([0-9]*\)$/\1/p' "$WORK/flow-udp-client.txt")
+    sent=$(sed -n 's/^sent=\([0-9]*\).*/\1/p' "$WORK/flow-udp-client.txt")
     max_seq=$(sed -n 's/.*max_seq=\([0-9]*\).*/\1/p' "$WORK/flow-udp-server.txt")
     received=$(sed -n 's/.*received=\([0-9]*\).*/\1/p' "$WORK/flow-udp-server.txt")
     lost=$(sed -n 's/.*lost=\([0-9-]*\).*/\1/p' "$WORK/flow-udp-server.txt")
     echoes=$(sed -n 's/.* received=\([0-9]*\).*/\1/p' "$WORK/flow-tcp-client.txt")
     stall=$(sed -n 's/.*max_stall_ms=\([0-9]*\).*/\1/p' "$WORK/flow-tcp-client.txt")
+    if [[ ${lost:-?} != 0 || ${max_seq:-?} != "${sent:-??}" ]]; then
+        # Where the datagrams went: the kernel's drop counters at both ends.
+        for i in "$FLOW_SRC" "$FLOW_DST"; do
+            log "host $i XFRM drops: $(on "$i" awk '$2 != 0 {printf "%s=%s ", $1, $2}' /proc/net/xfrm_stat)"
+            log "host $i UDP: $(on "$i" awk '/^Udp:/ {if (!h) {h = $0; next}; split(h, k); for (f = 2; f <= NF; f++) if ($f != 0) printf "%s=%s ", k[f], $f}' /proc/net/snmp)"
+        done
+    fi
     [[ $tcp == *error=none* ]] || fail "the TCP connection broke: $tcp"
     assert_cmp "${stall:-99999}" -le 1000 "longest TCP stall (ms)"
     ((tcp_alive)) || fail "the TCP client ended before flow_check: $tcp"

@@ -7,9 +7,13 @@
       and exits 1 on a reset or a stall (no echo) longer than 1 s.
   flow.py udp-server PORT SECONDS        counts sequence-numbered datagrams
   flow.py udp-client ADDR PORT SECONDS   sends one every 10 ms, prints "sent="
-      the server prints "received= lost= max_seq=" (lost = gaps in 1..max_seq;
-      datagrams lost after max_seq show as max_seq < the client's sent).
+      the server prints "received= lost= max_seq= gaps=" (lost = gaps in
+      1..max_seq; datagrams lost after max_seq show as max_seq < the client's
+      sent; gaps = the first missing runs, as FIRST-LAST@SECONDS, where
+      SECONDS is when the datagram after the run arrived, since the server
+      started); the client adds "send_errors=" (errno names and counts).
 """
+import errno
 import signal
 import socket
 import sys
@@ -94,15 +98,24 @@ def udp_server(port, seconds):
     s.bind(("::", port))
     s.settimeout(0.5)
     seen = set()
-    end = time.monotonic() + seconds
+    start = time.monotonic()
+    end = start + seconds
+    top = 0
+    gaps = []  # (first, last, seconds) of each run jumped over, in order
     while time.monotonic() < end and not STOP:
         try:
             data, _ = s.recvfrom(64)
-            seen.add(int(data))
+            seq = int(data)
         except (socket.timeout, ValueError):
-            pass
-    top = max(seen) if seen else 0
-    print(f"received={len(seen)} lost={top - len(seen)} max_seq={top}")
+            continue
+        seen.add(seq)
+        if seq > top + 1:
+            gaps.append((top + 1, seq - 1, time.monotonic() - start))
+        top = max(top, seq)
+    # A run filled in later (reordering) is not a gap.
+    holes = [(a, b, t) for a, b, t in gaps if any(k not in seen for k in range(a, b + 1))]
+    shown = ",".join(f"{a}-{b}@{t:.1f}" for a, b, t in holes[:8]) or "none"
+    print(f"received={len(seen)} lost={top - len(seen)} max_seq={top} gaps={shown}")
     return 0
 
 
@@ -110,14 +123,17 @@ def udp_client(addr, port, seconds):
     s = socket.socket(family(addr), socket.SOCK_DGRAM)
     end = time.monotonic() + seconds
     seq = 0
+    errors = {}
     while time.monotonic() < end and not STOP:
         seq += 1
         try:
             s.sendto(b"%d" % seq, (addr, port))
-        except OSError:
-            pass  # counted as lost by the server
+        except OSError as e:  # counted as lost by the server
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            errors[name] = errors.get(name, 0) + 1
         time.sleep(0.01)
-    print(f"sent={seq}")
+    shown = ",".join(f"{k}:{v}" for k, v in sorted(errors.items())) or "none"
+    print(f"sent={seq} send_errors={shown}")
     return 0
 
 

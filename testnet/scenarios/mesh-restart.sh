@@ -52,7 +52,10 @@ for k in $(seq 1 10); do
     sleep 3
 done
 for j in "${rekey_jobs[@]}"; do wait "$j" || fail "a meshsec rekey command failed"; done
-assert_cmp $((SECONDS - t_rekey)) -le 35 "seconds for the 10 re-keys"
+# The commands are issued 3 s apart (30 s); their control round trips may
+# trail by many seconds on a loaded emulated VM, which says nothing about the
+# re-keys themselves, so this bound only catches a hung command.
+assert_cmp $((SECONDS - t_rekey)) -le 60 "seconds for the 10 re-keys"
 sleep 3
 pair_spis >"$WORK/spis-rekeyed"
 if [[ -n $(comm -12 "$WORK/spis-0" "$WORK/spis-rekeyed") ]]; then fail "SPIs unchanged after 10 re-keys"; fi
