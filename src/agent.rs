@@ -240,6 +240,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let gossip = spawn_chitchat(chitchat_config, initial, transport.as_transport())
         .await
         .map_err(|e| StartError::Gossip(gossip_open_error(&cfg, &e)))?;
+    // Before any datagram reaches it: SYNs chitchat could not answer without crashing are
+    // judged against its state (gossip::transport::digest).
+    transport.attach(gossip.chitchat());
 
     let listener = match control::bind(&cfg.control_socket).await {
         Ok(l) => l,
@@ -471,7 +474,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let (how, outcome) = tokio::select! {
         _ = shutdown => (Stop::Stop, Ok(())),
         Some(()) = leave_rx.recv() => (Stop::Leave, Ok(())),
-        r = &mut gossip_died => (Stop::Stop, Err(AgentError::GossipStopped(r.err().map(|e| e.to_string()).unwrap_or_default()))),
+        r = &mut gossip_died => (Stop::Stop, Err(AgentError::GossipStopped(gossip_stop_reason(r)))),
     };
 
     // The one shutdown path. A stop (SIGTERM/SIGINT, e.g. for an upgrade)
@@ -518,6 +521,21 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let _ = std::fs::remove_file(&cfg.control_socket);
     info!("agent stopped");
     outcome
+}
+
+/// One line saying why chitchat's task ended. It ends only on a broken socket or a panic
+/// (whose message the panic hook has already printed above this line).
+fn gossip_stop_reason(r: anyhow::Result<()>) -> String {
+    match r {
+        Ok(()) => "chitchat's task ended unexpectedly".to_string(),
+        Err(e) if e.to_string().contains("panicked") => format!(
+            "chitchat's task panicked (its message is logged just above; please report it): {e}; SAs and policies stay in the kernel until the agent is back"
+        ),
+        Err(e) => format!(
+            "{}; SAs and policies stay in the kernel until the agent is back",
+            e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
+        ),
+    }
 }
 
 fn failure_detector(cfg: &AgentConfig) -> FailureDetectorConfig {

@@ -11,6 +11,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+/// Default `--dead-node-grace-secs`: chitchat drops a dead generation from its digest after
+/// half of it, and the digest is what limits the cluster size (docs/scale.md), so a rolling
+/// restart counts every restarted host twice for 5 minutes (it was 30 with the former 1 h).
+pub const DEFAULT_DEAD_NODE_GRACE_SECS: u64 = 600;
+
 /// Default UDP port for gossip.
 pub const DEFAULT_GOSSIP_PORT: u16 = 9340;
 /// Default UDP port for pairwise handshakes.
@@ -147,7 +152,7 @@ pub struct AgentFlags {
     /// Data-plane address to publish (repeatable; default: the advertised address).
     #[arg(long = "data-address", value_name = "ADDR")]
     pub data_addresses: Vec<String>,
-    /// Seconds a dead node stays listed before it is forgotten (default 3600).
+    /// Seconds a dead node stays listed before it is forgotten (default 600).
     #[arg(long, value_name = "SECS")]
     pub dead_node_grace_secs: Option<u64>,
     /// Datapath: kernel (default) or memory (tests only: protects nothing).
@@ -525,7 +530,7 @@ impl AgentConfig {
         let dead_secs = flags
             .dead_node_grace_secs
             .or(file.dead_node_grace_secs)
-            .unwrap_or(3600);
+            .unwrap_or(DEFAULT_DEAD_NODE_GRACE_SECS);
         if !(10..=MAX_GRACE).contains(&dead_secs) {
             return Err(ConfigError::new(
                 dead_key,
@@ -748,6 +753,18 @@ mod tests {
         assert_eq!(cfg.node_name, "from-file");
         assert_eq!(cfg.handshake_port, 7777);
         assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn dead_generations_leave_the_digest_within_five_minutes_by_default() {
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        // chitchat leaves a dead node out of its digest after half this (docs/scale.md).
+        assert_eq!(cfg.dead_node_grace, Duration::from_secs(600));
+        let file = parse_file("dead_node_grace_secs = 3600").unwrap();
+        let cfg = AgentConfig::merge(&f, file).unwrap();
+        assert_eq!(cfg.dead_node_grace, Duration::from_secs(3600));
     }
 
     #[test]

@@ -438,8 +438,17 @@ pub fn render(
             ("oversize", g.dropped_oversize),
             ("unmapped", g.dropped_unmapped),
             ("loopback_overflow", g.loopback_drops),
+            ("syn_state_too_large", g.dropped_syn_too_large),
+            ("syn_malformed", g.dropped_syn_malformed),
         ]
         .map(|(r, n)| (labels([("reason", r)]), n)),
+    );
+    gauges(
+        &mut reg,
+        "gossip_digest",
+        "Size of this node's gossip digest as last measured; SYNs are refused past 64379 (docs/scale.md)",
+        Some(Unit::Bytes),
+        [(Vec::new(), gauge_i64(g.digest_bytes))],
     );
     counters(
         &mut reg,

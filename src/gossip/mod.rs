@@ -41,6 +41,12 @@ impl GossipTransport {
         self.keyring.clone()
     }
 
+    /// Hands the spawned chitchat to the transport's SYN guard (see
+    /// [`SealedTransport::attach`]); call right after `spawn_chitchat`.
+    pub fn attach(&self, chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>) {
+        self.inner.attach(chitchat);
+    }
+
     /// The transport's live counters; [`GossipCounters::snapshot`] reads them (for
     /// `meshsec status`).
     pub fn counters(&self) -> Arc<GossipCounters> {

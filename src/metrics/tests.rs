@@ -64,6 +64,8 @@ fn status() -> Status {
     s.gossip.dropped_bad_tag = 13;
     s.gossip.sealed_out_datagrams = 100;
     s.gossip.loopback_drops = 2;
+    s.gossip.dropped_syn_too_large = 41;
+    s.gossip.digest_bytes = 40_000;
     s.handshake.bad_mac = 17;
     s.handshake.timeouts = 4;
     s.mesh.sessions_established = 6;
@@ -226,6 +228,11 @@ fn exposition_has_the_expected_families_labels_and_values() {
         get(r#"meshsec_gossip_dropped_datagrams_total{reason="loopback_overflow"}"#),
         "2"
     );
+    assert_eq!(
+        get(r#"meshsec_gossip_dropped_datagrams_total{reason="syn_state_too_large"}"#),
+        "41"
+    );
+    assert_eq!(get("meshsec_gossip_digest_bytes"), "40000");
     assert_eq!(get("meshsec_gossip_records_bad_signature_total"), "37");
     assert_eq!(get("meshsec_gossip_own_record_restored_total"), "4");
     assert_eq!(get(r#"meshsec_esp_offload{family="v4"}"#), "1");

@@ -24,6 +24,9 @@ pub struct GossipCounters {
     pub(super) proxies_opened: AtomicU64,
     pub(super) proxies_closed: AtomicU64,
     pub(super) loopback_drops: AtomicU64,
+    pub(super) dropped_syn_too_large: AtomicU64,
+    pub(super) dropped_syn_malformed: AtomicU64,
+    pub(super) digest_bytes: AtomicU64,
     clocks: Mutex<HashMap<SocketAddr, ClockSample>>,
 }
 
@@ -95,6 +98,17 @@ pub struct GossipCountersSnapshot {
     /// Opened datagrams the kernel dropped on the private loopback because chitchat was not
     /// reading fast enough (the namespace's UDP RcvbufErrors, refreshed every few seconds).
     pub loopback_drops: u64,
+    /// SYNs not handed to chitchat because answering them would have crashed it: our digest
+    /// would have left less than 100 bytes of a datagram for the delta (docs/scale.md).
+    #[serde(default)]
+    pub dropped_syn_too_large: u64,
+    /// SYNs not handed to chitchat because their digest did not decode.
+    #[serde(default)]
+    pub dropped_syn_malformed: u64,
+    /// Size of our own gossip digest in bytes, as last measured (a SYN sent or answered); SYNs
+    /// are refused past [`super::digest::GUARD_LIMIT`] (64,379).
+    #[serde(default)]
+    pub digest_bytes: u64,
 }
 
 impl GossipCountersSnapshot {
@@ -171,6 +185,9 @@ impl GossipCounters {
             proxies_opened: get(&self.proxies_opened),
             proxies_closed: get(&self.proxies_closed),
             loopback_drops: get(&self.loopback_drops),
+            dropped_syn_too_large: get(&self.dropped_syn_too_large),
+            dropped_syn_malformed: get(&self.dropped_syn_malformed),
+            digest_bytes: get(&self.digest_bytes),
         }
     }
 
@@ -275,6 +292,9 @@ mod tests {
             "proxies_opened",
             "proxies_closed",
             "loopback_drops",
+            "dropped_syn_too_large",
+            "dropped_syn_malformed",
+            "digest_bytes",
         ];
         want.sort_unstable();
         names.sort_unstable();

@@ -38,6 +38,7 @@
 //! in release mode.
 
 mod counters;
+pub mod digest;
 mod netns;
 mod proxy;
 
@@ -46,15 +47,15 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use chitchat::transport::{RecvOutcome, SendOutcome, Socket, Transport};
-use chitchat::ChitchatEnvelope;
+use chitchat::{ChitchatEnvelope, ChitchatMessage};
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::seal::{Keyring, Opener, ReplayConfig};
 use crate::throttle::LogThrottle;
@@ -160,7 +161,11 @@ pub struct SealedTransport {
     counters: Arc<GossipCounters>,
     config: SealedTransportConfig,
     on_bind: Option<OnBind>,
+    state: StateSlot,
 }
+
+/// The chitchat instance a transport serves, once spawned: the SYN guard reads its state.
+pub type StateSlot = Arc<OnceLock<Arc<tokio::sync::Mutex<chitchat::Chitchat>>>>;
 
 impl fmt::Debug for SealedTransport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -180,7 +185,16 @@ impl SealedTransport {
             counters: Arc::new(GossipCounters::default()),
             config: SealedTransportConfig::default(),
             on_bind: None,
+            state: StateSlot::default(),
         }
+    }
+
+    /// Tells the transport which chitchat it serves (call right after `spawn_chitchat`): a SYN
+    /// that would make chitchat build an answer it cannot fit (and panic) is then judged
+    /// against that state, byte for byte. Until then it is judged against the SYN's digest
+    /// alone. Later calls are ignored.
+    pub fn attach(&self, chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>) {
+        let _ = self.state.set(chitchat);
     }
 
     /// Replaces the settings.
@@ -250,6 +264,7 @@ impl SealedTransport {
             netns,
             codec_addr,
             log: Arc::new(LogThrottle::new(self.config.log_interval)),
+            state: self.state.clone(),
         });
         let opener = Opener::new(self.keyring.clone(), self.config.replay);
         let pump_in = tokio::spawn(pump_in(shared.clone(), opener)).abort_handle();
@@ -319,7 +334,39 @@ impl Socket for SealedSocket {
         envelope: ChitchatEnvelope,
     ) -> anyhow::Result<SendOutcome> {
         let (proxy_addr, _) = proxy_for(&self.shared, to).await?;
-        self.codec.send(proxy_addr, envelope).await
+        // A SYN is header, digest, u16-prefixed cluster id: its size measures our digest.
+        let syn_overhead = match &envelope.message {
+            ChitchatMessage::Syn { cluster_id, .. } => Some(4 + 2 + cluster_id.len()),
+            _ => None,
+        };
+        match self.codec.send(proxy_addr, envelope).await {
+            Ok(sent) => {
+                if let Some(overhead) = syn_overhead {
+                    let digest = sent.num_bytes_sent.saturating_sub(overhead);
+                    note_digest(&self.shared, digest);
+                }
+                Ok(sent)
+            }
+            // chitchat encodes datagrams past one UDP payload when its state is that large;
+            // the codec socket refuses them. Counted like a sealed datagram that is too large,
+            // and not an error for chitchat (it would log every attempt).
+            Err(e) if is_emsgsize(&e) => {
+                bump(&self.shared.counters.dropped_oversize, 1);
+                if let Some(overhead) = syn_overhead {
+                    note_digest(&self.shared, digest::MAX_PAYLOAD + 1 - overhead);
+                }
+                if let Some(suppressed) = self.shared.log.check(Instant::now(), "oversize") {
+                    warn!(
+                        peer = %to,
+                        max = digest::MAX_PAYLOAD,
+                        suppressed,
+                        "gossip message larger than a UDP datagram (the cluster state is too large); dropped"
+                    );
+                }
+                Ok(SendOutcome { num_bytes_sent: 0 })
+            }
+            Err(e) => Err(e),
+        }
     }
 
     // Cancel-safe: chitchat's codec recv is, and the mapping below does not await.
@@ -349,6 +396,7 @@ struct Shared {
     netns: PrivateNetns,
     codec_addr: SocketAddr,
     log: Arc<LogThrottle>,
+    state: StateSlot,
 }
 
 /// Receives from the network, opens, and hands plaintext to chitchat through the peer's proxy.
@@ -394,6 +442,9 @@ async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
             Ok(plain) => {
                 bump(&shared.counters.opened_in_datagrams, 1);
                 bump(&shared.counters.opened_in_bytes, len as u64);
+                if !syn_is_answerable(&shared, from, &plain).await {
+                    continue;
+                }
                 match proxy_for(&shared, from).await {
                     Ok((_, proxy)) => {
                         if let Err(e) = proxy.send(&plain).await {
@@ -428,6 +479,79 @@ async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
             }
         }
     }
+}
+
+fn is_emsgsize(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<io::Error>())
+        .any(|e| e.raw_os_error() == Some(libc::EMSGSIZE))
+}
+
+/// Records our digest size; warns (rate-limited) from half the limit on.
+fn note_digest(shared: &Shared, bytes: usize) {
+    shared
+        .counters
+        .digest_bytes
+        .store(bytes as u64, Ordering::Relaxed);
+    if bytes >= digest::GUARD_LIMIT / 2 {
+        if let Some(suppressed) = shared.log.check(Instant::now(), "digest_large") {
+            warn!(
+                digest_bytes = bytes,
+                limit = digest::GUARD_LIMIT,
+                suppressed,
+                "the gossip digest is at {}% of what one datagram can carry: past it this node stops answering SYNs until dead generations leave the digest (half of --dead-node-grace-secs after their death); see docs/scale.md",
+                bytes * 100 / digest::GUARD_LIMIT
+            );
+        }
+    }
+}
+
+/// Whether an opened datagram may go to chitchat: anything but a SYN may; a SYN only if the
+/// digest chitchat will send back leaves room for a delta. chitchat 0.13 panics otherwise
+/// (`assert!(mtu >= 100)`), which stopped the gossip task and the agent: such a SYN is dropped
+/// and counted instead, and the peer hears from us when our state is small enough again.
+async fn syn_is_answerable(shared: &Shared, from: SocketAddr, plain: &[u8]) -> bool {
+    let syn = match digest::parse_syn(plain) {
+        Ok(None) => return true,
+        Ok(Some(syn)) => syn,
+        Err(e) => {
+            bump(&shared.counters.dropped_syn_malformed, 1);
+            if let Some(suppressed) = shared.log.check(Instant::now(), "syn_malformed") {
+                warn!(from = %from, suppressed, "dropped gossip SYN: {e}");
+            }
+            return false;
+        }
+    };
+    // Copied under chitchat's lock, measured outside it.
+    let (own, scheduled, self_id) = match shared.state.get() {
+        Some(chitchat) => {
+            let c = chitchat.lock().await;
+            let (own, scheduled) = digest::own_digest(&c);
+            (own, scheduled, Some(c.self_chitchat_id().clone()))
+        }
+        None => Default::default(),
+    };
+    let merged = match &self_id {
+        Some(me) => digest::merged(&own, &scheduled, me, &syn.digest),
+        None => syn.digest,
+    };
+    let predicted = digest::encoded_len(&merged, syn.version);
+    note_digest(shared, predicted);
+    if predicted <= digest::GUARD_LIMIT {
+        return true;
+    }
+    bump(&shared.counters.dropped_syn_too_large, 1);
+    if let Some(suppressed) = shared.log.check(Instant::now(), "syn_too_large") {
+        error!(
+            from = %from,
+            nodes = merged.len(),
+            digest_bytes = predicted,
+            limit = digest::GUARD_LIMIT,
+            suppressed,
+            "gossip state too large to answer a SYN (chitchat would crash building the answer): SYN dropped; gossip resumes once dead generations leave the digest (half of --dead-node-grace-secs after their death); see docs/scale.md"
+        );
+    }
+    false
 }
 
 /// Receives what chitchat sends to one peer, seals it and sends it on the network.
@@ -993,6 +1117,131 @@ mod tests {
         let err = t.open_sealed(free_addr()).await.unwrap_err();
         assert!(matches!(err, TransportError::OnBind(_)), "{err:?}");
         assert!(seen.load(Ordering::SeqCst) > 2, "hook saw a real fd");
+    }
+
+    /// Dead generations of restarted hosts, as a rolling restart leaves them in every node's
+    /// state: `hosts` names, each at two generations (start times in ms) and its own loopback
+    /// address, none of them heard (chitchat lists them dead at its next round and drops them
+    /// from its digest half a dead-node grace later).
+    async fn inject_dead_generations(handle: &ChitchatHandle, hosts: usize) {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(12);
+        handle
+            .with_chitchat(|c| {
+                for i in 0..hosts {
+                    // Loopback only: chitchat gossips to a random dead node now and then.
+                    let addr = SocketAddr::from(([127, 1, (i >> 8) as u8, i as u8], 7946));
+                    let first: u64 = 1_700_000_000_000 + rng.gen_range(0..86_400_000);
+                    for generation in [first, first + rng.gen_range(60_000..600_000)] {
+                        let id = ChitchatId::new(format!("node-{i:05}"), generation, addr);
+                        let max_version = rng.gen_range(8..64);
+                        c.reset_node_state_if_update(&id, std::iter::empty(), max_version, 0);
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// The guard's arithmetic is chitchat's: the digest predicted from the state is, byte for
+    /// byte, the one in the SYN chitchat sends.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn predicted_digest_is_the_one_chitchat_sends() {
+        assert_root();
+        let t = transport(SECRET);
+        let sink = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let mut cfg = config("a", free_addr(), &[]);
+        // One round at start, then only the SYN asked for below.
+        cfg.gossip_interval = Duration::from_secs(3_600);
+        let a = spawn_chitchat(cfg, vec![("who".into(), "a".into())], &t)
+            .await
+            .unwrap();
+        for hosts in [0, 40, 3_000] {
+            inject_dead_generations(&a, hosts).await;
+            let want = a
+                .with_chitchat(|c| {
+                    digest::encoded_len(&digest::own_digest(c).0, ProtocolVersion::V1)
+                })
+                .await;
+            a.gossip(sink.local_addr().unwrap()).unwrap();
+            let measured = eventually(Duration::from_secs(5), || async {
+                t.counters().snapshot().digest_bytes == want as u64
+            })
+            .await;
+            assert!(
+                measured,
+                "{hosts}: predicted {want}, sent {:?}",
+                t.counters().snapshot()
+            );
+        }
+        assert!(t.counters().snapshot().digest_bytes > 40_000);
+        a.shutdown().await.unwrap();
+    }
+
+    /// Issue 12: past a few thousand node ids chitchat's SYN-ACK has less than 100 bytes left
+    /// for its delta and chitchat 0.13 panics (`assert!(mtu >= 100)` in its delta serializer):
+    /// the gossip task died, and with it every agent that a peer sent a SYN to. Here a node
+    /// holds 2 × 3,500 dead generations (a rolling restart of 3,500 hosts), a peer keeps
+    /// sending it SYNs, and it must live through it and gossip again once the dead generations
+    /// leave its digest.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_state_past_the_crash_point_does_not_kill_the_node() {
+        assert_root();
+        let (ta, tb) = (transport(SECRET), transport(SECRET));
+        let grace = Duration::from_secs(4);
+        let with_grace = |mut c: ChitchatConfig| {
+            c.gossip_interval = Duration::from_millis(100);
+            c.failure_detector_config.dead_node_grace_period = grace;
+            c
+        };
+        let a_addr = free_addr();
+        let kv = |n: &str| vec![("who".to_string(), n.to_string())];
+        let a = spawn_chitchat(with_grace(config("a", a_addr, &[])), kv("a"), &ta)
+            .await
+            .unwrap();
+        ta.attach(a.chitchat());
+        inject_dead_generations(&a, 4_500).await;
+        // Past today's crash point: chitchat could not fit a delta next to this digest.
+        let digest_len = a
+            .with_chitchat(|c| digest::encoded_len(&digest::own_digest(c).0, ProtocolVersion::V1))
+            .await;
+        assert!(
+            digest_len > digest::CRASH_DIGEST_LEN,
+            "only {digest_len} bytes"
+        );
+        let mut a_died = Box::pin(a.termination_watcher());
+        let b = spawn_chitchat(
+            with_grace(config("b", free_addr(), &[a_addr])),
+            kv("b"),
+            &tb,
+        )
+        .await
+        .unwrap();
+        // b's SYNs reach a while a's digest is past the crash point (about grace / 2).
+        let survived = tokio::time::timeout(grace / 2, &mut a_died).await;
+        assert!(survived.is_err(), "a's gossip task ended: {survived:?}");
+        // Once the dead generations leave a's digest, the two gossip again.
+        let resumed = eventually(grace * 3, || async {
+            knows(&a, "b").await && knows(&b, "a").await
+        })
+        .await;
+        assert!(
+            resumed,
+            "a: {:?}, b: {:?}",
+            ta.counters().snapshot(),
+            tb.counters().snapshot()
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(10), &mut a_died)
+                .await
+                .is_err(),
+            "a's gossip task ended"
+        );
+        // What kept it alive, counted: b's SYNs refused, a's own too-large SYNs not sent.
+        let c = ta.counters().snapshot();
+        assert!(c.dropped_syn_too_large > 0, "{c:?}");
+        assert!(c.dropped_oversize > 0, "{c:?}");
+        assert!(c.digest_bytes < 4_000, "digest small again: {c:?}");
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
     }
 
     /// A state far above one datagram (≈ 200 KB of base64-like values) still converges: it
