@@ -3,7 +3,8 @@
 # timeout: 420
 # Strict mode (--protect): hosts 1 and 2 run agents protecting the bed's IPv4
 # and IPv6 ranges; host 3 runs no agent. Host 3 cannot be reached from a
-# protected host (the ping fails, no plaintext frame on the wire), members
+# protected host (the ping fails, the protected host sends no plaintext frame;
+# host 3's own clear pings go unanswered), members
 # reach each other over ESP only (SA byte counters grow), IPv6 neighbour
 # discovery still resolves members, the host still reaches its own
 # addresses, gossip and handshakes work through the blocks (bypassed
@@ -71,9 +72,17 @@ for fam in 4 6; do
     assert reach 1 "$(host_ip$fam 2)"
 done
 capture_stop strict
-plain=$(capture_count strict "not esp and not arp and not (udp port 9340 or udp port 9341) and not (icmp6 and (ip6[40] == 135 or ip6[40] == 136))")
-log "capture of host 1: $(capture_count strict) frames, $plain plaintext"
-assert_eq "$plain" 0 "plaintext frames to or from host 1"
+CLEAR="not esp and not arp and not (udp port 9340 or udp port 9341) and not (icmp6 and (ip6[40] == 135 or ip6[40] == 136))"
+H1="(src host $(host_ip4 1) or src host $(host_ip6 1))"
+M12="((host $(host_ip4 1) and host $(host_ip4 2)) or (host $(host_ip6 1) and host $(host_ip6 2)))"
+plain=$(capture_count strict "$CLEAR and $H1")
+members=$(capture_count strict "$CLEAR and $M12")
+# Host 3 runs no agent and sends in clear: what arrives is dropped, unanswered.
+unanswered=$(capture_count strict "$CLEAR and (src host $(host_ip4 3) or src host $(host_ip6 3))")
+log "capture of host 1: $(capture_count strict) frames; plaintext from host 1: $plain, between members: $members, from host 3 (dropped): $unanswered"
+assert_eq "$plain" 0 "plaintext frames sent by host 1"
+assert_eq "$members" 0 "plaintext frames between hosts 1 and 2"
+assert_cmp "$unanswered" -gt 0 "host 3's clear pings reached host 1's wire (and went unanswered)"
 assert_cmp "$(capture_count strict "icmp6 and (ip6[40] == 135 or ip6[40] == 136)")" -gt 0 "neighbour discovery on the wire"
 
 # Restart from a config file with the same ranges: adopted, not duplicated.
