@@ -198,6 +198,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     )
     .map_err(StartError::from)?;
     mesh.set_boot_id(crate::mesh::current_boot_id());
+    mesh.set_protect(cfg.protect.clone());
     if let Some(saved) = &saved_guard {
         mesh.restore_guard(saved).map_err(|e| {
             StartError::Guard(format!(
@@ -366,6 +367,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                         .collect()
                 },
                 conflicts: report_rx.borrow().conflicts.clone(),
+                protect: {
+                    let report = report_rx.borrow();
+                    control::ProtectStatus {
+                        ranges: report.protect.iter().map(|r| r.to_string()).collect(),
+                        policies: report.range_policies,
+                    }
+                },
             }
         })
     };
@@ -431,7 +439,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         });
     }
     tasks.spawn(serve_reloads(
-        cfg.secret_files.clone(),
+        cfg.clone(),
         gossip_keyring,
         mesh_cmd_tx.clone(),
         reload_rx,
@@ -711,10 +719,12 @@ fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
 }
 
 /// Reloads the keyring on `meshsec reload` and on SIGHUP: the secret files
-/// are read again (same paths); if any cannot be read nothing changes, else
-/// the handshakes, then gossip, use the new keyring. Sessions and SAs stay.
+/// are read again (same paths), and strict mode's ranges (the config file's
+/// `protect`, unless `--protect` gave them); if any cannot be read nothing
+/// changes, else the handshakes, then gossip, use the new keyring and the
+/// mesh the new ranges. Sessions and SAs stay.
 async fn serve_reloads(
-    files: Vec<std::path::PathBuf>,
+    cfg: AgentConfig,
     gossip_keyring: Arc<crate::gossip::seal::Keyring>,
     mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
     mut requests: tokio::sync::mpsc::Receiver<control::ReloadRequest>,
@@ -735,10 +745,10 @@ async fn serve_reloads(
                 }
             } => None,
         };
-        let result = reload_keyring(&files, &gossip_keyring, &mesh).await;
+        let result = reload_keyring(&cfg, &gossip_keyring, &mesh).await;
         match &result {
             Ok(r) => {
-                info!(secrets = r.secrets, key_ids = %r.key_ids.join(","), "cluster secret keyring reloaded")
+                info!(secrets = r.secrets, key_ids = %r.key_ids.join(","), protect = %r.protect.join(","), "cluster secret keyring and protected ranges reloaded")
             }
             Err(e) => {
                 warn!(error = %e, "keyring reload refused; the previous keyring stays in use")
@@ -751,12 +761,14 @@ async fn serve_reloads(
 }
 
 async fn reload_keyring(
-    files: &[std::path::PathBuf],
+    cfg: &AgentConfig,
     gossip_keyring: &crate::gossip::seal::Keyring,
     mesh: &tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
 ) -> Result<control::Reloaded, control::ReloadError> {
+    // Everything is read and checked before anything changes.
+    let protect = cfg.reload_protect()?;
     let secrets = zeroize::Zeroizing::new(
-        identity::load_keyring(files)?
+        identity::load_keyring(&cfg.secret_files)?
             .iter()
             .map(|s| *s.0)
             .collect::<Vec<[u8; 32]>>(),
@@ -771,7 +783,16 @@ async fn reload_keyring(
     .map_err(|_| control::ReloadError::MeshGone)?;
     rx.await.map_err(|_| control::ReloadError::MeshGone)??;
     gossip_keyring.replace(secrets.iter())?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    mesh.send(crate::mesh::driver::MeshCommand::SetProtect {
+        ranges: protect.clone(),
+        reply: tx,
+    })
+    .await
+    .map_err(|_| control::ReloadError::MeshGone)?;
+    rx.await.map_err(|_| control::ReloadError::MeshGone)?;
     Ok(control::Reloaded {
+        protect: protect.iter().map(|r| r.to_string()).collect(),
         secrets: secrets.len(),
         key_ids: gossip_keyring
             .key_ids()

@@ -382,9 +382,14 @@ fn print_reply(reply: &Reply, json: bool) {
             println!("leaving the cluster; the agent removes its SAs and policies and exits")
         }
         Reply::Reloaded(r) => println!(
-            "keyring reloaded: {} secret(s), gossip key ids {} (the first seals)",
+            "keyring reloaded: {} secret(s), gossip key ids {} (the first seals); protected ranges: {}",
             r.secrets,
-            r.key_ids.join(", ")
+            r.key_ids.join(", "),
+            if r.protect.is_empty() {
+                "-".to_string()
+            } else {
+                r.protect.join(", ")
+            }
         ),
         Reply::Error(e) => eprintln!("agent: {e}"),
     }
@@ -600,7 +605,8 @@ fn render_status(s: &Status) -> String {
         kv(&s.records),
         kv(&s.handshake),
         kv(&s.mesh),
-    ) + &render_blocked(&s.blocked)
+    ) + &render_protect(&s.protect)
+        + &render_blocked(&s.blocked)
         + &render_conflicts(&s.conflicts)
         + &render_identity_conflicts(&s.identity_conflicts)
 }
@@ -645,6 +651,25 @@ fn render_conflicts(rows: &[crate::mesh::Conflict]) -> String {
         ));
     }
     out
+}
+
+/// Strict mode: the protected ranges and the policies that hold them.
+fn render_protect(p: &crate::control::ProtectStatus) -> String {
+    if p.ranges.is_empty() {
+        return format!(
+            "protect:      -{}\n",
+            if p.policies > 0 {
+                format!(" ({} range policies still in the kernel)", p.policies)
+            } else {
+                String::new()
+            }
+        );
+    }
+    format!(
+        "protect:      {} (never clear; {} range policies in the kernel)\n",
+        p.ranges.join(", "),
+        p.policies
+    )
 }
 
 /// One line per blocked pair: traffic to it is dropped, never sent in clear.

@@ -7,6 +7,7 @@ use std::net::{IpAddr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use crate::aead::Aead;
+use crate::datapath::Prefix;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -113,6 +114,8 @@ pub struct FileConfig {
     pub rekey_after_packets: Option<u64>,
     /// Serve Prometheus metrics over HTTP on this `ADDR:PORT` (default: off).
     pub metrics_listen: Option<String>,
+    /// Strict mode: CIDR ranges whose traffic with this host is never plaintext.
+    pub protect: Option<Vec<String>>,
 }
 
 /// Flag values, as parsed by the CLI (all optional: flags win over the file).
@@ -183,6 +186,10 @@ pub struct AgentFlags {
     /// that address (default: off).
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<String>,
+    /// Strict mode: traffic between this host and CIDR is never sent or
+    /// accepted in clear; only members with SAs get through (repeatable).
+    #[arg(long = "protect", value_name = "CIDR")]
+    pub protect: Vec<String>,
 }
 
 /// When links re-key. Byte and packet limits become the SAs' kernel soft
@@ -254,6 +261,52 @@ pub struct AgentConfig {
     pub rekey: RekeyPolicy,
     /// Where the Prometheus endpoint listens, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// Strict mode's protected ranges.
+    pub protect: Vec<Prefix>,
+    /// The ranges came from `--protect` (a reload keeps them) rather than
+    /// the config file (a reload reads them again).
+    pub protect_from_flags: bool,
+    /// The config file, if any (a reload reads `protect` from it again).
+    pub config_file: Option<PathBuf>,
+}
+
+/// Parses and checks strict mode's ranges; `key` names the flag or key.
+/// Each must be a CIDR range with no host bits set that keeps clear of
+/// loopback, link-local, multicast and the unspecified address (traffic a
+/// peer can never key, which the host needs); duplicates are merged.
+pub fn parse_protect(key: &str, texts: &[String]) -> Result<Vec<Prefix>, ConfigError> {
+    let mut out: Vec<Prefix> = Vec::new();
+    for t in texts {
+        let p: Prefix = t.trim().parse().map_err(|r| ConfigError::new(key, r))?;
+        if let Some((what, r)) = crate::datapath::protect::reserved_overlap(&p) {
+            return Err(ConfigError::new(
+                key,
+                format!("{p} overlaps {r} ({what}), which must stay reachable in clear; protect the hosts' own ranges"),
+            ));
+        }
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+impl AgentConfig {
+    /// Strict mode's ranges as a reload sees them: `--protect` flags stay
+    /// as given; otherwise the config file's `protect` key is read again
+    /// (a file without it, or no file, protects nothing).
+    pub fn reload_protect(&self) -> Result<Vec<Prefix>, ConfigError> {
+        if self.protect_from_flags {
+            return Ok(self.protect.clone());
+        }
+        match &self.config_file {
+            None => Ok(Vec::new()),
+            Some(path) => {
+                let file = read_file(path)?;
+                parse_protect("config key \"protect\"", &file.protect.unwrap_or_default())
+            }
+        }
+    }
 }
 
 /// Reads and parses a TOML config file.
@@ -636,7 +689,20 @@ impl AgentConfig {
             None => None,
         };
 
+        let protect_from_flags = !flags.protect.is_empty();
+        let protect = if protect_from_flags {
+            parse_protect("--protect", &flags.protect)?
+        } else {
+            parse_protect(
+                "config key \"protect\"",
+                file.protect.as_deref().unwrap_or_default(),
+            )?
+        };
+
         Ok(AgentConfig {
+            protect,
+            protect_from_flags,
+            config_file: flags.config.clone(),
             seeds,
             listen,
             advertise,
@@ -925,5 +991,62 @@ mod tests {
         let err = read_file(Path::new("/nonexistent/meshsec.toml")).unwrap_err();
         assert_eq!(err.key, "--config");
         assert!(err.reason.contains("/nonexistent/meshsec.toml"));
+    }
+
+    #[test]
+    fn protect_ranges_from_flags_or_file_with_one_line_errors() {
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        f.protect = vec![
+            "10.0.0.0/24".into(),
+            "fd00::/64".into(),
+            "10.0.0.0/24".into(),
+        ];
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        assert_eq!(cfg.protect.len(), 2, "duplicates merge");
+        assert!(cfg.protect_from_flags);
+        assert_eq!(
+            cfg.reload_protect().unwrap(),
+            cfg.protect,
+            "flags stay on reload"
+        );
+
+        f.protect = vec!["10.0.0.1/24".into()];
+        let e = AgentConfig::merge(&f, FileConfig::default()).unwrap_err();
+        assert_eq!(e.key, "--protect");
+        assert!(
+            e.reason.contains("host bits") && e.reason.contains("10.0.0.0/24"),
+            "{e}"
+        );
+        f.protect = vec!["::/0".into()];
+        let e = AgentConfig::merge(&f, FileConfig::default()).unwrap_err();
+        assert!(e.to_string().starts_with("--protect: ::/0 overlaps"), "{e}");
+        assert!(!e.to_string().contains('\n'));
+
+        f.protect = vec![];
+        let file = parse_file("protect = [\"10.1.0.0/16\", \"banana\"]").unwrap();
+        let e = AgentConfig::merge(&f, file).unwrap_err();
+        assert_eq!(e.key, "config key \"protect\"");
+        assert!(e.reason.contains("banana"), "{e}");
+
+        // A reload reads the file's key again: a removed range goes.
+        let dir = std::env::temp_dir().join(format!("meshsec-protect-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("meshsec.toml");
+        std::fs::write(&path, "protect = [\"10.1.0.0/16\", \"fd01::/64\"]\n").unwrap();
+        f.config = Some(path.clone());
+        let cfg = AgentConfig::resolve(&f).unwrap();
+        assert_eq!(cfg.protect.len(), 2);
+        std::fs::write(&path, "protect = [\"10.1.0.0/16\"]\n").unwrap();
+        assert_eq!(
+            cfg.reload_protect().unwrap(),
+            vec!["10.1.0.0/16".parse::<Prefix>().unwrap()]
+        );
+        std::fs::write(&path, "protect = [\"10.1.0.0/33\"]\n").unwrap();
+        assert_eq!(
+            cfg.reload_protect().unwrap_err().key,
+            "config key \"protect\""
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

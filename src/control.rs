@@ -45,7 +45,8 @@ pub enum Request {
         peer: Option<String>,
     },
     /// Re-read the cluster secret files (same paths as at start) and use
-    /// them for gossip and handshakes from now on.
+    /// them for gossip and handshakes from now on; re-read the config
+    /// file's `protect` ranges (unless `--protect` set them).
     Reload,
     /// Release what is held for a peer that will not come back (its address
     /// bindings and blocked pairs): by node name, or by peer address.
@@ -62,6 +63,9 @@ pub struct Reloaded {
     pub secrets: usize,
     /// Gossip key ids, sealing key first (not secret).
     pub key_ids: Vec<String>,
+    /// Strict mode's protected ranges from now on.
+    #[serde(default)]
+    pub protect: Vec<String>,
 }
 
 /// A keyring reload request: the agent answers on the channel.
@@ -79,6 +83,9 @@ pub enum ReloadError {
     /// Gossip refused the keyring.
     #[error("gossip keyring: {0}")]
     Gossip(#[from] crate::gossip::seal::KeyringError),
+    /// The config file's `protect` key is unreadable or invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The mesh task is gone.
     #[error("the mesh is shutting down")]
     MeshGone,
@@ -173,6 +180,20 @@ pub struct Status {
     /// of the datagrams received (what `meshsec doctor` checks against the seal's window).
     #[serde(default)]
     pub clock_offsets: Vec<crate::gossip::transport::ClockOffset>,
+    /// Strict mode (`--protect`): the protected ranges and meshsec's range
+    /// policies in the kernel.
+    #[serde(default)]
+    pub protect: ProtectStatus,
+}
+
+/// Strict mode in `meshsec status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtectStatus {
+    /// Protected ranges (CIDR).
+    pub ranges: Vec<String>,
+    /// Of meshsec's range policies in the kernel at the last reconcile:
+    /// blocks and the host's own exemptions together.
+    pub policies: usize,
 }
 
 /// A blocked pair in `meshsec status`.
@@ -670,6 +691,7 @@ mod tests {
             conflicts: vec![],
             identity_conflicts: Default::default(),
             clock_offsets: vec![],
+            protect: Default::default(),
         }
     }
 
@@ -711,6 +733,7 @@ mod tests {
                 let _ = tx.send(Ok(Reloaded {
                     secrets: 2,
                     key_ids: vec!["aa".into(), "bb".into()],
+                    protect: vec!["10.0.0.0/24".into()],
                 }));
             }
         });

@@ -531,6 +531,20 @@ pub fn render(
     );
     gauges(
         &mut reg,
+        "protected_ranges",
+        "Strict mode's protected ranges (--protect)",
+        None,
+        [(Vec::new(), s.protect.ranges.len() as i64)],
+    );
+    gauges(
+        &mut reg,
+        "protect_policies",
+        "Strict mode's range policies (blocks and the host's own exemptions) in the kernel at the last reconcile",
+        None,
+        [(Vec::new(), s.protect.policies as i64)],
+    );
+    gauges(
+        &mut reg,
         "esp_offload",
         "1 when ESP GSO offload (esp4_offload/esp6_offload) was active for the family at start, else 0",
         None,

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use super::{PolicyId, PolicySpec, PolicyState, SaId, SaSpec, SaState};
+use super::{PolicyId, PolicySpec, PolicyState, RangePolicy, RangeRule, SaId, SaSpec, SaState};
 
 /// One change to the kernel's tables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +18,10 @@ pub enum Change {
     AddPolicy(PolicySpec),
     /// Delete a meshsec-owned policy.
     DeletePolicy(PolicyId),
+    /// Install one of strict mode's range policies.
+    AddRange(RangePolicy),
+    /// Delete one of strict mode's range policies.
+    DeleteRange(RangePolicy),
 }
 
 impl fmt::Display for Change {
@@ -42,6 +46,8 @@ impl fmt::Display for Change {
             Change::DeleteSa(id) => write!(f, "delete {id}"),
             Change::AddPolicy(p) => write!(f, "add {} reqid {}", p.id, p.reqid),
             Change::DeletePolicy(id) => write!(f, "delete {id}"),
+            Change::AddRange(p) => write!(f, "add {p}"),
+            Change::DeleteRange(p) => write!(f, "delete {p}"),
         }
     }
 }
@@ -57,6 +63,8 @@ pub struct KernelState {
     pub policies: BTreeMap<PolicyId, PolicySpec>,
     /// SPIs reserved by `alloc_spi` and not filled yet (actual state only).
     pub larval: BTreeSet<SaId>,
+    /// Strict mode's range policies (blocks and the host's exemptions).
+    pub ranges: BTreeSet<RangePolicy>,
 }
 
 impl KernelState {
@@ -96,8 +104,9 @@ impl KernelState {
 
 /// Changes that turn `actual` into `desired`, ordered so traffic is never
 /// exposed: new SAs first, then policies (added once their SAs exist; a
-/// policy whose reqid changed is replaced), then policy deletions, then SA
-/// deletions last (an old SA keeps decrypting until nothing refers to it).
+/// policy whose reqid changed is replaced), then new range policies, then
+/// range and policy deletions, then SA deletions last (an old SA keeps
+/// decrypting until nothing refers to it).
 pub fn diff(desired: &KernelState, actual: &KernelState) -> Vec<Change> {
     let mut out = Vec::new();
     for (id, sa) in &desired.sas {
@@ -118,6 +127,22 @@ pub fn diff(desired: &KernelState, actual: &KernelState) -> Vec<Change> {
     for p in &replaced {
         out.push(Change::DeletePolicy(p.id));
         out.push(Change::AddPolicy(*p));
+    }
+    // The host's own exemptions go in before the blocks and out after them,
+    // so it never loses the traffic it sends itself.
+    for rule in [RangeRule::Exempt, RangeRule::Block] {
+        for p in desired.ranges.difference(&actual.ranges) {
+            if p.rule == rule {
+                out.push(Change::AddRange(*p));
+            }
+        }
+    }
+    for rule in [RangeRule::Block, RangeRule::Exempt] {
+        for p in actual.ranges.difference(&desired.ranges) {
+            if p.rule == rule {
+                out.push(Change::DeleteRange(*p));
+            }
+        }
     }
     for id in actual.policies.keys() {
         if !desired.policies.contains_key(id) {

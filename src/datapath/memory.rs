@@ -9,9 +9,9 @@ use rand::Rng;
 
 use super::ownership::POLICY_PRIORITY;
 use super::{
-    sort_policies, sort_sas, validate_policy, validate_sa, AddressFamily, Aead, DatapathError,
-    Direction, Lifetimes, Op, PolicyId, PolicySpec, PolicyState, Reqid, SaCounters, SaId, SaSpec,
-    SaState,
+    sort_policies, sort_sas, validate_policy, validate_range, validate_sa, AddressFamily, Aead,
+    DatapathError, Direction, Lifetimes, Op, PolicyId, PolicySpec, PolicyState, RangePolicy, Reqid,
+    SaCounters, SaId, SaSpec, SaState,
 };
 
 #[derive(Debug, Clone)]
@@ -32,6 +32,9 @@ struct MemPolicy {
 pub struct MemoryDatapath {
     sas: BTreeMap<SaId, MemSa>,
     policies: BTreeMap<PolicyId, MemPolicy>,
+    /// Strict mode's range policies (`true`: meshsec's; `false`: somebody
+    /// else's policy on the same selector).
+    ranges: BTreeMap<RangePolicy, bool>,
     next_index: u32,
     nd_bypass: bool,
     probe_failure: Option<(String, String)>,
@@ -83,6 +86,11 @@ impl MemoryDatapath {
                 index: self.next_index,
             },
         );
+    }
+
+    /// Simulate somebody else's policy on a range policy's selector.
+    pub fn add_foreign_range_policy(&mut self, p: RangePolicy) {
+        self.ranges.insert(p, false);
     }
 
     /// Simulate traffic through an SA (counters grow as in the kernel).
@@ -317,6 +325,38 @@ impl super::Datapath for MemoryDatapath {
                 Ok(())
             }
         }
+    }
+
+    fn install_range_policy(&mut self, policy: &RangePolicy) -> Result<(), DatapathError> {
+        self.count_write();
+        validate_range(Op::NewPolicy, policy)?;
+        if policy.src.addr().is_ipv6() {
+            self.ensure_nd_bypass()?;
+        }
+        if self.ranges.contains_key(policy) {
+            return Err(kernel(Op::NewPolicy, policy.to_string(), libc::EEXIST));
+        }
+        self.ranges.insert(*policy, true);
+        Ok(())
+    }
+
+    fn delete_range_policy(&mut self, policy: &RangePolicy) -> Result<(), DatapathError> {
+        match self.ranges.get(policy) {
+            Some(true) => {
+                self.ranges.remove(policy);
+                Ok(())
+            }
+            _ => Err(kernel(Op::DelPolicy, policy.to_string(), libc::ENOENT)),
+        }
+    }
+
+    fn dump_range_policies(&mut self) -> Result<Vec<RangePolicy>, DatapathError> {
+        Ok(self
+            .ranges
+            .iter()
+            .filter(|(_, ours)| **ours)
+            .map(|(p, _)| *p)
+            .collect())
     }
 
     fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError> {

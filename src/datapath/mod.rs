@@ -30,6 +30,7 @@ mod monitor;
 mod netlink;
 pub mod offload;
 pub mod ownership;
+pub mod protect;
 mod xfrm;
 
 #[cfg(test)]
@@ -42,6 +43,7 @@ pub use error::{DatapathError, ErrorKind, Op};
 pub use memory::{MemoryDatapath, WriteCalls};
 pub use monitor::{parse_event, KernelEvent, XfrmMonitor};
 pub use ownership::{Reqid, POLICY_PRIORITY};
+pub use protect::{range_policies, Prefix, RangePolicy, RangeRule};
 pub use xfrm::{KernelFlavor, XfrmDatapath};
 
 /// Minimum inbound anti-replay window (packets). ESP over a busy path reorders;
@@ -491,6 +493,25 @@ pub trait Datapath: Send {
     /// Delete a meshsec-owned policy. `NotFound` if missing.
     fn delete_policy(&mut self, id: PolicyId) -> Result<(), DatapathError>;
 
+    /// Add one of strict mode's range policies (an IPv6 one brings the ND
+    /// bypasses). `AlreadyExists` if a policy (anyone's) has its selector
+    /// and direction.
+    fn install_range_policy(&mut self, policy: &RangePolicy) -> Result<(), DatapathError>;
+
+    /// Delete one of strict mode's range policies. `NotFound` if meshsec
+    /// holds no such policy (somebody else's on that selector is never
+    /// touched).
+    fn delete_range_policy(&mut self, policy: &RangePolicy) -> Result<(), DatapathError>;
+
+    /// All of strict mode's range policies in the kernel.
+    fn dump_range_policies(&mut self) -> Result<Vec<RangePolicy>, DatapathError>;
+
+    /// The host-pair policies and the range policies, from one look at the
+    /// table where the implementation can (the reconciler's observe step).
+    fn dump_all_policies(&mut self) -> Result<(Vec<PolicyState>, Vec<RangePolicy>), DatapathError> {
+        Ok((self.dump_policies()?, self.dump_range_policies()?))
+    }
+
     /// All meshsec-owned SAs with counters.
     fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError>;
 
@@ -525,6 +546,13 @@ pub trait Datapath: Send {
     /// they would on a host without meshsec.
     fn flush_owned(&mut self) -> Result<FlushReport, DatapathError> {
         let mut report = FlushReport::default();
+        for p in self.dump_range_policies()? {
+            match self.delete_range_policy(&p) {
+                Ok(()) => report.policies += 1,
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
         for p in self.dump_policies()? {
             match self.delete_policy(p.spec.id) {
                 Ok(()) => report.policies += 1,
@@ -564,6 +592,8 @@ pub(crate) fn apply_one_by_one<D: Datapath + ?Sized>(
             Change::DeleteSa(id) => dp.delete_sa(*id),
             Change::AddPolicy(p) => dp.install_policy(p),
             Change::DeletePolicy(id) => dp.delete_policy(*id),
+            Change::AddRange(p) => dp.install_range_policy(p),
+            Change::DeleteRange(p) => dp.delete_range_policy(p),
         })
         .collect()
 }
@@ -596,6 +626,16 @@ pub(crate) fn validate_sa(op: Op, sa: &SaSpec) -> Result<(), DatapathError> {
     // The ESN bitmap is capped by the kernel at XFRMA_REPLAY_ESN_MAX bytes.
     if sa.replay_window > 4096 * 8 {
         return invalid(format!("replay window {} exceeds 32768", sa.replay_window));
+    }
+    Ok(())
+}
+
+pub(crate) fn validate_range(op: Op, p: &RangePolicy) -> Result<(), DatapathError> {
+    if !p.is_valid() {
+        return Err(DatapathError::Invalid {
+            op,
+            reason: format!("mixed address families in {p}"),
+        });
     }
     Ok(())
 }

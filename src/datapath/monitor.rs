@@ -27,7 +27,10 @@ use netlink_packet_xfrm::{
 use netlink_sys::{protocols::NETLINK_XFRM, Socket};
 
 use super::netlink::{attr, frames, u32_at};
-use super::ownership::{is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY};
+use super::ownership::{
+    is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY, PROTECT_BLOCK_PRIORITY,
+    PROTECT_EXEMPT_PRIORITY,
+};
 use super::SaId;
 
 /// Something the kernel announced that the mesh acts on.
@@ -87,8 +90,14 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
         XFRM_MSG_DELPOLICY => match attr(payload, XFRM_USER_POLICY_ID_LEN, XFRMA_POLICY) {
             Some(info) if info.len() >= XFRM_USER_POLICY_INFO_LEN => {
                 let priority = u32_at(info, POLICY_INFO_PRIORITY)?;
-                (priority == POLICY_PRIORITY || priority == ND_BYPASS_PRIORITY)
-                    .then_some(KernelEvent::TablesChanged)
+                [
+                    POLICY_PRIORITY,
+                    ND_BYPASS_PRIORITY,
+                    PROTECT_EXEMPT_PRIORITY,
+                    PROTECT_BLOCK_PRIORITY,
+                ]
+                .contains(&priority)
+                .then_some(KernelEvent::TablesChanged)
             }
             _ => Some(KernelEvent::TablesChanged),
         },
@@ -312,6 +321,15 @@ mod deletion_tests {
         assert_eq!(del_pol(POLICY_PRIORITY), Some(KernelEvent::TablesChanged));
         assert_eq!(
             del_pol(ND_BYPASS_PRIORITY),
+            Some(KernelEvent::TablesChanged)
+        );
+        // A strict-mode range block removed by hand is put back at once.
+        assert_eq!(
+            del_pol(PROTECT_BLOCK_PRIORITY),
+            Some(KernelEvent::TablesChanged)
+        );
+        assert_eq!(
+            del_pol(PROTECT_EXEMPT_PRIORITY),
             Some(KernelEvent::TablesChanged)
         );
         assert_eq!(del_pol(0), None, "another daemon's policy");

@@ -11,6 +11,11 @@
 //! The four IPv6 neighbour-discovery bypass policies are meshsec's iff their
 //! priority is [`ND_BYPASS_PRIORITY`], they have no template, and their
 //! selector is `::/0 -> ::/0`, ICMPv6, type 135 or 136.
+//! Strict mode's range policies (`--protect`, see [`super::protect`]) are
+//! meshsec's iff they have no template, no mark / if_id, a selector on all
+//! protocols and ports, and either priority [`PROTECT_BLOCK_PRIORITY`] with
+//! action block (interface any), or priority [`PROTECT_EXEMPT_PRIORITY`]
+//! with action allow (`in`: interface `lo`; `out`: a host destination).
 //! Both conditions are checked before any delete, and dumps filter by them,
 //! so meshsec never reads, deletes or flushes anybody else's entries.
 
@@ -29,6 +34,16 @@ pub const POLICY_PRIORITY: u32 = 0x6d73; // 28019
 /// better than [`POLICY_PRIORITY`] so they win over the host-pair policies.
 /// They have no template, ICMPv6 selectors on `::/0` and types 135/136.
 pub const ND_BYPASS_PRIORITY: u32 = POLICY_PRIORITY - 1;
+
+/// Priority of strict mode's exemptions for the host's own traffic (allow,
+/// no template): after the per-peer policies (whose selectors never name
+/// our own address as the peer), before the range blocks.
+pub const PROTECT_EXEMPT_PRIORITY: u32 = POLICY_PRIORITY + 1;
+
+/// Priority of strict mode's range blocks: after every other meshsec
+/// policy, so a member's host-pair policy (with its SAs) wins inside a
+/// protected range and everything else there is dropped.
+pub const PROTECT_BLOCK_PRIORITY: u32 = POLICY_PRIORITY + 2;
 
 /// A meshsec-owned reqid: `0x6d73_xxxx`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

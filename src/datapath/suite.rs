@@ -380,6 +380,78 @@ pub(crate) fn sas(dp: &mut dyn Datapath, aead: Aead) {
     );
 }
 
+/// Strict mode's range policies: add, dump (exact, owned only), duplicate,
+/// delete, delete-missing, batch apply, the ND bypass for IPv6, flush.
+/// `foreign` is somebody else's policy on the selector of
+/// `RangePolicy::block("10.77.0.0/16")[0]` (already installed by the caller).
+pub(crate) fn range_policies(dp: &mut dyn Datapath) {
+    assert!(dp.dump_range_policies().unwrap().is_empty());
+    let v4: Prefix = "10.9.0.0/24".parse().unwrap();
+    let v6: Prefix = "fd00:9::/64".parse().unwrap();
+    let want = super::range_policies(&[v4, v6], &[ip("10.9.0.1"), ip("fd00:9::1")]);
+    assert_eq!(want.len(), 8);
+    for p in &want {
+        dp.install_range_policy(p).unwrap();
+    }
+    assert_eq!(
+        dp.nd_bypass_count().unwrap(),
+        4,
+        "IPv6 blocks bring the ND bypass"
+    );
+    let mut got = dp.dump_range_policies().unwrap();
+    got.sort();
+    assert_eq!(got, want);
+    let (hosts, ranges) = dp.dump_all_policies().unwrap();
+    assert!(
+        hosts.is_empty(),
+        "range policies are not host-pair policies: {hosts:?}"
+    );
+    assert_eq!(ranges.len(), 8);
+    let e = dp.install_range_policy(&want[0]).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+
+    // Somebody else's policy on a range selector is neither listed nor deleted.
+    let foreign = RangePolicy::block("10.77.0.0/16".parse().unwrap())[0];
+    assert!(!dp.dump_range_policies().unwrap().contains(&foreign));
+    assert_eq!(
+        dp.delete_range_policy(&foreign).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+
+    dp.delete_range_policy(&want[0]).unwrap();
+    assert_eq!(
+        dp.delete_range_policy(&want[0]).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(dp.dump_range_policies().unwrap().len(), 7);
+
+    // Batch: put the deleted one back, remove the IPv6 ones, add a range.
+    let extra = RangePolicy::block("10.10.0.0/16".parse().unwrap());
+    let mut changes = vec![Change::AddRange(want[0])];
+    changes.extend(extra.iter().map(|p| Change::AddRange(*p)));
+    changes.extend(
+        want.iter()
+            .filter(|p| p.src.addr().is_ipv6())
+            .map(|p| Change::DeleteRange(*p)),
+    );
+    changes.push(Change::DeleteRange(foreign));
+    let res = dp.apply(&changes);
+    let n = res.len();
+    assert!(res[..n - 1].iter().all(|r| r.is_ok()), "{res:?}");
+    assert_eq!(res[n - 1].as_ref().unwrap_err().kind(), ErrorKind::NotFound);
+    let got = dp.dump_range_policies().unwrap();
+    assert_eq!(got.len(), 6, "{got:#?}");
+    assert!(got.iter().all(|p| p.src.addr().is_ipv4()));
+
+    let report = dp.flush_owned().unwrap();
+    assert_eq!(
+        report.policies,
+        6 + 4,
+        "ranges and the ND bypass: {report:?}"
+    );
+    assert!(dp.dump_range_policies().unwrap().is_empty());
+}
+
 #[cfg(test)]
 mod memory_tests {
     use super::*;
@@ -415,6 +487,13 @@ mod memory_tests {
             ))
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+    }
+
+    #[test]
+    fn memory_range_policies() {
+        let mut m = MemoryDatapath::new();
+        m.add_foreign_range_policy(RangePolicy::block("10.77.0.0/16".parse().unwrap())[0]);
+        range_policies(&mut m);
     }
 
     #[test]

@@ -33,6 +33,11 @@ pub struct MeshReport {
     pub blocked: Vec<super::Blocked>,
     /// Claims on addresses bound to another peer (ignored).
     pub conflicts: Vec<super::Conflict>,
+    /// Strict mode's protected ranges.
+    pub protect: Vec<crate::datapath::Prefix>,
+    /// Strict mode's policies (blocks and exemptions) in the kernel at the
+    /// last reconcile.
+    pub range_policies: usize,
 }
 
 /// Start of a confirmation probe (see [`Mesh::poll_probe`]), followed by
@@ -92,6 +97,13 @@ pub enum MeshCommand {
         secrets: Secrets,
         /// The outcome.
         reply: tokio::sync::oneshot::Sender<Result<(), crate::handshake::ConfigError>>,
+    },
+    /// Replace strict mode's protected ranges (reload).
+    SetProtect {
+        /// The ranges.
+        ranges: Vec<crate::datapath::Prefix>,
+        /// Answered once the mesh has them (the next reconcile applies them).
+        reply: tokio::sync::oneshot::Sender<()>,
     },
     /// Answer at once: proves the driver's loop is turning (the service
     /// watchdog, see `crate::notify`).
@@ -419,6 +431,10 @@ pub async fn run(
                 MeshCommand::SetKeyring { secrets, reply } => {
                     let _ = reply.send(mesh.set_keyring(Instant::now(), &secrets.0, dp.as_mut()));
                 }
+                MeshCommand::SetProtect { ranges, reply } => {
+                    mesh.set_protect(ranges);
+                    let _ = reply.send(());
+                }
                 MeshCommand::Ping { reply } => {
                     let _ = reply.send(());
                 }
@@ -440,6 +456,8 @@ pub async fn run(
                 handshake: mesh.handshake_counters(),
                 blocked: mesh.blocked(),
                 conflicts: mesh.conflicts().to_vec(),
+                protect: mesh.protect().to_vec(),
+                range_policies: mesh.range_policies_installed(),
             }));
         }
     };

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::datapath::{
-    AddressFamily, Aead, Datapath, Lifetimes, PolicySpec, Reqid, SaCounters, SaId, SaSpec,
+    AddressFamily, Aead, Datapath, Lifetimes, PolicySpec, Prefix, Reqid, SaCounters, SaId, SaSpec,
 };
 use crate::handshake::{
     Config as HsConfig, Counters as HandshakeCounters, Endpoint, Event, PublicKey, Role, Session,
@@ -196,6 +196,10 @@ pub struct Mesh {
     key_claims: std::collections::BTreeSet<(String, PublicKey)>,
     /// When the initiations of the last second started (the per-second cap).
     started: std::collections::VecDeque<Instant>,
+    /// Strict mode's protected ranges (`--protect`).
+    protect: Vec<Prefix>,
+    /// meshsec's range policies in the kernel at the last look.
+    range_policies_seen: usize,
 }
 
 struct Adopted {
@@ -250,6 +254,8 @@ impl Mesh {
             conflicts: Vec::new(),
             key_claims: Default::default(),
             started: std::collections::VecDeque::new(),
+            protect: Vec::new(),
+            range_policies_seen: 0,
         })
     }
 
@@ -433,6 +439,28 @@ impl Mesh {
             }
         }
         Ok(())
+    }
+
+    /// Sets strict mode's protected ranges (at start, and on reload). The
+    /// next reconcile installs the policies of new ranges and removes those
+    /// of ranges no longer listed (also ones a previous run left).
+    pub fn set_protect(&mut self, ranges: Vec<Prefix>) {
+        if ranges != self.protect {
+            info!(ranges = %ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","), "protected ranges set");
+            self.protect = ranges;
+            self.dirty = true;
+        }
+    }
+
+    /// The protected ranges.
+    pub fn protect(&self) -> &[Prefix] {
+        &self.protect
+    }
+
+    /// How many of strict mode's policies (blocks and exemptions) the kernel
+    /// held at the last reconcile.
+    pub fn range_policies_installed(&self) -> usize {
+        self.range_policies_seen
     }
 
     /// Re-keys every link (or those to `peer_name`) now. Returns how many.

@@ -170,6 +170,8 @@ fn kinds(changes: &[Change]) -> Vec<String> {
             Change::DeleteSa(id) => format!("del-sa {id}"),
             Change::AddPolicy(p) => format!("add-pol {}", p.id),
             Change::DeletePolicy(id) => format!("del-pol {id}"),
+            Change::AddRange(p) => format!("add-range {p}"),
+            Change::DeleteRange(p) => format!("del-range {p}"),
         })
         .collect()
 }

@@ -13,8 +13,8 @@ use super::guard::{BlockReason, Blocked};
 use super::plan::{self, desired, sa_ids, AdoptedPlan};
 use super::{backoff, jittered, Adopted, Mesh, INBOUND_LIMIT_DELAY, KERNEL_EVENT_DELAY};
 use crate::datapath::{
-    AddressFamily, Change, Datapath, Direction, ErrorKind, KernelEvent, KernelState, PolicySpec,
-    SaCounters, SaId, SaSpec,
+    range_policies, AddressFamily, Change, Datapath, Direction, ErrorKind, KernelEvent,
+    KernelState, PolicySpec, SaCounters, SaId, SaSpec,
 };
 use crate::handshake::Role;
 
@@ -102,15 +102,18 @@ impl Mesh {
     /// Reads the kernel's meshsec-owned SAs and policies (and the SAs'
     /// counters, for the listing and the soft-limit check).
     fn observe(&mut self, now: Instant, dp: &mut dyn Datapath) -> Option<KernelState> {
-        let dumped = match (dp.dump_sas(), dp.dump_policies()) {
-            (Ok(s), Ok(p)) => (s, p),
+        let dumped = match (dp.dump_sas(), dp.dump_all_policies()) {
+            (Ok(s), Ok((p, r))) => (s, p, r),
             (Err(e), _) | (_, Err(e)) => {
                 self.log_error(now, &format!("cannot read the kernel's XFRM state: {e}"));
                 return None;
             }
         };
         self.kernel_counters = dumped.0.iter().map(|s| (s.id(), s.counters)).collect();
-        Some(KernelState::from_dumps(&dumped.0, &dumped.1))
+        self.range_policies_seen = dumped.2.len();
+        let mut state = KernelState::from_dumps(&dumped.0, &dumped.1);
+        state.ranges = dumped.2.into_iter().collect();
+        Some(state)
     }
 
     /// Confirmation: the initiator's first ESP packet on a pending session's
@@ -174,7 +177,10 @@ impl Mesh {
             policies: &kept_policies,
         };
         let links = self.links.values().map(|l| l.plan());
-        let desired = desired(links, adopted, actual, self.config.lifetimes);
+        let mut desired = desired(links, adopted, actual, self.config.lifetimes);
+        desired.ranges = range_policies(&self.protect, &self.self_addrs)
+            .into_iter()
+            .collect();
         let wanted_by: HashMap<SaId, u64> = self
             .links
             .values()

@@ -1732,3 +1732,52 @@ fn pairs_protected_before_a_reboot_stay_blocked_until_their_links_rekey() {
         .iter()
         .all(|l| l.state == LinkState::Established));
 }
+
+/// Strict mode: the protected ranges' policies are part of the desired
+/// state, so the reconciler installs them, takes them over unchanged after
+/// a restart, removes a range dropped by a reload (or by a restart without
+/// it), and never touches somebody else's policy.
+#[test]
+fn protected_ranges_are_reconciled_adopted_and_removed() {
+    use crate::datapath::{Prefix, RangePolicy};
+    let mut now = Instant::now();
+    let mut nodes = mesh_of(2, now);
+    let v4: Prefix = "192.0.2.0/24".parse().unwrap();
+    let v6: Prefix = "2001:db8::/64".parse().unwrap();
+    let foreign = RangePolicy::block("198.51.100.0/24".parse().unwrap())[0];
+    nodes[0].dp.add_foreign_range_policy(foreign);
+    nodes[0].mesh.set_protect(vec![v4, v6]);
+    run(&mut nodes, &mut now, 20, Duration::from_millis(100), |_| {
+        false
+    });
+    // Per range: two blocks, the lo exemption, our own address's exemption.
+    let ranges = nodes[0].dp.dump_range_policies().unwrap();
+    assert_eq!(ranges.len(), 8, "{ranges:#?}");
+    assert!(ranges.contains(&RangePolicy::local_out(nodes[0].addrs[1])));
+    assert_eq!(nodes[0].mesh.range_policies_installed(), 8);
+    // The members' links (inside the ranges) are up beside the blocks.
+    assert_eq!(nodes[0].dp.dump_policies().unwrap().len(), 4);
+    assert!(nodes[1].dp.dump_range_policies().unwrap().is_empty());
+
+    // kill -9 and start again with the same ranges: nothing to change.
+    restart(&mut nodes[0], [1; 32], now);
+    nodes[0].mesh.set_protect(vec![v4, v6]);
+    resync(&mut nodes[0], now);
+    assert_eq!(nodes[0].dp.dump_range_policies().unwrap(), ranges);
+    assert_eq!(nodes[0].mesh.counters().changes_applied, 0);
+
+    // Reload without the IPv6 range: its policies go, the IPv4 ones stay.
+    nodes[0].mesh.set_protect(vec![v4]);
+    resync(&mut nodes[0], now);
+    let left = nodes[0].dp.dump_range_policies().unwrap();
+    assert_eq!(left.len(), 4, "{left:#?}");
+    assert!(left.iter().all(|p| p.src.addr().is_ipv4()));
+
+    // A restart with no range configured removes the rest.
+    restart(&mut nodes[0], [1; 32], now);
+    resync(&mut nodes[0], now);
+    assert!(nodes[0].dp.dump_range_policies().unwrap().is_empty());
+    // Somebody else's policy on a range selector is still there.
+    let e = nodes[0].dp.install_range_policy(&foreign).unwrap_err();
+    assert_eq!(e.kind(), crate::datapath::ErrorKind::AlreadyExists);
+}

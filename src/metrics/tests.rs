@@ -60,6 +60,7 @@ fn status() -> Status {
             total: 11,
         },
         clock_offsets: vec![],
+        protect: Default::default(),
     };
     s.gossip.dropped_bad_tag = 13;
     s.gossip.sealed_out_datagrams = 100;

@@ -11,14 +11,19 @@ use netlink_packet_xfrm::{
     state::{AllocSpiMessage, DelGetMessage as SaDelGetMessage, ModifyMessage as SaModifyMessage},
     Address, Alg, AlgAead, Id, LifetimeConfig, ReplayEsn, Selector, UserPolicyId, UserPolicyInfo,
     UserSaId, UserSaInfo, UserSpiInfo, UserTemplate, XfrmAttrs, AF_INET, AF_INET6, IPPROTO_ESP,
-    XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW, XFRM_POLICY_IN, XFRM_POLICY_OUT,
-    XFRM_SHARE_ANY, XFRM_STATE_ESN, XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_INFO_LEN,
+    XFRM_INF, XFRM_MODE_TRANSPORT, XFRM_POLICY_ALLOW, XFRM_POLICY_BLOCK, XFRM_POLICY_IN,
+    XFRM_POLICY_OUT, XFRM_SHARE_ANY, XFRM_STATE_ESN, XFRM_USER_POLICY_INFO_LEN,
+    XFRM_USER_SA_INFO_LEN,
 };
 
-use super::super::ownership::{is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY};
+use super::super::ownership::{
+    is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY, PROTECT_BLOCK_PRIORITY,
+    PROTECT_EXEMPT_PRIORITY,
+};
 use super::super::{
-    Aead, Direction, ForeignPolicy, Lifetimes, PolicyId, PolicySpec, PolicyState, Reqid,
-    SaCounters, SaId, SaSpec, SaState, ICV_BITS, MIN_INBOUND_REPLAY_WINDOW,
+    Aead, Direction, ForeignPolicy, Lifetimes, PolicyId, PolicySpec, PolicyState, Prefix,
+    RangePolicy, RangeRule, Reqid, SaCounters, SaId, SaSpec, SaState, ICV_BITS,
+    MIN_INBOUND_REPLAY_WINDOW,
 };
 use super::KernelFlavor;
 
@@ -237,6 +242,95 @@ pub(super) fn policy_id_message(id: PolicyId, index: u32) -> PolicyDelGetMessage
     }
 }
 
+fn range_selector(p: &RangePolicy) -> Selector {
+    let mut s = Selector::default();
+    s.source_prefix(&p.src.addr(), p.src.len());
+    s.destination_prefix(&p.dst.addr(), p.dst.len());
+    s.ifindex = p.ifindex();
+    s
+}
+
+fn range_priority_action(rule: RangeRule) -> (u32, u8) {
+    match rule {
+        RangeRule::Block => (PROTECT_BLOCK_PRIORITY, XFRM_POLICY_BLOCK),
+        RangeRule::Exempt => (PROTECT_EXEMPT_PRIORITY, XFRM_POLICY_ALLOW),
+    }
+}
+
+/// The `XFRM_MSG_NEWPOLICY` body of a strict-mode range policy: prefix
+/// selectors, all protocols, no template; block or (exemption) allow.
+pub(crate) fn range_policy_message(p: &RangePolicy) -> PolicyModifyMessage {
+    let (priority, action) = range_priority_action(p.rule);
+    PolicyModifyMessage {
+        user_policy_info: UserPolicyInfo {
+            selector: range_selector(p),
+            lifetime_cfg: LifetimeConfig::default(),
+            priority,
+            direction: policy_dir(p.direction),
+            action,
+            share: XFRM_SHARE_ANY,
+            ..Default::default()
+        },
+        nlas: Vec::new(),
+    }
+}
+
+/// Delete (or get) a range policy by its kernel index.
+pub(super) fn range_id_message(p: &RangePolicy, index: u32) -> PolicyDelGetMessage {
+    PolicyDelGetMessage {
+        user_policy_id: UserPolicyId {
+            selector: range_selector(p),
+            index,
+            direction: policy_dir(p.direction),
+        },
+        nlas: Vec::new(),
+    }
+}
+
+/// Recognise one of strict mode's range policies by the ownership rule
+/// (see [`super::super::ownership`]); returns it with its kernel index.
+/// Never panics on short or hostile input.
+pub(crate) fn parse_range_policy(payload: &[u8]) -> Option<(RangePolicy, u32)> {
+    if payload.len() < XFRM_USER_POLICY_INFO_LEN {
+        return None;
+    }
+    let msg = PolicyModifyMessage::parse(payload).ok()?;
+    let i = &msg.user_policy_info;
+    let rule = match (i.priority, i.action) {
+        (PROTECT_BLOCK_PRIORITY, XFRM_POLICY_BLOCK) => RangeRule::Block,
+        (PROTECT_EXEMPT_PRIORITY, XFRM_POLICY_ALLOW) => RangeRule::Exempt,
+        _ => return None,
+    };
+    let direction = match i.direction {
+        XFRM_POLICY_IN => Direction::In,
+        XFRM_POLICY_OUT => Direction::Out,
+        _ => return None,
+    };
+    for nla in &msg.nlas {
+        match nla {
+            XfrmAttrs::Template(_) => return None,
+            XfrmAttrs::Mark(m) if m.mask != 0 => return None,
+            XfrmAttrs::IfId(id) if *id != 0 => return None,
+            _ => {}
+        }
+    }
+    let s = &i.selector;
+    if s.proto != 0 || s.sport_mask != 0 || s.dport_mask != 0 || s.user != 0 {
+        return None;
+    }
+    let max = host_prefix_for(s.family)?;
+    if s.prefixlen_s > max || s.prefixlen_d > max {
+        return None;
+    }
+    let p = RangePolicy {
+        src: Prefix::new(addr_of(&s.saddr, s.family)?, s.prefixlen_s)?,
+        dst: Prefix::new(addr_of(&s.daddr, s.family)?, s.prefixlen_d)?,
+        direction,
+        rule,
+    };
+    (p.ifindex() == s.ifindex).then_some((p, i.index))
+}
+
 const IPPROTO_ICMPV6: u8 = 58;
 /// (policy direction, ICMPv6 type) of the neighbour-discovery bypasses.
 pub(super) const ND_BYPASS: [(u8, u16); 4] = [
@@ -436,6 +530,7 @@ pub(crate) fn parse_foreign_policy(payload: &[u8]) -> Option<ForeignPolicy> {
     if payload.len() < XFRM_USER_POLICY_INFO_LEN
         || parse_policy(payload).is_some()
         || parse_nd_policy(payload).is_some()
+        || parse_range_policy(payload).is_some()
     {
         return None;
     }

@@ -538,6 +538,108 @@ fn kernel_ownership() {
 }
 
 #[test]
+fn range_policy_bytes_round_trip_and_hostile_input() {
+    use super::super::{Prefix, RangePolicy};
+    use super::msg::{parse_range_policy, range_policy_message};
+    let r: Prefix = "fd00:9::/64".parse().unwrap();
+    let all = super::super::range_policies(&[r], &[suite::ip("fd00:9::1")]);
+    for p in &all {
+        let b = emit(XfrmMessage::AddPolicy(range_policy_message(p)));
+        let (back, _) = parse_range_policy(&b).expect("ours");
+        assert_eq!(back, *p);
+        assert!(parse_policy(&b).is_none(), "not a host-pair policy");
+        assert!(parse_foreign_policy(&b).is_none(), "not foreign: {p}");
+        for cut in [0, 10, b.len() / 2, b.len() - 1] {
+            let _ = parse_range_policy(&b[..cut]);
+        }
+    }
+    // Same selector, another priority (somebody else's block): not ours.
+    let block = RangePolicy::block(r)[0];
+    let mut m = range_policy_message(&block);
+    m.user_policy_info.priority = 10;
+    let b = emit(XfrmMessage::AddPolicy(m));
+    assert!(parse_range_policy(&b).is_none());
+    assert!(parse_foreign_policy(&b).is_some());
+    // An inbound exemption off `lo` would let anyone in: not ours.
+    let lo = RangePolicy::loopback_in(r);
+    let mut m = range_policy_message(&lo);
+    m.user_policy_info.selector.ifindex = 0;
+    assert!(parse_range_policy(&emit(XfrmMessage::AddPolicy(m))).is_none());
+}
+
+#[test]
+#[ignore = "needs root; run with --ignored"]
+fn kernel_range_policies() {
+    fresh_netns();
+    sh_ok("ip xfrm policy add src 0.0.0.0/0 dst 10.77.0.0/16 dir out priority 100 action block");
+    let mut dp = XfrmDatapath::open().unwrap();
+    suite::range_policies(&mut dp);
+    let pol = sh_ok("ip xfrm policy");
+    assert!(
+        pol.contains("priority 100"),
+        "foreign policy survived: {pol}"
+    );
+    // What `ip` sees of one range.
+    let r = "10.50.0.0/24".parse().unwrap();
+    for p in super::super::range_policies(&[r], &[suite::ip("10.50.0.1")]) {
+        dp.install_range_policy(&p).unwrap();
+    }
+    let shown = sh_ok("ip xfrm policy");
+    eprintln!("{shown}");
+    assert!(
+        shown.contains("src 0.0.0.0/0 dst 10.50.0.0/24 \n\tdir out action block priority 28021"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("src 10.50.0.0/24 dst 0.0.0.0/0 \n\tdir in action block priority 28021"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("src 10.50.0.0/24 dst 0.0.0.0/0 dev lo \n\tdir in priority 28020"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("src 0.0.0.0/0 dst 10.50.0.1/32 \n\tdir out priority 28020"),
+        "{shown}"
+    );
+}
+
+/// Strict mode in the kernel, IPv6 (the family whose local traffic meets
+/// XFRM): another host in the range is unreachable in clear, the host still
+/// reaches its own address, neighbour discovery still answers.
+#[test]
+#[ignore = "needs root; run with --ignored"]
+fn kernel_range_blocks_others_but_not_the_host_itself() {
+    fresh_netns();
+    sh_ok("ip link set lo up; ip link add v0 type veth peer name v1; ip link set v0 up; ip link set v1 up; ip addr add fd09::1/64 dev v0 nodad; ip addr add 10.51.0.1/24 dev v0");
+    let mut dp = XfrmDatapath::open().unwrap();
+    let ranges: Vec<super::super::Prefix> = vec![
+        "fd09::/64".parse().unwrap(),
+        "10.51.0.0/24".parse().unwrap(),
+    ];
+    for p in super::super::range_policies(&ranges, &[suite::ip("fd09::1"), suite::ip("10.51.0.1")])
+    {
+        dp.install_range_policy(&p).unwrap();
+    }
+    let ping = |a: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("ping -c1 -W1 {a} >/dev/null 2>&1"))
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(ping("fd09::1"), "the host reaches its own address");
+    assert!(ping("-I ::1 fd09::1"), "from loopback too");
+    assert!(ping("10.51.0.1"));
+    // Refused by policy at the sender (EPERM), not merely unanswered.
+    for other in ["fd09::5", "10.51.0.5"] {
+        let out = sh(&format!("ping -c1 -W1 {other}"));
+        assert!(out.contains("not permitted"), "{other} is blocked: {out}");
+    }
+}
+
+#[test]
 #[ignore = "needs root; run with --ignored"]
 fn kernel_alloc_spi() {
     fresh_netns();
