@@ -1273,7 +1273,7 @@ mod tests {
             })
             .await
         };
-        let ok = eventually(Duration::from_secs(10), || async { kvs().await == 1_202 }).await;
+        let ok = eventually(Duration::from_secs(30), || async { kvs().await == 1_202 }).await;
         let (ca, cb) = (ta.counters().snapshot(), tb.counters().snapshot());
         assert!(ok, "b has {} key-values; a: {ca:?}; b: {cb:?}", kvs().await);
         assert!(
