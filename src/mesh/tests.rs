@@ -1781,3 +1781,39 @@ fn protected_ranges_are_reconciled_adopted_and_removed() {
     let e = nodes[0].dp.install_range_policy(&foreign).unwrap_err();
     assert_eq!(e.kind(), crate::datapath::ErrorKind::AlreadyExists);
 }
+
+/// Hole: a reload that widens a range (10.0.0.0/24 -> 10.0.0.0/16) plans "add the /16
+/// blocks, then delete the /24 blocks", but the changes are applied independently: when an
+/// add fails (here somebody else's policy on the /16 selector: EEXIST; in the kernel also
+/// ENOBUFS, or the ND bypass failing for IPv6), the delete still runs and the /24 is left
+/// with no block at all: plaintext to hosts that were protected a moment before.
+#[test]
+#[ignore = "hole: a failed range add does not hold back the delete of the range it replaces"]
+fn a_failed_range_add_does_not_release_the_old_range() {
+    use crate::datapath::{Prefix, RangePolicy};
+    let now = Instant::now();
+    let mut nodes = mesh_of(2, now);
+    let narrow: Prefix = "192.0.2.0/25".parse().unwrap();
+    let wide: Prefix = "192.0.2.0/24".parse().unwrap();
+    nodes[0].mesh.set_protect(vec![narrow]);
+    resync(&mut nodes[0], now);
+    let blocks = RangePolicy::block(narrow);
+    let held = nodes[0].dp.dump_range_policies().unwrap();
+    assert!(blocks.iter().all(|b| held.contains(b)), "{held:#?}");
+    // Somebody else's policy sits on the wide range's outbound selector.
+    nodes[0]
+        .dp
+        .add_foreign_range_policy(RangePolicy::block(wide)[0]);
+    nodes[0].mesh.set_protect(vec![wide]);
+    resync(&mut nodes[0], now);
+    let held = nodes[0].dp.dump_range_policies().unwrap();
+    let out_covered = held.iter().any(|p| {
+        p.rule == crate::datapath::RangeRule::Block
+            && p.direction == crate::datapath::Direction::Out
+            && p.dst.contains("192.0.2.9".parse().unwrap())
+    });
+    assert!(
+        out_covered,
+        "nothing blocks 192.0.2.9 outbound any more: {held:#?}"
+    );
+}
