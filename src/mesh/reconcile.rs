@@ -202,8 +202,42 @@ impl Mesh {
         if changes.is_empty() {
             return failed_sas;
         }
-        let results = dp.apply(changes);
-        for (change, result) in changes.iter().zip(results) {
+        // Policies go only once what replaces them is in: the plan adds before it deletes,
+        // but each change succeeds or fails alone, so a failed add (ENOBUFS, a foreign
+        // policy on the selector) would otherwise still let the old block go and leave
+        // the traffic in clear. Deletes wait for the adds' outcome (a second pipelined
+        // call) and are held back, fail closed, while any policy add fails. A delete
+        // followed by an add of the same policy (a replacement) stays in order.
+        let later = |i: usize| match &changes[i] {
+            Change::DeleteRange(_) => true,
+            Change::DeletePolicy(id) => !matches!(
+                changes.get(i + 1),
+                Some(Change::AddPolicy(p)) if p.id == *id
+            ),
+            _ => false,
+        };
+        let (first, deletes): (Vec<usize>, Vec<usize>) =
+            (0..changes.len()).partition(|&i| !later(i));
+        let first: Vec<Change> = first.into_iter().map(|i| changes[i].clone()).collect();
+        let deletes: Vec<Change> = deletes.into_iter().map(|i| changes[i].clone()).collect();
+        let mut outcomes: Vec<(&Change, _)> = first.iter().zip(dp.apply(&first)).collect();
+        let add_failed = outcomes
+            .iter()
+            .any(|(c, r)| matches!(c, Change::AddPolicy(_) | Change::AddRange(_)) && r.is_err());
+        if add_failed && !deletes.is_empty() {
+            self.counters.changes_failed += deletes.len() as u64;
+            self.log_error(
+                now,
+                &format!(
+                    "a policy could not be added; {} policy deletion(s) held back until it is (traffic stays blocked, never clear)",
+                    deletes.len()
+                ),
+            );
+            // The next resync tries again.
+        } else {
+            outcomes.extend(deletes.iter().zip(dp.apply(&deletes)));
+        }
+        for (change, result) in outcomes {
             let result = match (change, result) {
                 (Change::FillSa(sa), Err(e)) if e.kind() == ErrorKind::NotFound => {
                     dp.install_sa(sa)
