@@ -303,9 +303,30 @@ impl AgentConfig {
             None => Ok(Vec::new()),
             Some(path) => {
                 let file = read_file(path)?;
-                parse_protect("config key \"protect\"", &file.protect.unwrap_or_default())
+                let key = "config key \"protect\"";
+                let protect = parse_protect(key, &file.protect.unwrap_or_default())?;
+                protect_fits_listen(key, &protect, self.listen)?;
+                Ok(protect)
             }
         }
+    }
+}
+
+/// The gossip socket is exempt from strict mode by a socket policy of its own
+/// family; the kernel ignores it for the other family, so a dual-stack `[::]`
+/// socket's IPv4 gossip would be dropped by an IPv4 range (found in review).
+fn protect_fits_listen(
+    key: &str,
+    protect: &[Prefix],
+    listen: SocketAddr,
+) -> Result<(), ConfigError> {
+    let v4 = protect.iter().find(|p| p.addr().is_ipv4());
+    match (v4, listen.ip()) {
+        (Some(p), IpAddr::V6(ip)) if ip.is_unspecified() => Err(ConfigError::new(
+            key,
+            format!("{p} is IPv4 but gossip listens on {listen}, a dual-stack socket whose IPv4 gossip strict mode would drop; listen on 0.0.0.0 or an IPv4 address"),
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -698,6 +719,15 @@ impl AgentConfig {
                 file.protect.as_deref().unwrap_or_default(),
             )?
         };
+        protect_fits_listen(
+            if protect_from_flags {
+                "--protect"
+            } else {
+                "config key \"protect\""
+            },
+            &protect,
+            listen,
+        )?;
 
         Ok(AgentConfig {
             protect,
@@ -1022,6 +1052,18 @@ mod tests {
         let e = AgentConfig::merge(&f, FileConfig::default()).unwrap_err();
         assert!(e.to_string().starts_with("--protect: ::/0 overlaps"), "{e}");
         assert!(!e.to_string().contains('\n'));
+
+        // A dual-stack wildcard cannot be exempted from IPv4 ranges.
+        f.listen = Some("[::]:7000".into());
+        f.advertise = Some("192.0.2.1".into());
+        f.protect = vec!["10.0.0.0/24".into()];
+        let e = AgentConfig::merge(&f, FileConfig::default()).unwrap_err();
+        assert_eq!(e.key, "--protect");
+        assert!(e.reason.contains("dual-stack"), "{e}");
+        f.protect = vec!["fd00::/64".into()];
+        AgentConfig::merge(&f, FileConfig::default()).expect("IPv6 ranges fit [::]");
+        f.listen = Some("192.0.2.1:7000".into());
+        f.advertise = None;
 
         f.protect = vec![];
         let file = parse_file("protect = [\"10.1.0.0/16\", \"banana\"]").unwrap();

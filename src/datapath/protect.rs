@@ -165,7 +165,7 @@ impl FromStr for Prefix {
 /// router advertisements and redirects, multicast carries MLD and DAD) that
 /// no peer could ever key.
 pub fn reserved_overlap(range: &Prefix) -> Option<(&'static str, Prefix)> {
-    const RESERVED: [(&str, &str); 9] = [
+    const RESERVED: [(&str, &str); 10] = [
         ("0.0.0.0/8", "\"this network\""),
         ("127.0.0.0/8", "loopback"),
         ("169.254.0.0/16", "link-local"),
@@ -175,6 +175,11 @@ pub fn reserved_overlap(range: &Prefix) -> Option<(&'static str, Prefix)> {
         ("::1/128", "loopback"),
         ("fe80::/10", "link-local (router advertisements, redirects)"),
         ("ff00::/8", "multicast (neighbour discovery, MLD)"),
+        // IPv4 packets never match an IPv6 selector: such a range protects nothing.
+        (
+            "::ffff:0:0/96",
+            "IPv4-mapped addresses (protect the IPv4 range itself)",
+        ),
     ];
     RESERVED.iter().find_map(|(p, what)| {
         let p: Prefix = p.parse().expect("constant prefixes parse");
@@ -334,6 +339,7 @@ mod tests {
         assert!(reserved_overlap(&p("0.0.0.0/0")).is_some());
         assert!(reserved_overlap(&p("::/0")).is_some());
         assert_eq!(reserved_overlap(&p("127.0.0.0/16")).unwrap().0, "loopback");
+        assert!(reserved_overlap(&p("::ffff:10.0.0.0/104")).is_some());
         assert!(reserved_overlap(&p("fe80::/64")).is_some());
         assert!(reserved_overlap(&p("ff02::/16")).is_some());
         assert!(reserved_overlap(&p("10.0.0.0/8")).is_none());
