@@ -651,9 +651,12 @@ fn print_reply(reply: &Reply, json: bool) {
             println!("leaving the cluster; the agent removes its SAs and policies and exits")
         }
         Reply::Reloaded(r) => println!(
-            "keyring reloaded: {} secret(s), gossip key ids {} (the first seals)",
+            "reloaded: keyring {} secret(s), gossip key ids {} (the first seals); {} CA key(s), {} blocklisted, certificate {}",
             r.secrets,
-            r.key_ids.join(", ")
+            r.key_ids.join(", "),
+            r.cas,
+            r.blocklisted,
+            r.cert.as_deref().unwrap_or("none")
         ),
         Reply::Error(e) => eprintln!("agent: {e}"),
     }
@@ -802,6 +805,12 @@ pub fn render_members(members: &[MemberRow]) -> String {
                 m.name, m.name
             ));
         }
+        if let Some(r) = &m.refused {
+            out.push_str(&format!(
+                "refused: {}: {r} (cluster CA or blocklist); it gets no links\n",
+                m.name
+            ));
+        }
     }
     if !links.is_empty() {
         out.push('\n');
@@ -872,6 +881,59 @@ fn render_status(s: &Status) -> String {
     ) + &render_blocked(&s.blocked)
         + &render_conflicts(&s.conflicts)
         + &render_identity_conflicts(&s.identity_conflicts)
+        + &render_trust(s)
+}
+
+/// The certificate line, the CAs, the blocklist and the trust refusals.
+fn render_trust(s: &Status) -> String {
+    let now = unix_now();
+    let mut out = match &s.cert {
+        Some(c) => format!(
+            "certificate:  {} from CA {}, ranges {}, valid until {} ({}){}\n",
+            c.info.fingerprint,
+            c.info.ca_key_id,
+            c.info.ranges.join(","),
+            c.info.not_after,
+            expiry_text(c.info.not_after, now),
+            if c.expiring {
+                ": renew it (meshsec ca sign, then meshsec reload)"
+            } else {
+                ""
+            }
+        ),
+        None => "certificate:  none\n".into(),
+    };
+    out.push_str(&format!(
+        "trust:        {}, {} blocklisted fingerprint(s)\n",
+        if s.cas.is_empty() {
+            "no CA (certificates not required)".to_string()
+        } else {
+            format!("CA {}", s.cas.join(", "))
+        },
+        s.blocklisted
+    ));
+    let totals: Vec<String> = s
+        .trust_refusals
+        .totals
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    out.push_str(&format!(
+        "refused:      {} record(s) now; so far: {}\n",
+        s.trust_refusals.current.len(),
+        if totals.is_empty() {
+            "none".to_string()
+        } else {
+            totals.join(" ")
+        }
+    ));
+    for r in &s.trust_refusals.current {
+        out.push_str(&format!(
+            "              {} (generation {}, signing key {}): {}\n",
+            r.name, r.generation, r.signing_fingerprint, r.reason
+        ));
+    }
+    out
 }
 
 /// ESP GSO offload per family, e.g. `v4 loaded, v6 absent: ESP without GSO`
@@ -981,6 +1043,8 @@ mod tests {
             is_self: false,
             links: vec![],
             identity_conflict: None,
+            refused: None,
+            cert_not_after: None,
         };
         let out = render_members(&[
             m("a", MemberState::Alive),

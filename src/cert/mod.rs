@@ -421,6 +421,12 @@ impl Certificate {
     /// Checks the CA signature and the validity window at `now` (seconds
     /// since the epoch) against the trusted CA keys.
     pub fn verify(&self, cas: &[SigningPublicKey], now: u64) -> Result<(), Refusal> {
+        self.verify_signature(cas)?;
+        self.check_time(now)
+    }
+
+    /// Checks the CA signature alone (the costly part: callers may cache it).
+    pub fn verify_signature(&self, cas: &[SigningPublicKey]) -> Result<(), Refusal> {
         let ca = cas
             .iter()
             .find(|k| key_id(k) == self.ca_key_id)
@@ -428,7 +434,7 @@ impl Certificate {
         if !ca.verify(&self.signed_bytes(), &self.signature) {
             return Err(Refusal::BadCertSignature);
         }
-        self.check_time(now)
+        Ok(())
     }
 
     /// The validity window alone.
@@ -691,6 +697,22 @@ impl Trust {
         cert: Option<&str>,
         now: u64,
     ) -> Result<Option<Certificate>, Refusal> {
+        self.judge_with(name, key, addrs, cert, now, &mut |c| {
+            c.verify_signature(&self.cas)
+        })
+    }
+
+    /// [`Trust::judge`] with the signature check supplied (a cache of
+    /// [`Certificate::verify_signature`] under these CAs).
+    pub fn judge_with(
+        &self,
+        name: &str,
+        key: &SigningPublicKey,
+        addrs: &[IpAddr],
+        cert: Option<&str>,
+        now: u64,
+        verify_signature: &mut dyn FnMut(&Certificate) -> Result<(), Refusal>,
+    ) -> Result<Option<Certificate>, Refusal> {
         let parsed = cert.map(Certificate::from_text);
         let decoded = parsed.as_ref().and_then(|p| p.as_ref().ok());
         if self.blocklist.blocks(key, decoded) {
@@ -704,7 +726,8 @@ impl Trust {
             Some(Err(_)) => return Err(Refusal::MalformedCert),
             Some(Ok(c)) => c,
         };
-        c.verify(&self.cas, now)?;
+        verify_signature(&c)?;
+        c.check_time(now)?;
         c.check_record(name, key, addrs)?;
         Ok(Some(c))
     }

@@ -51,6 +51,8 @@ fn member(name: &str, n: u8, state: MemberState, heard_ms: u64, links: Vec<LinkR
         is_self: false,
         links,
         identity_conflict: None,
+        refused: None,
+        cert_not_after: None,
     }
 }
 
