@@ -132,18 +132,24 @@ pub fn load_trust(
     let own = match &cfg.cert_file {
         Some(p) => {
             let c = cert::load_cert_file("--cert", p)?;
-            let checked = if cas.is_empty() {
-                // No CA here yet (a roll-out): what can be checked without one.
-                c.check_record(&cfg.node_name, signing, &cfg.data_addresses)
-                    .map_err(|r| r.as_str().to_string())
+            if cas.is_empty() {
+                // No CA here (yet: a roll-out publishes certificates before
+                // hosts require them): published as is; what hosts with a CA
+                // will say is only warned about.
+                if let Err(r) = c
+                    .check_record(&cfg.node_name, signing, &cfg.data_addresses)
+                    .and_then(|()| c.check_time(now))
+                {
+                    warn!(cert = %p.display(), reason = %r, "this node's certificate does not vouch for it: hosts with a CA will refuse its record");
+                }
             } else {
                 cert::check_own(&c, &cas, &cfg.node_name, signing, &cfg.data_addresses, now)
-            };
-            checked.map_err(|reason| cert::FileError {
-                flag: "--cert",
-                path: p.clone(),
-                reason,
-            })?;
+                    .map_err(|reason| cert::FileError {
+                        flag: "--cert",
+                        path: p.clone(),
+                        reason,
+                    })?;
+            }
             Some(c)
         }
         None => None,

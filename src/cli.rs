@@ -147,6 +147,10 @@ enum CaCmd {
         /// Days the certificate is valid from now (1-3650).
         #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..=crate::cert::MAX_VALID_DAYS))]
         valid_for: u64,
+        /// Valid from this time (seconds since the epoch; default: now),
+        /// e.g. to issue a rotation's certificates ahead of time.
+        #[arg(long, value_name = "UNIX_SECS")]
+        not_before: Option<u64>,
         /// Where to write the certificate.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
@@ -319,6 +323,7 @@ fn ca(cmd: CaCmd) -> i32 {
             addrs,
             node_pubkey,
             valid_for,
+            not_before,
             out,
             force,
         } => {
@@ -361,15 +366,11 @@ fn ca(cmd: CaCmd) -> i32 {
                     ),
                 );
             }
-            let now = unix_now();
-            let c = match Certificate::issue(
-                &key,
-                &name,
-                node_key,
-                ranges,
-                now,
-                now + valid_for * 86_400,
-            ) {
+            let from = not_before.unwrap_or_else(unix_now);
+            let Some(until) = from.checked_add(valid_for * 86_400) else {
+                return fail(2, "--not-before: too far in the future");
+            };
+            let c = match Certificate::issue(&key, &name, node_key, ranges, from, until) {
                 Ok(c) => c,
                 Err(e) => return fail(2, e),
             };
