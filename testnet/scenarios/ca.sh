@@ -35,7 +35,7 @@ start() { # start I [extra agent args]
     agent_start "$i" --listen "$(host_ip4 "$i"):9340" --secret-file "$WORK/secret" --node-name "h$i" "${seed[@]}" "$@"
 }
 for i in 1 2 3 4 5 6 7; do mkdir -p "$(agent_state_dir "$i")"; : >"$WORK/h$i/blocklist"; done
-for i in 1 2 3 4; do sign "$i" "$WORK/ca" "$WORK/h$i/cert" --addr "$(host_ip4 "$i")" --valid-for 30; done
+for i in 1 2 3 4; do sign "$i" "$WORK/ca" "$WORK/h$i/cert" --addr "$(host_ip4 "$i")" --valid-for 90; done
 sign 5 "$WORK/ca" "$WORK/h5/cert" --addr "$(host_ip4 5)" --valid-for 30
 sign 6 "$WORK/ca2" "$WORK/h6/cert" --addr "$(host_ip4 6)" --valid-for 30
 sign 7 "$WORK/ca" "$WORK/h7/cert" --addr "$(host_ip4 7)" --not-before $(($(date +%s) - 3 * 86400)) --valid-for 1
@@ -54,41 +54,50 @@ honest_established() {
     local i
     for i in 1 2 3 4; do [[ $(established_links "$i") == 3 ]] || return 1; done
 }
+# (Checked with bash patterns on one JSON dump per host: every exec is slow in the VM.)
 refusals_seen() {
-    local i
+    local i j
     for i in 1 2 3 4; do
-        [[ $(bedq "$i" member-field h5 refused) == address_not_covered ]] || return 1
-        [[ $(bedq "$i" member-field h6 refused) == unknown_ca ]] || return 1
-        [[ $(bedq "$i" member-field h7 refused) == cert_expired ]] || return 1
+        agent_ctl "$i" status --json >"$WORK/h$i/status.json"
+        j=$(<"$WORK/h$i/status.json")
+        [[ $j == *'"address_not_covered":1'* && $j == *'"unknown_ca":1'* && $j == *'"cert_expired":1'* ]] || return 1
     done
 }
-wait_until 60 honest_established
-wait_until 30 refusals_seen
-log "4 CA-signed hosts established, h5/h6/h7 refused, after $((SECONDS - t0)) s"
-nap 3
 HONEST=" $(host_ip4 1) $(host_ip4 2) $(host_ip4 3) $(host_ip4 4) "
+wait_until 90 honest_established
+wait_until 60 refusals_seen
+log "4 CA-signed hosts established, h5/h6/h7 refused, after $((SECONDS - t0)) s"
 for i in 1 2 3 4; do
     assert_eq "$(established_links "$i")" 3 "host $i: established links (none to h5, h6, h7)"
-    on "$i" ip xfrm state >"$WORK/h$i/xfrm-state.txt"
-    for j in 5 6 7; do
-        refute grep -q "$(host_ip4 "$j")" "$WORK/h$i/xfrm-state.txt"
+    x=$(on "$i" ip xfrm state)
+    for a in "$(host_ip4 5)" "$(host_ip6 5)" "$(host_ip4 6)" "$(host_ip4 7)"; do
+        [[ $x != *" $a"* ]] || fail "host $i has an SA with refused address $a"
     done
-    refute grep -q "$(host_ip6 5)" "$WORK/h$i/xfrm-state.txt"
-    for r in address_not_covered unknown_ca cert_expired; do
-        assert_eq "$(bedq "$i" status trust_refusals "$r")" 1 "host $i: refusals $r"
+    j=$(agent_ctl "$i" members --json)
+    for want in 'h5"[^{}]*"refused":"address_not_covered"' 'h6"[^{}]*"refused":"unknown_ca"' \
+        'h7"[^{}]*"refused":"cert_expired"'; do
+        [[ $j =~ \"name\":\"$want ]] || fail "host $i members --json lacks $want"
     done
-    assert_cmp "$(bedq "$i" member-field h2 cert_not_after)" -gt "$(date +%s)" "host $i: h2's certificate expiry listed"
-    agent_ctl "$i" status >"$WORK/h$i/status.txt"
-    grep -q '^certificate: .*expires in' "$WORK/h$i/status.txt" || fail "host $i status shows no certificate expiry"
-    grep -q 'h6 (generation .*unknown_ca' "$WORK/h$i/status.txt" || fail "host $i status does not list h6's refusal"
-    agent_ctl "$i" members >"$WORK/h$i/members.txt"
-    grep -q '^refused: h7: cert_expired' "$WORK/h$i/members.txt" || fail "host $i members does not show h7 refused"
+    j=$(<"$WORK/h$i/status.json")
+    [[ $j == *'"cert":{"fingerprint"'*'"expires_in_secs":'* ]] || fail "host $i status shows no certificate expiry"
 done
+assert_cmp "$(bedq 1 member-field h2 cert_not_after)" -gt "$(date +%s)" "h2's certificate expiry in h1's listing"
+agent_ctl 1 status >"$WORK/h1/status.txt"
+agent_ctl 1 members >"$WORK/h1/members.txt"
+t=$(<"$WORK/h1/status.txt")
+[[ $t == *'certificate:  '*'(expires in '* ]] || fail "status shows no certificate expiry"
+[[ $t == *'h6 (generation '*'unknown_ca'* ]] || fail "status does not list h6's refusal"
+[[ $(<"$WORK/h1/members.txt") == *'refused: h7: cert_expired'* ]] || fail "members does not show h7 refused"
+# A refused host installs no outbound SA towards an honest one (h5 and h7,
+# both without a CA, may link with each other: that is their business).
 for j in 5 6 7; do
-    [[ -z $(on "$j" ip xfrm state) ]] || fail "refused host $j has SAs"
+    out=0
+    while read -r f1 f2 f3 f4 _; do
+        [[ $f1 == src && $f2 == "$(host_ip4 "$j")" && $HONEST == *" $f4 "* ]] && out=$((out + 1))
+    done < <(on "$j" ip xfrm state)
+    assert_eq "$out" 0 "refused host $j: outbound SAs towards honest hosts"
 done
-# The refused hosts see themselves refused nowhere locally, but h5 was warned.
-grep -q 'does not vouch for it' "$(agent_log 5)" || fail "h5 was not warned about its certificate"
+[[ $(<"$(agent_log 5)") == *'does not vouch for it'* ]] || fail "h5 was not warned about its certificate"
 
 # honest_spis I [HOSTS]: "src dst spi" of host I's SAs between the given hosts.
 honest_spis() {
@@ -106,12 +115,12 @@ before=$(all_spis)
 
 # A new certificate for h1, installed by reload: no restart, no SPI changes.
 old_fp=$(bedq 1 status cert fingerprint)
-sign 1 "$WORK/ca" "$WORK/h1/cert.new" --addr "$(host_ip4 1)" --valid-for 60
+sign 1 "$WORK/ca" "$WORK/h1/cert.new" --addr "$(host_ip4 1)" --valid-for 120
 mv "$WORK/h1/cert.new" "$WORK/h1/cert"
 agent_ctl 1 reload >/dev/null
 new_fp=$(bedq 1 status cert fingerprint)
 [[ $new_fp != "$old_fp" ]] || fail "h1's certificate unchanged after reload"
-new_cert_seen() { local i; for i in 2 3 4; do [[ $(bedq "$i" member-field h1 cert_not_after) -gt $(($(date +%s) + 45 * 86400)) ]] || return 1; done; }
+new_cert_seen() { local i; for i in 2 3 4; do [[ $(bedq "$i" member-field h1 cert_not_after) -gt $(($(date +%s) + 100 * 86400)) ]] || return 1; done; }
 wait_until 15 new_cert_seen
 nap 3
 for i in 1 2 3 4; do assert_eq "$(established_links "$i")" 3 "host $i: links after h1's certificate change"; done
@@ -119,7 +128,7 @@ assert_eq "$(all_spis)" "$before" "honest SPIs after h1's certificate was replac
 # A bad file on reload changes nothing and is reported.
 echo garbage >"$WORK/h2/blocklist"
 if agent_ctl 2 reload 2>"$WORK/h2/reload-err.txt"; then :; fi
-grep -q -- '--blocklist: ' "$WORK/h2/reload-err.txt" || fail "a bad blocklist on reload is not reported"
+[[ $(<"$WORK/h2/reload-err.txt") == *'--blocklist: '* ]] || fail "a bad blocklist on reload is not reported"
 : >"$WORK/h2/blocklist"
 
 # Eviction: h4's certificate on the blocklists of h1-h3, then reload.
@@ -132,20 +141,25 @@ for i in 1 2 3; do agent_ctl "$i" reload >/dev/null; done
 evicted() {
     local i
     for i in 1 2 3; do
-        [[ $(established_links "$i") == 2 ]] || return 1
-        [[ $(bedq "$i" member-field h4 refused) == blocklisted ]] || return 1
         [[ -z $(honest_spis "$i" " $(host_ip4 "$i") $(host_ip4 4) ") ]] || return 1
     done
 }
-wait_until 10 evicted
-took=$((SECONDS - t_evict))
-log "h4 evicted from h1-h3 ${took} s after the reloads"
-assert_cmp "$took" -le 10 "seconds to evict h4"
+wait_until 30 evicted
+log "h4's SAs gone from h1-h3 $((SECONDS - t_evict)) s after the reloads (polling in the VM included)"
+# The agents' own clocks: from each host's reload to its link to h4 removed.
 for i in 1 2 3; do
-    assert_eq "$(bedq "$i" status trust_refusals blocklisted)" 1 "host $i: blocklisted refusals"
+    r=$(grep 'cluster secret keyring reloaded' "$(agent_log "$i")" | tail -n1 | cut -d' ' -f1)
+    g=$(grep 'link removed.*peer=h4' "$(agent_log "$i")" | tail -n1 | cut -d' ' -f1)
+    [[ -n $r && -n $g ]] || fail "host $i: no reload or no link removal for h4 in its log"
+    took=$(awk -v a="$(date -d "$r" +%s.%N)" -v b="$(date -d "$g" +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+    log "host $i: h4's link removed $took s after the reload"
+    assert_cmp "${took%.*}" -lt 10 "host $i: seconds from reload to h4 evicted"
+    assert_eq "$(established_links "$i")" 2 "host $i: established links after h4's eviction"
+    j=$(agent_ctl "$i" status --json)
+    [[ $j =~ \"totals\":\{[^}]*\"blocklisted\":1[,}] ]] || fail "host $i status does not count h4's refusal"
+    [[ $j =~ \"blocked\":\[\{ ]] || fail "host $i has no blocked pair for h4"
     # Its pair stays blocked (policies without SAs): dropped, never clear.
     refute on "$i" ping -c1 -W2 -q "$(host_ip4 4)"
-    assert_cmp "$(bedq "$i" status blocked)" -ge 1 "host $i: blocked pairs"
 done
 refute on 4 ping -c1 -W2 -q "$(host_ip4 1)"
 trio_after=$(for i in 1 2 3; do honest_spis "$i" "$TRIO" | tr '\n' ' '; done)
