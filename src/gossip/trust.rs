@@ -288,9 +288,11 @@ mod tests {
         thief
             .key_values
             .insert(KEY_CERT.into(), good.key_values[KEY_CERT].clone());
-        let (_, refused) = run(&with_ca(), &[good, thief], NOW);
+        let (v, refused) = run(&with_ca(), &[good, thief], NOW);
         assert_eq!(refused.len(), 1);
         assert_eq!(refused[0].reason, Refusal::NameMismatch);
+        let thief = v.iter().find(|m| m.name == "thief").unwrap();
+        assert!(thief.public_key.is_none() && thief.data_addrs.is_empty());
     }
 
     #[test]
