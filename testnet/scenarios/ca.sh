@@ -7,7 +7,7 @@
 # not cover (IPv6 beside its covered IPv4), h6 has a certificate from another
 # CA, h7 an expired one; each refusal is counted per reason and listed in
 # `status` and `members`. A certificate replaced by `meshsec reload` changes
-# no SPI. Then h4's certificate is added to the blocklists of h1-h3 and
+# no SPI and loses no packet of a flow h2 -> h1. Then h4's certificate is added to the blocklists of h1-h3 and
 # `meshsec reload` run: within 10 s no honest host has a link to h4 (its
 # pairs stay blocked: no ping either way), and no honest pair's SPIs changed.
 . "$(dirname "$0")/../lib/bed.sh"
@@ -113,6 +113,9 @@ honest_spis() {
 all_spis() { local i; for i in 1 2 3 4; do echo "h$i: $(honest_spis "$i" | tr '\n' ' ')"; done; }
 before=$(all_spis)
 
+# Traffic h2 -> h1 across the certificate change and the eviction: not one
+# datagram lost, the TCP connection never stalls.
+flow_start 2 1
 # A new certificate for h1, installed by reload: no restart, no SPI changes.
 old_fp=$(bedq 1 status cert fingerprint)
 sign 1 "$WORK/ca" "$WORK/h1/cert.new" --addr "$(host_ip4 1)" --valid-for 120
@@ -164,5 +167,6 @@ done
 refute on 4 ping -c1 -W2 -q "$(host_ip4 1)"
 trio_after=$(for i in 1 2 3; do honest_spis "$i" "$TRIO" | tr '\n' ' '; done)
 assert_eq "$trio_after" "$trio_before" "SPIs between h1, h2 and h3 after h4's eviction"
+flow_check
 for i in 1 2 3; do assert on "$i" ping -c1 -W3 -q "$(host_ip4 $((i % 3 + 1)))"; done
 log "ca ok"
