@@ -180,6 +180,23 @@ fn status_value(s: &Status, keys: &[&str]) -> Result<String, String> {
         ["handshake", key] => counter(&s.handshake, "handshake", key)?,
         ["mesh", key] => counter(&s.mesh, "mesh", key)?,
         ["records", key] => counter(&s.records, "records", key)?,
+        // Trust refusals by reason so far (0 when none), and right now.
+        ["trust_refusals", reason] => s
+            .trust_refusals
+            .totals
+            .get(*reason)
+            .copied()
+            .unwrap_or(0)
+            .to_string(),
+        ["trust_refused_now"] => s.trust_refusals.current.len().to_string(),
+        ["cert", "expires_in_secs"] => s
+            .cert
+            .as_ref()
+            .map_or("none".into(), |c| c.expires_in_secs.to_string()),
+        ["cert", "fingerprint"] => s
+            .cert
+            .as_ref()
+            .map_or("none".into(), |c| c.info.fingerprint.clone()),
         _ => return Err(format!("status: no field {}", keys.join("."))),
     })
 }
@@ -206,6 +223,8 @@ fn member_field(m: &MemberRow, field: &str) -> Result<String, String> {
         "protocol" => opt(&m.protocol),
         "last_heard_ms" => m.last_heard_ms.to_string(),
         "is_self" => m.is_self.to_string(),
+        "refused" => opt(&m.refused),
+        "cert_not_after" => opt(&m.cert_not_after),
         _ => return Err(format!("members: no member field {field}")),
     })
 }

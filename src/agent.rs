@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use std::os::fd::{BorrowedFd, RawFd};
 
+use crate::cert;
 use crate::config::{AgentConfig, DatapathKind};
 use crate::control::{self, ControlState, MemberCounts, Status};
 use crate::datapath::{
@@ -30,7 +31,8 @@ use crate::datapath::{
 use crate::gossip::members::{self, HeardTracker, Member, MemberState, Observed};
 use crate::gossip::pins::{Conflicts, Pins};
 use crate::gossip::records::{signed_key_values, RecordCounters, RecordTracker};
-use crate::gossip::schema::{NodeInfo, PROTOCOL_VERSION};
+use crate::gossip::schema::{NodeInfo, KEY_CERT, PROTOCOL_VERSION};
+use crate::gossip::trust::{TrustFilter, TrustReport};
 use crate::handshake::StaticKeypair;
 use crate::identity::{self, KeyOrigin, NodeKey, SigningKey};
 use crate::mesh::driver::{bind_handshake_sockets, MeshChannels, MeshReport};
@@ -93,6 +95,89 @@ pub enum StartError {
     /// The bindings and blocked pairs saved in the state directory.
     #[error("{0}")]
     Guard(String),
+    /// A CA, certificate or blocklist file (names the flag and the file).
+    #[error(transparent)]
+    Trust(#[from] crate::cert::FileError),
+}
+
+/// The CA, blocklist and own certificate in force; replaced whole by a reload.
+#[derive(Debug, Clone, Default)]
+pub struct TrustState {
+    /// Trusted CAs and the blocklist.
+    pub trust: cert::Trust,
+    /// This node's certificate, published in gossip.
+    pub own: Option<cert::Certificate>,
+}
+
+/// Seconds since the epoch.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Reads the CA, certificate and blocklist files and checks this node's
+/// certificate against them (at start and on every reload).
+pub fn load_trust(
+    cfg: &AgentConfig,
+    signing: &identity::SigningPublicKey,
+    now: u64,
+) -> Result<TrustState, cert::FileError> {
+    let cas = cert::load_cas(&cfg.ca_files)?;
+    let blocklist = match &cfg.blocklist_file {
+        Some(p) => cert::Blocklist::load(p)?,
+        None => cert::Blocklist::default(),
+    };
+    let own = match &cfg.cert_file {
+        Some(p) => {
+            let c = cert::load_cert_file("--cert", p)?;
+            if cas.is_empty() {
+                // No CA here (yet: a roll-out publishes certificates before
+                // hosts require them): published as is; what hosts with a CA
+                // will say is only warned about.
+                if let Err(r) = c
+                    .check_record(&cfg.node_name, signing, &cfg.data_addresses)
+                    .and_then(|()| c.check_time(now))
+                {
+                    warn!(cert = %p.display(), reason = %r, "this node's certificate does not vouch for it: hosts with a CA will refuse its record");
+                }
+            } else {
+                cert::check_own(&c, &cas, &cfg.node_name, signing, &cfg.data_addresses, now)
+                    .map_err(|reason| cert::FileError {
+                        flag: "--cert",
+                        path: p.clone(),
+                        reason,
+                    })?;
+            }
+            Some(c)
+        }
+        None => None,
+    };
+    if blocklist.blocks(signing, own.as_ref()) {
+        warn!("this node's own signing key or certificate is on the blocklist: every host refuses its record");
+    }
+    Ok(TrustState {
+        trust: cert::Trust { cas, blocklist },
+        own,
+    })
+}
+
+/// What this node publishes: its certificate (if any) first, then the
+/// signed record (proto/records.md, proto/certs.md).
+fn published_record(
+    info: &NodeInfo,
+    name: &str,
+    generation: u64,
+    key: &SigningKey,
+    own: Option<&cert::Certificate>,
+) -> Vec<(String, String)> {
+    let mut kv: Vec<(String, String)> = own
+        .map(|c| (KEY_CERT.to_string(), c.to_text()))
+        .into_iter()
+        .collect();
+    kv.extend(signed_key_values(info, name, generation, key));
+    kv
 }
 
 /// Runs the agent until `shutdown` completes, then announces leaving, stops
@@ -110,6 +195,12 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     ));
     let (signing_key, signing_origin) =
         SigningKey::load_or_generate(&cfg.state_dir).map_err(StartError::from)?;
+    let trust_state =
+        load_trust(&cfg, &signing_key.public(), unix_now()).map_err(StartError::from)?;
+    if let Some(c) = &trust_state.own {
+        info!(cert = %c.fingerprint(), ca = %cert::key_id_text(&c.ca_key_id), not_after = c.not_after, cas = trust_state.trust.cas.len(), "certificate loaded");
+    }
+    let trust_state = Arc::new(std::sync::RwLock::new(trust_state));
     // Generations must grow across restarts even if the clock steps back,
     // or the live node would hide behind its own dead record.
     let last_generation = std::fs::read_to_string(cfg.state_dir.join(GENERATION_FILE))
@@ -231,11 +322,16 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     // What we publish; the view task puts it back if a peer's delta for our
     // own id writes over it (see gossip::own).
-    let published = Arc::new(std::sync::Mutex::new(signed_key_values(
+    let published = Arc::new(std::sync::Mutex::new(published_record(
         &info,
         &cfg.node_name,
         generation,
         &signing_key,
+        trust_state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .own
+            .as_ref(),
     )));
     let initial = published.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let gossip = spawn_chitchat(chitchat_config, initial, transport.as_transport())
@@ -298,6 +394,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     let refused = Arc::new(AtomicUsize::new(0));
     let (records_tx, records_rx) = watch::channel(RecordCounters::default());
     let (conflicts_tx, conflicts_rx) = watch::channel(Conflicts::default());
+    let (trust_tx, trust_rx) = watch::channel(TrustReport::default());
     let (changes_tx, _) = broadcast::channel(256);
     let (stop_tx, stop_rx) = shutdown::channel();
 
@@ -308,6 +405,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         let members_rx = members_rx.clone();
         let refused = refused.clone();
         let conflicts_rx = conflicts_rx.clone();
+        let trust_rx = trust_rx.clone();
+        let trust_state = trust_state.clone();
         let cfg = cfg.clone();
         let public = *node_key.public();
         let signing_public = signing_key.public();
@@ -349,6 +448,28 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                 ),
                 records: *records_rx.borrow(),
                 identity_conflicts: conflicts_rx.borrow().clone(),
+                cert: {
+                    let t = trust_state.read().unwrap_or_else(|e| e.into_inner());
+                    t.own
+                        .as_ref()
+                        .map(|c| control::CertStatus::new(c, unix_now()))
+                },
+                cas: {
+                    let t = trust_state.read().unwrap_or_else(|e| e.into_inner());
+                    t.trust
+                        .cas
+                        .iter()
+                        .map(|k| cert::key_id_text(&cert::key_id(k)))
+                        .collect()
+                },
+                blocklisted: trust_state
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .trust
+                    .blocklist
+                    .0
+                    .len(),
+                trust_refusals: trust_rx.borrow().clone(),
                 datapath: match cfg.datapath {
                     DatapathKind::Kernel => "kernel".into(),
                     DatapathKind::Memory => "memory".into(),
@@ -407,6 +528,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             reload: reload_tx,
             pins: pins.clone(),
             identity_conflicts: conflicts_rx.clone(),
+            trust: trust_rx.clone(),
         },
         stop_rx.clone(),
     ));
@@ -439,7 +561,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         });
     }
     tasks.spawn(serve_reloads(
-        cfg.clone(),
+        ReloadTargets {
+            cfg: cfg.clone(),
+            signing: signing_key.public(),
+            trust: trust_state.clone(),
+            published: published.clone(),
+            chitchat: gossip.chitchat(),
+        },
         gossip_keyring,
         mesh_cmd_tx.clone(),
         reload_rx,
@@ -451,12 +579,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         cfg.node_name.clone(),
         published.clone(),
         pins.clone(),
+        trust_state.clone(),
         ViewOutputs {
             members_tx,
             changes_tx,
             refused,
             records_tx,
             conflicts_tx,
+            trust_tx,
         },
         stop_rx.clone(),
     ));
@@ -500,7 +630,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         // grow in that order), so peers see the new record as incomplete, not
         // forged, until the signature arrives.
         let left = NodeInfo { left: true, ..info };
-        let record = signed_key_values(&left, &cfg.node_name, generation, &signing_key);
+        let record = published_record(
+            &left,
+            &cfg.node_name,
+            generation,
+            &signing_key,
+            trust_state
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .own
+                .as_ref(),
+        );
         gossip
             .with_chitchat(|c| {
                 // Under the gossip lock, as the view task reads it: the view
@@ -590,6 +730,7 @@ struct ViewOutputs {
     refused: Arc<AtomicUsize>,
     records_tx: watch::Sender<RecordCounters>,
     conflicts_tx: watch::Sender<Conflicts>,
+    trust_tx: watch::Sender<TrustReport>,
 }
 
 async fn track_members(
@@ -597,6 +738,7 @@ async fn track_members(
     self_name: String,
     published: Arc<std::sync::Mutex<Vec<(String, String)>>>,
     pins: Arc<std::sync::Mutex<Pins>>,
+    trust: Arc<std::sync::RwLock<TrustState>>,
     out: ViewOutputs,
     mut stop: StopReceiver,
 ) {
@@ -606,7 +748,11 @@ async fn track_members(
         refused,
         records_tx,
         conflicts_tx,
+        trust_tx,
     } = out;
+    let mut trust_filter = TrustFilter::default();
+    let trust_log = LogThrottle::new(Duration::from_secs(10));
+    let expiry_log = LogThrottle::new(Duration::from_secs(3600));
     let mut tracker = HeardTracker::default();
     let refused_log = LogThrottle::new(Duration::from_secs(60));
     let own_log = LogThrottle::new(Duration::from_secs(60));
@@ -646,8 +792,38 @@ async fn track_members(
             ..signed.counters
         };
         records_tx.send_if_modified(|c| std::mem::replace(c, counters) != counters);
-        // Pinning: a name's first signing identity stays its identity.
+        // The CA and the blocklist, before pinning: a refused identity is never pinned.
         let mut valid = signed.valid;
+        let unix = unix_now();
+        let (found, certs, own) = {
+            let t = trust.read().unwrap_or_else(|e| e.into_inner());
+            let (found, certs) = trust_filter.apply(&t.trust, &observed, &mut valid, unix);
+            (found, certs, t.own.as_ref().map(|c| c.not_after))
+        };
+        trust_tx.send_if_modified(|r| {
+            if r.current == found && r.certs == certs {
+                return false;
+            }
+            for f in r.update(found, certs) {
+                if let Some(suppressed) = trust_log.check(now, "trust_refusal") {
+                    warn!(peer = %f.name, reason = %f.reason, signing_key = %f.signing_fingerprint, generation = f.generation, suppressed, "record refused by the cluster CA or the blocklist; it gets no links");
+                }
+            }
+            true
+        });
+        if let Some(not_after) = own {
+            let left = not_after.saturating_sub(unix);
+            if left < cert::EXPIRY_WARNING_SECS {
+                if let Some(suppressed) = expiry_log.check(now, "own_cert_expiry") {
+                    if left == 0 {
+                        error!(not_after, suppressed, "this node's certificate has expired: every host refuses its record; install a new one (meshsec ca sign) and run meshsec reload");
+                    } else {
+                        warn!(not_after, days_left = left / 86_400, suppressed, "this node's certificate expires within 30 days; install a new one (meshsec ca sign) and run meshsec reload");
+                    }
+                }
+            }
+        }
+        // Pinning: a name's first signing identity stays its identity.
         let found = pins
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -721,13 +897,24 @@ fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
         .collect()
 }
 
-/// Reloads the keyring on `meshsec reload` and on SIGHUP: the secret files
-/// are read again (same paths), and strict mode's ranges (the config file's
-/// `protect`, unless `--protect` gave them); if any cannot be read nothing
-/// changes, else the handshakes, then gossip, use the new keyring and the
-/// mesh the new ranges. Sessions and SAs stay.
-async fn serve_reloads(
+/// What a reload re-reads and where it puts the result.
+struct ReloadTargets {
     cfg: AgentConfig,
+    signing: identity::SigningPublicKey,
+    trust: Arc<std::sync::RwLock<TrustState>>,
+    published: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+}
+
+/// Reloads on `meshsec reload` and on SIGHUP: the secret files, the CA
+/// files, this node's certificate, the blocklist and strict mode's ranges
+/// (the config file's `protect`, unless `--protect` gave them) are read
+/// again (same paths); if any cannot be used nothing changes, else the
+/// handshakes, then gossip, use the new keyring, the view the new CAs and
+/// blocklist, the mesh the new ranges, and a new certificate is published in
+/// place of the old. Sessions and SAs stay.
+async fn serve_reloads(
+    targets: ReloadTargets,
     gossip_keyring: Arc<crate::gossip::seal::Keyring>,
     mesh: tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
     mut requests: tokio::sync::mpsc::Receiver<control::ReloadRequest>,
@@ -748,10 +935,10 @@ async fn serve_reloads(
                 }
             } => None,
         };
-        let result = reload_keyring(&cfg, &gossip_keyring, &mesh).await;
+        let result = reload(&targets, &gossip_keyring, &mesh).await;
         match &result {
             Ok(r) => {
-                info!(secrets = r.secrets, key_ids = %r.key_ids.join(","), protect = %r.protect.join(","), "cluster secret keyring and protected ranges reloaded")
+                info!(secrets = r.secrets, key_ids = %r.key_ids.join(","), cas = r.cas, blocklisted = r.blocklisted, cert = r.cert.as_deref().unwrap_or("none"), protect = %r.protect.join(","), "cluster secret keyring reloaded, with the CAs, certificate, blocklist and protected ranges")
             }
             Err(e) => {
                 warn!(error = %e, "keyring reload refused; the previous keyring stays in use")
@@ -761,6 +948,43 @@ async fn serve_reloads(
             let _ = tx.send(result);
         }
     }
+}
+
+async fn reload(
+    t: &ReloadTargets,
+    gossip_keyring: &crate::gossip::seal::Keyring,
+    mesh: &tokio::sync::mpsc::Sender<crate::mesh::driver::MeshCommand>,
+) -> Result<control::Reloaded, control::ReloadError> {
+    // Read everything first: a bad file changes nothing.
+    let next = load_trust(&t.cfg, &t.signing, unix_now())?;
+    let mut r = reload_keyring(&t.cfg, gossip_keyring, mesh).await?;
+    r.cas = next.trust.cas.len();
+    r.blocklisted = next.trust.blocklist.0.len();
+    r.cert = next.own.as_ref().map(|c| c.fingerprint());
+    let new_text = next.own.as_ref().map(|c| c.to_text());
+    {
+        // The certificate is outside the signed values: replacing it leaves
+        // the signed record valid throughout (no link is touched).
+        let mut c = t.chitchat.lock().await;
+        let mut published = t.published.lock().unwrap_or_else(|e| e.into_inner());
+        let old = published
+            .iter()
+            .find(|(k, _)| k == KEY_CERT)
+            .map(|(_, v)| v.clone());
+        if old != new_text {
+            published.retain(|(k, _)| k != KEY_CERT);
+            let state = c.self_node_state();
+            match &new_text {
+                Some(text) => {
+                    published.insert(0, (KEY_CERT.to_string(), text.clone()));
+                    state.set(KEY_CERT, text);
+                }
+                None => state.delete(KEY_CERT),
+            }
+        }
+        *t.trust.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+    Ok(r)
 }
 
 async fn reload_keyring(
@@ -796,6 +1020,9 @@ async fn reload_keyring(
     rx.await.map_err(|_| control::ReloadError::MeshGone)?;
     Ok(control::Reloaded {
         protect: protect.iter().map(|r| r.to_string()).collect(),
+        cas: 0,
+        blocklisted: 0,
+        cert: None,
         secrets: secrets.len(),
         key_ids: gossip_keyring
             .key_ids()
@@ -803,4 +1030,111 @@ async fn reload_keyring(
             .map(|k| k.to_string())
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cert::Certificate;
+
+    const NOW: u64 = 1_750_000_000;
+
+    /// A config for node "n1" at 10.0.0.1 with a CA, a certificate and a
+    /// blocklist in `dir`; returns it and the node's signing key.
+    fn setup(dir: &std::path::Path) -> (AgentConfig, SigningKey, SigningKey) {
+        let flags = crate::config::AgentFlags {
+            node_name: Some("n1".into()),
+            listen: Some("10.0.0.1:9340".into()),
+            ca: vec![dir.join("ca.crt")],
+            cert: Some(dir.join("n1.cert")),
+            blocklist: Some(dir.join("blocklist")),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::merge(&flags, crate::config::FileConfig::default()).unwrap();
+        let (_, ca_public) = cert::ca_init(&dir.join("ca.key"), false).unwrap();
+        let ca = cert::load_ca_key(&dir.join("ca.key")).unwrap();
+        assert_eq!(ca.public(), ca_public);
+        std::fs::write(dir.join("blocklist"), "").unwrap();
+        (cfg, ca, SigningKey::from_seed([5; 32]))
+    }
+
+    fn write_cert(
+        dir: &std::path::Path,
+        ca: &SigningKey,
+        name: &str,
+        key: &SigningKey,
+        range: &str,
+        not_after: u64,
+    ) -> Certificate {
+        let c = Certificate::issue(
+            ca,
+            name,
+            key.public(),
+            vec![range.parse().unwrap()],
+            NOW - 10,
+            not_after,
+        )
+        .unwrap();
+        std::fs::write(dir.join("n1.cert"), c.to_text()).unwrap();
+        c
+    }
+
+    #[test]
+    fn own_certificate_and_trust_files_are_checked_with_errors_naming_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let (cfg, ca, key) = setup(d);
+        let c = write_cert(d, &ca, "n1", &key, "10.0.0.0/24", NOW + 1000);
+        let t = load_trust(&cfg, &key.public(), NOW).unwrap();
+        assert_eq!(t.own, Some(c));
+        assert_eq!(t.trust.cas, vec![ca.public()]);
+        for (name, range, not_after, want) in [
+            ("n2", "10.0.0.0/24", NOW + 1000, "issued to \"n2\""),
+            ("n1", "10.9.0.0/24", NOW + 1000, "do not cover"),
+            ("n1", "10.0.0.0/24", NOW, "expired"),
+        ] {
+            write_cert(d, &ca, name, &key, range, not_after);
+            let e = load_trust(&cfg, &key.public(), NOW)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("--cert: ") && e.contains(want), "{e}");
+        }
+        write_cert(d, &ca, "n1", &key, "10.0.0.0/24", NOW + 1000);
+        let e = load_trust(&cfg, &SigningKey::from_seed([6; 32]).public(), NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("meshsec pubkey"), "{e}");
+        std::fs::write(d.join("blocklist"), "zzz\n").unwrap();
+        let e = load_trust(&cfg, &key.public(), NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--blocklist: "), "{e}");
+        std::fs::write(d.join("blocklist"), "").unwrap();
+        std::fs::write(d.join("ca.crt"), "junk\n").unwrap();
+        let e = load_trust(&cfg, &key.public(), NOW)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("--ca: "), "{e}");
+    }
+
+    #[test]
+    fn the_certificate_is_published_before_the_signed_record() {
+        let key = SigningKey::from_seed([5; 32]);
+        let c = Certificate::issue(
+            &SigningKey::from_seed([1; 32]),
+            "n1",
+            key.public(),
+            vec!["10.0.0.0/24".parse().unwrap()],
+            0,
+            10,
+        )
+        .unwrap();
+        let info = NodeInfo::default();
+        let kv = published_record(&info, "n1", 1, &key, Some(&c));
+        assert_eq!(kv[0], (KEY_CERT.to_string(), c.to_text()));
+        assert_eq!(kv.last().unwrap().0, crate::gossip::schema::KEY_SIGNATURE);
+        assert!(!published_record(&info, "n1", 1, &key, None)
+            .iter()
+            .any(|(k, _)| k == KEY_CERT));
+    }
 }

@@ -39,15 +39,23 @@ enum Cmd {
         #[arg(long, value_name = "FILE", default_value = DEFAULT_SECRET_FILE)]
         out: PathBuf,
     },
-    /// Print this node's static public key.
+    /// Print this node's identity key (the Ed25519 signing key a CA
+    /// certificate is issued to: `meshsec ca sign --node-pubkey`), creating
+    /// the node's keys if they do not exist yet.
     Pubkey {
-        /// State directory holding the node key.
+        /// State directory holding the node's keys.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
-        /// Also print the fingerprint, as JSON.
+        /// Print the static X25519 (Noise) public key instead.
+        #[arg(long)]
+        noise: bool,
+        /// Both keys and their fingerprints, as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// The optional cluster CA: create it, sign host certificates, show one.
+    #[command(subcommand)]
+    Ca(CaCmd),
     /// Run the agent.
     Agent(Box<AgentFlags>),
     /// List cluster members.
@@ -110,6 +118,59 @@ enum Cmd {
     },
 }
 
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create a CA signing key (mode 0600) and, beside it, the CA
+    /// certificate `ca.crt` to copy to every host (`--ca`).
+    Init {
+        /// Where to write the CA key.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace an existing CA key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Sign a host's identity key with its name and the address ranges it may publish.
+    Sign {
+        /// The CA key (`meshsec ca init`).
+        #[arg(long, value_name = "FILE")]
+        ca_key: PathBuf,
+        /// The host's node name.
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// An address range the host may publish, ADDR/PREFIX or ADDR (repeatable, 1-16).
+        #[arg(long = "addr", value_name = "CIDR", required = true, num_args = 1..)]
+        addrs: Vec<String>,
+        /// The host's identity key, as `meshsec pubkey` prints it.
+        #[arg(long, value_name = "KEY")]
+        node_pubkey: String,
+        /// Days the certificate is valid from now (1-3650).
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..=crate::cert::MAX_VALID_DAYS))]
+        valid_for: u64,
+        /// Valid from this time (seconds since the epoch; default: now),
+        /// e.g. to issue a rotation's certificates ahead of time.
+        #[arg(long, value_name = "UNIX_SECS")]
+        not_before: Option<u64>,
+        /// Where to write the certificate.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Replace an existing file at --out.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a certificate (and, with --ca, whether it verifies now).
+    Show {
+        /// The certificate file.
+        file: PathBuf,
+        /// CA certificate to verify it against (repeatable).
+        #[arg(long = "ca", value_name = "FILE")]
+        ca: Vec<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 #[derive(clap::Args)]
 struct DoctorArgs {
     /// The agent's configuration (same flags as `meshsec agent`; without
@@ -166,24 +227,12 @@ pub fn main() -> i32 {
             }
             Err(e) => fail(2, e),
         },
-        Cmd::Pubkey { state_dir, json } => match identity::NodeKey::load(&state_dir) {
-            Ok(k) => {
-                let pk = identity::encode_public(k.public());
-                if json {
-                    let mut out = serde_json::json!({"public_key": pk, "fingerprint": identity::fingerprint(k.public())});
-                    // The gossip record's signing key, once the agent created it.
-                    if let Ok(s) = identity::SigningKey::load(&state_dir) {
-                        out["signing_key"] = s.public().to_string().into();
-                        out["signing_fingerprint"] = s.public().fingerprint().into();
-                    }
-                    println!("{out}");
-                } else {
-                    println!("{pk}");
-                }
-                0
-            }
-            Err(e) => fail(2, e),
-        },
+        Cmd::Pubkey {
+            state_dir,
+            noise,
+            json,
+        } => pubkey(&state_dir, noise, json),
+        Cmd::Ca(cmd) => ca(cmd),
         Cmd::Agent(flags) => run_agent(*flags),
         Cmd::Members { client, watch } => client_cmd(
             client,
@@ -204,6 +253,227 @@ pub fn main() -> i32 {
             state_dir,
             json,
         } => flush(&control_socket, &state_dir, json),
+    }
+}
+
+/// Prints the node's keys, creating them first if the state directory has
+/// none (so a certificate can be issued before the first start).
+fn pubkey(state_dir: &std::path::Path, noise: bool, json: bool) -> i32 {
+    let keys = (|| {
+        let (node, origin) = identity::NodeKey::load_or_generate(state_dir)?;
+        if origin == identity::KeyOrigin::Generated {
+            node.persist(state_dir)?;
+            eprintln!("created the node key in {}", state_dir.display());
+        }
+        let (signing, origin) = identity::SigningKey::load_or_generate(state_dir)?;
+        if origin == identity::KeyOrigin::Generated {
+            signing.persist(state_dir)?;
+            eprintln!("created the signing key in {}", state_dir.display());
+        }
+        Ok::<_, identity::IdentityError>((node, signing))
+    })();
+    let (node, signing) = match keys {
+        Ok(k) => k,
+        Err(e) => return fail(2, e),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "public_key": identity::encode_public(node.public()),
+                "fingerprint": identity::fingerprint(node.public()),
+                "signing_key": signing.public().to_string(),
+                "signing_fingerprint": signing.public().fingerprint(),
+            })
+        );
+    } else if noise {
+        println!("{}", identity::encode_public(node.public()));
+    } else {
+        println!("{}", signing.public());
+    }
+    0
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ca(cmd: CaCmd) -> i32 {
+    use crate::cert::{self, Certificate, Range};
+    match cmd {
+        CaCmd::Init { out, force } => match cert::ca_init(&out, force) {
+            Ok((crt, public)) => {
+                eprintln!(
+                    "wrote the CA key to {} (keep it off the hosts) and the CA certificate to {} (key id {}); copy {} to every host (--ca)",
+                    out.display(),
+                    crt.display(),
+                    cert::key_id_text(&cert::key_id(&public)),
+                    crt.display()
+                );
+                0
+            }
+            Err(e) => fail(2, e),
+        },
+        CaCmd::Sign {
+            ca_key,
+            name,
+            addrs,
+            node_pubkey,
+            valid_for,
+            not_before,
+            out,
+            force,
+        } => {
+            let key = match cert::load_ca_key(&ca_key) {
+                Ok(k) => k,
+                Err(e) => return fail(2, e),
+            };
+            if !crate::gossip::members::valid_name(&name) {
+                return fail(2, format!("--name: {name:?} is not 1-63 characters of letters, digits, '-', '_' or '.'"));
+            }
+            let mut ranges = Vec::new();
+            for a in &addrs {
+                match a.parse::<Range>() {
+                    Ok(r) => ranges.push(r),
+                    Err(e) => return fail(2, format!("--addr: {e}")),
+                }
+            }
+            if ranges.len() > cert::MAX_RANGES {
+                return fail(
+                    2,
+                    format!(
+                        "--addr: {} ranges, at most {}",
+                        ranges.len(),
+                        cert::MAX_RANGES
+                    ),
+                );
+            }
+            let Some(node_key) = identity::decode_public(node_pubkey.trim())
+                .filter(|k| ed25519_dalek::VerifyingKey::from_bytes(k).is_ok())
+                .map(identity::SigningPublicKey)
+            else {
+                return fail(2, "--node-pubkey: not an identity key (base64 of 32 bytes, as `meshsec pubkey` prints it)");
+            };
+            if out.exists() && !force {
+                return fail(
+                    2,
+                    format!(
+                        "--out: {} already exists; refusing to overwrite it without --force",
+                        out.display()
+                    ),
+                );
+            }
+            let from = not_before.unwrap_or_else(unix_now);
+            let Some(until) = from.checked_add(valid_for * 86_400) else {
+                return fail(2, "--not-before: too far in the future");
+            };
+            let c = match Certificate::issue(&key, &name, node_key, ranges, from, until) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            let text = format!(
+                "# meshsec certificate {} for {name}, CA {}, valid until {}\n{}\n",
+                c.fingerprint(),
+                cert::key_id_text(&c.ca_key_id),
+                c.not_after,
+                c.to_text()
+            );
+            if let Err(e) = cert::write_atomic(&out, text.as_bytes()) {
+                return fail(2, format!("--out: cannot write {}: {e}", out.display()));
+            }
+            eprintln!(
+                "wrote the certificate {} for {name} to {} (valid {valid_for} days); install it on the host (--cert)",
+                c.fingerprint(),
+                out.display()
+            );
+            0
+        }
+        CaCmd::Show { file, ca, json } => {
+            let c = match cert::load_cert_file("FILE", &file) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            let cas = match cert::load_cas(&ca) {
+                Ok(c) => c,
+                Err(e) => return fail(2, e),
+            };
+            let now = unix_now();
+            let verdict = if cas.is_empty() {
+                c.check_time(now)
+            } else {
+                c.verify(&cas, now)
+            };
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "fingerprint": c.fingerprint(),
+                        "ca_key_id": cert::key_id_text(&c.ca_key_id),
+                        "name": c.name,
+                        "node_key": c.node_key.to_string(),
+                        "node_fingerprint": c.node_key.fingerprint(),
+                        "ranges": c.ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+                        "not_before": c.not_before,
+                        "not_after": c.not_after,
+                        "verified": !cas.is_empty() && verdict.is_ok(),
+                        "valid": verdict.is_ok(),
+                        "refused": verdict.err().map(|r| r.as_str()),
+                    })
+                );
+            } else {
+                println!("certificate:  {}", c.fingerprint());
+                println!("name:         {}", c.name);
+                println!(
+                    "identity key: {} ({})",
+                    c.node_key,
+                    c.node_key.fingerprint()
+                );
+                println!(
+                    "ranges:       {}",
+                    c.ranges
+                        .iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                println!("CA key id:    {}", cert::key_id_text(&c.ca_key_id));
+                println!("not before:   {} (unix seconds)", c.not_before);
+                println!(
+                    "not after:    {} (unix seconds, {})",
+                    c.not_after,
+                    expiry_text(c.not_after, now)
+                );
+                match verdict {
+                    Ok(()) if cas.is_empty() => println!(
+                        "state:        within its validity (signature not checked: no --ca)"
+                    ),
+                    Ok(()) => println!("state:        valid"),
+                    Err(r) => println!("state:        refused: {r}"),
+                }
+            }
+            0
+        }
+    }
+}
+
+/// "expires in 12 days" / "expired 3 days ago".
+pub(crate) fn expiry_text(not_after: u64, now: u64) -> String {
+    if now >= not_after {
+        format!("expired {} ago", duration_words(now - not_after))
+    } else {
+        format!("expires in {}", duration_words(not_after - now))
+    }
+}
+
+fn duration_words(secs: u64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 2 * 3600 => format!("{} hours", s / 3600),
+        s if s >= 120 => format!("{} minutes", s / 60),
+        s => format!("{s} seconds"),
     }
 }
 
@@ -382,9 +652,12 @@ fn print_reply(reply: &Reply, json: bool) {
             println!("leaving the cluster; the agent removes its SAs and policies and exits")
         }
         Reply::Reloaded(r) => println!(
-            "keyring reloaded: {} secret(s), gossip key ids {} (the first seals); protected ranges: {}",
+            "reloaded: keyring {} secret(s), gossip key ids {} (the first seals); {} CA key(s), {} blocklisted, certificate {}; protected ranges: {}",
             r.secrets,
             r.key_ids.join(", "),
+            r.cas,
+            r.blocklisted,
+            r.cert.as_deref().unwrap_or("none"),
             if r.protect.is_empty() {
                 "-".to_string()
             } else {
@@ -538,6 +811,12 @@ pub fn render_members(members: &[MemberRow]) -> String {
                 m.name, m.name
             ));
         }
+        if let Some(r) = &m.refused {
+            out.push_str(&format!(
+                "refused: {}: {r} (cluster CA or blocklist); it gets no links\n",
+                m.name
+            ));
+        }
     }
     if !links.is_empty() {
         out.push('\n');
@@ -609,6 +888,59 @@ fn render_status(s: &Status) -> String {
         + &render_blocked(&s.blocked)
         + &render_conflicts(&s.conflicts)
         + &render_identity_conflicts(&s.identity_conflicts)
+        + &render_trust(s)
+}
+
+/// The certificate line, the CAs, the blocklist and the trust refusals.
+fn render_trust(s: &Status) -> String {
+    let now = unix_now();
+    let mut out = match &s.cert {
+        Some(c) => format!(
+            "certificate:  {} from CA {}, ranges {}, valid until {} ({}){}\n",
+            c.info.fingerprint,
+            c.info.ca_key_id,
+            c.info.ranges.join(","),
+            c.info.not_after,
+            expiry_text(c.info.not_after, now),
+            if c.expiring {
+                ": renew it (meshsec ca sign, then meshsec reload)"
+            } else {
+                ""
+            }
+        ),
+        None => "certificate:  none\n".into(),
+    };
+    out.push_str(&format!(
+        "trust:        {}, {} blocklisted fingerprint(s)\n",
+        if s.cas.is_empty() {
+            "no CA (certificates not required)".to_string()
+        } else {
+            format!("CA {}", s.cas.join(", "))
+        },
+        s.blocklisted
+    ));
+    let totals: Vec<String> = s
+        .trust_refusals
+        .totals
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    out.push_str(&format!(
+        "refused:      {} record(s) now; so far: {}\n",
+        s.trust_refusals.current.len(),
+        if totals.is_empty() {
+            "none".to_string()
+        } else {
+            totals.join(" ")
+        }
+    ));
+    for r in &s.trust_refusals.current {
+        out.push_str(&format!(
+            "              {} (generation {}, signing key {}): {}\n",
+            r.name, r.generation, r.signing_fingerprint, r.reason
+        ));
+    }
+    out
 }
 
 /// ESP GSO offload per family, e.g. `v4 loaded, v6 absent: ESP without GSO`
@@ -737,6 +1069,8 @@ mod tests {
             is_self: false,
             links: vec![],
             identity_conflict: None,
+            refused: None,
+            cert_not_after: None,
         };
         let out = render_members(&[
             m("a", MemberState::Alive),

@@ -116,6 +116,12 @@ pub struct FileConfig {
     pub metrics_listen: Option<String>,
     /// Strict mode: CIDR ranges whose traffic with this host is never plaintext.
     pub protect: Option<Vec<String>>,
+    /// Trusted CA certificate files (`ca.crt`); with any, every record needs a certificate.
+    pub ca: Option<Vec<PathBuf>>,
+    /// This node's certificate file.
+    pub cert: Option<PathBuf>,
+    /// Blocklist file of certificate or signing key fingerprints.
+    pub blocklist: Option<PathBuf>,
 }
 
 /// Flag values, as parsed by the CLI (all optional: flags win over the file).
@@ -190,6 +196,18 @@ pub struct AgentFlags {
     /// accepted in clear; only members with SAs get through (repeatable).
     #[arg(long = "protect", value_name = "CIDR")]
     pub protect: Vec<String>,
+    /// Trusted cluster CA certificate (repeatable: several CAs during a CA
+    /// rotation). With one, a member counts only with a valid certificate.
+    #[arg(long = "ca", value_name = "FILE")]
+    pub ca: Vec<PathBuf>,
+    /// This node's certificate (`meshsec ca sign`), published in gossip;
+    /// required with --ca. Re-read by `meshsec reload`.
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// Fingerprints (certificates or signing keys) whose records are
+    /// refused, one a line. Re-read by `meshsec reload`.
+    #[arg(long, value_name = "FILE")]
+    pub blocklist: Option<PathBuf>,
 }
 
 /// When links re-key. Byte and packet limits become the SAs' kernel soft
@@ -268,6 +286,12 @@ pub struct AgentConfig {
     pub protect_from_flags: bool,
     /// The config file, if any (a reload reads `protect` from it again).
     pub config_file: Option<PathBuf>,
+    /// Trusted CA certificate files (empty: no CA).
+    pub ca_files: Vec<PathBuf>,
+    /// This node's certificate file.
+    pub cert_file: Option<PathBuf>,
+    /// The blocklist file.
+    pub blocklist_file: Option<PathBuf>,
 }
 
 /// Parses and checks strict mode's ranges; `key` names the flag or key.
@@ -728,6 +752,19 @@ impl AgentConfig {
             &protect,
             listen,
         )?;
+        let ca_files = if !flags.ca.is_empty() {
+            flags.ca.clone()
+        } else {
+            file.ca.unwrap_or_default()
+        };
+        let cert_file = flags.cert.clone().or(file.cert);
+        if !ca_files.is_empty() && cert_file.is_none() {
+            return Err(ConfigError::new(
+                source("--cert", "cert", flags.cert.is_some() || !flags.ca.is_empty()),
+                "required with a CA (--ca): without a certificate every host refuses this node's record",
+            ));
+        }
+        let blocklist_file = flags.blocklist.clone().or(file.blocklist);
 
         Ok(AgentConfig {
             protect,
@@ -768,6 +805,9 @@ impl AgentConfig {
             leave_on_stop: flags.leave_on_stop || file.leave_on_stop.unwrap_or(false),
             rekey,
             metrics_listen,
+            ca_files,
+            cert_file,
+            blocklist_file,
         })
     }
 }
@@ -940,6 +980,43 @@ mod tests {
                 .key,
             "--data-address"
         );
+    }
+
+    #[test]
+    fn ca_cert_and_blocklist_come_from_flags_or_the_file() {
+        let mut f = flags();
+        f.listen = Some("192.0.2.1:7000".into());
+        let cfg = AgentConfig::merge(&f, FileConfig::default()).unwrap();
+        assert!(cfg.ca_files.is_empty() && cfg.cert_file.is_none() && cfg.blocklist_file.is_none());
+        // A CA without a certificate: every host would refuse this node.
+        let file = parse_file("ca = [\"/etc/meshsec/ca.crt\"]").unwrap();
+        let e = AgentConfig::merge(&f, file).unwrap_err();
+        assert_eq!(e.key, "config key \"cert\"", "{e}");
+        let mut g = f.clone();
+        g.ca = vec!["/a.crt".into()];
+        assert_eq!(
+            AgentConfig::merge(&g, FileConfig::default())
+                .unwrap_err()
+                .key,
+            "--cert"
+        );
+        let file =
+            parse_file("ca = [\"/c1.crt\", \"/c2.crt\"]\ncert = \"/n.cert\"\nblocklist = \"/b\"")
+                .unwrap();
+        let cfg = AgentConfig::merge(&f, file).unwrap();
+        assert_eq!(
+            cfg.ca_files,
+            vec![PathBuf::from("/c1.crt"), PathBuf::from("/c2.crt")]
+        );
+        assert_eq!(cfg.cert_file, Some(PathBuf::from("/n.cert")));
+        assert_eq!(cfg.blocklist_file, Some(PathBuf::from("/b")));
+        // Flags win over the file.
+        g.cert = Some("/flag.cert".into());
+        let file = parse_file("cert = \"/n.cert\"").unwrap();
+        let cfg = AgentConfig::merge(&g, file).unwrap();
+        assert_eq!(cfg.ca_files, vec![PathBuf::from("/a.crt")]);
+        assert_eq!(cfg.cert_file, Some(PathBuf::from("/flag.cert")));
+        assert!(parse_file("ca = \"/x\"").unwrap_err().key.contains("ca"));
     }
 
     #[test]

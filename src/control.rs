@@ -66,6 +66,15 @@ pub struct Reloaded {
     /// Strict mode's protected ranges from now on.
     #[serde(default)]
     pub protect: Vec<String>,
+    /// Trusted CA keys now (0: no CA).
+    #[serde(default)]
+    pub cas: usize,
+    /// Fingerprints on the blocklist now.
+    #[serde(default)]
+    pub blocklisted: usize,
+    /// This node's certificate now (fingerprint), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
 }
 
 /// A keyring reload request: the agent answers on the channel.
@@ -77,6 +86,9 @@ pub enum ReloadError {
     /// A secret file cannot be read (names the file and line).
     #[error(transparent)]
     Secrets(#[from] crate::identity::IdentityError),
+    /// A CA, certificate or blocklist file cannot be used (names the flag and file).
+    #[error(transparent)]
+    Trust(#[from] crate::cert::FileError),
     /// The handshake endpoints refused the keyring.
     #[error(transparent)]
     Handshake(#[from] crate::handshake::ConfigError),
@@ -176,6 +188,18 @@ pub struct Status {
     /// identity (impersonation), now, and how many so far.
     #[serde(default)]
     pub identity_conflicts: crate::gossip::pins::Conflicts,
+    /// This node's certificate (proto/certs.md), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<CertStatus>,
+    /// Trusted CA key ids (empty: no CA; certificates are not required).
+    #[serde(default)]
+    pub cas: Vec<String>,
+    /// Fingerprints on the blocklist.
+    #[serde(default)]
+    pub blocklisted: usize,
+    /// Records refused by the CA or the blocklist, now, and totals by reason.
+    #[serde(default)]
+    pub trust_refusals: crate::gossip::trust::TrustReport,
     /// The last clock offset measured per gossip source address, from the sealed timestamps
     /// of the datagrams received (what `meshsec doctor` checks against the seal's window).
     #[serde(default)]
@@ -194,6 +218,32 @@ pub struct ProtectStatus {
     /// Of meshsec's range policies in the kernel at the last reconcile:
     /// blocks and the host's own exemptions together.
     pub policies: usize,
+}
+
+/// This node's certificate in `meshsec status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertStatus {
+    /// The certificate's facts.
+    #[serde(flatten)]
+    pub info: crate::cert::CertInfo,
+    /// Seconds until it expires (negative: expired that long ago).
+    pub expires_in_secs: i64,
+    /// Whether it expires within 30 days (or has expired).
+    pub expiring: bool,
+}
+
+impl CertStatus {
+    /// The status of `c` at `now` (seconds since the epoch).
+    pub fn new(c: &crate::cert::Certificate, now: u64) -> CertStatus {
+        let expires_in_secs = i64::try_from(c.not_after)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(now).unwrap_or(i64::MAX));
+        CertStatus {
+            info: c.into(),
+            expires_in_secs,
+            expiring: expires_in_secs < crate::cert::EXPIRY_WARNING_SECS as i64,
+        }
+    }
 }
 
 /// A blocked pair in `meshsec status`.
@@ -265,6 +315,14 @@ pub struct MemberRow {
     /// gets nothing; `meshsec forget NAME` accepts the new identity).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity_conflict: Option<String>,
+    /// Set when the CA or the blocklist refuses this member's record: the
+    /// reason (proto/certs.md); the member gets no links.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// When the certificate of the record in use expires (seconds since the
+    /// epoch), with a CA configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<u64>,
 }
 
 impl MemberRow {
@@ -284,6 +342,8 @@ impl MemberRow {
             is_self: m.is_self,
             links: links.iter().map(LinkRow::from).collect(),
             identity_conflict: None,
+            refused: None,
+            cert_not_after: None,
         }
     }
 }
@@ -391,6 +451,8 @@ pub struct ControlState {
     pub pins: Arc<std::sync::Mutex<crate::gossip::pins::Pins>>,
     /// Records refused for an identity other than their name's pin.
     pub identity_conflicts: watch::Receiver<crate::gossip::pins::Conflicts>,
+    /// Records refused by the CA or the blocklist, and accepted certificates.
+    pub trust: watch::Receiver<crate::gossip::trust::TrustReport>,
     /// Links per peer name, from the mesh.
     pub links:
         watch::Receiver<Arc<std::collections::BTreeMap<String, Vec<crate::mesh::LinkStatus>>>>,
@@ -496,6 +558,19 @@ fn with_conflicts(mut rows: Vec<MemberRow>, state: &ControlState) -> Vec<MemberR
         if let Some(c) = conflicts.current.iter().find(|c| c.name == r.name) {
             r.identity_conflict = Some(format!("pinned {}, refused {}", c.pinned, c.offered));
         }
+    }
+    let trust = state.trust.borrow();
+    for r in rows.iter_mut() {
+        // The newest refused generation explains the row (an older one may still carry links).
+        if let Some(t) = trust
+            .current
+            .iter()
+            .filter(|t| t.name == r.name && t.generation >= r.generation)
+            .max_by_key(|t| t.generation)
+        {
+            r.refused = Some(t.reason.as_str().to_string());
+        }
+        r.cert_not_after = trust.certs.get(&r.name).map(|c| c.not_after);
     }
     rows
 }
@@ -692,6 +767,10 @@ mod tests {
             identity_conflicts: Default::default(),
             clock_offsets: vec![],
             protect: Default::default(),
+            cert: None,
+            cas: vec![],
+            blocklisted: 0,
+            trust_refusals: Default::default(),
         }
     }
 
@@ -718,6 +797,7 @@ mod tests {
             reload: reload_tx,
             pins: Arc::new(std::sync::Mutex::new(crate::gossip::pins::Pins::in_memory())),
             identity_conflicts: watch::channel(Default::default()).1,
+            trust: watch::channel(Default::default()).1,
         };
         // The agent's side of reloads: refuse the first, accept the second.
         tokio::spawn(async move {
@@ -734,6 +814,9 @@ mod tests {
                     secrets: 2,
                     key_ids: vec!["aa".into(), "bb".into()],
                     protect: vec!["10.0.0.0/24".into()],
+                    cas: 0,
+                    blocklisted: 0,
+                    cert: None,
                 }));
             }
         });

@@ -23,6 +23,7 @@
 
 pub mod aead;
 pub mod agent;
+pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -492,8 +492,35 @@ pub fn render(
             ("key_claim", mc.refused_key_claims),
             ("identity_conflict", s.identity_conflicts.total),
         ]
+        .into_iter()
+        .chain(crate::cert::Refusal::ALL.iter().map(|r| {
+            (
+                r.as_str(),
+                s.trust_refusals
+                    .totals
+                    .get(r.as_str())
+                    .copied()
+                    .unwrap_or(0),
+            )
+        }))
         .map(|(r, n)| (labels([("reason", r)]), n)),
     );
+    gauges(
+        &mut reg,
+        "trust_refused_records",
+        "Records refused right now by the cluster CA or the blocklist",
+        None,
+        [(Vec::new(), s.trust_refusals.current.len() as i64)],
+    );
+    if let Some(c) = &s.cert {
+        gauges(
+            &mut reg,
+            "cert_expiry",
+            "Seconds until this node's certificate expires (negative: expired)",
+            Some(Unit::Seconds),
+            [(Vec::new(), c.expires_in_secs)],
+        );
+    }
     gauges(
         &mut reg,
         "identity_conflicts",

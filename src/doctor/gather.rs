@@ -117,6 +117,9 @@ pub async fn run(mut opts: Options) -> Report {
         status.as_ref().map_err(|e| e.as_str()),
         cfg.as_ref().ok(),
     ));
+    if let Ok(s) = &status {
+        checks.extend(super::certificate(s));
+    }
 
     // Secret and key files.
     let secret_files: Vec<PathBuf> = match &cfg {

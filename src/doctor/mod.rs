@@ -236,6 +236,57 @@ pub fn agent(socket: &str, status: Result<&Status, &str>, cfg: Option<&AgentConf
     }
 }
 
+/// The agent's own certificate (with `--cert`): fails from 30 days before
+/// it expires; and the records the cluster CA or the blocklist refuses now.
+pub fn certificate(s: &Status) -> Vec<Check> {
+    let mut out = Vec::new();
+    if let Some(c) = &s.cert {
+        let days = c.expires_in_secs / 86_400;
+        out.push(if c.expires_in_secs <= 0 {
+            Check::fail(
+                "certificate",
+                format!("this node's certificate {} has expired: every host with a CA refuses its record", c.info.fingerprint),
+                "issue a new one (meshsec ca sign), install it at the --cert path, run meshsec reload",
+            )
+        } else if c.expiring {
+            Check::fail(
+                "certificate",
+                format!("this node's certificate {} expires in {days} day(s)", c.info.fingerprint),
+                "issue a new one (meshsec ca sign), install it at the --cert path, run meshsec reload (no restart, no packet lost)",
+            )
+        } else {
+            Check::pass(
+                "certificate",
+                format!("certificate {} from CA {} valid for {days} more day(s)", c.info.fingerprint, c.info.ca_key_id),
+            )
+        });
+    }
+    for r in &s.trust_refusals.current {
+        if r.reason == crate::cert::Refusal::Blocklisted {
+            out.push(
+                Check::pass(
+                    "trust",
+                    format!(
+                        "{} (signing key {}) is evicted: on the blocklist",
+                        r.name, r.signing_fingerprint
+                    ),
+                )
+                .peer(r.name.clone()),
+            );
+            continue;
+        }
+        out.push(
+            Check::fail(
+                "trust",
+                format!("record of {} (generation {}, signing key {}) refused: {}", r.name, r.generation, r.signing_fingerprint, r.reason),
+                "give that host a valid certificate from a trusted CA covering its name and data addresses (docs/trust-model.md), or leave it out if it is evicted",
+            )
+            .peer(r.name.clone()),
+        );
+    }
+    out
+}
+
 /// Secret and key files: present, and readable by their owner only.
 /// `missing` are files that could not be read at all.
 pub fn permissions(checked: usize, open: &[ReadableByOthers], missing: &[String]) -> Vec<Check> {

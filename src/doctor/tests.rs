@@ -51,6 +51,8 @@ fn member(name: &str, n: u8, state: MemberState, heard_ms: u64, links: Vec<LinkR
         is_self: false,
         links,
         identity_conflict: None,
+        refused: None,
+        cert_not_after: None,
     }
 }
 
@@ -609,4 +611,61 @@ fn esp_offload_fails_naming_the_family_without_gso() {
         .as_deref()
         .unwrap()
         .contains("modprobe esp4_offload esp6_offload"));
+}
+
+#[test]
+fn certificate_check_fails_from_30_days_before_expiry_and_names_refused_records() {
+    let mut status: Status = serde_json::from_value(serde_json::json!({
+        "name": "h1", "version": "0", "public_key": "", "fingerprint": "", "signing_fingerprint": "",
+        "generation": 1, "gossip_listen": "", "gossip_advertise": "", "data_addrs": [],
+        "handshake_port": 9341, "protocol": 1, "uptime_secs": 5,
+        "members": {"alive": 1, "suspect": 0, "dead": 0, "left": 0, "refused": 0},
+        "gossip": GossipCounters::default().snapshot(), "records": crate::gossip::records::RecordCounters::default(),
+        "datapath": "kernel", "esp_algorithm": "aes128-gcm",
+        "handshake": crate::handshake::Counters::default(), "mesh": crate::mesh::MeshCounters::default()
+    }))
+    .unwrap();
+    assert!(
+        certificate(&status).is_empty(),
+        "no certificate, nothing refused: no check"
+    );
+    let key = crate::identity::SigningKey::from_seed([2; 32]);
+    let c = crate::cert::Certificate::issue(
+        &crate::identity::SigningKey::from_seed([1; 32]),
+        "h1",
+        key.public(),
+        vec!["10.0.0.0/8".parse().unwrap()],
+        0,
+        100 * 86_400,
+    )
+    .unwrap();
+    for (now_day, ok, want) in [
+        (10, true, "valid for 90"),
+        (71, false, "expires in 29"),
+        (100, false, "has expired"),
+    ] {
+        status.cert = Some(crate::control::CertStatus::new(&c, now_day * 86_400));
+        let checks = certificate(&status);
+        assert_eq!(checks.len(), 1);
+        assert_eq!(checks[0].ok, ok, "{}", checks[0].detail);
+        assert!(checks[0].detail.contains(want), "{}", checks[0].detail);
+    }
+    status.cert = None;
+    let refusal = |name: &str, reason| crate::gossip::trust::TrustRefusal {
+        name: name.into(),
+        generation: 1,
+        reason,
+        signing_fingerprint: "aaaa:bbbb:cccc:dddd".into(),
+    };
+    status.trust_refusals.current = vec![
+        refusal("h5", crate::cert::Refusal::AddressNotCovered),
+        refusal("h4", crate::cert::Refusal::Blocklisted),
+    ];
+    let checks = certificate(&status);
+    assert!(!checks[0].ok && checks[0].detail.contains("address_not_covered"));
+    assert_eq!(checks[0].peer.as_deref(), Some("h5"));
+    assert!(
+        checks[1].ok && checks[1].detail.contains("evicted"),
+        "an evicted host is not a failure"
+    );
 }

@@ -14,6 +14,7 @@ pub mod records;
 pub mod schema;
 pub mod seal;
 pub mod transport;
+pub mod trust;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;

@@ -25,6 +25,9 @@ pub const KEY_STATUS: &str = "status";
 pub const KEY_SIGNING_KEY: &str = "sig_key";
 /// Key: base64 Ed25519 signature over the record (proto/records.md).
 pub const KEY_SIGNATURE: &str = "sig";
+/// Key for the node's CA certificate (proto/certs.md), base64; outside the
+/// signed values: the CA signature covers it.
+pub const KEY_CERT: &str = "cert";
 /// The published keys a record's signature covers, in signing order.
 pub const SIGNED_KEYS: [&str; 5] = [
     KEY_PUBKEY,

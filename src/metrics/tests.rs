@@ -61,6 +61,28 @@ fn status() -> Status {
         },
         clock_offsets: vec![],
         protect: Default::default(),
+        cert: Some(crate::control::CertStatus {
+            info: crate::cert::CertInfo {
+                fingerprint: "c".into(),
+                ca_key_id: "k".into(),
+                ranges: vec![],
+                not_before: 0,
+                not_after: 1,
+            },
+            expires_in_secs: 86_400,
+            expiring: true,
+        }),
+        cas: vec!["k".into()],
+        blocklisted: 1,
+        trust_refusals: crate::gossip::trust::TrustReport {
+            current: vec![],
+            totals: [
+                ("blocklisted".to_string(), 3),
+                ("cert_expired".to_string(), 2),
+            ]
+            .into(),
+            certs: Default::default(),
+        },
     };
     s.gossip.dropped_bad_tag = 13;
     s.gossip.sealed_out_datagrams = 100;
@@ -255,6 +277,20 @@ fn exposition_has_the_expected_families_labels_and_values() {
         "11"
     );
     assert_eq!(get("meshsec_identity_conflicts"), "1");
+    assert_eq!(
+        get(r#"meshsec_trust_refusals_total{reason="blocklisted"}"#),
+        "3"
+    );
+    assert_eq!(
+        get(r#"meshsec_trust_refusals_total{reason="cert_expired"}"#),
+        "2"
+    );
+    assert_eq!(
+        get(r#"meshsec_trust_refusals_total{reason="unknown_ca"}"#),
+        "0"
+    );
+    assert_eq!(get("meshsec_trust_refused_records"), "0");
+    assert_eq!(get("meshsec_cert_expiry_seconds"), "86400");
     assert_eq!(
         get(r#"meshsec_blocked_pairs{reason="peer_unreachable"}"#),
         "1"
