@@ -268,6 +268,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     };
     let handshake_sockets = bind_handshake_sockets(&cfg.data_addresses, cfg.handshake_port, bypass)
         .map_err(StartError::from)?;
+    if !cfg.protect.is_empty() {
+        all_local(&cfg.data_addresses).map_err(StartError::from)?;
+    }
     let secrets: Vec<[u8; 32]> = keyring.iter().map(|s| *s.0).collect();
     let guard_path = cfg.state_dir.join(crate::mesh::GUARD_FILE);
     let saved_guard = crate::mesh::driver::load_guard(&guard_path).map_err(StartError::Guard)?;
@@ -684,6 +687,21 @@ fn gossip_stop_reason(r: anyhow::Result<()>) -> String {
             e.chain().map(|c| c.to_string()).collect::<Vec<_>>().join(": ")
         ),
     }
+}
+
+/// Strict mode exempts traffic to our own data addresses inside a range: one
+/// that is not this host's (a typo, a floating address that moved) would be an
+/// exemption for somebody else's traffic, in clear (found in review). Checked
+/// by binding each, as the handshake sockets prove the first of each family.
+fn all_local(addrs: &[std::net::IpAddr]) -> Result<(), crate::mesh::driver::HandshakeSocketError> {
+    for ip in addrs {
+        if let Err(error) = std::net::UdpSocket::bind((*ip, 0)) {
+            if error.kind() == std::io::ErrorKind::AddrNotAvailable {
+                return Err(crate::mesh::driver::HandshakeSocketError::NotLocal { ip: *ip, error });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn failure_detector(cfg: &AgentConfig) -> FailureDetectorConfig {
@@ -1115,6 +1133,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("--ca: "), "{e}");
+    }
+
+    #[test]
+    fn strict_mode_refuses_data_addresses_that_are_not_this_host_s() {
+        let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let elsewhere: std::net::IpAddr = "198.51.100.254".parse().unwrap();
+        all_local(&[local]).unwrap();
+        let e = all_local(&[local, elsewhere]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--data-address: 198.51.100.254 is not an address of this host"),
+            "{e}"
+        );
     }
 
     #[test]
