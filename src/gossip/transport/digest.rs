@@ -42,9 +42,10 @@ pub const GUARD_LIMIT: usize = CRASH_DIGEST_LEN - GUARD_MARGIN;
 const MAGIC: u16 = 45_139;
 const SYN: u8 = 0;
 const BLOCK: usize = 16_384;
-/// Decoded digest bytes accepted from one datagram (a real one is a few hundred KB at most);
-/// more is a decompression bomb.
-const MAX_DECODED: usize = 4 << 20;
+/// Decoded digest bytes accepted from one datagram; more is a decompression bomb. A digest
+/// at the guard's limit (about 4,700 node ids, ~75 bytes each decoded) is ~350 KB: 1 MiB
+/// leaves room and bounds what a hostile SYN costs to decode and merge (review: 4 MiB).
+const MAX_DECODED: usize = 1 << 20;
 
 /// One node's digest entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,7 +73,7 @@ pub struct Syn {
 /// Why a datagram did not decode as a SYN.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DigestError {
-    /// Truncated, a bad tag, a block that does not decompress, or more than 4 MiB decoded.
+    /// Truncated, a bad tag, a block that does not decompress, or more than 1 MiB decoded.
     #[error("malformed SYN digest")]
     Malformed,
 }
