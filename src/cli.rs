@@ -147,8 +147,9 @@ enum CaCmd {
         /// Days the certificate is valid from now (1-3650).
         #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..=crate::cert::MAX_VALID_DAYS))]
         valid_for: u64,
-        /// Valid from this time (seconds since the epoch; default: now),
-        /// e.g. to issue a rotation's certificates ahead of time.
+        /// Valid from this time (seconds since the epoch; default: an hour
+        /// ago, so hosts whose clocks lag the signer's accept a renewal at
+        /// once), e.g. to issue a rotation's certificates ahead of time.
         #[arg(long, value_name = "UNIX_SECS")]
         not_before: Option<u64>,
         /// Where to write the certificate.
@@ -366,7 +367,10 @@ fn ca(cmd: CaCmd) -> i32 {
                     ),
                 );
             }
-            let from = not_before.unwrap_or_else(unix_now);
+            // Backdated by an hour: a renewal replaces the old certificate at
+            // once, and a host whose clock lags would refuse it as not yet
+            // valid (review).
+            let from = not_before.unwrap_or_else(|| unix_now().saturating_sub(3_600));
             let Some(until) = from.checked_add(valid_for * 86_400) else {
                 return fail(2, "--not-before: too far in the future");
             };

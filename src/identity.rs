@@ -412,13 +412,26 @@ fn persist_private(state_dir: &Path, file: &str, private: &[u8; 32]) -> Result<(
 /// Writes `bytes` to `path` owner-only (0600), atomically: through `tmp`
 /// (removed on failure), synced, then renamed over `path`.
 pub fn write_owner_only(path: &Path, tmp: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let result = (|| {
-        let mut f = OpenOptions::new()
+    // The temporary file is created, never reused: a stale one (or a symlink
+    // somebody planted under its predictable name) is removed first, and a
+    // new one is opened with O_EXCL and O_NOFOLLOW, so the key cannot land in
+    // a file another user chose (found in review).
+    let open = || {
+        OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .mode(0o600)
-            .open(tmp)?;
+            .open(tmp)
+    };
+    let result = (|| {
+        let mut f = match open() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                fs::remove_file(tmp)?;
+                open()?
+            }
+            r => r?,
+        };
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(tmp, path)

@@ -714,7 +714,13 @@ impl Trust {
         verify_signature: &mut dyn FnMut(&Certificate) -> Result<(), Refusal>,
     ) -> Result<Option<Certificate>, Refusal> {
         let parsed = cert.map(Certificate::from_text);
-        let decoded = parsed.as_ref().and_then(|p| p.as_ref().ok());
+        // A listed certificate counts only on the record it was issued for:
+        // pasted onto another member's record it must not evict that member
+        // (found in review).
+        let decoded = parsed
+            .as_ref()
+            .and_then(|p| p.as_ref().ok())
+            .filter(|c| c.name == name && c.node_key == *key);
         if self.blocklist.blocks(key, decoded) {
             return Err(Refusal::Blocklisted);
         }

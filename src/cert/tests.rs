@@ -372,8 +372,9 @@ fn own_certificate_errors_say_what_to_fix() {
 }
 
 #[test]
-#[ignore = "hole: write_atomic opens its predictable temp name (.NAME.tmpPID) with O_CREAT without O_EXCL/O_NOFOLLOW: whoever can write to the --out directory plants a symlink there and receives the CA seed in a file it owns (mode 0600 not applied)"]
-fn hole_ca_init_follows_a_planted_temp_symlink() {
+/// Found in review: the temporary file's predictable name was opened without
+/// O_EXCL/O_NOFOLLOW, so a planted symlink received the CA seed.
+fn ca_init_does_not_follow_a_planted_temp_symlink() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let leak = dir.path().join("attacker-owned");
