@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use meshsec::gossip::sim::{run, SimConfig, SimReport, ViewMode, DATAGRAM_GOAL};
+use meshsec::gossip::sim::{memory_estimate, run, SimConfig, SimReport, ViewMode, DATAGRAM_GOAL};
 
 #[derive(Parser)]
 #[command(
@@ -53,6 +53,14 @@ enum View {
     Cached,
 }
 
+/// MemAvailable from /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 fn secs(v: Option<f64>, goal: f64) -> String {
     match v {
         Some(s) => format!("{s:.2}{}", if s <= goal { "" } else { " ✗" }),
@@ -82,10 +90,42 @@ fn row(r: &SimReport) -> String {
     )
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> std::process::ExitCode {
+    match simulate(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gossip_sim: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn simulate(args: Args) -> anyhow::Result<()> {
     if !(0.0..1.0).contains(&args.loss) {
         anyhow::bail!("--loss: must be at least 0 and below 1");
+    }
+    // Progress on stderr (phases in virtual time); chitchat's own logs stay quiet.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "meshsec::gossip::sim=info".into()),
+        )
+        .init();
+    let available = available_memory();
+    for &n in &args.nodes {
+        if n < 2 {
+            anyhow::bail!("--nodes: {n}: at least 2 hosts");
+        }
+        if let Some(avail) = available {
+            if memory_estimate(n) > avail {
+                anyhow::bail!(
+                    "--nodes: {n}: would need about {} GB of memory, {} GB available (chitchat keeps a 8 KB failure-detector window per peer in every simulated node)",
+                    memory_estimate(n) >> 30,
+                    avail >> 30
+                );
+            }
+        }
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
