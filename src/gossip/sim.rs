@@ -14,14 +14,18 @@
 //!
 //! What is not run: the loopback proxies and private namespace of the real transport (they
 //! carry the same bytes), the mesh (no handshakes, no datapath: gossip only), the control
-//! socket. The wire figures are sealed datagrams, what a host's UDP socket would send.
+//! socket, the agent's logging. The wire figures are sealed datagrams, what a host's UDP socket
+//! would send. The view is the agent's with [`ViewMode::Agent`]; [`ViewMode::Cached`] skips
+//! re-verifying unchanged records (same views, less CPU) so that large sizes fit the machine.
 //!
 //! Time: run inside a tokio runtime with a paused clock (`start_paused`); chitchat's timers and
 //! failure detector use tokio's clock, so the clock jumps whenever every task waits and the
 //! figures are in virtual time, whatever the machine's load. Seal stamps and the view's
-//! instants are derived from the same clock. CPU per node is process CPU time divided by the
-//! nodes and the virtual seconds it covered (the simulation runs on one thread; its CPU clock is
-//! read): the share of one core a real node would spend.
+//! instants are derived from the same clock. CPU per node is the CPU time of the simulation's
+//! one thread divided by the nodes and the virtual seconds it covered: the share of one core a
+//! real node would spend. chitchat encodes and decodes only inside its own UDP socket, so each
+//! message makes one round trip through a loopback socket (see `Codec`); should the kernel ever
+//! defer that delivery, the paused clock can move on meanwhile (by at most the next timer).
 //!
 //! Nothing here reaches the network: addresses are 198.18.0.0/15 (RFC 2544, benchmarking) and
 //! only name mailboxes in this process.
@@ -247,7 +251,7 @@ impl Clock {
 /// `UdpSocket` (the real transport uses it the same way, see `transport`): `enc` writes an
 /// envelope to the loopback `sink`, read back at once; bytes written to `dec` are read back as
 /// an envelope. One codec serves every node, one datagram at a time under its lock, so what is
-/// read back is what was just written. The kernel's loopback delivers before `send_to`
+/// read back is what was just written. Linux's loopback normally delivers before `send_to`
 /// returns, so tokio's paused clock does not move while a datagram is in there.
 struct Codec {
     enc: chitchat::transport::UdpSocket,
