@@ -42,11 +42,11 @@ use crate::throttle::LogThrottle;
 
 /// Chitchat cluster id; sealing already separates clusters, this only guards
 /// against a meshsec gossip port being pointed at another chitchat user.
-const CLUSTER_ID: &str = "meshsec-v1";
+pub(crate) const CLUSTER_ID: &str = "meshsec-v1";
 /// File in the state directory holding the last generation used.
 const GENERATION_FILE: &str = "generation";
 /// How often the membership view is recomputed.
-const VIEW_INTERVAL: Duration = Duration::from_millis(250);
+pub(crate) const VIEW_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Why the agent stopped or could not start.
 #[derive(Debug, thiserror::Error)]
@@ -705,6 +705,15 @@ fn all_local(addrs: &[std::net::IpAddr]) -> Result<(), crate::mesh::driver::Hand
 }
 
 fn failure_detector(cfg: &AgentConfig) -> FailureDetectorConfig {
+    failure_detector_for(cfg.gossip_interval, cfg.dead_node_grace)
+}
+
+/// The failure detector settings for a gossip interval and dead-node grace (the agent's, and
+/// the simulation's in `gossip::sim`).
+pub(crate) fn failure_detector_for(
+    gossip_interval: Duration,
+    dead_node_grace: Duration,
+) -> FailureDetectorConfig {
     // Heartbeats arrive about once per gossip interval; with the phi accrual
     // detector a silent node crosses phi = 8 within a few seconds at the default
     // 0.5 s interval; the view adds a floor of `suspect_after` silence before
@@ -715,9 +724,9 @@ fn failure_detector(cfg: &AgentConfig) -> FailureDetectorConfig {
     FailureDetectorConfig {
         phi_threshold: 8.0,
         sampling_window_size: 100,
-        max_interval: cfg.gossip_interval * 4,
-        initial_interval: cfg.gossip_interval * 2,
-        dead_node_grace_period: cfg.dead_node_grace,
+        max_interval: gossip_interval * 4,
+        initial_interval: gossip_interval * 2,
+        dead_node_grace_period: dead_node_grace,
     }
 }
 
@@ -886,11 +895,11 @@ async fn track_members(
     }
 }
 
-fn suspect_after() -> Duration {
+pub(crate) fn suspect_after() -> Duration {
     Duration::from_secs(4)
 }
 
-fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
+pub(crate) fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
     let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
     let dead: std::collections::HashSet<&ChitchatId> = c.dead_nodes().collect();
     c.node_states()

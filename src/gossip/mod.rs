@@ -6,6 +6,7 @@
 //! - [`schema`]: the key-values each node publishes.
 //! - [`records`]: signed records (proto/records.md): signing, checking, counting.
 //! - [`members`]: the membership view (pure) behind `meshsec members`.
+//! - [`sim`]: many nodes' gossip in one process over an in-memory network (issue 12).
 
 pub mod members;
 pub mod own;
@@ -13,6 +14,7 @@ pub mod pins;
 pub mod records;
 pub mod schema;
 pub mod seal;
+pub mod sim;
 pub mod transport;
 pub mod trust;
 

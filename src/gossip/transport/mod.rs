@@ -402,8 +402,11 @@ struct Shared {
     /// Node ids that SYNs handed to chitchat carried and our state did not hold yet, for
     /// [`SYN_IN_FLIGHT`]: chitchat adds them when it gets to those SYNs, so a later SYN is
     /// judged with them (a burst of SYNs each under the limit alone must not add up past it).
-    syns_in_flight: Mutex<VecDeque<(Instant, digest::Digest)>>,
+    syns_in_flight: SynsInFlight,
 }
+
+/// The new node ids of SYNs handed to chitchat, with when (see [`judge_syn`]).
+pub(crate) type SynsInFlight = Mutex<VecDeque<(tokio::time::Instant, digest::Digest)>>;
 
 /// How long a forwarded SYN's new node ids count towards the guard's prediction: far longer
 /// than chitchat takes to process a queued datagram; ids it has added by then are in its
@@ -517,24 +520,40 @@ fn note_digest(shared: &Shared, bytes: usize) {
     }
 }
 
-/// Whether an opened datagram may go to chitchat: anything but a SYN may; a SYN only if the
-/// digest chitchat will send back leaves room for a delta. chitchat 0.13 panics otherwise
-/// (`assert!(mtu >= 100)`), which stopped the gossip task and the agent: such a SYN is dropped
-/// and counted instead, and the peer hears from us when our state is small enough again.
-async fn syn_is_answerable(shared: &Shared, from: SocketAddr, plain: &[u8]) -> bool {
+/// What the SYN guard makes of an opened datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SynVerdict {
+    /// Not a SYN, or a SYN chitchat can answer: hand it over. `digest_bytes` is the digest
+    /// chitchat will send back, for a SYN.
+    Pass {
+        /// Predicted size of our answer's digest (None when not a SYN).
+        digest_bytes: Option<usize>,
+    },
+    /// A SYN whose digest does not decode.
+    Malformed,
+    /// A SYN whose answer would not fit one datagram (chitchat would panic building it).
+    TooLarge {
+        /// Node ids in the answer's digest.
+        nodes: usize,
+        /// Its predicted size.
+        digest_bytes: usize,
+    },
+}
+
+/// Judges an opened datagram against the chitchat it is for (see [`digest`]); shared by the
+/// real transport and the in-process simulation (`gossip::sim`), so both run the same guard.
+pub(crate) async fn judge_syn(
+    state: &StateSlot,
+    syns_in_flight: &SynsInFlight,
+    plain: &[u8],
+) -> SynVerdict {
     let syn = match digest::parse_syn(plain) {
-        Ok(None) => return true,
+        Ok(None) => return SynVerdict::Pass { digest_bytes: None },
         Ok(Some(syn)) => syn,
-        Err(e) => {
-            bump(&shared.counters.dropped_syn_malformed, 1);
-            if let Some(suppressed) = shared.log.check(Instant::now(), "syn_malformed") {
-                warn!(from = %from, suppressed, "dropped gossip SYN: {e}");
-            }
-            return false;
-        }
+        Err(_) => return SynVerdict::Malformed,
     };
     // Copied under chitchat's lock, measured outside it.
-    let (own, scheduled, self_id) = match shared.state.get() {
+    let (own, scheduled, self_id) = match state.get() {
         Some(chitchat) => {
             let c = chitchat.lock().await;
             let (own, scheduled) = digest::own_digest(&c);
@@ -544,8 +563,8 @@ async fn syn_is_answerable(shared: &Shared, from: SocketAddr, plain: &[u8]) -> b
     };
     // What chitchat will hold when it answers: its state, the SYNs still queued ahead of this
     // one, and this SYN.
-    let now = Instant::now();
-    let mut in_flight = lock(&shared.syns_in_flight);
+    let now = tokio::time::Instant::now();
+    let mut in_flight = lock(syns_in_flight);
     in_flight.retain(|(at, _)| now.duration_since(*at) < SYN_IN_FLIGHT);
     let fresh: digest::Digest = syn
         .digest
@@ -562,26 +581,59 @@ async fn syn_is_answerable(shared: &Shared, from: SocketAddr, plain: &[u8]) -> b
         None => incoming,
     };
     let predicted = digest::encoded_len(&merged, syn.version);
-    note_digest(shared, predicted);
     if predicted <= digest::GUARD_LIMIT {
         if !fresh.is_empty() {
             in_flight.push_back((now, fresh));
         }
-        return true;
+        SynVerdict::Pass {
+            digest_bytes: Some(predicted),
+        }
+    } else {
+        SynVerdict::TooLarge {
+            nodes: merged.len(),
+            digest_bytes: predicted,
+        }
     }
-    drop(in_flight);
-    bump(&shared.counters.dropped_syn_too_large, 1);
-    if let Some(suppressed) = shared.log.check(Instant::now(), "syn_too_large") {
-        error!(
-            from = %from,
-            nodes = merged.len(),
-            digest_bytes = predicted,
-            limit = digest::GUARD_LIMIT,
-            suppressed,
-            "gossip state too large to answer a SYN (chitchat would crash building the answer): SYN dropped; gossip resumes once dead generations leave the digest (half of --dead-node-grace-secs after their death); see docs/scale.md"
-        );
+}
+
+/// Whether an opened datagram may go to chitchat: anything but a SYN may; a SYN only if the
+/// digest chitchat will send back leaves room for a delta. chitchat 0.13 panics otherwise
+/// (`assert!(mtu >= 100)`), which stopped the gossip task and the agent: such a SYN is dropped
+/// and counted instead, and the peer hears from us when our state is small enough again.
+async fn syn_is_answerable(shared: &Shared, from: SocketAddr, plain: &[u8]) -> bool {
+    match judge_syn(&shared.state, &shared.syns_in_flight, plain).await {
+        SynVerdict::Pass { digest_bytes } => {
+            if let Some(bytes) = digest_bytes {
+                note_digest(shared, bytes);
+            }
+            true
+        }
+        SynVerdict::Malformed => {
+            bump(&shared.counters.dropped_syn_malformed, 1);
+            if let Some(suppressed) = shared.log.check(Instant::now(), "syn_malformed") {
+                warn!(from = %from, suppressed, "dropped gossip SYN: {}", digest::DigestError::Malformed);
+            }
+            false
+        }
+        SynVerdict::TooLarge {
+            nodes,
+            digest_bytes: predicted,
+        } => {
+            note_digest(shared, predicted);
+            bump(&shared.counters.dropped_syn_too_large, 1);
+            if let Some(suppressed) = shared.log.check(Instant::now(), "syn_too_large") {
+                error!(
+                    from = %from,
+                    nodes,
+                    digest_bytes = predicted,
+                    limit = digest::GUARD_LIMIT,
+                    suppressed,
+                    "gossip state too large to answer a SYN (chitchat would crash building the answer): SYN dropped; gossip resumes once dead generations leave the digest (half of --dead-node-grace-secs after their death); see docs/scale.md"
+                );
+            }
+            false
+        }
     }
-    false
 }
 
 /// Receives what chitchat sends to one peer, seals it and sends it on the network.
