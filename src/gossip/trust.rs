@@ -141,14 +141,8 @@ impl TrustFilter {
             match (&judged, last_accepted.get(&slot)) {
                 (Err(_), Some((k, old))) if *k == r.signing_key && Some(old.as_str()) != text => {
                     let old = old.clone();
-                    let fallback = trust.judge_with(
-                        name,
-                        &r.signing_key,
-                        &r.info.data_addrs,
-                        Some(&old),
-                        now,
-                        &mut |c: &Certificate| c.verify_signature(&trust.cas),
-                    );
+                    let fallback =
+                        trust.judge(name, &r.signing_key, &r.info.data_addrs, Some(&old), now);
                     if fallback.is_ok() {
                         kept.insert(slot, (r.signing_key, old));
                         judged = fallback;

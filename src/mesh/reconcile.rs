@@ -95,7 +95,7 @@ impl Mesh {
         }
         self.rekey_vanished(now, &actual);
         let changes = self.plan(&actual);
-        let failed_sas = self.apply(now, &changes, dp);
+        let failed_sas = self.apply(now, changes, dp);
         self.record(now, &failed_sas);
     }
 
@@ -197,7 +197,7 @@ impl Mesh {
     /// Applies `changes` in one pipelined call and counts the outcome;
     /// returns the SAs that did not go in. A larval SA that expired before
     /// it was filled is added instead; deleting what is already gone is done.
-    fn apply(&mut self, now: Instant, changes: &[Change], dp: &mut dyn Datapath) -> Vec<SaId> {
+    fn apply(&mut self, now: Instant, changes: Vec<Change>, dp: &mut dyn Datapath) -> Vec<SaId> {
         let mut failed_sas = Vec::new();
         if changes.is_empty() {
             return failed_sas;
@@ -216,10 +216,11 @@ impl Mesh {
             ),
             _ => false,
         };
-        let (first, deletes): (Vec<usize>, Vec<usize>) =
-            (0..changes.len()).partition(|&i| !later(i));
-        let first: Vec<Change> = first.into_iter().map(|i| changes[i].clone()).collect();
-        let deletes: Vec<Change> = deletes.into_iter().map(|i| changes[i].clone()).collect();
+        let deferred: Vec<bool> = (0..changes.len()).map(later).collect();
+        let (first, deletes): (Vec<_>, Vec<_>) =
+            changes.into_iter().zip(deferred).partition(|(_, d)| !d);
+        let first: Vec<Change> = first.into_iter().map(|(c, _)| c).collect();
+        let deletes: Vec<Change> = deletes.into_iter().map(|(c, _)| c).collect();
         let mut outcomes: Vec<(&Change, _)> = first.iter().zip(dp.apply(&first)).collect();
         let add_failed = outcomes
             .iter()
