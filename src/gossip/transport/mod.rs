@@ -566,10 +566,16 @@ pub(crate) async fn judge_syn(
     let now = tokio::time::Instant::now();
     let mut in_flight = lock(syns_in_flight);
     in_flight.retain(|(at, _)| now.duration_since(*at) < SYN_IN_FLIGHT);
+    // Each id is queued once: the ids in flight then all count in a digest that passed, so
+    // they stay below the limit (~4,700), and so does the work per judgement. (Queued again
+    // per SYN, an id chitchat never adds, e.g. one scheduled for deletion, grew the queue
+    // with every SYN: found in review.)
     let fresh: digest::Digest = syn
         .digest
         .iter()
-        .filter(|(id, _)| !own.contains_key(*id))
+        .filter(|(id, _)| {
+            !own.contains_key(*id) && !in_flight.iter().any(|(_, d)| d.contains_key(*id))
+        })
         .map(|(id, d)| (id.clone(), *d))
         .collect();
     let mut incoming = syn.digest;
@@ -1324,6 +1330,31 @@ mod tests {
         assert!(c.digest_bytes < 4_000, "digest small again: {c:?}");
         a.shutdown().await.unwrap();
         b.shutdown().await.unwrap();
+    }
+
+    /// An id is queued in flight once, however many SYNs carry it (review: repeated SYNs
+    /// grew the queue without bound).
+    #[tokio::test]
+    async fn ids_in_flight_are_queued_once() {
+        let d: digest::Digest = (0..100u32)
+            .map(|i| {
+                let addr = SocketAddr::from(([127, 4, 0, i as u8], 7946));
+                (
+                    ChitchatId::new(format!("n{i}"), 1, addr),
+                    digest::NodeDigest::default(),
+                )
+            })
+            .collect();
+        let plain = digest::encode_syn(&d, ProtocolVersion::V1, "meshsec-test");
+        let (state, in_flight) = (StateSlot::default(), SynsInFlight::default());
+        for _ in 0..10 {
+            assert!(matches!(
+                judge_syn(&state, &in_flight, &plain).await,
+                SynVerdict::Pass { .. }
+            ));
+        }
+        let queued: usize = lock(&in_flight).iter().map(|(_, d)| d.len()).sum();
+        assert_eq!(queued, 100);
     }
 
     /// The guard judges each SYN against chitchat's state, and SYNs it forwarded earlier that
