@@ -47,6 +47,9 @@ struct Initiating {
     deadline: Instant,
     next_retransmit: Instant,
     rto: Duration,
+    /// A collision already made us resend this initiation at once (see
+    /// [`Endpoint::resend_after_collision`]): at most once per attempt.
+    collision_resent: bool,
 }
 
 /// Handshake state with one peer.
@@ -347,6 +350,7 @@ impl Endpoint {
             deadline: now + self.config.handshake_timeout,
             next_retransmit: now,
             rto: self.config.initial_rto,
+            collision_resent: false,
         };
         self.indices.insert(sender_index, peer);
         let entry = self.peers.entry(peer).or_insert_with(PeerEntry::new);
@@ -563,6 +567,29 @@ impl Endpoint {
             "handshake: established"
         );
         self.events.push_back(Event::Established(s));
+    }
+
+    /// We dropped `peer`'s initiation in a collision (our key is lower, so ours must
+    /// complete): the peer evidently knows us now, while our initiation may have reached it
+    /// before it did (dropped there as `unknown_peer`, gossip not having told it about us
+    /// yet) and would otherwise be retried only at the next retransmission, up to
+    /// `max_rto` later. Resend it now, with the retransmission timer back at its first
+    /// value. Once per attempt, so replayed copies of the peer's initiations cannot make
+    /// us send more than one extra datagram each time we initiate.
+    fn resend_after_collision(&mut self, now: Instant, peer: &PublicKey) {
+        let initial_rto = self.config.initial_rto;
+        let Some(PeerState::Initiating(st)) = self.peers.get_mut(peer).map(|e| &mut e.state) else {
+            return;
+        };
+        if st.collision_resent {
+            return;
+        }
+        st.collision_resent = true;
+        st.rto = initial_rto;
+        st.next_retransmit = now;
+        self.counters.retransmits += 1;
+        tracing::debug!(peer = %short(peer), "handshake: collision, resending our initiation now");
+        self.send_initiation(now, peer, false);
     }
 
     /// (Re)sends the initiation to `peer`, with mac2 if we hold a fresh cookie from it.

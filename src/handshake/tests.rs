@@ -453,6 +453,75 @@ fn simultaneous_initiation_yields_one_session() {
     assert!(p.nodes[A].ep.poll_timeout().is_none() && p.nodes[B].ep.poll_timeout().is_none());
 }
 
+/// A (the lower key) initiates before B knows it (gossip has not told B yet: `unknown_peer`,
+/// no answer). Once B knows A it initiates too; A drops that in the collision and, since B
+/// evidently knows it now, resends its own initiation at once instead of at its next
+/// retransmission (1 s, then 2, 4, 8 s after the last).
+#[test]
+fn a_collision_resends_an_initiation_the_peer_dropped_before_it_knew_us() {
+    let mut p = pair(Net::perfect());
+    let members = std::mem::take(&mut p.nodes[B].ctx.members);
+    let (pa, pb, aaddr, baddr) = (p.pa(), p.pb(), p.nodes[A].addr, p.nodes[B].addr);
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0xa000).unwrap();
+    p.drive_for(Duration::from_millis(300));
+    assert_eq!(p.nodes[B].ep.counters().unknown_peer, 1);
+    p.nodes[B].ctx.members = members;
+    let t = p.now;
+    p.nodes[B].ep.initiate(t, pa, aaddr, 0xb000).unwrap();
+    p.drive_for(Duration::from_millis(100));
+    let (sa, sb) = (p.nodes[A].established(), p.nodes[B].established());
+    assert_eq!(
+        (sa.len(), sb.len()),
+        (1, 1),
+        "keyed within 100 ms of B's initiation"
+    );
+    assert_halves(sa[0], sb[0]);
+    assert_eq!(sa[0].role, Role::Initiator, "lower static key initiates");
+    assert!(sa[0].established_at - t <= Duration::from_millis(40));
+    assert_eq!(p.nodes[A].ep.counters().collision_dropped, 1);
+    assert_eq!(p.nodes[A].ep.counters().retransmits, 1, "the resend");
+    assert_eq!(p.nodes[B].ep.counters().collision_abandoned, 1);
+}
+
+/// The resend after a collision happens once per attempt: copies of the peer's initiation
+/// (replayed by anyone on the path) cannot make us send more.
+#[test]
+fn a_collision_resends_at_most_once_per_attempt() {
+    let mut p = pair(Net::perfect());
+    let (pa, pb, aaddr, baddr) = (p.pa(), p.pb(), p.nodes[A].addr, p.nodes[B].addr);
+    // A's initiations never reach B: A stays initiating.
+    p.filter = Some(Box::new(move |pk: &Packet| {
+        if pk.to == baddr {
+            Verdict::Drop
+        } else {
+            Verdict::Pass
+        }
+    }));
+    p.nodes[A].ep.initiate(p.now, pb, baddr, 0xa000).unwrap();
+    p.nodes[B].ep.initiate(p.now, pa, aaddr, 0xb000).unwrap();
+    p.drive_for(Duration::from_millis(50));
+    let b_init = p
+        .capture
+        .iter()
+        .find(|c| c.from == baddr && c.bytes.len() == INITIATION_LEN)
+        .expect("B initiated")
+        .clone();
+    let sent = p.nodes[A].ep.counters().sent;
+    for _ in 0..10 {
+        assert_eq!(
+            p.deliver_result(&b_init),
+            Some(Err(Rejected::CollisionDropped))
+        );
+    }
+    assert_eq!(p.nodes[A].ep.counters().collision_dropped, 11);
+    assert_eq!(
+        p.nodes[A].ep.counters().sent,
+        sent,
+        "resent once, at the first collision"
+    );
+    assert_eq!(p.nodes[A].ep.counters().retransmits, 1);
+}
+
 #[test]
 fn abandoned_initiation_arriving_late_is_rejected() {
     let mut p = pair(Net::perfect());

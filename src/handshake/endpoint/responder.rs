@@ -94,6 +94,7 @@ impl Endpoint {
         let mut reuse_spi = None;
         if let PeerState::Initiating(st) = &entry.state {
             if self.keypair.public() < &peer {
+                self.resend_after_collision(now, &peer);
                 return Err(Rejected::CollisionDropped);
             }
             reuse_spi = Some(st.local_spi);
