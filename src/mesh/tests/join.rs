@@ -35,14 +35,15 @@ fn keyed_peers(sim: &mut crate::sim::Sim<SimMesh>, new: usize) -> usize {
 /// `t0 + learns[j].0` and member `j` of the new host at `t0 +
 /// learns[j].1` (gossip spreads news of a host in rounds; its own part is
 /// measured in docs/benchmarks.md, "Gossip at scale"). Returns the virtual
-/// time until the new host has established links with all EXISTING peers,
-/// or None within `limit`.
+/// time until the new host has established links with all EXISTING peers
+/// (None: not within `limit`), and the new host's handshake and mesh
+/// counters then.
 fn join(
     config: MeshConfig,
     net: crate::sim::Net,
     learns: &[(Duration, Duration)],
     limit: Duration,
-) -> Option<Duration> {
+) -> (Option<Duration>, HandshakeCounters, MeshCounters) {
     assert_eq!(learns.len(), EXISTING);
     let t0 = Instant::now();
     let nodes: Vec<Node> = (0..=EXISTING)
@@ -84,7 +85,12 @@ fn join(
         }
         sim.drive_for(step);
         if keyed_peers(&mut sim, new) == EXISTING {
-            return Some(sim.now - t0);
+            let n = &sim.nodes[new].0.mesh;
+            return (
+                Some(sim.now - t0),
+                n.handshake_counters(),
+                n.counters().clone(),
+            );
         }
     }
     let keyed = keyed_peers(&mut sim, new);
@@ -94,22 +100,27 @@ fn join(
         n.counters(),
         n.handshake_counters()
     );
-    None
+    (None, n.handshake_counters(), n.counters().clone())
 }
 
 /// A new host keys with 100 members that all learn of it at once, and it
 /// of them, in at most 2 s of virtual time (10 ms one-way delay, no loss).
+/// Neither the per-second initiation cap (256 > its 200 links) nor the
+/// responder's DoS budget (a burst of 200 >= the members' 200 initiations)
+/// holds anything back.
 #[test]
 fn a_new_host_keys_with_100_members_within_2s() {
-    let t = join(
+    let (t, hs, mesh) = join(
         MeshConfig::default(),
         crate::sim::Net::perfect(),
         &[(Duration::ZERO, Duration::ZERO); EXISTING],
         Duration::from_secs(30),
     );
-    eprintln!("joined in {t:?} (virtual)");
+    eprintln!("joined in {t:?} (virtual); {hs:?}");
     let t = t.expect("keyed with every member");
     assert!(t <= Duration::from_secs(2), "joined in {t:?}");
+    assert_eq!(mesh.initiations_deferred, 0);
+    assert_eq!((hs.cookie_sent, hs.rate_limited, hs.timeouts), (0, 0, 0));
 }
 
 /// As news of the new host spreads: it learns of each member within
@@ -131,8 +142,8 @@ fn a_new_host_keys_with_100_members_as_the_news_spreads_within_2s() {
         (Duration::from_millis(2), Duration::from_millis(20)),
         12,
     );
-    let t = join(MeshConfig::default(), net, &learns, Duration::from_secs(30));
-    eprintln!("joined in {t:?} (virtual)");
+    let (t, hs, _) = join(MeshConfig::default(), net, &learns, Duration::from_secs(30));
+    eprintln!("joined in {t:?} (virtual); {hs:?}");
     let t = t.expect("keyed with every member");
     assert!(t <= Duration::from_secs(2), "joined in {t:?}");
 }
