@@ -318,7 +318,8 @@ pub struct Counters {
     pub install_failed: u64,
     /// Exact retransmissions answered from the response cache.
     pub retransmit_answered: u64,
-    /// Initiations retransmitted by us.
+    /// Initiations retransmitted by us (on the backoff timer, or at once after a collision
+    /// showed the peer now knows us).
     pub retransmits: u64,
     /// Messages on which DH work was spent (the resource the DoS defence protects).
     pub dh_work: u64,
