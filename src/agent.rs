@@ -786,7 +786,6 @@ async fn track_members(
     let mut own_restored = 0u64;
     let mut records = RecordTracker::default();
     let mut ticker = tokio::time::interval(VIEW_INTERVAL);
-    let mut current: Vec<Member> = Vec::new();
     loop {
         tokio::select! {
             _ = shutdown::fired(&mut stop) => return,
@@ -875,23 +874,23 @@ async fn track_members(
                 warn!(refused = n_refused, suppressed, "gossip carries nodes whose name is not 1-63 characters of letters, digits, '-', '_' or '.': not listed, not linked");
             }
         }
-        let changes = members::diff(&current, &next);
-        let heard_changed = next
-            .iter()
-            .zip(current.iter())
-            .any(|(a, b)| a.last_heard_ms != b.last_heard_ms);
+        let changes = members::diff(&members_tx.borrow(), &next);
         for c in &changes {
             let (from, to) = (c.from_text(), c.to_text());
             info!(peer = %c.name, from = %from, to = %to, generation = c.generation, restarted = c.restarted, "membership changed");
         }
-        if !changes.is_empty() || heard_changed || next.len() != current.len() {
-            current = next;
-            let shared = Arc::new(current.clone());
-            members_tx.send_replace(shared);
-            if !changes.is_empty() {
-                let _ = changes_tx.send(Arc::new((changes, current.clone())));
-            }
+        if !changes.is_empty() {
+            let _ = changes_tx.send(Arc::new((changes, next.clone())));
         }
+        // The listing reads the newest view (its last-heard times) on
+        // demand; the mesh and the service status wake only when something
+        // other than a last-heard time changed (the mesh times a dead
+        // member's grace itself).
+        members_tx.send_if_modified(|v| {
+            let changed = !members::same_but_heard(v, &next);
+            *v = Arc::new(next);
+            changed
+        });
     }
 }
 

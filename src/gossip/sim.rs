@@ -716,7 +716,12 @@ async fn track(
             now,
             crate::agent::suspect_after(),
         );
-        *out.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        // As the agent: a new view only when more than last-heard times changed.
+        let mut shown = out.lock().unwrap_or_else(|e| e.into_inner());
+        if !members::same_but_heard(&shown, &view) {
+            *shown = Arc::new(view);
+        }
+        drop(shown);
         let spent = cpu_time().saturating_sub(t0);
         let mut c = cpu.lock().unwrap_or_else(|e| e.into_inner());
         c.0 += spent;
