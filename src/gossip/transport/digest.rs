@@ -19,6 +19,7 @@
 //! not smaller (tag 2), ended by tag 0. An entry is the `ChitchatId` (u16-prefixed name, u64
 //! generation, address) then heartbeat, last GC version and max version (u64 each).
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use chitchat::{ChitchatId, Deserializable, ProtocolVersion, Serializable};
@@ -46,6 +47,49 @@ const BLOCK: usize = 16_384;
 /// at the guard's limit (about 4,700 node ids, ~75 bytes each decoded) is ~350 KB: 1 MiB
 /// leaves room and bounds what a hostile SYN costs to decode and merge (review: 4 MiB).
 const MAX_DECODED: usize = 1 << 20;
+
+thread_local! {
+    /// zstd contexts kept per thread, made on first use: the guard decodes and measures a
+    /// digest for every SYN, and zstd::bulk's one-shot functions made (and freed) a fresh
+    /// context per call, which cost more than the work (`ZSTD_createCCtx`/`ZSTD_createDCtx`
+    /// were about an eighth of an idle agent's CPU). Same level, same output.
+    static ZSTD: RefCell<Option<Zstd>> = const { RefCell::new(None) };
+}
+
+struct Zstd {
+    compressor: zstd::bulk::Compressor<'static>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+/// Runs `f` with this thread's zstd contexts; `None` if they cannot be made (no memory).
+fn with_zstd<T>(f: impl FnOnce(&mut Zstd) -> std::io::Result<T>) -> Option<std::io::Result<T>> {
+    ZSTD.with(|z| {
+        let mut z = z.borrow_mut();
+        if z.is_none() {
+            *z = Some(Zstd {
+                compressor: zstd::bulk::Compressor::new(0).ok()?,
+                decompressor: zstd::bulk::Decompressor::new().ok()?,
+            });
+        }
+        z.as_mut().map(f)
+    })
+}
+
+/// `zstd::bulk::compress_to_buffer(chunk, out, 0)` on this thread's context.
+fn compress_to_buffer(chunk: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    match with_zstd(|z| z.compressor.compress_to_buffer(chunk, &mut *out)) {
+        Some(r) => r,
+        None => zstd::bulk::compress_to_buffer(chunk, out, 0),
+    }
+}
+
+/// `zstd::bulk::decompress_to_buffer(bytes, out)` on this thread's context.
+fn decompress_to_buffer(bytes: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    match with_zstd(|z| z.decompressor.decompress_to_buffer(bytes, &mut *out)) {
+        Some(r) => r,
+        None => zstd::bulk::decompress_to_buffer(bytes, out),
+    }
+}
 
 /// One node's digest entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -132,7 +176,7 @@ pub fn parse_syn(plain: &[u8]) -> Result<Option<Syn>, DigestError> {
                         let len: u16 = read(&mut buf)?;
                         let bytes = take(&mut buf, usize::from(len))?;
                         if tag == 1 {
-                            let n = zstd::bulk::decompress_to_buffer(bytes, &mut block[..])
+                            let n = decompress_to_buffer(bytes, &mut block[..])
                                 .map_err(|_| DigestError::Malformed)?;
                             raw.extend_from_slice(&block[..n]);
                         } else {
@@ -179,7 +223,7 @@ pub fn encoded_len(digest: &Digest, version: ProtocolVersion) -> usize {
                 .map(|chunk| {
                     // As chitchat does: compressed into a buffer the size of the input, stored
                     // raw when it does not fit.
-                    match zstd::bulk::compress_to_buffer(chunk, &mut out[..chunk.len()], 0) {
+                    match compress_to_buffer(chunk, &mut out[..chunk.len()]) {
                         Ok(n) => 3 + n,
                         Err(_) => 3 + chunk.len(),
                     }
@@ -260,7 +304,7 @@ pub fn encode_syn(digest: &Digest, version: ProtocolVersion, cluster_id: &str) -
         ProtocolVersion::V1 => {
             for chunk in raw.chunks(BLOCK) {
                 let mut out = vec![0u8; chunk.len()];
-                match zstd::bulk::compress_to_buffer(chunk, &mut out[..], 0) {
+                match compress_to_buffer(chunk, &mut out[..]) {
                     Ok(n) => {
                         buf.push(1);
                         (n as u16).serialize(&mut buf);
