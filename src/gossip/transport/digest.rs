@@ -19,7 +19,6 @@
 //! not smaller (tag 2), ended by tag 0. An entry is the `ChitchatId` (u16-prefixed name, u64
 //! generation, address) then heartbeat, last GC version and max version (u64 each).
 
-use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use chitchat::{ChitchatId, Deserializable, ProtocolVersion, Serializable};
@@ -48,34 +47,32 @@ const BLOCK: usize = 16_384;
 /// leaves room and bounds what a hostile SYN costs to decode and merge (review: 4 MiB).
 const MAX_DECODED: usize = 1 << 20;
 
-thread_local! {
-    /// zstd contexts kept per thread, made on first use: the guard decodes and measures a
-    /// digest for every SYN, and zstd::bulk's one-shot functions made (and freed) a fresh
-    /// context per call, which cost more than the work (`ZSTD_createCCtx`/`ZSTD_createDCtx`
-    /// were about an eighth of an idle agent's CPU). Same level, same output.
-    static ZSTD: RefCell<Option<Zstd>> = const { RefCell::new(None) };
-}
+/// One pair of zstd contexts for the process, made on first use: the guard decodes and
+/// measures a digest for every SYN, and zstd::bulk's one-shot functions made (and freed) a
+/// fresh context per call, which cost more than the work (`ZSTD_createCCtx`/`ZSTD_createDCtx`
+/// were about an eighth of an idle agent's CPU). One pair, not one per thread: each holds a few
+/// hundred KB, and SYNs come a few a second (the lock is never contended for long). Same
+/// level, same output.
+static ZSTD: std::sync::Mutex<Option<Zstd>> = std::sync::Mutex::new(None);
 
 struct Zstd {
     compressor: zstd::bulk::Compressor<'static>,
     decompressor: zstd::bulk::Decompressor<'static>,
 }
 
-/// Runs `f` with this thread's zstd contexts; `None` if they cannot be made (no memory).
+/// Runs `f` with the process's zstd contexts; `None` if they cannot be made (no memory).
 fn with_zstd<T>(f: impl FnOnce(&mut Zstd) -> std::io::Result<T>) -> Option<std::io::Result<T>> {
-    ZSTD.with(|z| {
-        let mut z = z.borrow_mut();
-        if z.is_none() {
-            *z = Some(Zstd {
-                compressor: zstd::bulk::Compressor::new(0).ok()?,
-                decompressor: zstd::bulk::Decompressor::new().ok()?,
-            });
-        }
-        z.as_mut().map(f)
-    })
+    let mut z = ZSTD.lock().unwrap_or_else(|e| e.into_inner());
+    if z.is_none() {
+        *z = Some(Zstd {
+            compressor: zstd::bulk::Compressor::new(0).ok()?,
+            decompressor: zstd::bulk::Decompressor::new().ok()?,
+        });
+    }
+    z.as_mut().map(f)
 }
 
-/// `zstd::bulk::compress_to_buffer(chunk, out, 0)` on this thread's context.
+/// `zstd::bulk::compress_to_buffer(chunk, out, 0)` on the process's context.
 fn compress_to_buffer(chunk: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
     match with_zstd(|z| z.compressor.compress_to_buffer(chunk, &mut *out)) {
         Some(r) => r,
@@ -83,7 +80,7 @@ fn compress_to_buffer(chunk: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
     }
 }
 
-/// `zstd::bulk::decompress_to_buffer(bytes, out)` on this thread's context.
+/// `zstd::bulk::decompress_to_buffer(bytes, out)` on the process's context.
 fn decompress_to_buffer(bytes: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
     match with_zstd(|z| z.decompressor.decompress_to_buffer(bytes, &mut *out)) {
         Some(r) => r,
