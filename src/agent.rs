@@ -786,21 +786,23 @@ async fn track_members(
     let mut own_restored = 0u64;
     let mut records = RecordTracker::default();
     let mut ticker = tokio::time::interval(VIEW_INTERVAL);
-    let mut current: Vec<Member> = Vec::new();
+    let mut observed_cache = ObservedCache::default();
     loop {
         tokio::select! {
             _ = shutdown::fired(&mut stop) => return,
             _ = ticker.tick() => {}
         }
-        let (observed, restored) = {
+        let restored = {
             let mut c = chitchat.lock().await;
             // No await while the record is locked: compared in place, not copied each tick.
             let restored = {
                 let record = published.lock().unwrap_or_else(|e| e.into_inner());
                 crate::gossip::own::restore(c.self_node_state(), &record)
             };
-            (observe(&c), restored)
+            observed_cache.refresh(&c);
+            restored
         };
+        let observed = observed_cache.nodes();
         let now = Instant::now();
         if restored.exhausted {
             if let Some(suppressed) = own_log.check(now, "own_record_restored") {
@@ -812,8 +814,8 @@ async fn track_members(
                 warn!(rewritten = ?restored.rewritten, removed = ?restored.removed, suppressed, "our own gossip record was overwritten by a peer's delta for our id (only a member holding the cluster secret can send one); put back");
             }
         }
-        let heard = tracker.observe(&observed, now);
-        let signed = records.observe(&observed, now);
+        let heard = tracker.observe(observed, now);
+        let signed = records.observe(observed, now);
         let counters = RecordCounters {
             own_record_restored: own_restored,
             ..signed.counters
@@ -824,7 +826,7 @@ async fn track_members(
         let unix = unix_now();
         let (found, certs, own) = {
             let t = trust.read().unwrap_or_else(|e| e.into_inner());
-            let (found, certs) = trust_filter.apply(&t.trust, &observed, &mut valid, unix);
+            let (found, certs) = trust_filter.apply(&t.trust, observed, &mut valid, unix);
             (found, certs, t.own.as_ref().map(|c| c.not_after))
         };
         trust_tx.send_if_modified(|r| {
@@ -866,8 +868,8 @@ async fn track_members(
             c.current = found;
             true
         });
-        let next = members::view(&observed, &heard, &valid, &self_name, now, suspect_after());
-        let n_refused = members::refused_names(&observed);
+        let next = members::view(observed, &heard, &valid, &self_name, now, suspect_after());
+        let n_refused = members::refused_names(observed);
         refused.store(n_refused, Ordering::Relaxed);
         if n_refused > 0 {
             if let Some(suppressed) = refused_log.check(now, "refused_member_name") {
@@ -875,23 +877,23 @@ async fn track_members(
                 warn!(refused = n_refused, suppressed, "gossip carries nodes whose name is not 1-63 characters of letters, digits, '-', '_' or '.': not listed, not linked");
             }
         }
-        let changes = members::diff(&current, &next);
-        let heard_changed = next
-            .iter()
-            .zip(current.iter())
-            .any(|(a, b)| a.last_heard_ms != b.last_heard_ms);
+        let changes = members::diff(&members_tx.borrow(), &next);
         for c in &changes {
             let (from, to) = (c.from_text(), c.to_text());
             info!(peer = %c.name, from = %from, to = %to, generation = c.generation, restarted = c.restarted, "membership changed");
         }
-        if !changes.is_empty() || heard_changed || next.len() != current.len() {
-            current = next;
-            let shared = Arc::new(current.clone());
-            members_tx.send_replace(shared);
-            if !changes.is_empty() {
-                let _ = changes_tx.send(Arc::new((changes, current.clone())));
-            }
+        if !changes.is_empty() {
+            let _ = changes_tx.send(Arc::new((changes, next.clone())));
         }
+        // The listing reads the newest view (its last-heard times) on
+        // demand; the mesh and the service status wake only when something
+        // other than a last-heard time changed (the mesh times a dead
+        // member's grace itself).
+        members_tx.send_if_modified(|v| {
+            let changed = !members::same_but_heard(v, &next);
+            *v = Arc::new(next);
+            changed
+        });
     }
 }
 
@@ -899,29 +901,84 @@ pub(crate) fn suspect_after() -> Duration {
     Duration::from_secs(4)
 }
 
-pub(crate) fn observe(c: &chitchat::Chitchat) -> Vec<Observed> {
-    let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
-    let dead: std::collections::HashSet<&ChitchatId> = c.dead_nodes().collect();
-    c.node_states()
-        .iter()
-        .map(|(id, state)| Observed {
-            name: id.node_id.to_string(),
-            generation: id.generation_id,
-            gossip_addr: id.gossip_advertise_addr,
-            key_values: state
-                .key_values()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>(),
-            versions: state
-                .key_values_including_deleted()
-                .filter(|(_, v)| !v.is_deleted())
-                .map(|(k, v)| (k.to_string(), v.version))
-                .collect(),
-            heartbeat: u64::from(state.heartbeat()),
-            live: live.contains(id),
-            dead: dead.contains(id),
-        })
-        .collect()
+/// The view's copy of chitchat's node states, refreshed in place each round:
+/// a node whose key-values (and their versions) are those of the last round
+/// keeps its copy, and only its heartbeat and liveness are updated, so an
+/// idle round copies no strings (it copied every node's values every 250 ms).
+#[derive(Debug, Default)]
+pub(crate) struct ObservedCache {
+    /// In chitchat's order (by id), with `ids` alongside.
+    nodes: Vec<Observed>,
+    ids: Vec<ChitchatId>,
+}
+
+impl ObservedCache {
+    /// Brings the copy up to date with `c`.
+    pub(crate) fn refresh(&mut self, c: &chitchat::Chitchat) {
+        let live: std::collections::HashSet<&ChitchatId> = c.live_nodes().collect();
+        let dead: std::collections::HashSet<&ChitchatId> = c.dead_nodes().collect();
+        let states = c.node_states();
+        let old_ids = std::mem::replace(&mut self.ids, Vec::with_capacity(states.len()));
+        let old_nodes = std::mem::replace(&mut self.nodes, Vec::with_capacity(states.len()));
+        let mut old = old_ids.into_iter().zip(old_nodes).peekable();
+        for (id, state) in states {
+            // Both in id order: skip what chitchat forgot.
+            while old.peek().is_some_and(|(o, _)| o < id) {
+                old.next();
+            }
+            let kept = match old.peek() {
+                Some((o, _)) if o == id => old.next().map(|(_, n)| n),
+                _ => None,
+            }
+            .filter(|n| same_values(n, state));
+            let mut node = kept.unwrap_or_else(|| Observed {
+                name: id.node_id.to_string(),
+                generation: id.generation_id,
+                gossip_addr: id.gossip_advertise_addr,
+                key_values: state
+                    .key_values()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+                versions: state
+                    .key_values_including_deleted()
+                    .filter(|(_, v)| !v.is_deleted())
+                    .map(|(k, v)| (k.to_string(), v.version))
+                    .collect(),
+                heartbeat: 0,
+                live: false,
+                dead: false,
+            });
+            node.heartbeat = u64::from(state.heartbeat());
+            node.live = live.contains(id);
+            node.dead = dead.contains(id);
+            self.nodes.push(node);
+            self.ids.push(id.clone());
+        }
+    }
+
+    /// The nodes as of the last refresh.
+    pub(crate) fn nodes(&self) -> &[Observed] {
+        &self.nodes
+    }
+}
+
+/// Whether `o` holds exactly `state`'s (non-deleted) key-values and versions.
+fn same_values(o: &Observed, state: &chitchat::NodeState) -> bool {
+    let mut theirs = state
+        .key_values_including_deleted()
+        .filter(|(_, v)| !v.is_deleted());
+    let mut ours = o.key_values.iter().zip(&o.versions);
+    if o.key_values.len() != o.versions.len() {
+        return false;
+    }
+    loop {
+        match (ours.next(), theirs.next()) {
+            (None, None) => return true,
+            (Some(((k, v), (k2, version))), Some((tk, tv)))
+                if k == tk && k2 == tk && *v == tv.value && *version == tv.version => {}
+            _ => return false,
+        }
+    }
 }
 
 /// What a reload re-reads and where it puts the result.
@@ -1175,5 +1232,75 @@ mod tests {
         assert!(!published_record(&info, "n1", 1, &key, None)
             .iter()
             .any(|(k, _)| k == KEY_CERT));
+    }
+}
+
+#[cfg(test)]
+mod observed_cache_tests {
+    use super::*;
+    use chitchat::transport::ChannelTransport;
+    use chitchat::{spawn_chitchat, ChitchatConfig, FailureDetectorConfig};
+
+    /// The view's copy of chitchat's states: what a fresh copy would hold,
+    /// every round, and an unchanged node's values are not copied again.
+    #[tokio::test]
+    async fn an_idle_round_copies_no_values_and_a_change_is_seen() {
+        let addr: std::net::SocketAddr = "127.0.0.1:10001".parse().unwrap();
+        let config = ChitchatConfig {
+            chitchat_id: ChitchatId::new("a".to_string(), 1, addr),
+            cluster_id: "test".into(),
+            gossip_interval: Duration::from_millis(5),
+            listen_addr: addr,
+            seed_nodes: Vec::new(),
+            failure_detector_config: FailureDetectorConfig::default(),
+            marked_for_deletion_grace_period: Duration::from_secs(60),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V1,
+        };
+        let transport = ChannelTransport::with_mtu(65_507);
+        let kv = vec![("k".to_string(), "v1".to_string())];
+        let handle = spawn_chitchat(config, kv, &transport).await.unwrap();
+        let chitchat = handle.chitchat();
+        let c = chitchat.lock().await;
+        let fresh = |c: &chitchat::Chitchat| {
+            let mut f = ObservedCache::default();
+            f.refresh(c);
+            f.nodes
+        };
+        let mut cache = ObservedCache::default();
+        cache.refresh(&c);
+        let same = |a: &[Observed], b: &[Observed]| format!("{a:?}") == format!("{b:?}");
+        assert!(same(cache.nodes(), &fresh(&c)));
+        let copied_at = cache.nodes()[0].key_values["k"].as_ptr();
+        // Rounds where only the heartbeat moved (a gossip round each 5 ms):
+        // same copy, new heartbeat.
+        let hb0 = cache.nodes()[0].heartbeat;
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut c = chitchat.lock().await;
+        cache.refresh(&c);
+        let hb = u64::from(c.self_node_state().heartbeat());
+        assert!(hb > hb0, "the heartbeat moved: {hb0} -> {hb}");
+        assert_eq!(cache.nodes()[0].heartbeat, hb);
+        assert!(same(cache.nodes(), &fresh(&c)));
+        assert_eq!(
+            cache.nodes()[0].key_values["k"].as_ptr(),
+            copied_at,
+            "an unchanged node's values are not copied again"
+        );
+        // A changed value, a new key and a deleted key are all seen.
+        c.self_node_state().set("k", "v2");
+        cache.refresh(&c);
+        assert_eq!(cache.nodes()[0].key_values["k"], "v2");
+        c.self_node_state().set("k2", "x");
+        cache.refresh(&c);
+        assert!(same(cache.nodes(), &fresh(&c)));
+        c.self_node_state().delete("k");
+        cache.refresh(&c);
+        assert!(!cache.nodes()[0].key_values.contains_key("k"));
+        assert!(same(cache.nodes(), &fresh(&c)));
+        drop(c);
+        let _ = handle.shutdown().await;
     }
 }

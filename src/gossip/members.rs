@@ -225,6 +225,40 @@ pub fn view(
         .collect()
 }
 
+/// Whether two views differ in nothing but last-heard times: the mesh and
+/// the service status need no new view then (the listing reads the newest
+/// one on demand).
+pub fn same_but_heard(a: &[Member], b: &[Member]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_member_but_heard(x, y))
+}
+
+fn same_member_but_heard(a: &Member, b: &Member) -> bool {
+    // Destructured, so a new field must be placed on one side or the other.
+    let Member {
+        name,
+        gossip_addr,
+        data_addrs,
+        state,
+        public_key,
+        signing_key,
+        generation,
+        handshake_port,
+        protocol,
+        last_heard_ms: _,
+        is_self,
+    } = a;
+    *name == b.name
+        && *gossip_addr == b.gossip_addr
+        && *data_addrs == b.data_addrs
+        && *state == b.state
+        && *public_key == b.public_key
+        && *signing_key == b.signing_key
+        && *generation == b.generation
+        && *handshake_port == b.handshake_port
+        && *protocol == b.protocol
+        && *is_self == b.is_self
+}
+
 /// A change between two views, one log line each.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Change {
@@ -709,5 +743,56 @@ pub(crate) mod tests {
             .any(|c| c.name == "b" && c.restarted && c.to == Some(MemberState::Alive)));
         assert!(d.iter().any(|c| c.name == "c" && c.to.is_none()));
         assert!(diff(&v3, &v3).is_empty());
+    }
+
+    #[test]
+    fn views_differing_in_last_heard_only_are_the_same_to_the_mesh() {
+        let m = Member {
+            name: "a".into(),
+            gossip_addr: "192.0.2.1:9340".parse().unwrap(),
+            data_addrs: vec!["192.0.2.1".parse().unwrap()],
+            state: MemberState::Alive,
+            public_key: Some([1; 32]),
+            signing_key: None,
+            generation: 1,
+            handshake_port: Some(9341),
+            protocol: Some(1),
+            last_heard_ms: 100,
+            is_self: false,
+        };
+        let heard = Member {
+            last_heard_ms: 350,
+            ..m.clone()
+        };
+        assert!(same_but_heard(std::slice::from_ref(&m), &[heard]));
+        let changed = [
+            Member {
+                state: MemberState::Suspect,
+                ..m.clone()
+            },
+            Member {
+                generation: 2,
+                ..m.clone()
+            },
+            Member {
+                data_addrs: vec![],
+                ..m.clone()
+            },
+            Member {
+                public_key: Some([2; 32]),
+                ..m.clone()
+            },
+        ];
+        for c in changed {
+            assert!(
+                !same_but_heard(std::slice::from_ref(&m), std::slice::from_ref(&c)),
+                "{c:?}"
+            );
+        }
+        assert!(!same_but_heard(
+            std::slice::from_ref(&m),
+            &[m.clone(), m.clone()]
+        ));
+        assert!(!same_but_heard(std::slice::from_ref(&m), &[]));
     }
 }

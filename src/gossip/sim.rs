@@ -8,7 +8,7 @@
 //! - meshsec's sealing on every datagram ([`super::seal::Keyring::seal`] out,
 //!   [`super::seal::Opener::open`] with the replay window in), and the transport's SYN guard
 //!   (`transport::judge_syn`, the same function the real transport calls);
-//! - the membership view the agent computes every 250 ms: `agent::observe`, the
+//! - the membership view the agent computes every 250 ms: `agent::ObservedCache`, the
 //!   [`super::members::HeardTracker`], the [`super::records::RecordTracker`] (signature
 //!   checks), [`super::pins::Pins`] and [`super::members::view`].
 //!
@@ -693,30 +693,37 @@ async fn track(
     (cpu, witness): (Arc<Mutex<(Duration, Duration)>>, bool),
 ) {
     let mut heard = HeardTracker::default();
+    let mut cache = crate::agent::ObservedCache::default();
     let mut pins = Pins::in_memory();
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
         let t0 = cpu_time();
-        let observed = {
+        {
             let mut c = chitchat.lock().await;
             let _ = super::own::restore(c.self_node_state(), &published);
-            crate::agent::observe(&c)
-        };
+            cache.refresh(&c);
+        }
+        let observed = cache.nodes();
         // The view's sans-IO functions take the instant as a value: virtual time, as std.
         let now = Instant::now().into_std();
-        let h = heard.observe(&observed, now);
-        let mut valid = judge.valid(&observed, now);
+        let h = heard.observe(observed, now);
+        let mut valid = judge.valid(observed, now);
         pins.apply(&mut valid);
         let view = members::view(
-            &observed,
+            observed,
             &h,
             &valid,
             &self_name,
             now,
             crate::agent::suspect_after(),
         );
-        *out.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        // As the agent: a new view only when more than last-heard times changed.
+        let mut shown = out.lock().unwrap_or_else(|e| e.into_inner());
+        if !members::same_but_heard(&shown, &view) {
+            *shown = Arc::new(view);
+        }
+        drop(shown);
         let spent = cpu_time().saturating_sub(t0);
         let mut c = cpu.lock().unwrap_or_else(|e| e.into_inner());
         c.0 += spent;

@@ -1,7 +1,7 @@
 //! Membership in: the links a view wants, the pairs that stay blocked when
 //! a link goes (fail closed), address bindings and conflicts, `forget`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
@@ -11,10 +11,54 @@ use crate::datapath::{Datapath, SaId};
 use crate::gossip::members::{Member, MemberState};
 
 impl Mesh {
-    /// Updates the wanted links from a membership view. A protected pair
-    /// whose link is no longer wanted stays blocked (its policies stay, so
-    /// the kernel drops rather than sends in clear) unless its peer left.
+    /// Updates the wanted links from a membership view (its `last_heard_ms`
+    /// as of `now`). A protected pair whose link is no longer wanted stays
+    /// blocked (its policies stay, so the kernel drops rather than sends in
+    /// clear) unless its peer left. Only links whose target changed are
+    /// touched. The view is kept: a dead member's links go when its grace
+    /// runs out by the mesh's own timer, without a new view.
     pub fn set_members(&mut self, now: Instant, members: &[Member], dp: &mut dyn Datapath) {
+        self.view = members.to_vec();
+        self.view_at = now;
+        self.update_links(now, dp);
+    }
+
+    /// Works the links out again from the kept view, aged to `now`: a dead
+    /// member's `last_heard_ms` grows with the time since the view arrived.
+    pub(super) fn update_links(&mut self, now: Instant, dp: &mut dyn Datapath) {
+        let view = std::mem::take(&mut self.view);
+        let age = now.saturating_duration_since(self.view_at);
+        let grace = self.config.dead_grace;
+        let aged: Vec<Member>;
+        let members: &[Member] = if age.is_zero() {
+            &view
+        } else {
+            aged = view
+                .iter()
+                .map(|m| {
+                    let mut m = m.clone();
+                    if m.state == MemberState::Dead {
+                        m.last_heard_ms = m
+                            .last_heard_ms
+                            .saturating_add(u64::try_from(age.as_millis()).unwrap_or(u64::MAX));
+                    }
+                    m
+                })
+                .collect();
+            &aged
+        };
+        self.dead_expiry = members
+            .iter()
+            .filter(|m| !m.is_self && m.state == MemberState::Dead)
+            .filter_map(|m| grace.checked_sub(Duration::from_millis(m.last_heard_ms)))
+            .filter(|left| !left.is_zero())
+            .map(|left| now + left)
+            .min();
+        self.apply_members(now, members, dp);
+        self.view = view;
+    }
+
+    fn apply_members(&mut self, now: Instant, members: &[Member], dp: &mut dyn Datapath) {
         // A member that left gives up its addresses and blocked pairs.
         for m in members.iter().filter(|m| m.state == MemberState::Left) {
             if let Some(k) = m.public_key {

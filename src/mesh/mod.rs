@@ -200,6 +200,14 @@ pub struct Mesh {
     protect: Vec<Prefix>,
     /// meshsec's range policies in the kernel at the last look.
     range_policies_seen: usize,
+    /// The last membership view and the instant it arrived. The view is
+    /// republished on changes of state only (not as last-heard times grow),
+    /// so a dead member's grace is timed here, from its age at arrival.
+    view: Vec<crate::gossip::members::Member>,
+    view_at: Instant,
+    /// When the earliest dead member still linked runs out of grace: the
+    /// links are worked out again then ([`Mesh::poll_timeout`] includes it).
+    dead_expiry: Option<Instant>,
 }
 
 struct Adopted {
@@ -256,6 +264,9 @@ impl Mesh {
             started: std::collections::VecDeque::new(),
             protect: Vec::new(),
             range_policies_seen: 0,
+            view: Vec::new(),
+            view_at: now,
+            dead_expiry: None,
         })
     }
 
@@ -315,6 +326,9 @@ impl Mesh {
         for family in self.families() {
             self.drain_events(now, family, dp);
         }
+        if self.dead_expiry.is_some_and(|t| now >= t) {
+            self.update_links(now, dp);
+        }
         self.initiate_due(now, dp);
         let resync = now >= self.next_resync;
         if resync {
@@ -331,7 +345,8 @@ impl Mesh {
 
     /// The next instant [`Mesh::handle_timeout`] is needed: the earliest of
     /// the endpoints' timers, due initiations and re-keys, the counter poll,
-    /// a kernel event's resync and the periodic resync (so never `None`
+    /// the end of a dead member's grace, a kernel event's resync and the
+    /// periodic resync (so never `None`
     /// today; an `Option` like the endpoints' for a driver's sake).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let eps = self
@@ -381,6 +396,7 @@ impl Mesh {
             self.kernel_resync_at,
             Some(self.next_resync),
             dirty,
+            self.dead_expiry,
         ]
         .into_iter()
         .flatten()

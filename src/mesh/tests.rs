@@ -1818,4 +1818,80 @@ fn a_failed_range_add_does_not_release_the_old_range() {
     );
 }
 
+/// The view is republished on changes of state only, not as a dead
+/// member's last-heard time grows: its links go when its grace runs out by
+/// the mesh's own timer, at that instant (`poll_timeout` names it).
+#[test]
+fn a_dead_member_s_links_expire_by_the_mesh_s_own_timer() {
+    let (mut nodes, now) = established(2);
+    let mut v = view(&nodes, 0, |_| MemberState::Dead);
+    v[1].last_heard_ms = 30_000;
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    resync(n, now);
+    assert_eq!(sa_specs(n).len(), 4, "within the grace: kept");
+    let expiry = now + Duration::from_secs(30);
+    assert!(n.mesh.poll_timeout().is_some_and(|t| t <= expiry));
+    // Woken only at its poll_timeout, never given another view.
+    let mut t = now;
+    let gone_at = loop {
+        t = n.mesh.poll_timeout().expect("a timer").max(t);
+        assert!(t <= expiry + Duration::from_secs(5), "links never expired");
+        n.mesh.handle_timeout(t, &mut n.dp);
+        if n.mesh.link_status().is_empty() {
+            break t;
+        }
+        assert!(t < expiry, "links outlived the grace");
+    };
+    assert_eq!(gone_at, expiry, "removed when the grace ended");
+    assert!(sa_specs(n).is_empty(), "SAs removed");
+    assert_eq!(policy_pairs(n), 4, "policies kept: drop, never clear");
+    assert_eq!(n.mesh.blocked().len(), 2);
+}
+
+/// A membership change touches only the links it changes: every other
+/// link keeps its session (the same SAs, no new handshake).
+#[test]
+fn a_membership_change_touches_only_its_links() {
+    let (mut nodes, mut now) = established(5);
+    let before: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    assert_eq!(before.len(), 16, "4 peers × 2 families × in + out");
+    let started = nodes[0].mesh.handshake_counters();
+    // n1 changes its IPv4 data address, n2 leaves, n3 moves its gossip
+    // address and n4 goes quiet (dead, within the grace): two links change.
+    let mut v = view(&nodes, 0, |j| {
+        if j == 2 {
+            MemberState::Left
+        } else if j == 4 {
+            MemberState::Dead
+        } else {
+            MemberState::Alive
+        }
+    });
+    v[1].data_addrs[0] = "192.0.2.99".parse().unwrap();
+    v[3].gossip_addr = "192.0.2.98:9340".parse().unwrap();
+    v[4].last_heard_ms = 5_000;
+    let n = &mut nodes[0];
+    n.mesh.set_members(now, &v, &mut n.dp);
+    resync(n, now);
+    let after: Vec<SaId> = sa_specs(&mut nodes[0]).iter().map(|s| s.id()).collect();
+    let kept = after.iter().filter(|s| before.contains(s)).count();
+    assert_eq!(
+        kept, 10,
+        "n1's IPv6, n3's and n4's SAs untouched: {after:?}"
+    );
+    assert_eq!(after.len(), 10, "n1's IPv4 and n2's SAs gone");
+    assert_eq!(
+        nodes[0].mesh.handshake_counters().sent,
+        started.sent + 1,
+        "one handshake: n1's new IPv4 link"
+    );
+    run(&mut nodes, &mut now, 5, Duration::from_millis(100), |_| {
+        false
+    });
+    let st = nodes[0].mesh.link_status();
+    assert_eq!(st.len(), 3, "n1, n3, n4: {st:?}");
+    assert_eq!(st["n1"].len(), 2);
+}
+
 mod join;

@@ -5,13 +5,16 @@
 # be SIGKILLed) removes exactly what the ledger names, so nothing outside the
 # bed is ever touched and nothing inside it survives.
 
-# ledger_add FILE KIND VALUE
+# ledger_add FILE KIND VALUE (KIND sysctl: VALUE is the setting's name, and
+# its current value is kept to be put back)
 ledger_add() {
     local file=$1 kind=$2 value=$3 start=
     if [[ $kind == pid ]]; then
         # The start time (field 22 of /proc/PID/stat) guards against killing a
         # recycled PID long after the original process ended.
         start=$(proc_start "$value")
+    elif [[ $kind == sysctl ]]; then
+        start=$(sysctl -n "$value")
     fi
     printf '%s %s %s\n' "$kind" "$value" "$start" >>"$file"
 }
@@ -56,6 +59,10 @@ ledger_sweep() {
                 ;;
             dir)
                 rm -rf -- "$value"
+                ;;
+            sysctl)
+                # A shared kernel setting raised for the run: its old value back.
+                [[ -n $start ]] && sysctl -qw "$value=$start" 2>/dev/null || true
                 ;;
         esac
     done < <(tac "$file")

@@ -47,6 +47,47 @@ const BLOCK: usize = 16_384;
 /// leaves room and bounds what a hostile SYN costs to decode and merge (review: 4 MiB).
 const MAX_DECODED: usize = 1 << 20;
 
+/// One pair of zstd contexts for the process, made on first use: the guard decodes and
+/// measures a digest for every SYN, and zstd::bulk's one-shot functions made (and freed) a
+/// fresh context per call, which cost more than the work (`ZSTD_createCCtx`/`ZSTD_createDCtx`
+/// were about an eighth of an idle agent's CPU). One pair, not one per thread: each holds a few
+/// hundred KB, and SYNs come a few a second (the lock is never contended for long). Same
+/// level, same output.
+static ZSTD: std::sync::Mutex<Option<Zstd>> = std::sync::Mutex::new(None);
+
+struct Zstd {
+    compressor: zstd::bulk::Compressor<'static>,
+    decompressor: zstd::bulk::Decompressor<'static>,
+}
+
+/// Runs `f` with the process's zstd contexts; `None` if they cannot be made (no memory).
+fn with_zstd<T>(f: impl FnOnce(&mut Zstd) -> std::io::Result<T>) -> Option<std::io::Result<T>> {
+    let mut z = ZSTD.lock().unwrap_or_else(|e| e.into_inner());
+    if z.is_none() {
+        *z = Some(Zstd {
+            compressor: zstd::bulk::Compressor::new(0).ok()?,
+            decompressor: zstd::bulk::Decompressor::new().ok()?,
+        });
+    }
+    z.as_mut().map(f)
+}
+
+/// `zstd::bulk::compress_to_buffer(chunk, out, 0)` on the process's context.
+fn compress_to_buffer(chunk: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    match with_zstd(|z| z.compressor.compress_to_buffer(chunk, &mut *out)) {
+        Some(r) => r,
+        None => zstd::bulk::compress_to_buffer(chunk, out, 0),
+    }
+}
+
+/// `zstd::bulk::decompress_to_buffer(bytes, out)` on the process's context.
+fn decompress_to_buffer(bytes: &[u8], out: &mut [u8]) -> std::io::Result<usize> {
+    match with_zstd(|z| z.decompressor.decompress_to_buffer(bytes, &mut *out)) {
+        Some(r) => r,
+        None => zstd::bulk::decompress_to_buffer(bytes, out),
+    }
+}
+
 /// One node's digest entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct NodeDigest {
@@ -132,7 +173,7 @@ pub fn parse_syn(plain: &[u8]) -> Result<Option<Syn>, DigestError> {
                         let len: u16 = read(&mut buf)?;
                         let bytes = take(&mut buf, usize::from(len))?;
                         if tag == 1 {
-                            let n = zstd::bulk::decompress_to_buffer(bytes, &mut block[..])
+                            let n = decompress_to_buffer(bytes, &mut block[..])
                                 .map_err(|_| DigestError::Malformed)?;
                             raw.extend_from_slice(&block[..n]);
                         } else {
@@ -179,7 +220,7 @@ pub fn encoded_len(digest: &Digest, version: ProtocolVersion) -> usize {
                 .map(|chunk| {
                     // As chitchat does: compressed into a buffer the size of the input, stored
                     // raw when it does not fit.
-                    match zstd::bulk::compress_to_buffer(chunk, &mut out[..chunk.len()], 0) {
+                    match compress_to_buffer(chunk, &mut out[..chunk.len()]) {
                         Ok(n) => 3 + n,
                         Err(_) => 3 + chunk.len(),
                     }
@@ -260,7 +301,7 @@ pub fn encode_syn(digest: &Digest, version: ProtocolVersion, cluster_id: &str) -
         ProtocolVersion::V1 => {
             for chunk in raw.chunks(BLOCK) {
                 let mut out = vec![0u8; chunk.len()];
-                match zstd::bulk::compress_to_buffer(chunk, &mut out[..], 0) {
+                match compress_to_buffer(chunk, &mut out[..]) {
                     Ok(n) => {
                         buf.push(1);
                         (n as u16).serialize(&mut buf);
