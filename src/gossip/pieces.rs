@@ -399,8 +399,8 @@ mod tests {
     fn the_budget_arithmetic_holds() {
         assert_eq!(PIECE_DATA_LEN, 1_335);
         assert_eq!(MAX_PIECES, 50);
-        assert!(PIECE_BUDGET + 40 + 8 <= 1_500);
-        assert!(MAX_PIECES * PIECE_DATA_LEN >= MAX_MESSAGE);
+        const { assert!(PIECE_BUDGET + 40 + 8 <= 1_500) };
+        const { assert!(MAX_PIECES * PIECE_DATA_LEN >= MAX_MESSAGE) };
     }
 
     #[test]
@@ -539,7 +539,7 @@ mod tests {
         }
         // A message whose pieces add up past the largest datagram is dropped.
         let mut big = header(0, 2);
-        big.extend(std::iter::repeat(0).take(MAX_MESSAGE));
+        big.extend(std::iter::repeat_n(0, MAX_MESSAGE));
         assert_eq!(r.accept(0, src(1), &big), Ok(None));
         let mut more = header(1, 2);
         more.push(0);

@@ -251,6 +251,7 @@ impl Keyring {
         self.seal_versioned(version, now_unix_ms, nonce, payload)
     }
 
+    #[cfg(test)]
     fn seal_with_nonce(&self, now_unix_ms: u64, nonce: [u8; NONCE_LEN], payload: &[u8]) -> Vec<u8> {
         self.seal_versioned(VERSION, now_unix_ms, nonce, payload)
     }
