@@ -403,6 +403,47 @@ mod tests {
         const { assert!(MAX_PIECES * PIECE_DATA_LEN >= MAX_MESSAGE) };
     }
 
+    /// proto/vectors/gossip-seal.json "pieces", computed by proto/vectors/gossip-pieces.py.
+    #[test]
+    fn json_vectors() {
+        let text = include_str!("../../proto/vectors/gossip-seal.json");
+        let doc: serde_json::Value = serde_json::from_str(text).unwrap();
+        let hexd = |v: &serde_json::Value| -> Vec<u8> {
+            let s = v.as_str().unwrap();
+            (0..s.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+                .collect()
+        };
+        let vectors = doc["pieces"].as_array().unwrap();
+        assert!(!vectors.is_empty());
+        for v in vectors {
+            let secret: [u8; 32] = hexd(&v["secret"]).try_into().unwrap();
+            let k = Arc::new(Keyring::new([secret]).unwrap());
+            let at = v["sent_at_ms"].as_u64().unwrap();
+            let id = v["message_id"].as_u64().unwrap();
+            let message = hexd(&v["message"]);
+            let want = v["pieces"].as_array().unwrap();
+            let ours: Vec<Vec<u8>> = split(id, &message).collect();
+            assert_eq!(ours.len(), want.len());
+            let mut o = Opener::new(k.clone(), ReplayConfig::default());
+            let mut r = Reassembler::new(ReassemblyConfig::default());
+            let mut out = None;
+            for (piece, w) in ours.iter().zip(want) {
+                assert_eq!(piece, &hexd(&w["piece"]));
+                let nonce: [u8; 24] = hexd(&w["nonce"]).try_into().unwrap();
+                let sealed = k.seal_versioned(PIECE_VERSION, at, nonce, piece);
+                assert_eq!(sealed, hexd(&w["sealed"]), "{}", v["name"]);
+                assert!(sealed.len() <= PIECE_BUDGET);
+                let Opened::Piece(p) = o.open_any(at, &sealed).1.unwrap() else {
+                    panic!("not a piece");
+                };
+                out = r.accept(0, src(1), &p).unwrap();
+            }
+            assert_eq!(out.unwrap(), message);
+        }
+    }
+
     #[test]
     fn small_messages_are_sealed_whole_and_large_ones_in_bounded_pieces() {
         let k = Arc::new(Keyring::new([[7u8; 32]]).unwrap());

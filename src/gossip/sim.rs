@@ -370,6 +370,9 @@ impl Transport for SimTransport {
             let in_flight = SynsInFlight::default();
             let mut pieces = Reassembler::new(ReassemblyConfig::default());
             while let Some((from, datagram)) = rx.recv().await {
+                // Incomplete messages are counted lost at their timeout, pieces or not (the
+                // real transport checks every 2 s).
+                pieces.expire(clock.mono_ms());
                 let plain = match opener.open_any(clock.unix_ms(), &datagram).1 {
                     Ok(Opened::Whole(plain)) => plain,
                     Ok(Opened::Piece(piece)) => {
