@@ -1055,6 +1055,69 @@ mod tests {
         b.shutdown().await.unwrap();
     }
 
+    /// A holder of the secret sending hostile pieces: every kind is counted, reassembly stays
+    /// within its per-source bound, and the node keeps serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_pieces_are_counted_and_bounded() {
+        assert_root();
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let ring = Keyring::new([SECRET]).unwrap();
+        let send = |piece: Vec<u8>| {
+            let sealed = ring.seal_kind(crate::gossip::seal::PIECE_VERSION, unix_ms_now(), &piece);
+            let attacker = &attacker;
+            async move { attacker.send_to(&sealed, b_addr).await.unwrap() }
+        };
+        let piece = |id: u64, index: u16, count: u16| {
+            let mut p = id.to_be_bytes().to_vec();
+            p.extend_from_slice(&index.to_be_bytes());
+            p.extend_from_slice(&count.to_be_bytes());
+            p.extend_from_slice(&[0xab; 100]);
+            p
+        };
+        send(piece(1, 3, 3)).await; // index past count: malformed
+        send(piece(2, 0, 3)).await;
+        send(piece(2, 0, 3)).await; // sealed anew (another nonce): a duplicate piece
+        send(piece(2, 1, 4)).await; // another count: inconsistent, message 2 dropped
+        for id in 10..20 {
+            send(piece(id, 0, 2)).await; // never finished: 4 kept, 6 evicted
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                tb.counters().snapshot().pieced_in_evicted == 6
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        let c = tb.counters().snapshot();
+        assert_eq!(
+            (
+                c.dropped_piece_malformed,
+                c.dropped_piece_duplicate,
+                c.dropped_piece_inconsistent,
+                c.pieced_in_reassembled
+            ),
+            (1, 1, 1, 0),
+            "{c:?}"
+        );
+        // The 4 kept leave at the timeout (checked every 2 s).
+        assert!(
+            eventually(Duration::from_secs(6), || async {
+                tb.counters().snapshot().pieced_in_timed_out == 4
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[b_addr], &ta).await;
+        assert!(eventually(Duration::from_secs(5), || async { knows(&b, "a").await }).await);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replayed_datagram_opens_once() {
         assert_root();
