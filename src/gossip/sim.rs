@@ -24,8 +24,8 @@
 //! instants are derived from the same clock. CPU per node is the CPU time of the simulation's
 //! one thread divided by the nodes and the virtual seconds it covered: the share of one core a
 //! real node would spend. chitchat encodes and decodes only inside its own UDP socket, so each
-//! message makes one round trip through a loopback socket (see `Codec`); should the kernel ever
-//! defer that delivery, the paused clock can move on meanwhile (by at most the next timer).
+//! message makes one round trip through a loopback socket (see `Codec`); should the kernel
+//! defer that delivery (it does on a loaded machine), the paused clock is held until it arrives.
 //!
 //! Nothing here reaches the network: addresses are 198.18.0.0/15 (RFC 2544, benchmarking) and
 //! only name mailboxes in this process.
@@ -308,10 +308,37 @@ impl Codec {
 
     async fn decode(&mut self, plain: &[u8]) -> anyhow::Result<ChitchatEnvelope> {
         self.sink.send_to(plain, self.dec_addr)?;
-        match tokio::time::timeout(Duration::from_secs(1), self.dec.recv()).await {
-            Ok(r) => Ok(r?.envelope),
-            Err(_) => Err(CodecError("a datagram chitchat encoded did not decode".into()).into()),
-        }
+        let recv = self.dec.recv();
+        tokio::pin!(recv);
+        let ready = tokio::select! {
+            biased;
+            r = &mut recv => Some(r),
+            _ = std::future::ready(()) => None,
+        };
+        let received = match ready {
+            Some(r) => r,
+            None => {
+                // Loopback has not delivered yet (the kernel defers it on a loaded machine):
+                // hold the paused clock until it has, or virtual time jumps meanwhile and the
+                // figures with it. A running blocking task stops tokio's auto-advance.
+                let (done, wait) = std::sync::mpsc::channel::<()>();
+                let hold = tokio::task::spawn_blocking(move || {
+                    let _ = wait.recv_timeout(std::time::Duration::from_secs(5));
+                });
+                let r = tokio::time::timeout(Duration::from_secs(1), recv).await;
+                drop(done);
+                let _ = hold.await;
+                match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(
+                            CodecError("a datagram chitchat encoded did not decode".into()).into(),
+                        )
+                    }
+                }
+            }
+        };
+        Ok(received?.envelope)
     }
 }
 
