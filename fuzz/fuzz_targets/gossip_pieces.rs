@@ -49,8 +49,9 @@ fuzz_target!(|data: &[u8]| {
             let mut piece = body.to_vec();
             if step[1] & 0x40 != 0 && piece.len() >= 12 {
                 piece[..8].copy_from_slice(&u64::from(step[1] & 3).to_be_bytes());
-                piece[8..10].copy_from_slice(&u16::from(piece[8] % 4).to_be_bytes());
-                piece[10..12].copy_from_slice(&u16::from(piece[10] % 4).to_be_bytes());
+                let (index, count) = (u16::from(piece[8] % 4), u16::from(piece[10] % 4));
+                piece[8..10].copy_from_slice(&index.to_be_bytes());
+                piece[10..12].copy_from_slice(&count.to_be_bytes());
             }
             (src(step[1] & 0x0f), piece)
         };
