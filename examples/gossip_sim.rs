@@ -70,7 +70,7 @@ fn secs(v: Option<f64>, goal: f64) -> String {
 
 fn row(r: &SimReport) -> String {
     format!(
-        "| {} | {} | {} | {} | {:.0}{} | {:.1} | {} / {} / {}{} | {} | {:.2}% + {:.2}% | {:.0} / {:.0} |",
+        "| {} | {} | {} | {} | {:.0}{} | {:.1} | {} / {} / {}{} | {} | {} / {} | {:.2}% + {:.2}% | {:.0} / {:.0} |",
         r.nodes,
         secs(r.converge_secs, 10.0),
         secs(r.join_secs, 3.0),
@@ -83,6 +83,8 @@ fn row(r: &SimReport) -> String {
         r.max_datagram_bytes,
         if r.max_datagram_bytes <= DATAGRAM_GOAL { "" } else { " ✗" },
         r.datagrams_over_goal,
+        r.pieced_messages,
+        r.pieced_lost,
         r.idle_gossip_cpu_per_node * 100.0,
         r.idle_view_cpu_per_node * 100.0,
         r.virtual_secs,
@@ -132,8 +134,8 @@ fn simulate(args: Args) -> anyhow::Result<()> {
         .start_paused(true)
         .build()?;
     if !args.json {
-        println!("| nodes | converge s (≤10) | join s (≤3) | dead s (≤10) | idle B/s per node (≤20,000) | idle datagrams/s per node | datagram p50 / p99 / max B (≤1,400) | datagrams > 1,400 B | CPU per node at idle: gossip + view | virtual / wall s |");
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!("| nodes | converge s (≤10) | join s (≤3) | dead s (≤10) | idle B/s per node (≤20,000) | idle datagrams/s per node | datagram p50 / p99 / max B (≤1,400) | datagrams > 1,400 B | messages in pieces / lost | CPU per node at idle: gossip + view | virtual / wall s |");
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
     }
     for &n in &args.nodes {
         let cfg = SimConfig {

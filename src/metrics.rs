@@ -440,8 +440,25 @@ pub fn render(
             ("loopback_overflow", g.loopback_drops),
             ("syn_state_too_large", g.dropped_syn_too_large),
             ("syn_malformed", g.dropped_syn_malformed),
+            ("piece_malformed", g.dropped_piece_malformed),
+            ("piece_duplicate", g.dropped_piece_duplicate),
+            ("piece_inconsistent", g.dropped_piece_inconsistent),
+            ("piece_too_large", g.dropped_piece_too_large),
         ]
         .map(|(r, n)| (labels([("reason", r)]), n)),
+    );
+    counters(
+        &mut reg,
+        "gossip_pieced_messages",
+        "Gossip messages larger than one 1400-byte datagram: sent in pieces, reassembled, dropped incomplete at the timeout or to stay within bounds",
+        None,
+        [
+            ("sent", g.pieced_out_messages),
+            ("reassembled", g.pieced_in_reassembled),
+            ("timed_out", g.pieced_in_timed_out),
+            ("evicted", g.pieced_in_evicted),
+        ]
+        .map(|(o, n)| (labels([("outcome", o)]), n)),
     );
     gauges(
         &mut reg,

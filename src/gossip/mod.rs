@@ -2,6 +2,8 @@
 //! the membership view.
 //!
 //! - [`seal`]: the datagram sealing format and the replay-refusing opener.
+//! - [`pieces`]: messages larger than one bounded datagram, sent as sealed pieces and put
+//!   back together within bounds.
 //! - [`transport`]: a chitchat `Transport` whose datagrams are sealed on the wire.
 //! - [`schema`]: the key-values each node publishes.
 //! - [`records`]: signed records (proto/records.md): signing, checking, counting.
@@ -10,6 +12,7 @@
 
 pub mod members;
 pub mod own;
+pub mod pieces;
 pub mod pins;
 pub mod records;
 pub mod schema;

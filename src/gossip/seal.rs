@@ -40,8 +40,12 @@ use sha2::Sha256;
 
 /// Length of a cluster secret in bytes.
 pub const SECRET_LEN: usize = 32;
-/// The only wire format version this code speaks.
+/// Version byte of a sealed datagram carrying one whole chitchat datagram.
 pub const VERSION: u8 = 1;
+/// Version byte of a sealed datagram carrying one piece of a chitchat datagram too large for
+/// one bounded datagram (see [`super::pieces`]); same layout and keys as [`VERSION`], and the
+/// version byte is authenticated, so a box of one kind never opens as the other.
+pub const PIECE_VERSION: u8 = 2;
 /// Length of the key id hint.
 pub const KEY_ID_LEN: usize = 4;
 /// Length of the XChaCha20 nonce.
@@ -236,16 +240,33 @@ impl Keyring {
 
     /// Seals `payload` under the first key, stamped with the sender clock `now_unix_ms`.
     pub fn seal(&self, now_unix_ms: u64, payload: &[u8]) -> Vec<u8> {
-        let mut nonce = [0u8; NONCE_LEN];
-        rand::thread_rng().fill_bytes(&mut nonce);
-        self.seal_with_nonce(now_unix_ms, nonce, payload)
+        self.seal_kind(VERSION, now_unix_ms, payload)
     }
 
+    /// Seals `payload` under the first key with version byte `version` ([`VERSION`] or
+    /// [`PIECE_VERSION`]).
+    pub(crate) fn seal_kind(&self, version: u8, now_unix_ms: u64, payload: &[u8]) -> Vec<u8> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        self.seal_versioned(version, now_unix_ms, nonce, payload)
+    }
+
+    #[cfg(test)]
     fn seal_with_nonce(&self, now_unix_ms: u64, nonce: [u8; NONCE_LEN], payload: &[u8]) -> Vec<u8> {
+        self.seal_versioned(VERSION, now_unix_ms, nonce, payload)
+    }
+
+    pub(crate) fn seal_versioned(
+        &self,
+        version: u8,
+        now_unix_ms: u64,
+        nonce: [u8; NONCE_LEN],
+        payload: &[u8],
+    ) -> Vec<u8> {
         let keys = self.keys();
         let key = &keys[0];
         let mut out = Vec::with_capacity(OVERHEAD + payload.len());
-        out.push(VERSION);
+        out.push(version);
         out.extend_from_slice(&key.id.0);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&now_unix_ms.to_be_bytes());
@@ -260,15 +281,18 @@ impl Keyring {
         out
     }
 
-    /// Authenticates and decrypts a datagram without any freshness check.
-    fn open_authentic(&self, datagram: &[u8]) -> Result<Authentic, OpenError> {
+    /// Authenticates and decrypts a datagram without any freshness check; `pieces` says
+    /// whether [`PIECE_VERSION`] boxes are accepted.
+    fn open_authentic(&self, datagram: &[u8], pieces: bool) -> Result<Authentic, OpenError> {
         if datagram.len() < OVERHEAD {
             return Err(OpenError::TooShort);
         }
         let (header, rest) = datagram.split_at(HEADER_LEN);
-        if header[0] != VERSION {
-            return Err(OpenError::BadVersion);
-        }
+        let piece = match header[0] {
+            VERSION => false,
+            PIECE_VERSION if pieces => true,
+            _ => return Err(OpenError::BadVersion),
+        };
         let id = &header[1..1 + KEY_ID_LEN];
         let nonce_bytes = &header[1 + KEY_ID_LEN..];
         let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
@@ -293,6 +317,7 @@ impl Keyring {
                 return Ok(Authentic {
                     sent_at_ms: u64::from_be_bytes(ts),
                     nonce: n,
+                    piece,
                     payload: plain,
                 });
             }
@@ -308,7 +333,18 @@ impl Keyring {
 struct Authentic {
     sent_at_ms: u64,
     nonce: [u8; NONCE_LEN],
+    piece: bool,
     payload: Vec<u8>,
+}
+
+/// What an opened datagram carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// One whole chitchat datagram ([`VERSION`]).
+    Whole(Vec<u8>),
+    /// One piece of a larger one ([`PIECE_VERSION`]): the piece header and data, for
+    /// [`super::pieces::Reassembler`].
+    Piece(Vec<u8>),
 }
 
 /// Freshness rules of the opener.
@@ -399,15 +435,41 @@ impl Opener {
     /// datagram is authentic, whether or not it is then refused (stale, replayed, ...): the
     /// sender's clock minus ours is how far apart the two clocks are (plus the one-way delay),
     /// which `meshsec doctor` checks against the freshness window.
+    /// Only whole datagrams ([`VERSION`]) open here; see [`Opener::open_any`] for pieces.
     pub fn open_stamped(
         &mut self,
         now_unix_ms: u64,
         datagram: &[u8],
     ) -> (Option<u64>, Result<Vec<u8>, OpenError>) {
-        match self.keyring.open_authentic(datagram) {
+        match self.keyring.open_authentic(datagram, false) {
             Ok(authentic) => {
                 let ts = authentic.sent_at_ms;
                 (Some(ts), self.accept(now_unix_ms, authentic))
+            }
+            Err(e) => (None, Err(e)),
+        }
+    }
+
+    /// Like [`Opener::open_stamped`], and also opens pieces ([`PIECE_VERSION`]). Each piece is
+    /// authenticated, checked for freshness and remembered against replay on its own, like a
+    /// whole datagram.
+    pub fn open_any(
+        &mut self,
+        now_unix_ms: u64,
+        datagram: &[u8],
+    ) -> (Option<u64>, Result<Opened, OpenError>) {
+        match self.keyring.open_authentic(datagram, true) {
+            Ok(authentic) => {
+                let ts = authentic.sent_at_ms;
+                let piece = authentic.piece;
+                let opened = self.accept(now_unix_ms, authentic).map(|payload| {
+                    if piece {
+                        Opened::Piece(payload)
+                    } else {
+                        Opened::Whole(payload)
+                    }
+                });
+                (Some(ts), opened)
             }
             Err(e) => (None, Err(e)),
         }

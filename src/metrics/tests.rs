@@ -89,6 +89,8 @@ fn status() -> Status {
     s.gossip.loopback_drops = 2;
     s.gossip.dropped_syn_too_large = 41;
     s.gossip.digest_bytes = 40_000;
+    s.gossip.pieced_in_timed_out = 43;
+    s.gossip.dropped_piece_duplicate = 47;
     s.handshake.bad_mac = 17;
     s.handshake.timeouts = 4;
     s.mesh.sessions_established = 6;
@@ -256,6 +258,14 @@ fn exposition_has_the_expected_families_labels_and_values() {
         "41"
     );
     assert_eq!(get("meshsec_gossip_digest_bytes"), "40000");
+    assert_eq!(
+        get(r#"meshsec_gossip_pieced_messages_total{outcome="timed_out"}"#),
+        "43"
+    );
+    assert_eq!(
+        get(r#"meshsec_gossip_dropped_datagrams_total{reason="piece_duplicate"}"#),
+        "47"
+    );
     assert_eq!(get("meshsec_gossip_records_bad_signature_total"), "37");
     assert_eq!(get("meshsec_gossip_own_record_restored_total"), "4");
     assert_eq!(get(r#"meshsec_esp_offload{family="v4"}"#), "1");

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::gossip::pieces::{PieceError, ReassemblyCounts};
 use crate::gossip::seal::OpenError;
 
 /// Live counters of the sealed transport, shared with whoever reports status.
@@ -27,6 +28,11 @@ pub struct GossipCounters {
     pub(super) dropped_syn_too_large: AtomicU64,
     pub(super) dropped_syn_malformed: AtomicU64,
     pub(super) digest_bytes: AtomicU64,
+    pub(super) pieced_out_messages: AtomicU64,
+    pub(super) pieced_in_reassembled: AtomicU64,
+    pub(super) pieced_in_timed_out: AtomicU64,
+    pub(super) pieced_in_evicted: AtomicU64,
+    dropped_piece: [AtomicU64; PieceError::ALL.len()],
     clocks: Mutex<HashMap<SocketAddr, ClockSample>>,
 }
 
@@ -109,6 +115,32 @@ pub struct GossipCountersSnapshot {
     /// are refused past [`super::digest::GUARD_LIMIT`] (64,379).
     #[serde(default)]
     pub digest_bytes: u64,
+    /// Messages sent in pieces (larger than one 1,400-byte datagram once sealed); each piece
+    /// counts in `sealed_out_datagrams`.
+    #[serde(default)]
+    pub pieced_out_messages: u64,
+    /// Messages put back together from received pieces (each piece counts in
+    /// `opened_in_datagrams`).
+    #[serde(default)]
+    pub pieced_in_reassembled: u64,
+    /// Incomplete messages dropped 2 s after their first piece (a piece was lost).
+    #[serde(default)]
+    pub pieced_in_timed_out: u64,
+    /// Incomplete messages dropped to keep reassembly within its bounds.
+    #[serde(default)]
+    pub pieced_in_evicted: u64,
+    /// Pieces dropped: malformed header.
+    #[serde(default)]
+    pub dropped_piece_malformed: u64,
+    /// Pieces dropped: that piece of the message was already held.
+    #[serde(default)]
+    pub dropped_piece_duplicate: u64,
+    /// Pieces dropped (with their message): a piece count differing from earlier pieces'.
+    #[serde(default)]
+    pub dropped_piece_inconsistent: u64,
+    /// Pieces dropped (with their message): the pieces add up past 65,507 bytes.
+    #[serde(default)]
+    pub dropped_piece_too_large: u64,
 }
 
 impl GossipCountersSnapshot {
@@ -188,12 +220,35 @@ impl GossipCounters {
             dropped_syn_too_large: get(&self.dropped_syn_too_large),
             dropped_syn_malformed: get(&self.dropped_syn_malformed),
             digest_bytes: get(&self.digest_bytes),
+            pieced_out_messages: get(&self.pieced_out_messages),
+            pieced_in_reassembled: get(&self.pieced_in_reassembled),
+            pieced_in_timed_out: get(&self.pieced_in_timed_out),
+            pieced_in_evicted: get(&self.pieced_in_evicted),
+            dropped_piece_malformed: get(self.piece_drop_counter(PieceError::Malformed)),
+            dropped_piece_duplicate: get(self.piece_drop_counter(PieceError::Duplicate)),
+            dropped_piece_inconsistent: get(self.piece_drop_counter(PieceError::Inconsistent)),
+            dropped_piece_too_large: get(self.piece_drop_counter(PieceError::TooLarge)),
         }
     }
 
     /// Datagrams dropped for `reason`.
     pub fn dropped(&self, reason: OpenError) -> u64 {
         self.drop_counter(reason).load(Ordering::Relaxed)
+    }
+
+    pub(super) fn piece_drop_counter(&self, reason: PieceError) -> &AtomicU64 {
+        let i = PieceError::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .unwrap_or_default();
+        &self.dropped_piece[i]
+    }
+
+    /// Adds what a reassembler counted since it was last asked.
+    pub(super) fn add_reassembly(&self, c: ReassemblyCounts) {
+        bump(&self.pieced_in_reassembled, c.completed);
+        bump(&self.pieced_in_timed_out, c.timed_out);
+        bump(&self.pieced_in_evicted, c.evicted);
     }
 
     pub(super) fn drop_counter(&self, reason: OpenError) -> &AtomicU64 {
@@ -295,6 +350,14 @@ mod tests {
             "dropped_syn_too_large",
             "dropped_syn_malformed",
             "digest_bytes",
+            "pieced_out_messages",
+            "pieced_in_reassembled",
+            "pieced_in_timed_out",
+            "pieced_in_evicted",
+            "dropped_piece_malformed",
+            "dropped_piece_duplicate",
+            "dropped_piece_inconsistent",
+            "dropped_piece_too_large",
         ];
         want.sort_unstable();
         names.sort_unstable();

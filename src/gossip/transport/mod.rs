@@ -19,11 +19,12 @@
 //!   back to exactly one peer, whatever order loopback delivers in. The table is bounded
 //!   ([`SealedTransportConfig::max_peers`], least recently used entry evicted) and idle entries
 //!   are closed; a datagram still queued from an evicted proxy is dropped, as UDP may.
-//! - A sealed datagram is the chitchat datagram plus [`OVERHEAD`](super::seal::OVERHEAD) bytes.
-//!   chitchat sizes datagrams with an uncompressed upper bound of 65,507 bytes; the real (zstd
-//!   compressed) size stays well below that unless the published values are incompressible. A
-//!   sealed datagram above [`MAX_SEALED_DATAGRAM_V4`] (IPv4) or [`MAX_SEALED_DATAGRAM_V6`] (IPv6)
-//!   cannot be sent and is counted (`dropped_oversize`) and logged instead.
+//! - No datagram on the wire is larger than [`pieces::PIECE_BUDGET`] (1,400 bytes): a chitchat
+//!   datagram that fits once sealed goes out as one sealed datagram, as before; a larger one
+//!   (chitchat sizes datagrams up to 65,507 bytes, and a SYN's digest grows with the cluster)
+//!   goes out as pieces, each sealed on its own, and the receiver puts them back together
+//!   within bounds before the SYN guard and chitchat see the message ([`super::pieces`]). A
+//!   message chitchat encodes past one UDP payload is counted (`dropped_oversize`) and logged.
 //!
 //! What the replay defence does and does not cover (see [`super::seal`]): each receiver opens a
 //! given datagram at most once and never one older than the window (60 s by default; node clocks
@@ -58,7 +59,8 @@ use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tracing::{debug, error, warn};
 
-use super::seal::{Keyring, Opener, ReplayConfig};
+use super::pieces::{self, seal_message, Reassembler, ReassemblyConfig};
+use super::seal::{Keyring, Opened, Opener, ReplayConfig};
 use crate::throttle::LogThrottle;
 use counters::bump;
 pub use counters::{ClockOffset, GossipCounters, GossipCountersSnapshot, MAX_CLOCK_SAMPLES};
@@ -121,6 +123,8 @@ pub struct SealedTransportConfig {
     /// Receive buffer requested for the network socket, so bursts of near-64 KiB datagrams
     /// are not dropped by the kernel while one is being opened (0 keeps the system default).
     pub recv_buffer_bytes: usize,
+    /// Bounds on putting pieced messages back together.
+    pub reassembly: ReassemblyConfig,
 }
 
 impl Default for SealedTransportConfig {
@@ -131,6 +135,7 @@ impl Default for SealedTransportConfig {
             peer_idle: Duration::from_secs(120),
             log_interval: Duration::from_secs(10),
             recv_buffer_bytes: 4 << 20,
+            reassembly: ReassemblyConfig::default(),
         }
     }
 }
@@ -145,14 +150,6 @@ fn unix_ms_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
-}
-
-fn max_sealed_len(to: &SocketAddr) -> usize {
-    match to {
-        SocketAddr::V4(_) => MAX_SEALED_DATAGRAM_V4,
-        SocketAddr::V6(a) if a.ip().to_ipv4_mapped().is_some() => MAX_SEALED_DATAGRAM_V4,
-        SocketAddr::V6(_) => MAX_SEALED_DATAGRAM_V6,
-    }
 }
 
 /// A chitchat transport that seals every datagram; see the module docs.
@@ -418,6 +415,9 @@ async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
     let mut buf = vec![0u8; RECV_BUF];
     let mut sweep = tokio::time::interval(shared.config.peer_idle.max(Duration::from_secs(1)) / 2);
     let mut stats = tokio::time::interval(LOOPBACK_STATS_INTERVAL);
+    let mut pieces = Reassembler::new(shared.config.reassembly);
+    let started = Instant::now();
+    let mono_ms = || u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     loop {
         let received = tokio::select! {
             r = shared.network.recv_from(&mut buf) => r,
@@ -425,6 +425,9 @@ async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
                 if let Ok(Ok(drops)) = shared.netns.run(udp_rcvbuf_errors).await {
                     shared.counters.loopback_drops.store(drops, Ordering::Relaxed);
                 }
+                // Incomplete messages leave at their timeout even when no piece follows.
+                pieces.expire(mono_ms());
+                note_reassembly(&shared, &mut pieces);
                 continue;
             }
             _ = sweep.tick() => {
@@ -448,35 +451,40 @@ async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
         };
         let datagram = &buf[..len];
         let now_ms = unix_ms_now();
-        let (stamp, opened) = opener.open_stamped(now_ms, datagram);
+        let (stamp, opened) = opener.open_any(now_ms, datagram);
         if let Some(sent_at_ms) = stamp {
             shared.counters.record_clock(from, sent_at_ms, now_ms);
         }
         match opened {
-            Ok(plain) => {
+            Ok(opened) => {
                 bump(&shared.counters.opened_in_datagrams, 1);
                 bump(&shared.counters.opened_in_bytes, len as u64);
-                if !syn_is_answerable(&shared, from, &plain).await {
-                    continue;
-                }
-                match proxy_for(&shared, from).await {
-                    Ok((_, proxy)) => {
-                        if let Err(e) = proxy.send(&plain).await {
-                            bump(&shared.counters.send_errors, 1);
-                            if let Some(suppressed) =
-                                shared.log.check(Instant::now(), "loopback_send")
-                            {
-                                warn!(error = %e, suppressed, "cannot hand gossip to chitchat");
+                let plain = match opened {
+                    Opened::Whole(plain) => plain,
+                    Opened::Piece(piece) => {
+                        let done = pieces.accept(mono_ms(), from, &piece);
+                        note_reassembly(&shared, &mut pieces);
+                        match done {
+                            Ok(Some(plain)) => plain,
+                            Ok(None) => continue,
+                            Err(reason) => {
+                                bump(shared.counters.piece_drop_counter(reason), 1);
+                                if let Some(suppressed) =
+                                    shared.log.check(Instant::now(), reason.as_str())
+                                {
+                                    warn!(
+                                        from = %from,
+                                        reason = reason.as_str(),
+                                        suppressed,
+                                        "dropped gossip piece: {reason}"
+                                    );
+                                }
+                                continue;
                             }
                         }
                     }
-                    Err(e) => {
-                        bump(&shared.counters.send_errors, 1);
-                        if let Some(suppressed) = shared.log.check(Instant::now(), "proxy_open") {
-                            warn!(error = %e, suppressed, "cannot open a gossip proxy");
-                        }
-                    }
-                }
+                };
+                deliver(&shared, from, plain).await;
             }
             Err(reason) => {
                 bump(shared.counters.drop_counter(reason), 1);
@@ -491,6 +499,45 @@ async fn pump_in(shared: Arc<Shared>, mut opener: Opener) {
                     );
                 }
             }
+        }
+    }
+}
+
+/// Hands an opened (or reassembled) chitchat datagram to chitchat, through the SYN guard.
+async fn deliver(shared: &Arc<Shared>, from: SocketAddr, plain: Vec<u8>) {
+    if !syn_is_answerable(shared, from, &plain).await {
+        return;
+    }
+    match proxy_for(shared, from).await {
+        Ok((_, proxy)) => {
+            if let Err(e) = proxy.send(&plain).await {
+                bump(&shared.counters.send_errors, 1);
+                if let Some(suppressed) = shared.log.check(Instant::now(), "loopback_send") {
+                    warn!(error = %e, suppressed, "cannot hand gossip to chitchat");
+                }
+            }
+        }
+        Err(e) => {
+            bump(&shared.counters.send_errors, 1);
+            if let Some(suppressed) = shared.log.check(Instant::now(), "proxy_open") {
+                warn!(error = %e, suppressed, "cannot open a gossip proxy");
+            }
+        }
+    }
+}
+
+/// Counts what the reassembler completed and dropped; warns (rate-limited) about drops.
+fn note_reassembly(shared: &Shared, pieces: &mut Reassembler) {
+    let c = pieces.take_counts();
+    shared.counters.add_reassembly(c);
+    if c.timed_out + c.evicted > 0 {
+        if let Some(suppressed) = shared.log.check(Instant::now(), "pieces_incomplete") {
+            warn!(
+                timed_out = c.timed_out,
+                evicted = c.evicted,
+                suppressed,
+                "dropped incomplete gossip messages (a piece was lost, or reassembly was full)"
+            );
         }
     }
 }
@@ -669,29 +716,34 @@ async fn pump_out(
                 continue;
             }
         };
-        let sealed = keyring.seal(unix_ms_now(), &plain);
-        if sealed.len() > max_sealed_len(&peer) {
+        // At most PIECE_BUDGET bytes per datagram: whole when it fits, else in pieces.
+        let Some(datagrams) = seal_message(&keyring, unix_ms_now(), &plain) else {
             bump(&counters.dropped_oversize, 1);
             if let Some(suppressed) = log.check(Instant::now(), "oversize") {
                 warn!(
                     peer = %peer,
-                    len = sealed.len(),
-                    max = max_sealed_len(&peer),
+                    len = plain.len(),
+                    max = pieces::MAX_MESSAGE,
                     suppressed,
-                    "gossip datagram too large to send once sealed; dropped"
+                    "gossip message larger than the largest chitchat datagram; dropped"
                 );
             }
             continue;
+        };
+        if datagrams.len() > 1 {
+            bump(&counters.pieced_out_messages, 1);
         }
-        match network.send_to(&sealed, peer).await {
-            Ok(n) => {
-                bump(&counters.sealed_out_datagrams, 1);
-                bump(&counters.sealed_out_bytes, n as u64);
-            }
-            Err(e) => {
-                bump(&counters.send_errors, 1);
-                if let Some(suppressed) = log.check(Instant::now(), "send_error") {
-                    warn!(peer = %peer, error = %e, suppressed, "cannot send gossip datagram");
+        for sealed in datagrams {
+            match network.send_to(&sealed, peer).await {
+                Ok(n) => {
+                    bump(&counters.sealed_out_datagrams, 1);
+                    bump(&counters.sealed_out_bytes, n as u64);
+                }
+                Err(e) => {
+                    bump(&counters.send_errors, 1);
+                    if let Some(suppressed) = log.check(Instant::now(), "send_error") {
+                        warn!(peer = %peer, error = %e, suppressed, "cannot send gossip datagram");
+                    }
                 }
             }
         }
@@ -996,6 +1048,69 @@ mod tests {
         assert_eq!(c.opened_in_datagrams, 0);
         assert_eq!(node_count(&b).await, 1);
         // Still serving: a legitimate node joins afterwards.
+        let ta = transport(SECRET);
+        let (a, _) = spawn("a", &[b_addr], &ta).await;
+        assert!(eventually(Duration::from_secs(5), || async { knows(&b, "a").await }).await);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
+    }
+
+    /// A holder of the secret sending hostile pieces: every kind is counted, reassembly stays
+    /// within its per-source bound, and the node keeps serving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hostile_pieces_are_counted_and_bounded() {
+        assert_root();
+        let tb = transport(SECRET);
+        let (b, b_addr) = spawn("b", &[], &tb).await;
+        let attacker = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let ring = Keyring::new([SECRET]).unwrap();
+        let send = |piece: Vec<u8>| {
+            let sealed = ring.seal_kind(crate::gossip::seal::PIECE_VERSION, unix_ms_now(), &piece);
+            let attacker = &attacker;
+            async move { attacker.send_to(&sealed, b_addr).await.unwrap() }
+        };
+        let piece = |id: u64, index: u16, count: u16| {
+            let mut p = id.to_be_bytes().to_vec();
+            p.extend_from_slice(&index.to_be_bytes());
+            p.extend_from_slice(&count.to_be_bytes());
+            p.extend_from_slice(&[0xab; 100]);
+            p
+        };
+        send(piece(1, 3, 3)).await; // index past count: malformed
+        send(piece(2, 0, 3)).await;
+        send(piece(2, 0, 3)).await; // sealed anew (another nonce): a duplicate piece
+        send(piece(2, 1, 4)).await; // another count: inconsistent, message 2 dropped
+        for id in 10..20 {
+            send(piece(id, 0, 2)).await; // never finished: 4 kept, 6 evicted
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                tb.counters().snapshot().pieced_in_evicted == 6
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
+        let c = tb.counters().snapshot();
+        assert_eq!(
+            (
+                c.dropped_piece_malformed,
+                c.dropped_piece_duplicate,
+                c.dropped_piece_inconsistent,
+                c.pieced_in_reassembled
+            ),
+            (1, 1, 1, 0),
+            "{c:?}"
+        );
+        // The 4 kept leave at the timeout (checked every 2 s).
+        assert!(
+            eventually(Duration::from_secs(6), || async {
+                tb.counters().snapshot().pieced_in_timed_out == 4
+            })
+            .await,
+            "{:?}",
+            tb.counters().snapshot()
+        );
         let ta = transport(SECRET);
         let (a, _) = spawn("a", &[b_addr], &ta).await;
         assert!(eventually(Duration::from_secs(5), || async { knows(&b, "a").await }).await);
@@ -1447,10 +1562,9 @@ mod tests {
         let ok = eventually(Duration::from_secs(30), || async { kvs().await == 1_202 }).await;
         let (ca, cb) = (ta.counters().snapshot(), tb.counters().snapshot());
         assert!(ok, "b has {} key-values; a: {ca:?}; b: {cb:?}", kvs().await);
-        assert!(
-            ca.sealed_out_bytes / ca.sealed_out_datagrams.max(1) > 4_000,
-            "expected big datagrams: {ca:?}"
-        );
+        // The state went over in messages of many pieces, none larger than the budget.
+        assert!(ca.pieced_out_messages > 0, "expected big messages: {ca:?}");
+        assert!(cb.pieced_in_reassembled > 0, "{cb:?}");
         assert_eq!(ca.dropped_oversize, 0);
         a.shutdown().await.unwrap();
         b.shutdown().await.unwrap();
@@ -1600,7 +1714,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn oversize_sealed_datagram_is_counted_not_sent() {
+    async fn pump_out_sends_the_largest_message_in_bounded_pieces() {
         // The pump itself, on host loopback: codec -> proxy -> seal -> network -> peer.
         let codec = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let proxy = Arc::new(UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap());
@@ -1617,18 +1731,34 @@ mod tests {
             Arc::new(LogThrottle::new(Duration::from_secs(10))),
         ));
         let proxy_addr = proxy.local_addr().unwrap();
-        let fits = MAX_SEALED_DATAGRAM_V4 - crate::gossip::seal::OVERHEAD;
-        codec
-            .send_to(&vec![1u8; fits + 1], proxy_addr)
-            .await
-            .unwrap();
-        codec.send_to(&vec![2u8; fits], proxy_addr).await.unwrap();
-        let got = capture(&peer, 1).await.remove(0);
-        assert_eq!(got.len(), MAX_SEALED_DATAGRAM_V4);
+        let largest: Vec<u8> = (0..pieces::MAX_MESSAGE).map(|i| (i % 251) as u8).collect();
+        // (Nothing larger reaches the proxy: it is one UDP payload.)
+        codec.send_to(&largest, proxy_addr).await.unwrap();
+        codec.send_to(b"small", proxy_addr).await.unwrap();
+        let got = capture(&peer, pieces::MAX_PIECES + 1).await;
+        assert!(got.iter().all(|d| d.len() <= pieces::PIECE_BUDGET));
+        let mut opener = Opener::new(
+            Arc::new(Keyring::new([SECRET]).unwrap()),
+            ReplayConfig::default(),
+        );
+        let mut r = Reassembler::new(ReassemblyConfig::default());
+        let from = peer.local_addr().unwrap();
+        let mut whole = Vec::new();
+        for d in &got {
+            match opener.open_any(unix_ms_now(), d).1.unwrap() {
+                Opened::Whole(p) => whole.push(p),
+                Opened::Piece(p) => whole.extend(r.accept(0, from, &p).unwrap()),
+            }
+        }
+        assert_eq!(whole, vec![largest, b"small".to_vec()]);
         let c = counters.snapshot();
         assert_eq!(
-            (c.dropped_oversize, c.sealed_out_datagrams),
-            (1, 1),
+            (
+                c.dropped_oversize,
+                c.sealed_out_datagrams,
+                c.pieced_out_messages
+            ),
+            (0, pieces::MAX_PIECES as u64 + 1, 1),
             "{c:?}"
         );
         pump.abort();
@@ -1731,15 +1861,5 @@ mod tests {
         let c = t.counters().snapshot();
         assert!(c.opened_in_datagrams <= 20, "{c:?}");
         assert!(c.loopback_drops < c.opened_in_datagrams, "{c:?}");
-    }
-
-    #[test]
-    fn oversize_limits_follow_the_address_family() {
-        assert_eq!(max_sealed_len(&"10.0.0.1:7946".parse().unwrap()), 65_507);
-        assert_eq!(
-            max_sealed_len(&"[::ffff:10.0.0.1]:7946".parse().unwrap()),
-            65_507
-        );
-        assert_eq!(max_sealed_len(&"[fd00::1]:7946".parse().unwrap()), 65_527);
     }
 }
