@@ -1817,3 +1817,6 @@ fn a_failed_range_add_does_not_release_the_old_range() {
         "nothing blocks 192.0.2.9 outbound any more: {held:#?}"
     );
 }
+
+#[path = "cost_tests.rs"]
+mod cost_tests;
