@@ -344,7 +344,9 @@ impl Mesh {
             self.drain_events(now, family, dp);
         }
         self.initiate_due(now, dp);
-        let mut full = now >= self.next_resync || self.kernel.is_none();
+        // (Without a trusted record of the kernel, the next reconcile dumps
+        // anyway; whatever made it untrusted scheduled one.)
+        let mut full = now >= self.next_resync;
         if now >= self.next_resync {
             self.next_resync = now + self.config.resync_interval;
         }
@@ -365,12 +367,9 @@ impl Mesh {
             if now >= self.next_counters {
                 fresh = self.poll_counters(now, dp);
             }
-            // A read that found an SA gone asks for a dump.
-            full = self.kernel.is_none();
         }
         if self.dirty || full {
-            self.reconcile_with(now, dp, full);
-            fresh |= full;
+            fresh |= self.reconcile_with(now, dp, full);
         }
         fresh
     }

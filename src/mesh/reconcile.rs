@@ -55,6 +55,7 @@ impl Mesh {
             }
             KernelEvent::Overrun => {
                 self.counters.kernel_event_overruns += 1;
+                // The next reconcile (now: dirty) dumps.
                 self.kernel = None;
                 self.dirty = true;
             }
@@ -102,10 +103,17 @@ impl Mesh {
     /// pure [`super::desired`] and [`super::plan()`]), apply the whole plan in
     /// one pipelined [`crate::datapath::Datapath::apply`], record the
     /// outcome. A change that fails leaves the record untrusted: the next
-    /// reconcile, [`ERROR_RETRY`] later at most, dumps.
-    pub(super) fn reconcile_with(&mut self, now: Instant, dp: &mut dyn Datapath, full: bool) {
+    /// reconcile, [`ERROR_RETRY`] later at most, dumps. Returns whether it
+    /// dumped (fresh counters).
+    pub(super) fn reconcile_with(
+        &mut self,
+        now: Instant,
+        dp: &mut dyn Datapath,
+        full: bool,
+    ) -> bool {
         self.last_reconcile = now;
         let recorded = self.kernel.take().filter(|_| !full);
+        let dumped = recorded.is_none();
         let mut actual = match recorded {
             Some(mut k) => {
                 // Every inbound SA meshsec installs sits on an SPI it
@@ -127,7 +135,7 @@ impl Mesh {
                 Some(k) => k,
                 None => {
                     self.kernel_resync_at.get_or_insert(now + ERROR_RETRY);
-                    return;
+                    return false;
                 }
             },
         };
@@ -150,6 +158,7 @@ impl Mesh {
             self.kernel_resync_at.get_or_insert(now + ERROR_RETRY);
         }
         self.record(now, &failed_sas);
+        dumped
     }
 
     /// Reads the pending responder sessions' inbound SAs (one targeted
@@ -222,6 +231,7 @@ impl Mesh {
                     self.kernel_counters.remove(id);
                     if self.kernel.as_ref().is_some_and(|k| k.sas.contains_key(id)) {
                         self.kernel = None;
+                        self.dirty = true;
                     }
                 }
             }
