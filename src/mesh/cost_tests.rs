@@ -155,3 +155,31 @@ fn an_sa_gone_without_a_notification_is_found_by_the_counter_read() {
     assert_ne!(outbound_v4(&mut nodes[0]), victim);
     assert_outbound_accepted(&mut nodes, "after the repair");
 }
+
+/// A change that keeps failing (somebody else's policy holds the selector)
+/// leaves the mesh's record of the kernel untrusted; it is read again at the
+/// error retry (every 2 s), not at every wake-up of a busy driver.
+#[test]
+fn a_change_that_keeps_failing_costs_one_dump_per_retry_not_per_wake_up() {
+    let (mut nodes, mut now) = established(2);
+    let n = &mut nodes[0];
+    let [out, _] = PolicySpec::pair(n.addrs[0], nodes[1].addrs[0], Reqid::DEFAULT);
+    let n = &mut nodes[0];
+    n.dp.delete_policy(out.id).unwrap();
+    n.dp.add_foreign_policy(out.id);
+    n.mesh.handle_kernel_event(now, KernelEvent::TablesChanged);
+    let before = n.dp.write_calls();
+    let failed = n.mesh.counters().changes_failed;
+    // A driver woken every 10 ms (datagrams, commands, views) for 10 s.
+    for _ in 0..1000 {
+        now += Duration::from_millis(10);
+        n.mesh.handle_timeout(now, &mut n.dp);
+    }
+    let d = delta(&[before], std::slice::from_ref(&nodes[0]))[0];
+    assert!(
+        nodes[0].mesh.counters().changes_failed > failed,
+        "the add keeps failing"
+    );
+    // The event's dump, then one per 2 s retry: two tables each.
+    assert!(d.dumps <= 2 * (1 + 5 + 1), "{d:?}");
+}
