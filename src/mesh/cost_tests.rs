@@ -183,3 +183,26 @@ fn a_change_that_keeps_failing_costs_one_dump_per_retry_not_per_wake_up() {
     // The event's dump, then one per 2 s retry: two tables each.
     assert!(d.dumps <= 2 * (1 + 5 + 1), "{d:?}");
 }
+
+/// Between somebody else's deletion and the coalesced resync 200 ms later,
+/// a reconcile (here: a new session to install) reads the kernel rather
+/// than trusting the mesh's record: the policy deleted by hand goes back at
+/// once, so nothing the reconcile installs relies on a policy that is gone.
+#[test]
+fn a_reconcile_after_a_foreign_change_reads_the_kernel_first() {
+    let (mut nodes, now) = established(2);
+    let [out, _] = PolicySpec::pair(nodes[0].addrs[0], nodes[1].addrs[0], Reqid::DEFAULT);
+    let n = &mut nodes[0];
+    n.dp.delete_policy(out.id).unwrap();
+    n.mesh.handle_kernel_event(now, KernelEvent::TablesChanged);
+    n.mesh.dirty = true;
+    n.mesh
+        .handle_timeout(now + Duration::from_millis(10), &mut n.dp);
+    assert!(
+        n.dp.dump_policies()
+            .unwrap()
+            .iter()
+            .any(|p| p.spec.id == out.id),
+        "the policy is back before the coalesced resync"
+    );
+}

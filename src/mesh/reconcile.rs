@@ -50,6 +50,12 @@ impl Mesh {
                 self.dirty = true;
             }
             KernelEvent::TablesChanged => {
+                // Somebody else changed the tables: the record is stale from
+                // now on, so a reconcile before the coalesced resync (a new
+                // session installing its SAs) dumps rather than trust it: a
+                // policy it believed in could be gone, and the confirmation
+                // probe would then leave unprotected and be dropped.
+                self.kernel = None;
                 let at = now + KERNEL_EVENT_DELAY;
                 self.kernel_resync_at.get_or_insert(at);
             }
