@@ -241,8 +241,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             if let Some(w) = offload::warning(&report.esp_offload) {
                 warn!("{w}");
             }
-            // Subscribed before the first reconcile, so no expiry goes unseen.
-            let monitor = XfrmMonitor::open().map_err(StartError::Monitor)?;
+            // Subscribed before the first reconcile, so no expiry goes unseen;
+            // the notifications of the datapath's own writes are dropped.
+            let monitor = XfrmMonitor::open(Some(x.portid())).map_err(StartError::Monitor)?;
             (Box::new(x), true, Some(monitor), report)
         }
         DatapathKind::Memory => {

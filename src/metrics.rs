@@ -366,6 +366,13 @@ pub fn render(
     );
     counters(
         &mut reg,
+        "kernel_dumps",
+        "Full reads of the kernel's XFRM tables (start, others' changes, lost events, failed changes, the periodic resync)",
+        None,
+        one(mc.kernel_dumps),
+    );
+    counters(
+        &mut reg,
         "kernel_changes",
         "Kernel SA and policy changes, by result",
         None,

@@ -42,8 +42,9 @@ pub struct MemoryDatapath {
     in_apply: bool,
 }
 
-/// How the in-memory tables were written to, so tests can tell a pipelined
-/// [`crate::datapath::Datapath::apply`] from one-at-a-time writes.
+/// How the in-memory tables were used, so tests can tell a pipelined
+/// [`crate::datapath::Datapath::apply`] from one-at-a-time writes, and count
+/// the kernel work an event costs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteCalls {
     /// Calls of [`crate::datapath::Datapath::apply`].
@@ -52,6 +53,17 @@ pub struct WriteCalls {
     pub applied_changes: u64,
     /// SA or policy installs and updates made outside `apply`.
     pub direct_writes: u64,
+    /// Full table dumps: each `dump_sas`, `dump_policies`,
+    /// `dump_range_policies` or `dump_all_policies` call (one look at a table).
+    pub dumps: u64,
+    /// Calls of [`crate::datapath::Datapath::get_sas`] (targeted reads).
+    pub get_sas: u64,
+    /// SAs those calls asked for.
+    pub got_sas: u64,
+    /// Netlink round trips the kernel datapath would make: one per call of
+    /// any method (an `apply` or a `get_sas` is one pipelined round trip;
+    /// the calls `apply` makes inside count with it).
+    pub round_trips: u64,
 }
 
 impl MemoryDatapath {
@@ -69,6 +81,17 @@ impl MemoryDatapath {
         if !self.in_apply {
             self.calls.direct_writes += 1;
         }
+    }
+
+    fn count_trip(&mut self) {
+        if !self.in_apply {
+            self.calls.round_trips += 1;
+        }
+    }
+
+    fn count_dump(&mut self) {
+        self.count_trip();
+        self.calls.dumps += 1;
     }
 
     /// Simulate somebody else's SA (another IPsec daemon) sharing the table.
@@ -168,6 +191,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn apply(&mut self, changes: &[super::Change]) -> Vec<Result<(), DatapathError>> {
+        self.count_trip();
         self.calls.apply += 1;
         self.calls.applied_changes += changes.len() as u64;
         self.in_apply = true;
@@ -191,6 +215,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn alloc_spi(&mut self, src: IpAddr, dst: IpAddr, reqid: Reqid) -> Result<u32, DatapathError> {
+        self.count_trip();
         if src.is_ipv4() != dst.is_ipv4() {
             return Err(DatapathError::Invalid {
                 op: Op::AllocSpi,
@@ -209,6 +234,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn install_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError> {
+        self.count_trip();
         self.count_write();
         validate_sa(Op::NewSa, sa)?;
         let id = sa.id();
@@ -226,6 +252,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn update_sa(&mut self, sa: &SaSpec) -> Result<(), DatapathError> {
+        self.count_trip();
         self.count_write();
         validate_sa(Op::UpdSa, sa)?;
         let id = sa.id();
@@ -252,6 +279,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn delete_sa(&mut self, id: SaId) -> Result<(), DatapathError> {
+        self.count_trip();
         match self.sas.get(&id) {
             None => Err(kernel(Op::DelSa, id.to_string(), libc::ESRCH)),
             Some(MemSa::Foreign) => Err(DatapathError::NotOwned {
@@ -284,6 +312,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn install_policy(&mut self, policy: &PolicySpec) -> Result<(), DatapathError> {
+        self.count_trip();
         self.count_write();
         validate_policy(Op::NewPolicy, policy)?;
         if policy.id.src.is_ipv6() {
@@ -311,6 +340,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn delete_policy(&mut self, id: PolicyId) -> Result<(), DatapathError> {
+        self.count_trip();
         match self.policies.get(&id) {
             None => Err(kernel(Op::DelPolicy, id.to_string(), libc::ENOENT)),
             Some(MemPolicy { owned: None, .. }) => Err(DatapathError::NotOwned {
@@ -328,6 +358,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn install_range_policy(&mut self, policy: &RangePolicy) -> Result<(), DatapathError> {
+        self.count_trip();
         self.count_write();
         validate_range(Op::NewPolicy, policy)?;
         if policy.src.addr().is_ipv6() {
@@ -341,6 +372,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn delete_range_policy(&mut self, policy: &RangePolicy) -> Result<(), DatapathError> {
+        self.count_trip();
         match self.ranges.get(policy) {
             Some(true) => {
                 self.ranges.remove(policy);
@@ -351,6 +383,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn dump_range_policies(&mut self) -> Result<Vec<RangePolicy>, DatapathError> {
+        self.count_dump();
         Ok(self
             .ranges
             .iter()
@@ -359,7 +392,27 @@ impl super::Datapath for MemoryDatapath {
             .collect())
     }
 
+    fn dump_all_policies(&mut self) -> Result<(Vec<PolicyState>, Vec<RangePolicy>), DatapathError> {
+        // One look at the policy table, as the kernel datapath takes it.
+        let calls = self.calls;
+        let both = (self.dump_policies()?, self.dump_range_policies()?);
+        self.calls = calls;
+        self.count_dump();
+        Ok(both)
+    }
+
+    fn get_sas(&mut self, ids: &[SaId]) -> Result<Vec<Option<SaState>>, DatapathError> {
+        self.count_trip();
+        self.calls.get_sas += 1;
+        self.calls.got_sas += ids.len() as u64;
+        Ok(ids
+            .iter()
+            .map(|id| self.sas.get(id).and_then(|sa| Self::state_of(*id, sa)))
+            .collect())
+    }
+
     fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError> {
+        self.count_dump();
         Ok(sort_sas(
             self.sas
                 .iter()
@@ -369,6 +422,7 @@ impl super::Datapath for MemoryDatapath {
     }
 
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError> {
+        self.count_dump();
         Ok(sort_policies(
             self.policies
                 .values()

@@ -41,7 +41,7 @@ pub use bypass::{bypass_socket, AddressFamily};
 pub use diff::{diff, Change, KernelState};
 pub use error::{DatapathError, ErrorKind, Op};
 pub use memory::{MemoryDatapath, WriteCalls};
-pub use monitor::{parse_event, KernelEvent, XfrmMonitor};
+pub use monitor::{own_write, parse_event, KernelEvent, XfrmMonitor};
 pub use ownership::{Reqid, POLICY_PRIORITY};
 pub use protect::{range_policies, Prefix, RangePolicy, RangeRule};
 pub use xfrm::{KernelFlavor, XfrmDatapath};
@@ -514,6 +514,12 @@ pub trait Datapath: Send {
 
     /// All meshsec-owned SAs with counters.
     fn dump_sas(&mut self) -> Result<Vec<SaState>, DatapathError>;
+
+    /// The current state (counters included) of just these SAs, one
+    /// `XFRM_MSG_GETSA` each, pipelined in one round trip: one entry per id,
+    /// `None` for an SA that is not there or not meshsec's. What the mesh
+    /// reads at steady state instead of dumping the table.
+    fn get_sas(&mut self, ids: &[SaId]) -> Result<Vec<Option<SaState>>, DatapathError>;
 
     /// All meshsec-owned policies.
     fn dump_policies(&mut self) -> Result<Vec<PolicyState>, DatapathError>;

@@ -7,7 +7,9 @@
 //! - `XFRMNLGRP_SA` / `XFRMNLGRP_POLICY`: meshsec's SAs or policies were
 //!   deleted, or a table was flushed; the mesh re-reads the kernel soon
 //!   after. Deletions of other daemons' objects are ignored, so a busy IKE
-//!   daemon next to meshsec costs it no table dumps.
+//!   daemon next to meshsec costs it no table dumps; so are meshsec's own
+//!   (the kernel copies the requester's `nlmsg_pid` into the notification,
+//!   and the datapath's socket puts its port id there: [`own_write`]).
 //!
 //! Parsing ([`parse_event`]) is pure and never panics on short or odd input;
 //! [`XfrmMonitor`] only moves bytes. Multicast delivery is lossy: when the
@@ -26,7 +28,7 @@ use netlink_packet_xfrm::{
 };
 use netlink_sys::{protocols::NETLINK_XFRM, Socket};
 
-use super::netlink::{attr, frames, u32_at};
+use super::netlink::{attr, frames, u32_at, Frame};
 use super::ownership::{
     is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY, PROTECT_BLOCK_PRIORITY,
     PROTECT_EXEMPT_PRIORITY,
@@ -106,6 +108,23 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
     }
 }
 
+/// Whether a notification reports a change the datapath's own socket
+/// (netlink port `writer`) asked for: the kernel puts the requester's
+/// `nlmsg_pid` in the notification of a deletion or flush; its own events
+/// (expiry) carry 0, and so do requests that leave the field at 0 (iproute2).
+pub fn own_write(pid: u32, writer: Option<u32>) -> bool {
+    pid != 0 && Some(pid) == writer
+}
+
+/// Decodes one frame of the monitor socket, dropping the notifications of
+/// the datapath's own writes (port `writer`).
+fn event_of(frame: &Frame<'_>, writer: Option<u32>) -> Option<KernelEvent> {
+    if own_write(frame.pid, writer) {
+        return None;
+    }
+    parse_event(frame.ty, frame.payload)
+}
+
 /// Offset of `reqid` in `struct xfrm_usersa_info` (after sel, id, saddr,
 /// lft, curlft, stats, seq).
 const SA_INFO_REQID: usize = 208;
@@ -116,11 +135,16 @@ const POLICY_INFO_PRIORITY: usize = 152;
 pub struct XfrmMonitor {
     sock: Socket,
     buf: Vec<u8>,
+    /// The datapath socket's port id: notifications of its writes are dropped.
+    writer: Option<u32>,
 }
 
 impl XfrmMonitor {
-    /// Opens a non-blocking socket subscribed to the three groups.
-    pub fn open() -> io::Result<XfrmMonitor> {
+    /// Opens a non-blocking socket subscribed to the three groups. The
+    /// notifications of changes made through the netlink port `writer`
+    /// ([`crate::datapath::XfrmDatapath::portid`]) are dropped: the mesh
+    /// knows what it changed.
+    pub fn open(writer: Option<u32>) -> io::Result<XfrmMonitor> {
         let mut sock = Socket::new(NETLINK_XFRM)?;
         sock.bind_auto()?;
         for group in [XFRMNLGRP_EXPIRE, XFRMNLGRP_SA, XFRMNLGRP_POLICY] {
@@ -133,6 +157,7 @@ impl XfrmMonitor {
         Ok(XfrmMonitor {
             sock,
             buf: Vec::with_capacity(1 << 16),
+            writer,
         })
     }
 
@@ -143,8 +168,8 @@ impl XfrmMonitor {
             self.buf.clear();
             match self.sock.recv(&mut self.buf, 0) {
                 Ok(_) => {
-                    for (ty, _flags, _seq, payload) in frames(&self.buf) {
-                        if let Some(ev) = parse_event(ty, payload) {
+                    for frame in frames(&self.buf) {
+                        if let Some(ev) = event_of(&frame, self.writer) {
                             out.push(ev);
                         }
                     }
@@ -333,6 +358,24 @@ mod deletion_tests {
             Some(KernelEvent::TablesChanged)
         );
         assert_eq!(del_pol(0), None, "another daemon's policy");
+        // The same deletion caused by the datapath's own socket is dropped;
+        // by anyone else's port (or with no port: iproute2, the kernel), kept.
+        let payload = notification(XFRM_USER_SA_ID_LEN, XFRMA_SA, &sa_info(ours));
+        let frame = |pid| Frame {
+            ty: XFRM_MSG_DELSA,
+            flags: 0,
+            seq: 1,
+            pid,
+            payload: &payload,
+        };
+        assert_eq!(event_of(&frame(4242), Some(4242)), None, "own delete");
+        for (pid, writer) in [(0, Some(4242)), (7, Some(4242)), (0, None), (4242, None)] {
+            assert_eq!(
+                event_of(&frame(pid), writer),
+                Some(KernelEvent::TablesChanged),
+                "pid {pid}, writer {writer:?}"
+            );
+        }
         // Another attribute first (e.g. a mark) is skipped over.
         let mut p = notification(XFRM_USER_SA_ID_LEN, 21, &[0; 8]);
         p.extend_from_slice(&notification(0, XFRMA_SA, &sa_info(7)));

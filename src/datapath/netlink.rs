@@ -55,6 +55,9 @@ pub(crate) struct Request {
 
 pub(crate) struct NlSocket {
     sock: Socket,
+    /// The socket's netlink port id: put in every request's `nlmsg_pid`, so
+    /// the kernel's multicast notifications of our own changes carry it.
+    portid: u32,
     seq: u32,
     rx: Vec<u8>,
     tx: Vec<u8>,
@@ -64,8 +67,10 @@ const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-/// Serialise one request with its netlink header into `out`.
-pub(crate) fn encode(msg: &XfrmMessage, flags: u16, seq: u32, out: &mut Vec<u8>) {
+/// Serialise one request with its netlink header into `out`; `portid` is
+/// the sender's port (the kernel copies it into the notifications the
+/// request causes).
+pub(crate) fn encode(msg: &XfrmMessage, flags: u16, seq: u32, portid: u32, out: &mut Vec<u8>) {
     let payload_len = msg.buffer_len();
     let len = NLMSG_HDRLEN + payload_len;
     let start = out.len();
@@ -73,7 +78,7 @@ pub(crate) fn encode(msg: &XfrmMessage, flags: u16, seq: u32, out: &mut Vec<u8>)
     out.extend_from_slice(&msg.message_type().to_ne_bytes());
     out.extend_from_slice(&flags.to_ne_bytes());
     out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes());
+    out.extend_from_slice(&portid.to_ne_bytes());
     out.resize(start + len, 0);
     msg.emit(&mut out[start + NLMSG_HDRLEN..start + len]);
     out.resize(start + align4(len), 0);
@@ -110,17 +115,28 @@ pub(crate) fn attr(payload: &[u8], header: usize, kind: u16) -> Option<&[u8]> {
     None
 }
 
-/// Split a datagram into (type, flags, seq, payload) frames. Malformed
-/// framing ends the walk: what came before is still delivered.
-pub(crate) fn frames(buf: &[u8]) -> Vec<(u16, u16, u32, &[u8])> {
+/// One netlink message of a datagram.
+pub(crate) struct Frame<'a> {
+    pub ty: u16,
+    pub flags: u16,
+    pub seq: u32,
+    /// `nlmsg_pid`: for a notification, the port of the request that caused it.
+    pub pid: u32,
+    pub payload: &'a [u8],
+}
+
+/// Split a datagram into frames. Malformed framing ends the walk: what came
+/// before is still delivered.
+pub(crate) fn frames(buf: &[u8]) -> Vec<Frame<'_>> {
     let mut out = Vec::new();
     let mut off = 0;
     while off + NLMSG_HDRLEN <= buf.len() {
-        let (Some(len), Some(ty), Some(flags), Some(seq)) = (
+        let (Some(len), Some(ty), Some(flags), Some(seq), Some(pid)) = (
             u32_at(buf, off),
             u16_at(buf, off + 4),
             u16_at(buf, off + 6),
             u32_at(buf, off + 8),
+            u32_at(buf, off + 12),
         ) else {
             break;
         };
@@ -128,7 +144,13 @@ pub(crate) fn frames(buf: &[u8]) -> Vec<(u16, u16, u32, &[u8])> {
         if len < NLMSG_HDRLEN || off + len > buf.len() {
             break;
         }
-        out.push((ty, flags, seq, &buf[off + NLMSG_HDRLEN..off + len]));
+        out.push(Frame {
+            ty,
+            flags,
+            seq,
+            pid,
+            payload: &buf[off + NLMSG_HDRLEN..off + len],
+        });
         off += align4(len);
     }
     out
@@ -166,7 +188,7 @@ pub(crate) fn parse_error(ty: u16, flags: u16, payload: &[u8]) -> (i32, Option<S
 impl NlSocket {
     pub(crate) fn open() -> io::Result<NlSocket> {
         let mut sock = Socket::new(NETLINK_XFRM)?;
-        sock.bind_auto()?;
+        let portid = sock.bind_auto()?.port_number();
         sock.connect(&SocketAddr::new(0, 0))?;
         // Extended acks carry the kernel's reason in words; capped acks keep
         // each ACK small. Both are best-effort (older kernels lack them).
@@ -176,10 +198,16 @@ impl NlSocket {
         let _ = sock.set_rx_buf_sz(4 << 20);
         Ok(NlSocket {
             sock,
+            portid,
             seq: 0,
             rx: Vec::with_capacity(RECV_BUF),
             tx: Vec::new(),
         })
+    }
+
+    /// The socket's netlink port id (see [`NlSocket::portid`]'s field).
+    pub(crate) fn portid(&self) -> u32 {
+        self.portid
     }
 
     /// Send every request and collect one outcome per request, in order.
@@ -217,7 +245,7 @@ impl NlSocket {
             } else {
                 NLM_F_REQUEST
             };
-            encode(&r.msg, flags, self.seq, &mut self.tx);
+            encode(&r.msg, flags, self.seq, self.portid, &mut self.tx);
         }
         let sent = self.sock.send(&self.tx, 0);
         let len = self.tx.len();
@@ -239,7 +267,14 @@ impl NlSocket {
                     "netlink reply of {n} bytes truncated"
                 )));
             }
-            for (ty, flags, seq, payload) in frames(&self.rx) {
+            for Frame {
+                ty,
+                flags,
+                seq,
+                payload,
+                ..
+            } in frames(&self.rx)
+            {
                 let idx = seq.wrapping_sub(first_seq) as usize;
                 if idx >= reqs.len() || pending[idx].is_some() {
                     continue; // stale or unsolicited
@@ -316,14 +351,17 @@ mod tests {
         b.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
         b.extend_from_slice(&0u16.to_ne_bytes());
         b.extend_from_slice(&7u32.to_ne_bytes());
-        b.extend_from_slice(&0u32.to_ne_bytes());
+        b.extend_from_slice(&4242u32.to_ne_bytes());
         b.extend_from_slice(&0i32.to_ne_bytes());
         // Then a header claiming more bytes than there are.
         b.extend_from_slice(&999u32.to_ne_bytes());
         b.extend_from_slice(&[0u8; 12]);
         let f = frames(&b);
         assert_eq!(f.len(), 1);
-        assert_eq!((f[0].0, f[0].2, f[0].3.len()), (NLMSG_DONE, 7, 4));
+        assert_eq!(
+            (f[0].ty, f[0].seq, f[0].pid, f[0].payload.len()),
+            (NLMSG_DONE, 7, 4242, 4)
+        );
         assert!(frames(&[1, 2, 3]).is_empty());
     }
 }

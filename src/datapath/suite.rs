@@ -277,6 +277,16 @@ pub(crate) fn sas(dp: &mut dyn Datapath, aead: Aead) {
         assert_eq!(i.replay_window, 2048);
         assert_eq!(i.lifetimes, inbound.lifetimes);
         assert_eq!(i.counters, SaCounters::default());
+        // Targeted reads: what the dump says, for just the SAs asked for
+        // (in order), None for one that is not there.
+        let got = dp
+            .get_sas(&[outbound.id(), second.id(), inbound.id()])
+            .unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0].as_ref(), dump.iter().find(|s| s.spi == 0x4000_0001));
+        assert_eq!(got[1], None, "deleted");
+        assert_eq!(got[2].as_ref(), Some(i));
+        assert_eq!(dp.get_sas(&[]).unwrap(), vec![]);
         let o = dump.iter().find(|s| s.spi == 0x4000_0001).unwrap();
         assert_eq!(o.direction, Some(Direction::Out));
         assert_eq!((o.src, o.dst), (ip(me), ip(peer)));

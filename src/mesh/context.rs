@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use super::plan::link_objects;
 use super::{Link, LinkId, MeshCounters, Target};
-use crate::datapath::{AddressFamily, Change, Datapath, ErrorKind, Lifetimes, Reqid, SaId};
+use crate::datapath::{
+    AddressFamily, Change, Datapath, ErrorKind, KernelState, Lifetimes, Reqid, SaId,
+};
 use crate::handshake::{HandshakeContext, PublicKey, Session, SpiAllocError};
 
 pub(super) struct Ctx<'a> {
@@ -15,6 +17,8 @@ pub(super) struct Ctx<'a> {
     pub(super) dp: &'a mut dyn Datapath,
     pub(super) lifetimes: Lifetimes,
     pub(super) counters: &'a mut MeshCounters,
+    /// The mesh's record of the kernel: the inbound SA goes in it.
+    pub(super) kernel: &'a mut Option<KernelState>,
 }
 
 impl Ctx<'_> {
@@ -66,6 +70,7 @@ impl HandshakeContext for Ctx<'_> {
         }
         let (inbound, _, _) = link_objects(&target, session, self.lifetimes);
         let id = inbound.id();
+        let recorded = super::keyless(&inbound);
         let fill = [Change::FillSa(inbound)];
         let mut result = self.dp.apply(&fill).pop().unwrap_or(Ok(()));
         if let (Err(e), Change::FillSa(sa)) = (&result, &fill[0]) {
@@ -77,6 +82,9 @@ impl HandshakeContext for Ctx<'_> {
         match result {
             Ok(()) => {
                 self.counters.changes_applied += 1;
+                if let Some(k) = self.kernel.as_mut() {
+                    k.sas.insert(id, recorded);
+                }
                 Ok(())
             }
             Err(e) => {

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use crate::datapath::{
-    AddressFamily, Aead, Datapath, Lifetimes, PolicySpec, Prefix, Reqid, SaCounters, SaId, SaSpec,
+    AddressFamily, Aead, Datapath, KernelState, Lifetimes, PolicySpec, Prefix, Reqid, SaCounters,
+    SaId, SaSpec,
 };
 use crate::handshake::{
     Config as HsConfig, Counters as HandshakeCounters, Endpoint, Event, PublicKey, Role, Session,
@@ -44,8 +45,18 @@ pub use links::{usable_peer_address, wanted_links, LinkId, Target};
 pub use plan::{desired, link_objects, plan, sa_ids, AdoptedPlan, LinkPlan, REPLAY_WINDOW};
 pub use status::{LinkState, LinkStatus, MeshCounters};
 
-/// How often a pending responder session's inbound counters are checked.
+/// How often a pending responder session's inbound counters are checked
+/// (a targeted `GETSA` of the pending inbound SAs, no dump).
 const CONFIRM_POLL: Duration = Duration::from_millis(100);
+
+/// How often the current SAs' counters are read (a targeted `GETSA` of
+/// each, one pipelined round trip) for the listing, the metrics and the
+/// soft-limit check that backs up the kernel's expire notifications.
+pub const COUNTER_POLL: Duration = Duration::from_secs(10);
+
+/// After a failed kernel change, the tables are read again and the plan
+/// retried this much later.
+const ERROR_RETRY: Duration = Duration::from_secs(2);
 
 /// When an inbound SA reaches its soft limit, the peer (whose outbound SA
 /// reached it at the same moment) is expected to re-key; we step in only if
@@ -55,9 +66,10 @@ pub const INBOUND_LIMIT_DELAY: Duration = Duration::from_secs(2);
 /// Kernel table changes are coalesced for this long before a resync.
 const KERNEL_EVENT_DELAY: Duration = Duration::from_millis(200);
 
-/// How often the kernel state is re-read even when nothing happened (drift
-/// repair, counters for the listing).
-pub const RESYNC_INTERVAL: Duration = Duration::from_secs(2);
+/// How often the kernel's tables are dumped even when nothing happened: a
+/// safety net for drift no notification reported (kernel events, our own
+/// writes and targeted reads keep the mesh's view current in between).
+pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Soft lifetime in seconds of every SA: a re-key backstop far beyond the
 /// re-key interval.
@@ -126,7 +138,7 @@ pub struct MeshConfig {
     /// How long SAs and policies found in the kernel at start-up (left by a
     /// previous run of the agent) are kept while their links re-key.
     pub adopt_grace: Duration,
-    /// How often the kernel is re-read even when nothing happened.
+    /// How often the kernel's tables are dumped even when nothing happened.
     pub resync_interval: Duration,
     /// Handshake initiations (each an SPI reservation and a datagram to the
     /// peer's handshake port) started in any one second, over all links;
@@ -166,6 +178,15 @@ pub struct Mesh {
     links: BTreeMap<LinkId, Link>,
     counters: MeshCounters,
     kernel_counters: HashMap<SaId, SaCounters>,
+    /// What the kernel holds, as of the last dump plus every change of ours
+    /// that succeeded since: the reconciler plans against it. `None`: the
+    /// next reconcile dumps (start, an event we did not cause, an overrun,
+    /// a failed change).
+    kernel: Option<KernelState>,
+    /// When the pending sessions' inbound SAs were last read.
+    last_confirm_poll: Instant,
+    /// When the current SAs' counters are read next ([`COUNTER_POLL`]).
+    next_counters: Instant,
     dirty: bool,
     error_log: LogThrottle,
     /// Which session (by id) put each SA into the kernel.
@@ -247,6 +268,9 @@ impl Mesh {
             links: BTreeMap::new(),
             counters: MeshCounters::default(),
             kernel_counters: HashMap::new(),
+            kernel: None,
+            last_confirm_poll: now,
+            next_counters: now + COUNTER_POLL,
             dirty: true,
             error_log: LogThrottle::new(Duration::from_secs(5)),
             installed_by: HashMap::new(),
@@ -307,6 +331,7 @@ impl Mesh {
             dp,
             lifetimes: self.config.lifetimes,
             counters: &mut self.counters,
+            kernel: &mut self.kernel,
         };
         if let Err(reason) = ep.handle(now, from, datagram, &mut ctx) {
             self.counters.handshake_rejected += 1;
@@ -315,10 +340,13 @@ impl Mesh {
         self.drain_events(now, family, dp);
     }
 
-    /// Drives timers: retransmits, new initiations, and reconciliation with
-    /// the kernel when something changed, a confirmation or retirement needs
-    /// the counters, a kernel event asked for it, or the periodic resync is
-    /// due. Returns whether the periodic resync ran (fresh counters).
+    /// Drives timers: retransmits, new initiations, the pending sessions'
+    /// confirmation check and the counter check (targeted reads), the
+    /// retirement of replaced SAs at their deadline, and reconciliation with
+    /// the kernel: against the mesh's own record of it when something
+    /// changed, after a full dump when a kernel event, an error or the
+    /// periodic resync asks for one. Returns whether the SA counters were
+    /// refreshed (for the listing).
     pub fn handle_timeout(&mut self, now: Instant, dp: &mut dyn Datapath) -> bool {
         for ep in self.endpoints.values_mut() {
             ep.handle_timeout(now);
@@ -330,22 +358,40 @@ impl Mesh {
             self.update_links(now, dp);
         }
         self.initiate_due(now, dp);
-        let resync = now >= self.next_resync;
-        if resync {
+        // (Without a trusted record of the kernel, the next reconcile dumps
+        // anyway; whatever made it untrusted scheduled one.)
+        let mut full = now >= self.next_resync;
+        if now >= self.next_resync {
             self.next_resync = now + self.config.resync_interval;
         }
-        let poll_due = self.needs_kernel_poll() && now >= self.last_reconcile + CONFIRM_POLL;
-        let kernel_due = self.kernel_resync_at.is_some_and(|t| now >= t);
-        if self.dirty || resync || poll_due || kernel_due {
+        if self.kernel_resync_at.is_some_and(|t| now >= t) {
             self.kernel_resync_at = None;
-            self.reconcile(now, dp);
+            full = true;
         }
-        resync
+        if self.retire_due().is_some_and(|t| now >= t) {
+            self.dirty = true;
+        }
+        let mut fresh = false;
+        if !full {
+            if self.links.values().any(|l| l.pending.is_some())
+                && now >= self.last_confirm_poll + CONFIRM_POLL
+            {
+                self.poll_pending(now, dp);
+            }
+            if now >= self.next_counters {
+                fresh = self.poll_counters(now, dp);
+            }
+        }
+        if self.dirty || full {
+            fresh |= self.reconcile_with(now, dp, full);
+        }
+        fresh
     }
 
     /// The next instant [`Mesh::handle_timeout`] is needed: the earliest of
-    /// the endpoints' timers, due initiations and re-keys, the counter poll,
-    /// the end of a dead member's grace, a kernel event's resync and the
+    /// the endpoints' timers, due initiations and re-keys, the confirmation
+    /// and counter reads, the earliest retirement or adoption deadline, the
+    /// end of a dead member's grace, a kernel event's resync and the
     /// periodic resync (so never `None`
     /// today; an `Option` like the endpoints' for a driver's sake).
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -381,10 +427,13 @@ impl Mesh {
             .filter_map(|(_, l)| l.rekey_at)
             .min()
             .map(|t| self.initiation_slot().map_or(t, |slot| t.max(slot)));
-        // Pending confirmations and retiring SAs need the kernel re-read soon.
+        // Pending confirmations: their inbound SAs are read soon.
         let kernel = self
-            .needs_kernel_poll()
-            .then_some(self.last_reconcile + CONFIRM_POLL);
+            .links
+            .values()
+            .any(|l| l.pending.is_some())
+            .then_some(self.last_confirm_poll + CONFIRM_POLL);
+        let counters = Some(self.next_counters);
         // Something changed: reconcile, at most once per CONFIRM_POLL (a
         // kernel that keeps failing must not make a driver spin).
         let dirty = self.dirty.then_some(self.last_reconcile + CONFIRM_POLL);
@@ -393,6 +442,11 @@ impl Mesh {
             attempts,
             rekeys,
             kernel,
+            counters,
+            // No sooner than a reconcile may run again (one failing to
+            // read the kernel must not make a driver spin).
+            self.retire_due()
+                .map(|t| t.max(self.last_reconcile + CONFIRM_POLL)),
             self.kernel_resync_at,
             Some(self.next_resync),
             dirty,
@@ -413,14 +467,19 @@ impl Mesh {
         None
     }
 
-    fn needs_kernel_poll(&self) -> bool {
-        self.links
+    /// The earliest deadline of a retiring SA or of the adopted state.
+    fn retire_due(&self) -> Option<Instant> {
+        let retiring = self
+            .links
             .values()
-            .any(|l| l.pending.is_some() || !l.retiring.is_empty())
-            || self
-                .adopted
-                .as_ref()
-                .is_some_and(|a| !a.sas.is_empty() || !a.policies.is_empty())
+            .flat_map(|l| l.retiring.iter().map(|(_, t)| *t))
+            .min();
+        let adopted = self
+            .adopted
+            .as_ref()
+            .filter(|a| !a.sas.is_empty() || !a.policies.is_empty())
+            .map(|a| a.deadline);
+        retiring.into_iter().chain(adopted).min()
     }
 
     /// The next confirmation probe to send *through ESP* (from a socket without
@@ -758,6 +817,15 @@ impl Link {
             }
         }
         self.installed = false;
+    }
+}
+
+/// An SA as the mesh records it in its view of the kernel: without the key
+/// (the kernel never gives keys back either; the record only needs ids).
+fn keyless(sa: &SaSpec) -> SaSpec {
+    SaSpec {
+        key: Default::default(),
+        ..sa.clone()
     }
 }
 

@@ -1,7 +1,10 @@
-//! Reconciliation with the kernel: observe (one dump), update the links from
-//! what the kernel shows (confirmations, vanished SAs, soft limits, adopted
-//! state), plan (the pure [`super::plan`]), apply in one pipelined call,
-//! record. Kernel events feed the same loop.
+//! Reconciliation with the kernel: take the kernel's state (the mesh's own
+//! record of it, or a dump when that record cannot be trusted), update the
+//! links from it (confirmations, vanished SAs, soft limits, adopted state),
+//! plan (the pure [`super::plan`]), apply in one pipelined call, record what
+//! went in. Kernel events feed the same loop; targeted reads
+//! ([`crate::datapath::Datapath::get_sas`]) keep the counters current
+//! without dumps.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,17 +14,22 @@ use tracing::{debug, info, warn};
 
 use super::guard::{BlockReason, Blocked};
 use super::plan::{self, desired, sa_ids, AdoptedPlan};
-use super::{backoff, jittered, Adopted, Mesh, INBOUND_LIMIT_DELAY, KERNEL_EVENT_DELAY};
+use super::{
+    backoff, jittered, keyless, Adopted, Mesh, COUNTER_POLL, ERROR_RETRY, INBOUND_LIMIT_DELAY,
+    KERNEL_EVENT_DELAY,
+};
 use crate::datapath::{
     range_policies, AddressFamily, Change, Datapath, Direction, ErrorKind, KernelEvent,
-    KernelState, PolicySpec, SaCounters, SaId, SaSpec,
+    KernelState, PolicySpec, SaCounters, SaId, SaSpec, SaState,
 };
 use crate::handshake::Role;
 
 impl Mesh {
     /// Acts on an event the kernel announced (see [`crate::datapath::XfrmMonitor`]):
-    /// a soft expire re-keys the link the SA belongs to, a hard expire or a
-    /// change to the tables makes the mesh re-read the kernel.
+    /// a soft expire re-keys the link the SA belongs to, a hard expire
+    /// removes the SA from the mesh's record of the kernel (its link
+    /// re-keys), a change to the tables somebody else made or lost events
+    /// make the mesh dump the kernel.
     pub fn handle_kernel_event(&mut self, now: Instant, event: KernelEvent) {
         match event {
             KernelEvent::Expire { sa, hard: false } => {
@@ -36,14 +44,25 @@ impl Mesh {
                     self.counters.kernel_hard_expires += 1;
                     warn!(sa = %sa, "SA reached its hard lifetime limit and was deleted by the kernel; re-keying");
                 }
+                if let Some(k) = self.kernel.as_mut() {
+                    k.sas.remove(&sa);
+                }
                 self.dirty = true;
             }
             KernelEvent::TablesChanged => {
+                // Somebody else changed the tables: the record is stale from
+                // now on, so a reconcile before the coalesced resync (a new
+                // session installing its SAs) dumps rather than trust it: a
+                // policy it believed in could be gone, and the confirmation
+                // probe would then leave unprotected and be dropped.
+                self.kernel = None;
                 let at = now + KERNEL_EVENT_DELAY;
                 self.kernel_resync_at.get_or_insert(at);
             }
             KernelEvent::Overrun => {
                 self.counters.kernel_event_overruns += 1;
+                // The next reconcile (now: dirty) dumps.
+                self.kernel = None;
                 self.dirty = true;
             }
         }
@@ -78,14 +97,53 @@ impl Mesh {
         false
     }
 
-    /// Makes the kernel match the links: observe (one dump of SAs and
-    /// policies), update link state from it (confirmations, retirements,
-    /// vanished SAs), plan (the pure [`super::desired`] and [`super::plan()`]), apply the
-    /// whole plan in one pipelined [`crate::datapath::Datapath::apply`], record the outcome.
+    /// Makes the kernel match the links after a full dump (the periodic
+    /// resync; see [`Mesh::handle_timeout`] for when the mesh does without).
     pub fn reconcile(&mut self, now: Instant, dp: &mut dyn Datapath) {
+        self.reconcile_with(now, dp, true);
+    }
+
+    /// Makes the kernel match the links: take its state (`full`: one dump
+    /// of SAs and policies; otherwise the mesh's record of it), update link
+    /// state from it (confirmations, retirements, vanished SAs), plan (the
+    /// pure [`super::desired`] and [`super::plan()`]), apply the whole plan in
+    /// one pipelined [`crate::datapath::Datapath::apply`], record the
+    /// outcome. A change that fails leaves the record untrusted: the next
+    /// reconcile, [`ERROR_RETRY`] later at most, dumps. Returns whether it
+    /// dumped (fresh counters).
+    pub(super) fn reconcile_with(
+        &mut self,
+        now: Instant,
+        dp: &mut dyn Datapath,
+        full: bool,
+    ) -> bool {
         self.last_reconcile = now;
-        let Some(actual) = self.observe(now, dp) else {
-            return;
+        let recorded = self.kernel.take().filter(|_| !full);
+        let dumped = recorded.is_none();
+        let mut actual = match recorded {
+            Some(mut k) => {
+                // Every inbound SA meshsec installs sits on an SPI it
+                // reserved (ALLOCSPI): one not in the record yet is filled
+                // (a reservation that expired is added instead, see apply).
+                k.larval = self
+                    .links
+                    .values()
+                    .flat_map(|l| {
+                        let current = l.session.as_ref().map(|s| sa_ids(&l.target, s).0);
+                        let pending = l.pending.as_ref().map(|(s, _)| sa_ids(&l.target, s).0);
+                        current.into_iter().chain(pending)
+                    })
+                    .filter(|id| !k.sas.contains_key(id))
+                    .collect();
+                k
+            }
+            None => match self.observe(now, dp) {
+                Some(k) => k,
+                None => {
+                    self.kernel_resync_at.get_or_insert(now + ERROR_RETRY);
+                    return false;
+                }
+            },
         };
         self.adopt(now, &actual);
         self.check_soft_limits(now);
@@ -95,13 +153,103 @@ impl Mesh {
         }
         self.rekey_vanished(now, &actual);
         let changes = self.plan(&actual);
-        let failed_sas = self.apply(now, changes, dp);
+        let (failed_sas, all_ok) = self.apply(now, changes, dp, &mut actual);
+        actual.larval.clear();
+        self.range_policies_seen = actual.ranges.len();
+        self.kernel_counters
+            .retain(|id, _| actual.sas.contains_key(id));
+        if all_ok {
+            self.kernel = Some(actual);
+        } else {
+            self.kernel_resync_at.get_or_insert(now + ERROR_RETRY);
+        }
         self.record(now, &failed_sas);
+        dumped
+    }
+
+    /// Reads the pending responder sessions' inbound SAs (one targeted
+    /// round trip): a packet on one confirms its session, and the next
+    /// reconcile switches to it; so does a confirmation deadline passing.
+    pub(super) fn poll_pending(&mut self, now: Instant, dp: &mut dyn Datapath) {
+        self.last_confirm_poll = now;
+        let pending: Vec<(SaId, Instant)> = self
+            .links
+            .values()
+            .filter_map(|l| {
+                let (s, deadline) = l.pending.as_ref()?;
+                Some((sa_ids(&l.target, s).0, *deadline))
+            })
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        let ids: Vec<SaId> = pending.iter().map(|(id, _)| *id).collect();
+        match dp.get_sas(&ids) {
+            Ok(states) => self.take_counters(&ids, states),
+            Err(e) => {
+                self.log_error(now, &format!("cannot read the pending SAs: {e}"));
+                return;
+            }
+        }
+        let decided = pending.iter().any(|(id, deadline)| {
+            now >= *deadline || self.kernel_counters.get(id).is_some_and(|c| c.packets > 0)
+        });
+        if decided {
+            self.dirty = true;
+        }
+    }
+
+    /// Reads the current SAs' counters (one targeted round trip) for the
+    /// listing and the soft-limit check. Returns whether it read any.
+    pub(super) fn poll_counters(&mut self, now: Instant, dp: &mut dyn Datapath) -> bool {
+        self.next_counters = now + COUNTER_POLL;
+        let ids: Vec<SaId> = self
+            .links
+            .values()
+            .filter(|l| l.installed)
+            .filter_map(|l| l.session.as_ref().map(|s| sa_ids(&l.target, s)))
+            .flat_map(|(i, o)| [i, o])
+            .collect();
+        if ids.is_empty() {
+            return false;
+        }
+        match dp.get_sas(&ids) {
+            Ok(states) => self.take_counters(&ids, states),
+            Err(e) => {
+                self.log_error(now, &format!("cannot read the SA counters: {e}"));
+                return false;
+            }
+        }
+        self.check_soft_limits(now);
+        true
+    }
+
+    /// Records what a targeted read found; an SA the mesh installed that is
+    /// gone makes the next reconcile dump the kernel (no notification said
+    /// so, or it was lost).
+    fn take_counters(&mut self, ids: &[SaId], states: Vec<Option<SaState>>) {
+        for (id, state) in ids.iter().zip(states) {
+            match state {
+                Some(s) => {
+                    self.kernel_counters.insert(*id, s.counters);
+                }
+                None => {
+                    self.kernel_counters.remove(id);
+                    if self.kernel.as_ref().is_some_and(|k| k.sas.contains_key(id)) {
+                        self.kernel = None;
+                        self.dirty = true;
+                    }
+                }
+            }
+        }
     }
 
     /// Reads the kernel's meshsec-owned SAs and policies (and the SAs'
     /// counters, for the listing and the soft-limit check).
     fn observe(&mut self, now: Instant, dp: &mut dyn Datapath) -> Option<KernelState> {
+        self.counters.kernel_dumps += 1;
+        self.last_confirm_poll = now;
+        self.next_counters = now + COUNTER_POLL;
         let dumped = match (dp.dump_sas(), dp.dump_all_policies()) {
             (Ok(s), Ok((p, r))) => (s, p, r),
             (Err(e), _) | (_, Err(e)) => {
@@ -194,13 +342,22 @@ impl Mesh {
         plan::plan(&desired, actual, &wanted_by, &self.installed_by)
     }
 
-    /// Applies `changes` in one pipelined call and counts the outcome;
-    /// returns the SAs that did not go in. A larval SA that expired before
-    /// it was filled is added instead; deleting what is already gone is done.
-    fn apply(&mut self, now: Instant, changes: Vec<Change>, dp: &mut dyn Datapath) -> Vec<SaId> {
+    /// Applies `changes` in one pipelined call, counts the outcome and
+    /// records what succeeded in `kernel`; returns the SAs that did not go
+    /// in, and whether every change went through. A larval SA that expired
+    /// before it was filled is added instead; deleting what is already gone
+    /// is done.
+    fn apply(
+        &mut self,
+        now: Instant,
+        changes: Vec<Change>,
+        dp: &mut dyn Datapath,
+        kernel: &mut KernelState,
+    ) -> (Vec<SaId>, bool) {
         let mut failed_sas = Vec::new();
+        let mut all_ok = true;
         if changes.is_empty() {
-            return failed_sas;
+            return (failed_sas, all_ok);
         }
         // Policies go only once what replaces them is in: the plan adds before it deletes,
         // but each change succeeds or fails alone, so a failed add (ENOBUFS, a foreign
@@ -221,11 +378,17 @@ impl Mesh {
             changes.into_iter().zip(deferred).partition(|(_, d)| !d);
         let first: Vec<Change> = first.into_iter().map(|(c, _)| c).collect();
         let deletes: Vec<Change> = deletes.into_iter().map(|(c, _)| c).collect();
-        let mut outcomes: Vec<(&Change, _)> = first.iter().zip(dp.apply(&first)).collect();
+        // (An empty call is skipped: it would cost a round trip for nothing.)
+        let mut outcomes: Vec<(&Change, _)> = if first.is_empty() {
+            Vec::new()
+        } else {
+            first.iter().zip(dp.apply(&first)).collect()
+        };
         let add_failed = outcomes
             .iter()
             .any(|(c, r)| matches!(c, Change::AddPolicy(_) | Change::AddRange(_)) && r.is_err());
         if add_failed && !deletes.is_empty() {
+            all_ok = false;
             self.counters.changes_failed += deletes.len() as u64;
             self.log_error(
                 now,
@@ -235,7 +398,7 @@ impl Mesh {
                 ),
             );
             // The next resync tries again.
-        } else {
+        } else if !deletes.is_empty() {
             outcomes.extend(deletes.iter().zip(dp.apply(&deletes)));
         }
         for (change, result) in outcomes {
@@ -258,15 +421,31 @@ impl Mesh {
                             if let Some(sid) = self.session_of(&sa.id()) {
                                 self.installed_by.insert(sa.id(), sid);
                             }
+                            kernel.larval.remove(&sa.id());
+                            kernel.sas.insert(sa.id(), keyless(sa));
                         }
                         Change::DeleteSa(id) => {
                             self.installed_by.remove(id);
+                            kernel.larval.remove(id);
+                            kernel.sas.remove(id);
                         }
-                        _ => {}
+                        Change::AddPolicy(p) => {
+                            kernel.policies.insert(p.id, *p);
+                        }
+                        Change::DeletePolicy(id) => {
+                            kernel.policies.remove(id);
+                        }
+                        Change::AddRange(p) => {
+                            kernel.ranges.insert(*p);
+                        }
+                        Change::DeleteRange(p) => {
+                            kernel.ranges.remove(p);
+                        }
                     }
                     debug!(change = %change, "applied");
                 }
                 Err(e) => {
+                    all_ok = false;
                     self.counters.changes_failed += 1;
                     if let Change::AddSa(sa) | Change::FillSa(sa) = change {
                         failed_sas.push(sa.id());
@@ -275,7 +454,7 @@ impl Mesh {
                 }
             }
         }
-        failed_sas
+        (failed_sas, all_ok)
     }
 
     /// Records what went in: links whose SAs failed start over with a new
@@ -283,6 +462,7 @@ impl Mesh {
     /// SAs are all in become established (re-key timer, confirmation probe).
     fn record(&mut self, now: Instant, failed_sas: &[SaId]) {
         let unix_now = self.unix_secs(now);
+        let mut newly_installed = false;
         for link in self.links.values_mut() {
             let Some(session) = &link.session else {
                 continue;
@@ -295,6 +475,7 @@ impl Mesh {
                 continue;
             }
             if !link.installed {
+                newly_installed = true;
                 link.installed = true;
                 link.protected = true;
                 // From now on the address and the key are this peer's.
@@ -312,8 +493,14 @@ impl Mesh {
                 info!(peer = %link.target.name, family = %family, "SAs and policies installed");
             }
         }
-        // Failed links leave desired state; the next pass removes their leftovers.
-        self.dirty = !failed_sas.is_empty();
+        // Failed links leave desired state; the next pass removes their
+        // leftovers. A link newly installed lets go of what it replaces of
+        // the adopted state at the next pass.
+        let adopted_left = self
+            .adopted
+            .as_ref()
+            .is_some_and(|a| !a.sas.is_empty() || !a.policies.is_empty());
+        self.dirty = !failed_sas.is_empty() || (newly_installed && adopted_left);
     }
 
     /// Wall-clock seconds at `now`, from the anchor taken at start.

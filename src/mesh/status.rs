@@ -41,9 +41,9 @@ pub struct LinkStatus {
     pub aead: Option<Aead>,
     /// Unix time (s) the current SAs were installed.
     pub established_at: Option<u64>,
-    /// Inbound SA counters from the kernel (last resync).
+    /// Inbound SA counters from the kernel (at most [`super::COUNTER_POLL`] old).
     pub inbound: SaCounters,
-    /// Outbound SA counters from the kernel (last resync).
+    /// Outbound SA counters from the kernel (at most [`super::COUNTER_POLL`] old).
     pub outbound: SaCounters,
 }
 
@@ -75,7 +75,7 @@ pub struct MeshCounters {
     /// kernel deleted one in use: its link re-keyed too late).
     pub kernel_hard_expires: u64,
     /// Current SAs found at a soft limit, by notification or by the
-    /// counter check at resync (which covers lost notifications); each
+    /// counter check (which covers lost notifications); each
     /// schedules a re-key of its link.
     pub soft_limits_reached: u64,
     /// Kernel event notifications lost to a full socket buffer.
@@ -99,6 +99,11 @@ pub struct MeshCounters {
     /// `MeshConfig::max_links` links exist (counted at each view change).
     #[serde(default)]
     pub links_refused: u64,
+    /// Full reads (dumps) of the kernel's XFRM tables: at start, after a
+    /// change somebody else made, lost events or a failed change, and the
+    /// periodic resync; never for the mesh's own changes.
+    #[serde(default)]
+    pub kernel_dumps: u64,
 }
 
 impl super::Mesh {

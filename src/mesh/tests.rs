@@ -1895,3 +1895,6 @@ fn a_membership_change_touches_only_its_links() {
 }
 
 mod join;
+
+#[path = "cost_tests.rs"]
+mod cost_tests;

@@ -6,7 +6,8 @@
 # meshsec SAs per peer and family, all of the chosen AEAD; ping and TCP work
 # between every pair; the wire carries only ESP and the control plane's UDP;
 # plaintext UDP from a member is dropped; a host with the wrong secret gets
-# and causes nothing. ESP_ALG selects the cluster-wide algorithm.
+# and causes nothing; a policy deleted by hand is put back, an SA deleted by
+# hand noticed within 1 s. ESP_ALG selects the cluster-wide algorithm.
 . "$(dirname "$0")/../lib/bed.sh"
 
 ESP_ALG=${ESP_ALG:-aes128-gcm}
@@ -157,6 +158,23 @@ kill "$udp_srv" 2>/dev/null || true
 on 1 ip xfrm policy delete src "$(host_ip4 1)/32" dst "$(host_ip4 2)/32" dir out
 repaired() { on 1 ip xfrm policy get src "$(host_ip4 1)/32" dst "$(host_ip4 2)/32" dir out; }
 wait_until 10 repaired
+assert on 1 ping -c1 -W3 -q "$(host_ip4 2)"
+# An SA deleted by hand: the XFRM monitor's notification (not the 60 s
+# resync) makes the agent re-read the kernel and re-key the link within a
+# second; the link comes back.
+missing() { grep -c 'installed SA missing from the kernel' "$(agent_log 1)" || true; }
+seen=$(missing)
+spi=$(xfrm_spis 1 "$(host_ip4 1)" "$(host_ip4 2)" | head -n1)
+[[ -n $spi ]] || fail "no SA from host 1 to host 2"
+deleted=$(on 1 sh -c "ip xfrm state delete src $(host_ip4 1) dst $(host_ip4 2) proto esp spi $spi && date -u +%Y-%m-%dT%H:%M:%S.%NZ") \
+    || fail "the delete failed"
+noticed() { (($(missing) > seen)); }
+wait_until 10 noticed
+found=$(grep 'installed SA missing from the kernel' "$(agent_log 1)" | tail -n1 | cut -d' ' -f1)
+took_ms=$(awk -v a="$(date -d "$deleted" +%s.%N)" -v b="$(date -d "$found" +%s.%N)" 'BEGIN {printf "%d", (b - a) * 1000}')
+log "SA $spi deleted by hand on host 1: the agent noticed after $took_ms ms"
+assert_cmp "$took_ms" -le 1000 "ms from a hand delete to the agent's repair"
+wait_until 30 all_established
 assert on 1 ping -c1 -W3 -q "$(host_ip4 2)"
 # No honest host ever found its own gossip record overwritten (the check
 # that puts a forged one back must not fire on a real mesh).

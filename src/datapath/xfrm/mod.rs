@@ -74,6 +74,76 @@ impl XfrmDatapath {
         self.flavor
     }
 
+    /// The netlink port id of the socket every request goes through: the
+    /// kernel's notifications of these changes carry it, so the
+    /// [`super::XfrmMonitor`] can drop them.
+    pub fn portid(&self) -> u32 {
+        self.sock.portid()
+    }
+
+    /// One pipelined round trip of `GET` requests (one per target); each
+    /// answer is parsed by `parse` (`None`: there but not meshsec's), and an
+    /// object that is not there (`absent` errno) is `None` too.
+    fn lookup<T>(
+        &mut self,
+        op: Op,
+        targets: Vec<(String, XfrmMessage)>,
+        reply_ty: u16,
+        absent: i32,
+        parse: impl Fn(&[u8]) -> Option<T>,
+    ) -> Result<Vec<Option<T>>, DatapathError> {
+        let (names, reqs): (Vec<String>, Vec<Request>) = targets
+            .into_iter()
+            .map(|(t, msg)| (t, Request { msg, dump: false }))
+            .unzip();
+        let outcomes = self
+            .sock
+            .transact(&reqs)
+            .map_err(|source| DatapathError::Io { op, source })?;
+        outcomes
+            .into_iter()
+            .zip(names)
+            .map(|(o, target)| match o {
+                Outcome::Done(msgs) => Ok(msgs
+                    .iter()
+                    .filter(|m| m.ty == reply_ty)
+                    .find_map(|m| parse(&m.payload))),
+                Outcome::Error { errno, .. } if errno == absent => Ok(None),
+                Outcome::Error { errno, message } => Err(DatapathError::Kernel {
+                    op,
+                    target,
+                    errno,
+                    message,
+                }),
+            })
+            .collect()
+    }
+
+    fn lookup_sas(&mut self, op: Op, ids: &[SaId]) -> Result<Vec<Option<SaState>>, DatapathError> {
+        let targets = ids
+            .iter()
+            .map(|id| (id.to_string(), XfrmMessage::GetSa(sa_id_message(*id))))
+            .collect();
+        self.lookup(op, targets, XFRM_MSG_NEWSA, libc::ESRCH, parse_sa)
+    }
+
+    fn lookup_policies(
+        &mut self,
+        op: Op,
+        ids: &[PolicyId],
+    ) -> Result<Vec<Option<PolicyState>>, DatapathError> {
+        let targets = ids
+            .iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    XfrmMessage::GetPolicy(policy_id_message(*id, 0)),
+                )
+            })
+            .collect();
+        self.lookup(op, targets, XFRM_MSG_NEWPOLICY, libc::ENOENT, parse_policy)
+    }
+
     /// Every global `in`/`out` policy somebody else installed (read only;
     /// `meshsec doctor` looks for ones that shadow meshsec's).
     pub fn dump_foreign_policies(&mut self) -> Result<Vec<ForeignPolicy>, DatapathError> {
@@ -518,29 +588,48 @@ impl Datapath for XfrmDatapath {
         ))
     }
 
+    fn get_sas(&mut self, ids: &[SaId]) -> Result<Vec<Option<SaState>>, DatapathError> {
+        self.lookup_sas(Op::GetSa, ids)
+    }
+
     fn apply(&mut self, changes: &[Change]) -> Vec<Result<(), DatapathError>> {
-        // Ownership of delete targets is checked against one dump each, then
-        // every request is pipelined.
-        let needs_sa = changes
+        // Ownership of the SAs and host policies to fill or delete is checked
+        // by one pipelined round trip of GETs for just those (no table dump:
+        // the work follows the change, not the table); range deletes need
+        // the kernel's index, from one policy dump. Then every request is
+        // pipelined.
+        let sa_targets: Vec<SaId> = changes
             .iter()
-            .any(|c| matches!(c, Change::DeleteSa(_) | Change::FillSa(_)));
-        let needs_pol = changes.iter().any(|c| matches!(c, Change::DeletePolicy(_)));
+            .filter_map(|c| match c {
+                Change::DeleteSa(id) => Some(*id),
+                Change::FillSa(sa) => Some(sa.id()),
+                _ => None,
+            })
+            .collect();
+        let pol_targets: Vec<PolicyId> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::DeletePolicy(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
         let needs_range = changes.iter().any(|c| matches!(c, Change::DeleteRange(_)));
         let owned_ranges: Result<BTreeMap<RangePolicy, u32>, DatapathError> = if needs_range {
             self.range_indexes()
         } else {
             Ok(BTreeMap::new())
         };
-        let owned_sas: Result<BTreeSet<SaId>, DatapathError> = if needs_sa {
-            self.dump_sas().map(|v| v.iter().map(|s| s.id()).collect())
-        } else {
+        let owned_sas: Result<BTreeSet<SaId>, DatapathError> = if sa_targets.is_empty() {
             Ok(BTreeSet::new())
-        };
-        let owned_pols: Result<BTreeMap<PolicyId, u32>, DatapathError> = if needs_pol {
-            self.dump_policies()
-                .map(|v| v.iter().map(|p| (p.spec.id, p.index)).collect())
         } else {
+            self.lookup_sas(Op::GetSa, &sa_targets)
+                .map(|v| v.iter().flatten().map(|s| s.id()).collect())
+        };
+        let owned_pols: Result<BTreeMap<PolicyId, u32>, DatapathError> = if pol_targets.is_empty() {
             Ok(BTreeMap::new())
+        } else {
+            self.lookup_policies(Op::GetPolicy, &pol_targets)
+                .map(|v| v.iter().flatten().map(|p| (p.spec.id, p.index)).collect())
         };
         let mut results: Vec<Option<Result<(), DatapathError>>> =
             (0..changes.len()).map(|_| None).collect();

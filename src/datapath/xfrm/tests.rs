@@ -1336,7 +1336,7 @@ fn esp_replay_and_integrity_counters() {
 fn esp_expire_notifications() {
     use super::super::{KernelEvent, XfrmMonitor};
     fresh_netns();
-    let mut monitor = XfrmMonitor::open().unwrap();
+    let mut monitor = XfrmMonitor::open(None).unwrap();
     let mut dp = XfrmDatapath::open().unwrap();
     let mut sa = suite::sa(
         "10.40.0.1",
@@ -1421,8 +1421,10 @@ fn esp_expire_notifications() {
 fn kernel_policy_deletion_events() {
     use super::super::{KernelEvent, XfrmMonitor};
     fresh_netns();
-    let mut monitor = XfrmMonitor::open().unwrap();
+    let mut monitor = XfrmMonitor::open(None).unwrap();
     let mut dp = XfrmDatapath::open().unwrap();
+    // The agent's monitor: drops what the datapath's own socket changed.
+    let mut agents = XfrmMonitor::open(Some(dp.portid())).unwrap();
     sh_ok("ip xfrm policy add src 10.41.0.1 dst 10.41.0.2 dir out priority 100 tmpl proto esp reqid 7 mode transport");
     sh_ok("ip xfrm policy delete src 10.41.0.1 dst 10.41.0.2 dir out");
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -1439,4 +1441,20 @@ fn kernel_policy_deletion_events() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     monitor.read_events(&mut events).unwrap();
     assert_eq!(events, vec![KernelEvent::TablesChanged]);
+    // Through the pipelined apply too; the agent's monitor hears none of it.
+    dp.install_policy(&out).unwrap();
+    assert!(dp.apply(&[Change::DeletePolicy(out.id)])[0].is_ok());
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    events.clear();
+    monitor.read_events(&mut events).unwrap();
+    assert_eq!(events, vec![KernelEvent::TablesChanged], "apply's delete");
+    events.clear();
+    agents.read_events(&mut events).unwrap();
+    assert_eq!(events, vec![], "own deletes, seen by the agent's monitor");
+    // The same policy deleted by hand (iproute2) is heard by it.
+    dp.install_policy(&out).unwrap();
+    sh_ok("ip xfrm policy delete src 10.41.0.1 dst 10.41.0.2 dir out");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    agents.read_events(&mut events).unwrap();
+    assert_eq!(events, vec![KernelEvent::TablesChanged], "a delete by hand");
 }
