@@ -67,10 +67,10 @@ pub use counters::{ClockOffset, GossipCounters, GossipCountersSnapshot, MAX_CLOC
 use netns::{udp_rcvbuf_errors, PrivateNetns};
 use proxy::{Proxy, ProxyTable};
 
-/// Largest UDP payload over IPv4 (65,535 − 20 − 8); larger sealed datagrams are dropped.
+/// Largest UDP payload over IPv4 (65,535 − 20 − 8). This node sends nothing above
+/// [`pieces::PIECE_BUDGET`], but agents without pieces send (version 1) sealed datagrams up to
+/// this size, and they still open here.
 pub const MAX_SEALED_DATAGRAM_V4: usize = 65_507;
-/// Largest UDP payload over IPv6 without jumbograms (65,535 − 8).
-pub const MAX_SEALED_DATAGRAM_V6: usize = 65_527;
 /// Receive buffer size: above any UDP payload, so nothing is silently truncated.
 const RECV_BUF: usize = 65_536;
 /// How often the private namespace's loopback drop count is read.
