@@ -32,7 +32,9 @@
 //! to *another* node within the window. chitchat state is versioned and only moves forward, so
 //! this can at most repeat news less than a window old, never roll state back; it does let an
 //! attacker who captured traffic make a node send one reply per captured datagram to a spoofed
-//! address (bounded reflection).
+//! address (bounded reflection). A captured piece ([`super::pieces`]) delivered to another node
+//! alone, from a spoofed address, holds a reassembly slot there until it times out or is
+//! evicted: within the reassembler's bounds, and evicted before messages still being filled.
 //!
 //! Cost: unoptimized (debug) builds of the AEAD seal about 5 MB/s, i.e. ~10 ms per 64 KiB
 //! datagram; release builds are hundreds of times faster. Run multi-node tests and benchmarks
