@@ -12,18 +12,22 @@
 //! ```
 //!
 //! Why each piece is sealed on its own: the receiver authenticates a piece before it holds a
-//! byte of it, so only holders of the cluster secret can make it spend reassembly memory, and
-//! the replay window applies per piece. What is left, and bounded here:
+//! byte of it, so only pieces some member sealed can make it spend reassembly memory, and the
+//! replay window applies per piece. What is left, and bounded here:
 //! - an on-path attacker without the secret can drop, delay, reorder or replay pieces. A replay
-//!   is refused by the opener; a drop or a delay past [`ReassemblyConfig::timeout`] loses the
-//!   message, as dropping a whole datagram did; a reorder is harmless (pieces carry their index).
+//!   to the same receiver is refused by the opener; a drop or a delay past
+//!   [`ReassemblyConfig::timeout`] loses the message, as dropping a whole datagram did; a
+//!   reorder is harmless (pieces carry their index). A piece sent to another member opens once
+//!   here too (each receiver has its own replay cache), so whoever sees gossip between other
+//!   members can start messages here from spoofed addresses, like a secret holder below.
 //! - a secret holder can start messages it never finishes. Each costs at most
 //!   [`MAX_MESSAGE`] bytes for at most the timeout, and the reassembler holds at most
 //!   [`ReassemblyConfig::max_per_source`] messages per source address and
 //!   [`ReassemblyConfig::max_messages`] / [`ReassemblyConfig::max_bytes`] in total; beyond that
-//!   the oldest message of the source holding the most bytes is dropped. Such a member can still
-//!   delay others' large messages (it could already publish garbage state); it cannot grow
-//!   memory or crash the agent.
+//!   the message (of that source, for the per-source bound) whose last piece arrived least
+//!   recently is dropped, so an honest message, whose pieces arrive back to back, goes last.
+//!   Such a member can still delay others' large messages by feeding its own as fast (it could
+//!   already publish garbage state); it cannot grow memory or crash the agent.
 //!
 //! The reassembler is sans-IO: the caller passes a monotonic clock in milliseconds.
 
@@ -169,6 +173,9 @@ struct Partial {
     pieces: Vec<Option<Vec<u8>>>,
     held: usize,
     bytes: usize,
+    /// When a piece was last kept (a sequence number across the reassembler): the victim of
+    /// every bound is the message that made progress least recently.
+    touched: u64,
 }
 
 /// Puts pieces back together, within bounds; see the module docs.
@@ -178,6 +185,7 @@ pub struct Reassembler {
     partial: HashMap<(SocketAddr, u64), Partial>,
     bytes: usize,
     counts: ReassemblyCounts,
+    touches: u64,
 }
 
 impl Reassembler {
@@ -194,6 +202,7 @@ impl Reassembler {
             partial: HashMap::new(),
             bytes: 0,
             counts: ReassemblyCounts::default(),
+            touches: 0,
         }
     }
 
@@ -262,6 +271,7 @@ impl Reassembler {
                     pieces: vec![None; count],
                     held: 0,
                     bytes: 0,
+                    touched: 0,
                 },
             );
         }
@@ -269,6 +279,8 @@ impl Reassembler {
         let Some(p) = self.partial.get_mut(&key) else {
             return Ok(None);
         };
+        self.touches += 1;
+        p.touched = self.touches;
         p.pieces[index] = Some(data.to_vec());
         p.held += 1;
         p.bytes += data.len();
@@ -308,27 +320,21 @@ impl Reassembler {
         Some(p)
     }
 
-    /// The oldest message of `from` if `from` is given, else of the source holding most bytes;
-    /// never `spare`.
+    /// The message (of `from` if given) whose last piece arrived least recently; never `spare`.
+    ///
+    /// Not the oldest, nor one of the source holding most bytes: pieces of an honest message
+    /// arrive back to back, so the one being filled is the last to go, while a message started
+    /// with pieces captured on the way to other members (which open once here too) or sent by
+    /// a secret holder from spoofed addresses goes first unless it is fed as fast.
     fn victim(
         &self,
         from: Option<SocketAddr>,
         spare: Option<&(SocketAddr, u64)>,
     ) -> Option<(SocketAddr, u64)> {
-        let source = match from {
-            Some(s) => s,
-            None => {
-                let mut per_source: HashMap<SocketAddr, usize> = HashMap::new();
-                for ((s, _), p) in self.partial.iter().filter(|(k, _)| Some(*k) != spare) {
-                    *per_source.entry(*s).or_default() += p.bytes.max(1);
-                }
-                per_source.into_iter().max_by_key(|(s, b)| (*b, *s))?.0
-            }
-        };
         self.partial
             .iter()
-            .filter(|(k, _)| k.0 == source && Some(*k) != spare)
-            .min_by_key(|(k, p)| (p.started_ms, k.1))
+            .filter(|(k, _)| from.is_none_or(|s| k.0 == s) && Some(*k) != spare)
+            .min_by_key(|(k, p)| (p.touched, p.started_ms, k.1))
             .map(|(k, _)| *k)
     }
 
@@ -643,6 +649,34 @@ mod tests {
                 assert_eq!(m, p);
             }
         }
+    }
+
+    #[test]
+    fn an_honest_message_survives_one_piece_messages_from_many_sources() {
+        // Pieces anyone on the path can get: pieces of gossip sent to other members open once
+        // here too (each receiver has its own replay cache), so an attacker without the secret
+        // can start a message per spoofed source address with one captured piece. The table is
+        // full of such one-piece messages, and each piece of an honest message is followed by
+        // another one: the honest message, which is the one being filled, must not be the one
+        // dropped (it holds the most bytes, but it was the last one to make progress).
+        let mut r = Reassembler::new(ReassemblyConfig::default());
+        let captured: Vec<Vec<u8>> = (0..1_000).map(|id| pieces(id, 3_000).1.remove(0)).collect();
+        let mut spoofed = 0..;
+        let mut next = |r: &mut Reassembler, now: u64| {
+            let s = spoofed.next().unwrap();
+            let piece = &captured[s % captured.len()];
+            assert_eq!(r.accept(now, src(1_000 + s as u16), piece), Ok(None));
+        };
+        for _ in 0..ReassemblyConfig::default().max_messages {
+            next(&mut r, 0);
+        }
+        let (p, v) = pieces(4_242, 30_000);
+        let mut done = None;
+        for (i, piece) in v.iter().enumerate() {
+            done = r.accept(1 + i as u64, src(1), piece).unwrap();
+            next(&mut r, 1 + i as u64);
+        }
+        assert_eq!(done, Some(p));
     }
 
     #[test]

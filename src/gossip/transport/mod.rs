@@ -32,7 +32,9 @@
 //! to *another* node within the window. chitchat state is versioned and only moves forward, so
 //! this can at most repeat news less than a window old, never roll state back; it does let an
 //! attacker who captured traffic make a node send one reply per captured datagram to a spoofed
-//! address (bounded reflection).
+//! address (bounded reflection). A captured piece ([`super::pieces`]) delivered to another node
+//! alone, from a spoofed address, holds a reassembly slot there until it times out or is
+//! evicted: within the reassembler's bounds, and evicted before messages still being filled.
 //!
 //! Cost: unoptimized (debug) builds of the AEAD seal about 5 MB/s, i.e. ~10 ms per 64 KiB
 //! datagram; release builds are hundreds of times faster. Run multi-node tests and benchmarks
@@ -67,10 +69,10 @@ pub use counters::{ClockOffset, GossipCounters, GossipCountersSnapshot, MAX_CLOC
 use netns::{udp_rcvbuf_errors, PrivateNetns};
 use proxy::{Proxy, ProxyTable};
 
-/// Largest UDP payload over IPv4 (65,535 − 20 − 8); larger sealed datagrams are dropped.
+/// Largest UDP payload over IPv4 (65,535 − 20 − 8). This node sends nothing above
+/// [`pieces::PIECE_BUDGET`], but agents without pieces send (version 1) sealed datagrams up to
+/// this size, and they still open here.
 pub const MAX_SEALED_DATAGRAM_V4: usize = 65_507;
-/// Largest UDP payload over IPv6 without jumbograms (65,535 − 8).
-pub const MAX_SEALED_DATAGRAM_V6: usize = 65_527;
 /// Receive buffer size: above any UDP payload, so nothing is silently truncated.
 const RECV_BUF: usize = 65_536;
 /// How often the private namespace's loopback drop count is read.
