@@ -244,3 +244,27 @@ fn a_policy_replaced_in_place_is_noticed_at_once() {
         "the mesh found its policy gone and tried to put it back"
     );
 }
+
+/// Once the kernel's notifications are no longer heard (the monitor socket
+/// failed), nothing reports a policy deleted by hand; the mesh reads the
+/// kernel every 2 s again and puts it back within seconds, not at the next
+/// 60 s resync.
+#[test]
+fn without_notifications_a_deleted_policy_is_back_within_seconds() {
+    let (mut nodes, mut now) = established(2);
+    let [out, _] = PolicySpec::pair(nodes[0].addrs[0], nodes[1].addrs[0], Reqid::DEFAULT);
+    nodes[0].mesh.monitor_lost(now);
+    step(&mut nodes, &mut now, Duration::from_secs(1));
+    nodes[0].dp.delete_policy(out.id).unwrap();
+    step(&mut nodes, &mut now, Duration::from_secs(3));
+    assert!(
+        nodes[0]
+            .dp
+            .dump_policies()
+            .unwrap()
+            .iter()
+            .any(|p| p.spec.id == out.id),
+        "the policy is back"
+    );
+    assert_outbound_accepted(&mut nodes, "after the repair");
+}
