@@ -5,8 +5,9 @@
 //! - `XFRMNLGRP_EXPIRE`: an SA reached its soft limit (time to re-key) or
 //!   its hard limit (the kernel deleted it);
 //! - `XFRMNLGRP_SA` / `XFRMNLGRP_POLICY`: meshsec's SAs or policies were
-//!   deleted, or a table was flushed; the mesh re-reads the kernel soon
-//!   after. Deletions of other daemons' objects are ignored, so a busy IKE
+//!   deleted, a table was flushed, or somebody replaced a policy in place
+//!   on one of meshsec's selectors (`XFRM_MSG_UPDPOLICY` announces only the
+//!   new policy, no deletion); the mesh re-reads the kernel soon after. Deletions of other daemons' objects are ignored, so a busy IKE
 //!   daemon next to meshsec costs it no table dumps; so are meshsec's own
 //!   (the kernel copies the requester's `nlmsg_pid` into the notification,
 //!   and the datapath's socket puts its port id there: [`own_write`]).
@@ -21,10 +22,11 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use netlink_packet_xfrm::{
-    UserSaInfo, AF_INET, AF_INET6, IPPROTO_ESP, XFRMA_POLICY, XFRMA_SA, XFRMNLGRP_EXPIRE,
-    XFRMNLGRP_POLICY, XFRMNLGRP_SA, XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY, XFRM_MSG_DELSA,
-    XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA, XFRM_USER_POLICY_ID_LEN,
-    XFRM_USER_POLICY_INFO_LEN, XFRM_USER_SA_ID_LEN, XFRM_USER_SA_INFO_LEN,
+    UserPolicyInfo, UserSaInfo, AF_INET, AF_INET6, IPPROTO_ESP, XFRMA_POLICY, XFRMA_SA,
+    XFRMNLGRP_EXPIRE, XFRMNLGRP_POLICY, XFRMNLGRP_SA, XFRM_MODE_TRANSPORT, XFRM_MSG_DELPOLICY,
+    XFRM_MSG_DELSA, XFRM_MSG_EXPIRE, XFRM_MSG_FLUSHPOLICY, XFRM_MSG_FLUSHSA, XFRM_MSG_UPDPOLICY,
+    XFRM_POLICY_IN, XFRM_POLICY_OUT, XFRM_USER_POLICY_ID_LEN, XFRM_USER_POLICY_INFO_LEN,
+    XFRM_USER_SA_ID_LEN, XFRM_USER_SA_INFO_LEN,
 };
 use netlink_sys::{protocols::NETLINK_XFRM, Socket};
 
@@ -33,7 +35,7 @@ use super::ownership::{
     is_owned_reqid, ND_BYPASS_PRIORITY, POLICY_PRIORITY, PROTECT_BLOCK_PRIORITY,
     PROTECT_EXEMPT_PRIORITY,
 };
-use super::SaId;
+use super::{Direction, SaId};
 
 /// Something the kernel announced that the mesh acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +51,23 @@ pub enum KernelEvent {
     /// A meshsec SA or policy was deleted (possibly by meshsec itself), or a
     /// table was flushed.
     TablesChanged,
+    /// Somebody replaced a policy in place (`ip xfrm policy update`, a
+    /// daemon's `XFRM_MSG_UPDPOLICY`): the kernel announces only the new
+    /// policy, so a meshsec policy on the same selector can be gone without
+    /// any deletion notice. The mesh decides whether the selector is one of
+    /// its own ([`crate::mesh::Mesh::handle_kernel_event`]).
+    PolicyReplaced {
+        /// Selector source address.
+        src: std::net::IpAddr,
+        /// Selector source prefix length.
+        src_len: u8,
+        /// Selector destination address.
+        dst: std::net::IpAddr,
+        /// Selector destination prefix length.
+        dst_len: u8,
+        /// Policy direction (only `in` and `out` are reported).
+        direction: Direction,
+    },
     /// Events were lost (receive buffer overflow).
     Overrun,
 }
@@ -104,6 +123,34 @@ pub fn parse_event(ty: u16, payload: &[u8]) -> Option<KernelEvent> {
             _ => Some(KernelEvent::TablesChanged),
         },
         XFRM_MSG_FLUSHSA | XFRM_MSG_FLUSHPOLICY => Some(KernelEvent::TablesChanged),
+        // struct xfrm_userpolicy_info, then attributes (the templates).
+        XFRM_MSG_UPDPOLICY => {
+            let info = UserPolicyInfo::parse(payload.get(..XFRM_USER_POLICY_INFO_LEN)?).ok()?;
+            let direction = match info.direction {
+                XFRM_POLICY_IN => Direction::In,
+                XFRM_POLICY_OUT => Direction::Out,
+                _ => return None,
+            };
+            let sel = &info.selector;
+            let (src, dst) = match sel.family {
+                AF_INET => (
+                    std::net::IpAddr::V4(sel.saddr.to_ipv4()),
+                    std::net::IpAddr::V4(sel.daddr.to_ipv4()),
+                ),
+                AF_INET6 => (
+                    std::net::IpAddr::V6(sel.saddr.to_ipv6()),
+                    std::net::IpAddr::V6(sel.daddr.to_ipv6()),
+                ),
+                _ => return None,
+            };
+            Some(KernelEvent::PolicyReplaced {
+                src,
+                src_len: sel.prefixlen_s,
+                dst,
+                dst_len: sel.prefixlen_d,
+                direction,
+            })
+        }
         _ => None,
     }
 }
@@ -385,5 +432,46 @@ mod deletion_tests {
         for n in 0..full.len() {
             let _ = parse_event(XFRM_MSG_DELSA, &full[..n]);
         }
+    }
+
+    /// `ip xfrm policy update` (or a daemon's UPDPOLICY) on a meshsec
+    /// selector replaces meshsec's policy without any deletion notice; the
+    /// notification carries only the new policy (here another daemon's
+    /// priority). It is reported with its selector; other directions and
+    /// short payloads are not, and nothing panics.
+    #[test]
+    fn an_in_place_policy_replacement_is_reported_with_its_selector() {
+        let foreign = policy_info(0);
+        assert_eq!(
+            parse_event(XFRM_MSG_UPDPOLICY, &foreign),
+            Some(KernelEvent::PolicyReplaced {
+                src: "192.0.2.1".parse().unwrap(),
+                src_len: 32,
+                dst: "192.0.2.2".parse().unwrap(),
+                dst_len: 32,
+                direction: Direction::Out,
+            })
+        );
+        // Templates follow as attributes: still the same event.
+        let mut with_tmpl = foreign.clone();
+        with_tmpl.extend_from_slice(&[8, 0, 5, 0, 0, 0, 0, 0]);
+        assert!(parse_event(XFRM_MSG_UPDPOLICY, &with_tmpl).is_some());
+        // A forward policy is nothing meshsec installs.
+        let mut fwd = foreign.clone();
+        fwd[160] = 2;
+        assert_eq!(parse_event(XFRM_MSG_UPDPOLICY, &fwd), None);
+        for n in 0..foreign.len() {
+            assert_eq!(parse_event(XFRM_MSG_UPDPOLICY, &foreign[..n]), None);
+        }
+        // The agent's own update is dropped like its deletions.
+        let frame = Frame {
+            ty: XFRM_MSG_UPDPOLICY,
+            flags: 0,
+            seq: 1,
+            pid: 4242,
+            payload: &foreign,
+        };
+        assert_eq!(event_of(&frame, Some(4242)), None);
+        assert!(event_of(&frame, Some(7)).is_some());
     }
 }

@@ -206,3 +206,65 @@ fn a_reconcile_after_a_foreign_change_reads_the_kernel_first() {
         "the policy is back before the coalesced resync"
     );
 }
+
+/// `ip xfrm policy update` (or another daemon's UPDPOLICY) on a meshsec
+/// selector replaces meshsec's policy; the kernel announces only the new
+/// policy, no deletion. The mesh reads the kernel within a second (it used
+/// to, at the 2 s resync, before the record; the periodic resync is now
+/// 60 s) and finds its policy gone; the same event on a selector meshsec
+/// does not use costs nothing.
+#[test]
+fn a_policy_replaced_in_place_is_noticed_at_once() {
+    let (mut nodes, mut now) = established(2);
+    let [out, _] = PolicySpec::pair(nodes[0].addrs[0], nodes[1].addrs[0], Reqid::DEFAULT);
+    let replaced = |src, dst| KernelEvent::PolicyReplaced {
+        src,
+        src_len: 32,
+        dst,
+        dst_len: 32,
+        direction: Direction::Out,
+    };
+    let n = &mut nodes[0];
+    let dumps = n.mesh.counters().kernel_dumps;
+    let other: IpAddr = "198.51.100.7".parse().unwrap();
+    n.mesh.handle_kernel_event(now, replaced(out.id.src, other));
+    step(&mut nodes, &mut now, Duration::from_secs(1));
+    let n = &mut nodes[0];
+    assert_eq!(n.mesh.counters().kernel_dumps, dumps, "another selector");
+    n.dp.delete_policy(out.id).unwrap();
+    n.dp.add_foreign_policy(out.id);
+    let failed = n.mesh.counters().changes_failed;
+    n.mesh
+        .handle_kernel_event(now, replaced(out.id.src, out.id.dst));
+    step(&mut nodes, &mut now, Duration::from_secs(1));
+    let n = &nodes[0];
+    assert_eq!(n.mesh.counters().kernel_dumps, dumps + 1, "read at once");
+    assert!(
+        n.mesh.counters().changes_failed > failed,
+        "the mesh found its policy gone and tried to put it back"
+    );
+}
+
+/// Once the kernel's notifications are no longer heard (the monitor socket
+/// failed), nothing reports a policy deleted by hand; the mesh reads the
+/// kernel every 2 s again and puts it back within seconds, not at the next
+/// 60 s resync.
+#[test]
+fn without_notifications_a_deleted_policy_is_back_within_seconds() {
+    let (mut nodes, mut now) = established(2);
+    let [out, _] = PolicySpec::pair(nodes[0].addrs[0], nodes[1].addrs[0], Reqid::DEFAULT);
+    nodes[0].mesh.monitor_lost(now);
+    step(&mut nodes, &mut now, Duration::from_secs(1));
+    nodes[0].dp.delete_policy(out.id).unwrap();
+    step(&mut nodes, &mut now, Duration::from_secs(3));
+    assert!(
+        nodes[0]
+            .dp
+            .dump_policies()
+            .unwrap()
+            .iter()
+            .any(|p| p.spec.id == out.id),
+        "the policy is back"
+    );
+    assert_outbound_accepted(&mut nodes, "after the repair");
+}

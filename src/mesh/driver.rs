@@ -217,8 +217,12 @@ pub fn bind_handshake_sockets(
 }
 
 /// Waits for kernel events; never resolves without a monitor. A monitor that
-/// fails is dropped (the resync's counter check still catches soft limits).
-async fn kernel_events(monitor: &mut Option<AsyncFd<XfrmMonitor>>, out: &mut Vec<KernelEvent>) {
+/// fails is dropped and `false` returned: the mesh must then read the kernel
+/// often ([`Mesh::monitor_lost`]); the counter check still catches soft limits.
+async fn kernel_events(
+    monitor: &mut Option<AsyncFd<XfrmMonitor>>,
+    out: &mut Vec<KernelEvent>,
+) -> bool {
     let Some(fd) = monitor.as_mut() else {
         return std::future::pending().await;
     };
@@ -231,9 +235,11 @@ async fn kernel_events(monitor: &mut Option<AsyncFd<XfrmMonitor>>, out: &mut Vec
         Err(e) => Err(e),
     };
     if let Err(e) = result {
-        warn!(error = %e, "kernel XFRM event socket failed; soft limits are now only checked at resync");
+        warn!(error = %e, "kernel XFRM event socket failed; reading the kernel's tables every 2 s instead");
         *monitor = None;
+        return false;
     }
+    true
 }
 
 async fn recv_on(sock: &Option<UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
@@ -363,13 +369,17 @@ pub async fn run(
         saved: None,
         failing: false,
     };
+    let had_monitor = monitor.is_some();
     let mut monitor = monitor.and_then(|m| {
         // SAFETY: the monitor owns its netlink socket, which stays open (and
         // the same descriptor) until the monitor, hence the AsyncFd, is dropped.
         unsafe { AsyncFd::register_with_interest(m, tokio::io::Interest::READABLE) }
-            .map_err(|e| warn!(error = %e, "cannot watch kernel XFRM events"))
+            .map_err(|e| warn!(error = %e, "cannot watch kernel XFRM events; reading the kernel's tables every 2 s instead"))
             .ok()
     });
+    if had_monitor && monitor.is_none() {
+        mesh.monitor_lost(Instant::now());
+    }
     let mut events = Vec::new();
     let mut buf4 = vec![0u8; 2048];
     let mut buf6 = vec![0u8; 2048];
@@ -415,9 +425,12 @@ pub async fn run(
                     received(&mut mesh, dp.as_mut(), &sockets, AddressFamily::V6, from, &buf6[..n]);
                 }
             }
-            _ = kernel_events(&mut monitor, &mut events) => {
+            heard = kernel_events(&mut monitor, &mut events) => {
                 for ev in events.drain(..) {
                     mesh.handle_kernel_event(Instant::now(), ev);
+                }
+                if !heard {
+                    mesh.monitor_lost(Instant::now());
                 }
             }
             Some(cmd) = commands.recv() => match cmd {

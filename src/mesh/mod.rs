@@ -71,6 +71,12 @@ const KERNEL_EVENT_DELAY: Duration = Duration::from_millis(200);
 /// writes and targeted reads keep the mesh's view current in between).
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(60);
 
+/// The periodic resync once the kernel's notifications are no longer heard
+/// ([`Mesh::monitor_lost`]): nothing then reports somebody else's deletion of
+/// a policy, so the tables are read as often as before the mesh kept a
+/// record of them.
+pub const UNMONITORED_RESYNC: Duration = Duration::from_secs(2);
+
 /// Soft lifetime in seconds of every SA: a re-key backstop far beyond the
 /// re-key interval.
 pub const SA_SOFT_SECONDS: u64 = 23 * 3600;
@@ -203,6 +209,9 @@ pub struct Mesh {
     kernel_resync_at: Option<Instant>,
     /// The periodic resync is due at this instant.
     next_resync: Instant,
+    /// The kernel's notifications stopped being heard: resync every
+    /// [`UNMONITORED_RESYNC`].
+    unmonitored: bool,
     /// (monotonic, wall-clock since the epoch) at start: wall time for the
     /// listing without reading a clock.
     wall_anchor: (Instant, Duration),
@@ -280,6 +289,7 @@ impl Mesh {
             limits_seen: Default::default(),
             kernel_resync_at: None,
             next_resync: now,
+            unmonitored: false,
             wall_anchor: (now, unix_now),
             boot_id: None,
             guard: guard::Guard::default(),
@@ -362,7 +372,7 @@ impl Mesh {
         // anyway; whatever made it untrusted scheduled one.)
         let mut full = now >= self.next_resync;
         if now >= self.next_resync {
-            self.next_resync = now + self.config.resync_interval;
+            self.next_resync = now + self.resync_interval();
         }
         if self.kernel_resync_at.is_some_and(|t| now >= t) {
             self.kernel_resync_at = None;
@@ -386,6 +396,26 @@ impl Mesh {
             fresh |= self.reconcile_with(now, dp, full);
         }
         fresh
+    }
+
+    /// The kernel's notifications are no longer heard (the monitor socket
+    /// failed): the record of the kernel can go stale unannounced (somebody
+    /// deletes a policy and nothing says so), so the mesh reads the kernel
+    /// now and then every [`UNMONITORED_RESYNC`] instead of every
+    /// [`MeshConfig::resync_interval`].
+    pub fn monitor_lost(&mut self, now: Instant) {
+        self.unmonitored = true;
+        self.kernel = None;
+        self.dirty = true;
+        self.next_resync = self.next_resync.min(now + UNMONITORED_RESYNC);
+    }
+
+    fn resync_interval(&self) -> Duration {
+        if self.unmonitored {
+            self.config.resync_interval.min(UNMONITORED_RESYNC)
+        } else {
+            self.config.resync_interval
+        }
     }
 
     /// The next instant [`Mesh::handle_timeout`] is needed: the earliest of

@@ -28,8 +28,9 @@ impl Mesh {
     /// Acts on an event the kernel announced (see [`crate::datapath::XfrmMonitor`]):
     /// a soft expire re-keys the link the SA belongs to, a hard expire
     /// removes the SA from the mesh's record of the kernel (its link
-    /// re-keys), a change to the tables somebody else made or lost events
-    /// make the mesh dump the kernel.
+    /// re-keys), a change to the tables somebody else made (a deletion, a
+    /// flush, a policy replaced in place on one of meshsec's selectors) or
+    /// lost events make the mesh dump the kernel.
     pub fn handle_kernel_event(&mut self, now: Instant, event: KernelEvent) {
         match event {
             KernelEvent::Expire { sa, hard: false } => {
@@ -49,7 +50,16 @@ impl Mesh {
                 }
                 self.dirty = true;
             }
-            KernelEvent::TablesChanged => {
+            KernelEvent::PolicyReplaced {
+                src,
+                src_len,
+                dst,
+                dst_len,
+                direction,
+            } if !self.holds_selector(src, src_len, dst, dst_len, direction) => {
+                // Another daemon's policy: nothing of meshsec's changed.
+            }
+            KernelEvent::TablesChanged | KernelEvent::PolicyReplaced { .. } => {
                 // Somebody else changed the tables: the record is stale from
                 // now on, so a reconcile before the coalesced resync (a new
                 // session installing its SAs) dumps rather than trust it: a
@@ -66,6 +76,40 @@ impl Mesh {
                 self.dirty = true;
             }
         }
+    }
+
+    /// Whether a policy on this selector may be one of meshsec's: a
+    /// host-pair policy or a strict-mode range policy in the mesh's record
+    /// of the kernel, an all-addresses selector (the neighbour-discovery
+    /// bypass), or anything while the record is not trusted.
+    fn holds_selector(
+        &self,
+        src: IpAddr,
+        src_len: u8,
+        dst: IpAddr,
+        dst_len: u8,
+        direction: Direction,
+    ) -> bool {
+        let Some(k) = &self.kernel else {
+            return true;
+        };
+        let host = |a: &IpAddr, len| len == if a.is_ipv4() { 32 } else { 128 };
+        if host(&src, src_len)
+            && host(&dst, dst_len)
+            && k.policies.contains_key(&crate::datapath::PolicyId {
+                src,
+                dst,
+                direction,
+            })
+        {
+            return true;
+        }
+        (src_len == 0 && dst_len == 0)
+            || k.ranges.iter().any(|r| {
+                r.direction == direction
+                    && (r.src.addr(), r.src.len()) == (src, src_len)
+                    && (r.dst.addr(), r.dst.len()) == (dst, dst_len)
+            })
     }
 
     /// Schedules a re-key of the link whose current session owns `sa`: at

@@ -1457,4 +1457,30 @@ fn kernel_policy_deletion_events() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     agents.read_events(&mut events).unwrap();
     assert_eq!(events, vec![KernelEvent::TablesChanged], "a delete by hand");
+    // Replaced in place by hand: the kernel announces only the new policy
+    // (UPDPOLICY, no deletion); the agent's monitor reports its selector.
+    dp.install_policy(&out).unwrap();
+    sh_ok("ip xfrm policy update src 10.41.0.1 dst 10.41.0.2 dir out priority 100 action allow");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    events.clear();
+    agents.read_events(&mut events).unwrap();
+    assert_eq!(
+        events,
+        vec![KernelEvent::PolicyReplaced {
+            src: suite::ip("10.41.0.1"),
+            src_len: 32,
+            dst: suite::ip("10.41.0.2"),
+            dst_len: 32,
+            direction: Direction::Out,
+        }],
+        "a policy replaced by hand"
+    );
+    assert!(
+        !dp.dump_policies()
+            .unwrap()
+            .iter()
+            .any(|p| p.spec.id == out.id),
+        "meshsec's policy is gone"
+    );
+    sh_ok("ip xfrm policy delete src 10.41.0.1 dst 10.41.0.2 dir out");
 }
