@@ -49,6 +49,14 @@ pub use status::{LinkState, LinkStatus, MeshCounters};
 /// (a targeted `GETSA` of the pending inbound SAs, no dump).
 const CONFIRM_POLL: Duration = Duration::from_millis(100);
 
+/// When an initiator sends its confirmation probe again after the first,
+/// all within the responder's confirmation timeout (10 s by default).
+const PROBE_AGAIN: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+    Duration::from_secs(6),
+];
+
 /// How often the current SAs' counters are read (a targeted `GETSA` of
 /// each, one pipelined round trip) for the listing, the metrics and the
 /// soft-limit check that backs up the kernel's expire notifications.
@@ -199,6 +207,11 @@ pub struct Mesh {
     installed_by: HashMap<SaId, u64>,
     /// Confirmation probes to send through the new outbound SA: (family, peer handshake address).
     probes: std::collections::VecDeque<(AddressFamily, SocketAddr, SaId)>,
+    /// Probes sent again later ([`PROBE_AGAIN`] after the first), while the
+    /// SA is still its link's outbound SA: one lost probe (or one sent in
+    /// clear because somebody deleted the pair's policy at that moment) must
+    /// not leave the responder unconfirmed.
+    probes_again: Vec<(Instant, AddressFamily, SocketAddr, SaId)>,
     last_reconcile: Instant,
     /// What a previous run left in the kernel, read at the first reconcile:
     /// kept (never re-added) until each link has fresh SAs, or the deadline.
@@ -284,6 +297,7 @@ impl Mesh {
             error_log: LogThrottle::new(Duration::from_secs(5)),
             installed_by: HashMap::new(),
             probes: std::collections::VecDeque::new(),
+            probes_again: Vec::new(),
             last_reconcile: now,
             adopted: None,
             limits_seen: Default::default(),
@@ -364,6 +378,7 @@ impl Mesh {
         for family in self.families() {
             self.drain_events(now, family, dp);
         }
+        self.queue_probes_again(now);
         if self.dead_expiry.is_some_and(|t| now >= t) {
             self.update_links(now, dp);
         }
@@ -481,6 +496,7 @@ impl Mesh {
             Some(self.next_resync),
             dirty,
             self.dead_expiry,
+            self.probes_again.iter().map(|(t, ..)| *t).min(),
         ]
         .into_iter()
         .flatten()
@@ -495,6 +511,28 @@ impl Mesh {
             }
         }
         None
+    }
+
+    /// Queues the later probes that are due, for SAs that are still their
+    /// link's outbound SA (a re-key or a removed link ends them).
+    fn queue_probes_again(&mut self, now: Instant) {
+        if self.probes_again.iter().all(|(t, ..)| *t > now) {
+            return;
+        }
+        let current: std::collections::HashSet<SaId> = self
+            .links
+            .values()
+            .filter_map(|l| l.session.as_ref().map(|s| sa_ids(&l.target, s).1))
+            .collect();
+        let mut later = Vec::new();
+        for (t, family, to, sa) in std::mem::take(&mut self.probes_again) {
+            if t > now {
+                later.push((t, family, to, sa));
+            } else if current.contains(&sa) {
+                self.probes.push_back((family, to, sa));
+            }
+        }
+        self.probes_again = later;
     }
 
     /// The earliest deadline of a retiring SA or of the adopted state.

@@ -532,6 +532,10 @@ impl Mesh {
                     // Prove to the responder that we hold the keys: a datagram
                     // through the new outbound SA confirms its session.
                     self.probes.push_back((family, link.target.handshake, outb));
+                    for after in super::PROBE_AGAIN {
+                        self.probes_again
+                            .push((now + after, family, link.target.handshake, outb));
+                    }
                 }
                 link.established_at = Some(unix_now);
                 info!(peer = %link.target.name, family = %family, "SAs and policies installed");
